@@ -1,0 +1,73 @@
+"""Shared pieces of the benchmark scripts: machine description, timing, JSON + table output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT_TEXT = (
+    "The history of computing is a story of making machines smaller, cheaper and closer to the people who use them. "
+    "Early computers filled rooms and were shared by whole universities; programs were written on punched cards and "
+    "results came back hours later. The transistor, the integrated circuit and then the microprocessor shrank the "
+    "machine onto a single chip, and by the nineteen eighties a computer could sit on a desk at home. Each step was "
+    "driven by the same idea: put the computation where the person is. Language models are now on the same path. "
+    "The first large models ran only in data centres with racks of accelerators, but quantization, careful kernels "
+    "and small, well-trained models are moving them onto laptops and phones. Four-bit weights cut the memory a model "
+    "needs by a factor of four compared with sixteen-bit floating point, and since generating each token reads every "
+    "weight once, fewer bytes mean faster answers. The challenge is to keep the quality while throwing away bits, "
+    "and to write kernels that turn the saved bytes into saved time on the hardware people actually own."
+)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` runs (fn is warmed up by the caller)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def emit(result: dict, columns: list[str], out: str | None) -> None:
+    """Print a table of result['rows'] and the JSON; write the JSON to `out` when given."""
+    rows = result["rows"]
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+def _fmt(v) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,132 @@
+"""Loading Hugging Face directories: the happy path end to end, and each kind of bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinychat.errors import ModelLoadError
+from tinychat.io.loader import load_model
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer_json():
+    """A real byte-level BPE tokenizer (300 tokens) trained on a few lines, serialized as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    return tok.to_str()
+
+
+@pytest.fixture
+def model_dir(tmp_path, byte_level_tokenizer_json):
+    """A complete tiny Llama directory: config, safetensors, tokenizer.json, tokenizer_config.json."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(byte_level_tokenizer_json)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "bos_token": "<bos>"}))
+    return tmp_path
+
+
+def test_loads_and_generates(model_dir):
+    from tinychat.engine import Engine, SamplingParams
+
+    model, tokenizer = load_model(model_dir)
+    assert model.config.num_kv_heads == 2 and model.lm_head.weight is model.embed.weight
+    engine = Engine(model, tokenizer, max_seq_len=64)
+    tokens = list(engine.generate(tokenizer.encode("hello world"), SamplingParams(max_new_tokens=5), stop_ids=()))
+    assert len(tokens) == 5 and engine.last_stats.finish_reason == "length"
+
+
+def test_missing_safetensors(model_dir):
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no model\.safetensors"):
+        load_model(model_dir)
+
+
+def test_truncated_safetensors(model_dir):
+    f = model_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors.*(truncated|corrupt)"):
+        load_model(model_dir)
+
+
+def test_sharded_index_names_missing_shard(model_dir):
+    tensors = load_file(model_dir / "model.safetensors")
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[:5]}, model_dir / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[5:]}, model_dir / "model-00002-of-00002.safetensors")
+    (model_dir / "model.safetensors").unlink()
+    index = {"weight_map": {n: f"model-0000{1 if i < 5 else 2}-of-00002.safetensors" for i, n in enumerate(names)}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    model, _ = load_model(model_dir)  # sharded loads
+    assert model.config.num_layers == 2
+    (model_dir / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"model-00002-of-00002\.safetensors: file not found"):
+        load_model(model_dir)
+
+
+def test_wrong_tensor_shape(model_dir):
+    f = model_dir / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(32, 47)
+    save_file(tensors, f)
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: tensor 'model\.layers\.1\.mlp\.down_proj\.weight' "
+                                             r"has shape \(32, 47\), expected \(32, 48\)"):
+        load_model(model_dir)
+
+
+def test_missing_tensor(model_dir):
+    f = model_dir / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file(tensors, f)
+    with pytest.raises(ModelLoadError, match=r"missing tensor\(s\) model\.layers\.0\.self_attn\.k_proj\.weight"):
+        load_model(model_dir)
+
+
+def test_unknown_architecture(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"config\.json: unsupported architecture 'GPTNeoXForCausalLM'"):
+        load_model(model_dir)
+
+
+def test_unsupported_rope_type(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"config\.json: rope type 'yarn' is not supported"):
+        load_model(model_dir)
+
+
+def test_config_not_json(model_dir):
+    (model_dir / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config\.json: not valid JSON"):
+        load_model(model_dir)
+
+
+def test_directory_without_tokenizer(model_dir):
+    (model_dir / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=str(model_dir)):
+        load_model(model_dir)
+
+
+def test_missing_path_and_hub_id_without_network(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="no such file or directory"):
+        load_model(tmp_path / "nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="someone/some-model"):
+        load_model("someone/some-model")

@@ -1,0 +1,127 @@
+"""The `tinychat` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinychat.errors import TinychatError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file, Hugging Face model directory or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--ctx", type=int, default=None, help="context length to allocate (default: the model's)")
+
+
+def _sampling(args):
+    from tinychat.engine import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens)
+
+
+def _load(args):
+    import torch
+
+    from tinychat.io.loader import load_model, resolve_source
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_source(args.model)
+    print(f"loading {path} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model(path, device=args.device, dtype=args.dtype)
+    return path, model, tokenizer
+
+
+def cmd_chat(args) -> int:
+    from tinychat.chat import ChatSession
+    from tinychat.engine import Engine
+
+    path, model, tokenizer = _load(args)
+    session = ChatSession(Engine(model, tokenizer, args.ctx), system=args.system, params=_sampling(args))
+    print(f"chatting with {path.name}: /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        try:
+            for piece in session.send(line):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        except TinychatError as e:
+            print(f"error: {e}", file=sys.stderr)
+        print(flush=True)
+
+
+def cmd_generate(args) -> int:
+    from tinychat.engine import Engine
+
+    _, model, tokenizer = _load(args)
+    engine = Engine(model, tokenizer, args.ctx)
+    ids = tokenizer.encode(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    for piece in engine.stream(ids, _sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+    s = engine.last_stats
+    print(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, TTFT {s.ttft_s * 1000:.0f} ms, "
+          f"{s.decode_tok_s:.1f} tok/s, finish: {s.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinychat", description="AWQ 4-bit LLM runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("generate", help="answer one prompt and print the timings")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TinychatError, ValueError) as e:
+        print(f"tinychat: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

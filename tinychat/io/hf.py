@@ -1,0 +1,87 @@
+"""Hugging Face model directories: config.json + safetensors (single or sharded), and hub ids."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tinychat.errors import ModelLoadError
+
+TensorLoader = Callable[[], torch.Tensor]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_hf_dir(path: Path) -> tuple[dict, dict[str, tuple[Path, TensorLoader]]]:
+    """Return (config.json dict, {tensor name: (file, loader)}); tensors are read only when their loader is called."""
+    config = read_json(path / "config.json")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: no 'weight_map' object")
+        files = sorted({path / f for f in weight_map.values()})
+    elif (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    else:
+        found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())
+        raise ModelLoadError(
+            f"{path}: no model.safetensors or model.safetensors.index.json (found: {', '.join(found) or 'nothing'}); "
+            "only safetensors weights are supported"
+        )
+    tensors: dict[str, tuple[Path, TensorLoader]] = {}
+    for file in files:
+        for name, loader in _safetensors_loaders(file).items():
+            tensors[name] = (file, loader)
+    return config, tensors
+
+
+def _safetensors_loaders(file: Path) -> dict[str, TensorLoader]:
+    if not file.exists():
+        raise ModelLoadError(f"{file}: file not found (listed in the safetensors index)")
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+        names = list(handle.keys())
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+    def loader(name: str) -> TensorLoader:
+        def load() -> torch.Tensor:
+            try:
+                return handle.get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+        return load
+
+    return {name: loader(name) for name in names}
+
+
+def resolve_hub_id(model_id: str) -> Path:
+    """Download (or find in the local cache) a model from the Hugging Face hub; needs `huggingface_hub`."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelLoadError(
+            f"{model_id!r} is not a local file or directory, and loading from the hub needs "
+            "`pip install huggingface_hub`"
+        ) from None
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=patterns))
+    except Exception as e:  # the hub client raises many types: offline, 404, gated, auth
+        offline = " (offline: set HF_HUB_OFFLINE=0 and check the network)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelLoadError(f"{model_id!r}: cannot fetch from the Hugging Face hub{offline}: {e}") from None

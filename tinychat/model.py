@@ -1,0 +1,144 @@
+"""One Llama-family decoder for every supported architecture, driven by ModelConfig.
+
+q/k/v and gate/up are fused into single projections at load time. Norms and rotary embedding go through
+`tinychat.ops` (compiled kernels when built, PyTorch references otherwise); the model never asks which device
+it is on: the dispatcher picks the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinychat import ops
+from tinychat.config import ModelConfig, rope_inv_freq
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer, preallocated once for `max_seq_len` positions."""
+
+    def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, D] at positions start..start+T; return the filled prefix [B, Hkv, start+T, D]."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, start: int) -> torch.Tensor:
+        # x [B, T, C]; positions [T] int64; cos_sin [max_pos, D] fp32
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)
+        q = ops.rotary_embedding(qkv[:, :, :H], positions, cos_sin).transpose(1, 2)  # [B, H, T, D]
+        k = ops.rotary_embedding(qkv[:, :, H : H + Hkv], positions, cos_sin).transpose(1, 2)  # [B, Hkv, T, D]
+        v = qkv[:, :, H + Hkv :].transpose(1, 2)  # [B, Hkv, T, D]
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)  # [B, Hkv, start+T, D]
+        y = F.scaled_dot_product_attention(q, k, v, **_causal_mask_args(T, start, x.device), enable_gqa=H != Hkv)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def _causal_mask_args(T: int, start: int, device) -> dict:
+    """SDPA mask arguments for T new queries at positions start..start+T over keys 0..start+T."""
+    if T == 1:
+        return {}
+    if start == 0:
+        return {"is_causal": True}
+    # query i sees keys j <= start + i (SDPA's is_causal would align the triangle top-left instead)
+    q_pos = torch.arange(start, start + T, device=device)[:, None]
+    return {"attn_mask": torch.arange(start + T, device=device)[None, :] <= q_pos}  # [T, start+T] bool
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate; up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, I] each
+        return self.w2(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.attn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope_freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        with torch.device("cpu"):  # real values even when the loader builds the module on the meta device
+            inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, rope_freq_factors)  # [D/2]
+            cos_sin = ops.rope_cos_sin(inv_freq, cfg.context_length)  # [context_length, D] fp32
+        self.register_buffer("cos_sin", cos_sin, persistent=False)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def setup_kv_cache(self, max_seq_len: int, batch: int = 1) -> None:
+        """Allocate each layer's KV cache once, in the dtype and on the device of the weights."""
+        cfg, w = self.config, self.embed.weight
+        if max_seq_len > cfg.context_length:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context length {cfg.context_length}")
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, w.dtype, w.device)
+
+    @property
+    def max_seq_len(self) -> int | None:
+        cache = self.layers[0].attn.kv_cache if self.layers else None
+        return cache.max_seq_len if cache is not None else None
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] at positions start..start+T -> logits [B, T, V] ([B, 1, V] with last_only).
+
+        With KV caches set up, keys/values of earlier positions come from the cache; without, start must be 0.
+        """
+        T = tokens.shape[1]
+        positions = torch.arange(start, start + T, device=tokens.device)  # [T]
+        eps = self.config.rms_norm_eps
+        x = self.embed(tokens)  # [B, T, C]
+        residual = None
+        for layer in self.layers:
+            if residual is None:
+                residual, x = x, ops.rms_norm(x, layer.attn_norm, eps)
+            else:
+                x, residual = ops.add_rms_norm(x, residual, layer.attn_norm, eps)
+            x = layer.attn(x, positions, self.cos_sin, start)
+            x, residual = ops.add_rms_norm(x, residual, layer.mlp_norm, eps)
+            x = layer.mlp(x)
+        x = ops.rms_norm(x, self.norm, eps) if residual is None else ops.add_rms_norm(x, residual, self.norm, eps)[0]
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
