@@ -1,0 +1,235 @@
+// CPU kernels for rms_norm, add_rms_norm and rotary_embedding (schemas in csrc/ops.cpp).
+//
+// Rows are split over threads with at::parallel_for. All math is fp32; each output is
+// rounded to the input dtype once. The inner loops are plain indexed loops over fp32
+// buffers so that gcc auto-vectorizes them at -O3 (the sum of squares keeps kLanes
+// independent partial sums, which vectorizes without -ffast-math).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace tinychat {
+
+// ---- argument checks, shared with csrc/cuda/norm_rope.cu (same .so) ----
+
+static void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dt);
+}
+
+static void check_device(const at::Tensor& t, const at::Tensor& x, c10::DeviceType type,
+                         const char* op, const char* name) {
+  TORCH_CHECK(t.device().type() == type, op, ": ", name, " must be a ", c10::DeviceTypeName(type),
+              " tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+              " but x is on ", x.device());
+}
+
+// x [..., H] last-dim contiguous, weight [H] contiguous with x's dtype, eps > 0.
+void check_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps,
+                     c10::DeviceType type, const char* op) {
+  check_device(x, x, type, op, "x");
+  check_device(weight, x, type, op, "weight");
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension, got a 0-dim tensor");
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(H > 0, op, ": x's last dimension (hidden size) must be > 0");
+  TORCH_CHECK(x.stride(-1) == 1 || H == 1, op, ": x must be contiguous in its last dimension, got strides ",
+              x.strides());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H, op, ": weight must have shape [", H,
+              "] (the hidden size of x), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+              " must match x dtype ", x.scalar_type());
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+}
+
+void check_residual_arg(const at::Tensor& x, const at::Tensor& residual, c10::DeviceType type,
+                        const char* op) {
+  check_device(residual, x, type, op, "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual shape ", residual.sizes(),
+              " must match x shape ", x.sizes());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), op, ": residual dtype ",
+              residual.scalar_type(), " must match x dtype ", x.scalar_type());
+  TORCH_CHECK(residual.stride(-1) == 1 || x.size(-1) == 1, op,
+              ": residual must be contiguous in its last dimension, got strides ", residual.strides());
+}
+
+// x [B, T, nH, D] last-dim contiguous, positions int64 [B, T] or [T], cos_sin fp32 [max_pos, D].
+void check_rotary_args(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos_sin,
+                       c10::DeviceType type) {
+  const char* op = "rotary_embedding";
+  check_device(x, x, type, op, "x");
+  check_device(positions, x, type, op, "positions");
+  check_device(cos_sin, x, type, op, "cos_sin");
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() == 4, op, ": x must have shape [B, T, n_heads, head_dim], got ", x.sizes());
+  const int64_t D = x.size(3);
+  TORCH_CHECK(D > 0 && D % 2 == 0, op, ": head_dim (x.size(3)) must be even and > 0, got ", D);
+  TORCH_CHECK(x.stride(3) == 1, op, ": x must be contiguous in its last dimension, got strides ",
+              x.strides());
+  TORCH_CHECK(positions.scalar_type() == at::kLong, op, ": positions must be int64, got ",
+              positions.scalar_type());
+  const bool pos_ok = (positions.dim() == 1 && positions.size(0) == x.size(1)) ||
+                      (positions.dim() == 2 && positions.size(0) == x.size(0) &&
+                       positions.size(1) == x.size(1));
+  TORCH_CHECK(pos_ok, op, ": positions must have shape [T] or [B, T] = [", x.size(0), ", ", x.size(1),
+              "], got ", positions.sizes());
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
+              cos_sin.scalar_type());
+  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == D, op, ": cos_sin must have shape [max_pos, ",
+              D, "] (head_dim of x), got ", cos_sin.sizes());
+  TORCH_CHECK(cos_sin.is_contiguous(), op, ": cos_sin must be contiguous");
+}
+
+namespace {
+
+constexpr int kLanes = 16;
+
+// sum(v[i]^2) in fp32 with kLanes independent partial sums (vectorizes without -ffast-math).
+inline float sum_squares(const float* v, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += v[i + j] * v[i + j];
+  }
+  float s = 0.f;
+  for (; i < n; ++i) s += v[i] * v[i];
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// Normalizes `rows` rows of H elements. x rows are x_stride apart; out (and r_out) are contiguous.
+// With res != nullptr, each row is first r = round(x + res), written to r_out and normalized.
+template <typename scalar_t>
+void norm_rows(const scalar_t* x, int64_t x_stride, const scalar_t* res, int64_t res_stride,
+               const float* w, scalar_t* out, scalar_t* r_out, int64_t rows, int64_t H, float eps) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / H);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(H);  // this row in fp32
+    float* v = buf.data();
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* xr = x + row * x_stride;
+      if (res != nullptr) {
+        const scalar_t* rr = res + row * res_stride;
+        scalar_t* ro = r_out + row * H;
+        for (int64_t i = 0; i < H; ++i) {
+          const scalar_t r = static_cast<scalar_t>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+          ro[i] = r;
+          v[i] = static_cast<float>(r);
+        }
+      } else {
+        for (int64_t i = 0; i < H; ++i) v[i] = static_cast<float>(xr[i]);
+      }
+      const float inv_rms = 1.0f / std::sqrt(sum_squares(v, H) / static_cast<float>(H) + eps);
+      scalar_t* o = out + row * H;
+      for (int64_t i = 0; i < H; ++i) o[i] = static_cast<scalar_t>(v[i] * inv_rms * w[i]);
+    }
+  });
+}
+
+// Shared by rms_norm (residual undefined) and add_rms_norm.
+std::tuple<at::Tensor, at::Tensor> norm_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                            const at::Tensor& weight, double eps) {
+  const int64_t H = x.size(-1);
+  const at::Tensor x2 = x.reshape({-1, H});  // a view when rows are evenly strided, else a copy
+  const int64_t rows = x2.size(0);
+  const std::vector<float> w = [&] {
+    const at::Tensor wf = weight.to(at::kFloat).contiguous();
+    return std::vector<float>(wf.data_ptr<float>(), wf.data_ptr<float>() + H);
+  }();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor r_out;
+  at::Tensor res2;
+  if (residual.has_value()) {
+    r_out = at::empty(x.sizes(), x.options());
+    res2 = residual->reshape({-1, H});
+  }
+  if (rows == 0) return {out, r_out};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tinychat_rms_norm_cpu", [&] {
+    norm_rows<scalar_t>(x2.const_data_ptr<scalar_t>(), x2.stride(0),
+                        res2.defined() ? res2.const_data_ptr<scalar_t>() : nullptr,
+                        res2.defined() ? res2.stride(0) : 0, w.data(), out.data_ptr<scalar_t>(),
+                        r_out.defined() ? r_out.data_ptr<scalar_t>() : nullptr, rows, H,
+                        static_cast<float>(eps));
+  });
+  return {out, r_out};
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm_args(x, weight, eps, c10::DeviceType::CPU, "rms_norm");
+  return std::get<0>(norm_cpu(x, c10::nullopt, weight, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                    const at::Tensor& weight, double eps) {
+  check_norm_args(x, weight, eps, c10::DeviceType::CPU, "add_rms_norm");
+  check_residual_arg(x, residual, c10::DeviceType::CPU, "add_rms_norm");
+  return norm_cpu(x, residual, weight, eps);
+}
+
+template <typename scalar_t>
+void rotary_rows(const scalar_t* x, const int64_t* pos, const float* cos_sin, scalar_t* out,
+                 int64_t B, int64_t T, int64_t nH, int64_t D, const int64_t* xs, int64_t pos_sb,
+                 int64_t pos_st) {
+  const int64_t half = D / 2;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / D);
+  at::parallel_for(0, B * T * nH, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // row = (b * T + t) * nH + h
+      const int64_t h = row % nH;
+      const int64_t t = (row / nH) % T;
+      const int64_t b = row / (nH * T);
+      const scalar_t* xr = x + b * xs[0] + t * xs[1] + h * xs[2];
+      const float* c = cos_sin + pos[b * pos_sb + t * pos_st] * D;
+      const float* s = c + half;
+      scalar_t* o = out + row * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = static_cast<float>(xr[i]);
+        const float x2 = static_cast<float>(xr[i + half]);
+        o[i] = static_cast<scalar_t>(x1 * c[i] - x2 * s[i]);
+        o[i + half] = static_cast<scalar_t>(x2 * c[i] + x1 * s[i]);
+      }
+    }
+  });
+}
+
+at::Tensor rotary_embedding_cpu(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos_sin) {
+  check_rotary_args(x, positions, cos_sin, c10::DeviceType::CPU);
+  const int64_t B = x.size(0), T = x.size(1), nH = x.size(2), D = x.size(3);
+  const int64_t max_pos = cos_sin.size(0);
+  // positions may be strided; a [T] tensor is broadcast over B (batch stride 0).
+  const int64_t pos_sb = positions.dim() == 2 ? positions.stride(0) : 0;
+  const int64_t pos_st = positions.stride(-1);
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  const int64_t pos_rows = positions.dim() == 2 ? B : 1;
+  for (int64_t b = 0; b < pos_rows; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t p = pos[b * pos_sb + t * pos_st];
+      TORCH_CHECK(p >= 0 && p < max_pos, "rotary_embedding: positions must be in [0, ", max_pos,
+                  ") (the rows of cos_sin), got ", p);
+    }
+  }
+  at::Tensor out = at::empty({B, T, nH, D}, x.options());
+  if (out.numel() == 0) return out;
+  const int64_t xs[3] = {x.stride(0), x.stride(1), x.stride(2)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tinychat_rotary_cpu", [&] {
+    rotary_rows<scalar_t>(x.const_data_ptr<scalar_t>(), pos, cos_sin.const_data_ptr<float>(),
+                          out.data_ptr<scalar_t>(), B, T, nH, D, xs, pos_sb, pos_st);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace tinychat
+
+TORCH_LIBRARY_IMPL(tinychat, CPU, m) {
+  m.impl("rms_norm", &tinychat::rms_norm_cpu);
+  m.impl("add_rms_norm", &tinychat::add_rms_norm_cpu);
+  m.impl("rotary_embedding", &tinychat::rotary_embedding_cpu);
+}

@@ -1,0 +1,128 @@
+"""tinychat's fused ops: the compiled kernels (torch.ops.tinychat.*) and their PyTorch references.
+
+The model calls only the public wrappers (rms_norm, add_rms_norm, rotary_embedding). They run
+the compiled kernels when the tinychat._C extension is built, else the *_ref functions below,
+which define the semantics: fp32 math, each result cast once to the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import Tensor
+
+# ---- pure-PyTorch references ----
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2, -1) + eps) * weight. x [..., H], weight [H] -> [..., H] in x.dtype."""
+    xf = x.float()  # [..., H]
+    inv_rms = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., 1]
+    return (xf * inv_rms * weight.float()).to(x.dtype)
+
+
+def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """r = x + residual in x.dtype (as Hugging Face adds residuals); returns (rms_norm(r), r)."""
+    r = x + residual  # [..., H]
+    return rms_norm_ref(r, weight, eps), r
+
+
+def rotary_embedding_ref(x: Tensor, positions: Tensor, cos_sin: Tensor) -> Tensor:
+    """Rotate-half (GPT-NeoX / Hugging Face Llama) rotary embedding.
+
+    x [B, T, nH, D], positions int64 [B, T] or [T], cos_sin fp32 [max_pos, D] = [cos | sin]
+    -> [B, T, nH, D] in x.dtype.
+    """
+    half = x.shape[-1] // 2
+    cos, sin = cos_sin[positions].unsqueeze(-2).split(half, dim=-1)  # [B, T, 1, D/2] or [T, 1, D/2]
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]  # [B, T, nH, D/2]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [B, T, nH, D]
+    return out.to(x.dtype)
+
+
+def rope_cos_sin(inv_freq: Tensor, max_pos: int) -> Tensor:
+    """The rotary table: inv_freq [D/2] -> fp32 [max_pos, D] = [cos(p * inv_freq) | sin(p * inv_freq)]."""
+    pos = torch.arange(max_pos, dtype=torch.float32, device=inv_freq.device)  # [max_pos]
+    freqs = torch.outer(pos, inv_freq.float())  # [max_pos, D/2]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+# ---- the compiled extension ----
+
+
+def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _add_rms_norm_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+def _rotary_embedding_fake(x: Tensor, positions: Tensor, cos_sin: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+def _register_fakes() -> None:
+    """Shape/dtype-only implementations, so torch.compile can trace the compiled ops."""
+    fakes = {"rms_norm": _rms_norm_fake, "add_rms_norm": _add_rms_norm_fake,
+             "rotary_embedding": _rotary_embedding_fake}
+    for name, fake in fakes.items():
+        try:
+            torch.library.register_fake(f"tinychat::{name}", fake)
+        except RuntimeError as e:  # registered before, e.g. when this module was reloaded
+            if "already has" not in str(e):
+                raise
+
+
+@functools.cache
+def _load_extension() -> bool:
+    try:
+        import tinychat._C  # noqa: F401
+    except ImportError as e:
+        warnings.warn(
+            f"tinychat: the compiled extension tinychat._C is missing ({e}); using the slower "
+            "reference PyTorch ops. Build it with `pip install --no-build-isolation -e .` "
+            "(export CUDA_HOME=/path/to/cuda for the GPU kernels).",
+            stacklevel=3,
+        )
+        return False
+    _register_fakes()
+    return True
+
+
+# torch.compile calls this eagerly and treats the answer as a constant (no graph break).
+@torch.compiler.assume_constant_result
+def extension_available() -> bool:
+    """Whether tinychat._C loaded (which registers torch.ops.tinychat.*). Warns once if not."""
+    return _load_extension()
+
+
+# ---- public wrappers (what the model calls) ----
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [..., H], weight [H] -> [..., H]; see rms_norm_ref."""
+    if extension_available():
+        return torch.ops.tinychat.rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x, residual [..., H], weight [H] -> (normed [..., H], x + residual [..., H])."""
+    if extension_available():
+        return torch.ops.tinychat.add_rms_norm(x, residual, weight, eps)
+    return add_rms_norm_ref(x, residual, weight, eps)
+
+
+def rotary_embedding(x: Tensor, positions: Tensor, cos_sin: Tensor) -> Tensor:
+    """x [B, T, nH, D], positions [B, T] or [T], cos_sin [max_pos, D] -> new [B, T, nH, D].
+
+    Positions must lie in [0, max_pos): the CPU kernel raises otherwise; the CUDA kernel does
+    not check (no device sync) and writes NaN for those rows.
+    """
+    if extension_available():
+        return torch.ops.tinychat.rotary_embedding(x, positions, cos_sin)
+    return rotary_embedding_ref(x, positions, cos_sin)
