@@ -1,0 +1,613 @@
+"""tinychat.tokenizer against the real thing: transformers on the SmolLM2 GGUF, sentencepiece on a trained model."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinychat.errors import ModelLoadError, TinychatError
+from tinychat.tokenizer import FALLBACK_TEMPLATE_NAME, StreamDecoder, Tokenizer
+
+SAMPLES = [
+    "Hello, world! How are you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Grüße aus München: Straße, Fußgänger, ß, ü, é, ñ, ø, naïve café.",
+    "中文测试：你好，世界！日本語のテキスト、한국어 텍스트",
+    "مرحبا بالعالم، كيف حالك؟",
+    "emoji 😀👍🏽 family 👨\u200d👩\u200d👧\u200d👦 flag 🏳️\u200d🌈 🇩🇪 end",
+    "def f(x):\n\tif x > 0:\n\t\treturn x * 2  # double\n    else:\n        return None\n",
+    "a    b\t\tc   \n\n\n  d      e\r\nf",
+    "  leading and trailing spaces   ",
+    "digits 0 12 345 6789 3.14159 1e-10 2024-06-01 1,000,000",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>",
+    "text<|endoftext|>more text",
+    "x",
+    "",
+    "Mixed: Ελληνικά, русский, עברית, हिन्दी, ไทย — “quotes” … and ’apostrophes’",
+]
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse. Answer in one word."},
+    {"role": "user", "content": "Hi! Grüße 😀"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "What's 2+2?"},
+]
+
+
+def _open_reader(path: Path):
+    """A GGUF reader for ``path``: tinychat's faster one when it is there, else gguf's own."""
+    try:
+        from tinychat.io.gguf import open_gguf
+    except ImportError:  # pragma: no cover - the reader module is written separately
+        import gguf
+
+        return gguf.GGUFReader(path)
+    return open_gguf(path)
+
+
+def _stream(tok: Tokenizer, ids, skip_special_tokens: bool = True) -> tuple[list[str], str]:
+    decoder = StreamDecoder(tok, skip_special_tokens=skip_special_tokens)
+    pieces = [decoder.push(i) for i in ids]
+    return pieces, decoder.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SmolLM2 GGUF (byte-level BPE) against transformers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf) -> tuple[Tokenizer, float]:
+    reader = _open_reader(smollm2_gguf)
+    start = time.perf_counter()
+    tok = Tokenizer.from_gguf(reader, smollm2_gguf)
+    return tok, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def smol_hf(smollm2_gguf):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+def test_smollm2_loads_fast_and_reads_metadata(smol):
+    tok, seconds = smol
+    assert seconds < 2.0, f"building the SmolLM2 tokenizer took {seconds:.2f} s"
+    assert tok.vocab_size == 49152
+    assert tok.backend_kind == "tokenizers"
+    assert tok.id_to_token(tok.bos_token_id) == "<|im_start|>"
+    assert tok.id_to_token(tok.eos_token_id) == "<|im_end|>"
+    assert tok.add_bos is False
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert tok.chat_template_name is None
+    im_end = tok.token_to_id("<|im_end|>")
+    assert im_end in tok.stop_token_ids and tok.eos_token_id in tok.stop_token_ids
+    assert tok.token_to_id("<|endoftext|>") in tok.stop_token_ids
+    assert tok.token_to_id("<|im_start|>") not in tok.stop_token_ids
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_smollm2_encode_decode_match_transformers(smol, smol_hf, text):
+    tok, _ = smol
+    for add_special in (True, False):
+        assert tok.encode(text, add_special_tokens=add_special) == smol_hf.encode(
+            text, add_special_tokens=add_special
+        )
+    ids = smol_hf.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == smol_hf.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == smol_hf.decode(ids, skip_special_tokens=True)
+
+
+def test_smollm2_special_tokens_in_text_are_single_tokens(smol):
+    tok, _ = smol
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)
+    assert ids[0] == tok.token_to_id("<|im_start|>")
+    assert ids[-1] == tok.token_to_id("<|im_end|>")
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"
+
+
+@pytest.mark.parametrize("with_system", [True, False])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_smollm2_chat_template_matches_transformers(smol, smol_hf, with_system, add_generation_prompt):
+    tok, _ = smol
+    messages = CONVERSATION if with_system else CONVERSATION[1:]
+    ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    theirs = smol_hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours == theirs
+    ids = tok.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    assert ids == smol_hf.encode(theirs, add_special_tokens=False)
+    assert ids[0] == tok.token_to_id("<|im_start|>")
+
+
+def test_smollm2_saved_as_hf_dir_loads_the_same(smol, smol_hf, tmp_path):
+    """transformers v5 saves tokenizer.json + tokenizer_config.json + chat_template.jinja; from_dir reads them."""
+    tok, _ = smol
+    smol_hf.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    loaded = Tokenizer.from_dir(tmp_path, eos_token_ids=[0, 2])
+    assert loaded.backend_kind == "tokenizers"
+    for text in SAMPLES:
+        assert loaded.encode(text) == smol_hf.encode(text) == tok.encode(text)
+    assert loaded.apply_chat_template(CONVERSATION) == smol_hf.apply_chat_template(
+        CONVERSATION, tokenize=False, add_generation_prompt=True
+    )
+    assert loaded.eos_token_id == tok.eos_token_id
+    assert {0, 2} <= loaded.stop_token_ids
+    assert loaded.add_bos is False
+
+
+def test_hf_dir_config_variants(smol, smol_hf, tmp_path):
+    """Template as a named list, chat_template.jinja winning, special_tokens_map.json, explicit add_bos_token."""
+    tok, _ = smol
+    smol_hf.save_pretrained(tmp_path / "saved")
+    directory = tmp_path / "variant"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((tmp_path / "saved" / "tokenizer.json").read_bytes())
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True,
+        "chat_template": [
+            {"name": "tool_use", "template": "TOOLS"},
+            {"name": "default", "template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"},
+        ],
+    }))
+    (directory / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "<|im_start|>", "special": True},
+        "eos_token": "<|endoftext|>",
+    }))
+    loaded = Tokenizer.from_dir(directory)
+    bos = tok.token_to_id("<|im_start|>")
+    assert loaded.bos_token_id == bos and loaded.eos_token_id == tok.token_to_id("<|endoftext|>")
+    assert loaded.add_bos is True
+    ids = loaded.encode("Hello")
+    assert ids == [bos] + tok.encode("Hello", add_special_tokens=False)  # exactly one BOS
+    assert loaded.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>hi"
+    assert loaded.encode_chat([{"role": "user", "content": "hi"}]) == [bos] + tok.encode("hi")
+    (directory / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.role }}>{% endfor %}")
+    assert Tokenizer.from_dir(directory).apply_chat_template([{"role": "user", "content": "x"}]) == "<user>"
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_smollm2_stream_decoder(smol, text):
+    tok, _ = smol
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces, rest = _stream(tok, ids)
+    assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in piece for piece in pieces), pieces
+    pieces, rest = _stream(tok, ids, skip_special_tokens=False)
+    assert "".join(pieces) + rest == tok.decode(ids) == text
+
+
+def test_smollm2_stream_decoder_splits_multibyte_characters(smol):
+    tok, _ = smol
+    text = "🏳️\u200d🌈😀中文ß"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text)  # some characters span several byte-level tokens
+    pieces, rest = _stream(tok, ids)
+    assert "".join(pieces) + rest == text
+    assert "" in pieces  # held back while a character was incomplete
+    assert rest == ""
+
+
+def test_smollm2_stream_decoder_chat_and_window(smol):
+    tok, _ = smol
+    ids = tok.encode_chat(CONVERSATION + [{"role": "assistant", "content": "Four. 😀 " * 3}], False)
+    pieces, rest = _stream(tok, ids)
+    assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True)
+    assert "<|im_start|>" not in "".join(pieces)
+
+    # The window stays short however long the stream runs.
+    long_ids = tok.encode(" ".join(SAMPLES) * 40, add_special_tokens=False)
+    decoder = StreamDecoder(tok)
+    out = []
+    longest = 0
+    for token_id in long_ids:
+        out.append(decoder.push(token_id))
+        longest = max(longest, len(decoder._ids))
+    out.append(decoder.flush())
+    assert "".join(out) == tok.decode(long_ids, skip_special_tokens=True)
+    assert len(long_ids) > 5000 and longest <= 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Byte-level BPE GGUFs with other pre-tokenizers (tokenizer.ggml.pre), against transformers
+# ---------------------------------------------------------------------------------------------------------------------
+
+PRE_TYPES = ["llama-bpe", "qwen2", "smollm", "gpt2", "gpt-4o", "tekken"]
+PRE_TEXTS = [
+    "Numbers 12345 678 9 and 3.14159, 2024!",
+    "they'll  GO; She's HTTPServer CamelCaseWord\n\n\tindent",
+    "Grüße 中文 😀 a/b/c\r\n\r\n  x",
+    "<|im_start|>user\nhi 123456789<|im_end|>",
+]
+
+
+@pytest.fixture(scope="module")
+def byte_level_vocab():
+    """A small byte-level BPE (trained here with `tokenizers`), as GGUF stores one: tokens and merge strings."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    rng = random.Random(7)
+    lines = []
+    for _ in range(300):
+        number = str(rng.randint(0, 10**rng.randint(1, 9)))
+        lines.append(
+            f"Numbers {number} {rng.randint(0, 999)} they'll go, She's {rng.choice(['HTTPServer', 'CamelCase'])}"
+            f"\n\n\tindent {rng.choice(['a/b', 'x', 'Grüße', '中文'])}"
+        )
+    tok = RustTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Split(r" ?[^ ]+| +", behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer, pre_tokenizers.ByteLevel(use_regex=False)])
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer)
+    model = json.loads(tok.to_str())["model"]
+    tokens = [""] * len(model["vocab"])
+    for token, index in model["vocab"].items():
+        tokens[index] = token
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, merges
+
+
+def _write_byte_level_gguf(path: Path, tokens, merges, pre: str) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(pre == "llama-bpe")
+    writer.add_tensor("dummy", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_byte_level_pre_tokenizers_match_transformers(byte_level_vocab, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokens, merges = byte_level_vocab
+    encodings = {}
+    for pre in PRE_TYPES:
+        directory = tmp_path / pre
+        directory.mkdir()
+        path = directory / "vocab.gguf"
+        _write_byte_level_gguf(path, tokens, merges, pre)
+        ours = Tokenizer.from_gguf(_open_reader(path), path)
+        theirs = AutoTokenizer.from_pretrained(str(directory), gguf_file=path.name)
+        assert ours.add_bos is (pre == "llama-bpe")
+        for text in PRE_TEXTS:
+            assert ours.encode(text) == theirs.encode(text), (pre, text)
+            assert ours.decode(ours.encode(text, add_special_tokens=False)) == text
+        encodings[pre] = tuple(tuple(ours.encode(text, add_special_tokens=False)) for text in PRE_TEXTS)
+    # The pre-tokenizers really differ on these texts (so the comparison above means something).
+    assert len(set(encodings.values())) >= 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat template details
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_chat_template_environment(smol):
+    tok, _ = smol
+    original = tok.chat_template
+    try:
+        tok.chat_template = "{{ messages | tojson }}|{{ bos_token }}|{{ eos_token }}|{{ extra_flag }}"
+        out = tok.apply_chat_template([{"role": "user", "content": "ü 😀 <b>"}], extra_flag=True)
+        assert out == '[{"role": "user", "content": "ü 😀 <b>"}]|<|im_start|>|<|im_end|>|True'
+
+        tok.chat_template = (
+            "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}\n{% endfor %}"
+            "{{ strftime_now('%Y') | length }}"
+        )
+        assert tok.apply_chat_template(CONVERSATION) == "You are terse. Answer in one word.\n4"
+
+        tok.chat_template = "{{ raise_exception('only user and assistant roles are supported') }}"
+        with pytest.raises(TinychatError, match="only user and assistant roles are supported"):
+            tok.apply_chat_template(CONVERSATION)
+
+        tok.chat_template = "{% for m in messages %}{{ m.content }"
+        with pytest.raises(TinychatError, match="chat template"):
+            tok.apply_chat_template(CONVERSATION)
+    finally:
+        tok.chat_template = original
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sentencepiece: a small BPE model trained here
+# ---------------------------------------------------------------------------------------------------------------------
+
+SP_TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hunter is tired today because of the heat, then runs away!",
+    "Grüße aus München ß",
+    "中文 😀 👨\u200d👩\u200d👧 ∑ €",
+    "tabs\tand\nnewlines\n\nhere",
+    "zzz QQQ ### ~~~",
+    "  two leading spaces",
+    "trailing spaces  ",
+    " ",
+    "a  b   c",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    import sentencepiece as spm
+
+    rng = random.Random(1234)
+    words = (
+        "the quick brown fox jumps over lazy dog and then runs away from hunter who is very tired today "
+        "because of heat in summer when sun shines bright over fields"
+    ).split()
+    lines = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice([".", "!", "?", ",", ""])
+        for _ in range(400)
+    ]
+    lines += ["Hello World 123 456", "if x: return y", "Numbers 0 1 2 3 4 5 6 7 8 9"]
+    directory = tmp_path_factory.mktemp("spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(directory / "tokenizer"),
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",  # as Llama's tokenizer.model
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["<think>"],
+        minloglevel=2,
+    )
+    return directory / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def sp(sp_model):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(sp_model))
+
+
+@pytest.fixture(scope="module")
+def sp_dir(sp_model, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("spdir")
+    (directory / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<s>",
+            "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False,
+                          "rstrip": False, "single_word": False, "special": True},
+            "unk_token": "<unk>",
+            "add_bos_token": True,
+        })
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sp_gguf(sp, tmp_path_factory) -> Path:
+    import gguf
+
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = []
+    for i, piece in enumerate(pieces):
+        if sp.is_unknown(i):
+            types.append(2)
+        elif sp.is_control(i):
+            types.append(3)
+        elif sp.is_byte(i):
+            types.append(6)
+        elif piece == "<think>":
+            types.append(4)
+        else:
+            types.append(1)
+    assert types.count(6) == 256
+    path = tmp_path_factory.mktemp("spgguf") / "tiny-llama-vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([sp.get_score(i) for i in range(len(pieces))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(True)
+    writer.add_chat_template("{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}")
+    writer.add_tensor("dummy", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("text", SP_TEXTS)
+def test_sentencepiece_dir_matches_sentencepiece(sp_dir, sp, text):
+    tok = Tokenizer.from_dir(sp_dir)
+    assert tok.backend_kind == "sentencepiece"
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
+    ids = sp.encode(text)
+    assert tok.decode(ids) == sp.decode(ids) == text
+
+
+def test_sentencepiece_dir_metadata(sp_dir, sp):
+    tok = Tokenizer.from_dir(sp_dir, eos_token_ids=[7])
+    assert tok.vocab_size == sp.get_piece_size() == 400
+    assert (tok.bos_token_id, tok.eos_token_id) == (sp.bos_id(), sp.eos_id())
+    assert tok.add_bos is True
+    assert tok.stop_token_ids == {sp.eos_id(), 7}
+    # Special tokens written in the text are special tokens; each text stretch gets sentencepiece's space prefix.
+    ids = tok.encode("the fox</s>the dog", add_special_tokens=False)
+    assert ids == sp.encode("the fox") + [sp.eos_id()] + sp.encode("the dog")
+    assert tok.decode(ids, skip_special_tokens=True) == "the fox the dog"
+    assert tok.encode("<think>", add_special_tokens=False) == [sp.piece_to_id("<think>")]
+    # No template in the directory: the ChatML fallback.
+    assert tok.chat_template is None and tok.chat_template_name == FALLBACK_TEMPLATE_NAME == "chatml"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False) == (
+        "<|im_start|>user\nhi<|im_end|>\n"
+    )
+
+
+def test_sentencepiece_dir_matches_transformers(sp_dir, sp):
+    transformers = pytest.importorskip("transformers")
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(str(sp_dir))
+    except Exception as exc:  # noqa: BLE001 - conversion needs protobuf etc.
+        pytest.skip(f"transformers cannot convert the sentencepiece model offline: {exc}")
+    tok = Tokenizer.from_dir(sp_dir)
+    # transformers' Metaspace does not add sentencepiece's prefix space to text that already starts with a space,
+    # so only text that does not is compared.
+    for text in SP_TEXTS:
+        if text.startswith(" "):
+            continue
+        assert tok.encode(text) == hf.encode(text), text
+        ids = tok.encode(text)
+        assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", SP_TEXTS)
+def test_sentencepiece_gguf_matches_sentencepiece(sp_gguf, sp, text):
+    tok = Tokenizer.from_gguf(_open_reader(sp_gguf), sp_gguf)
+    assert tok.backend_kind == "tokenizers"
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
+    ids = sp.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode([sp.bos_id()] + ids, skip_special_tokens=True) == text
+
+
+def test_sentencepiece_gguf_metadata_and_byte_fallback(sp_gguf, sp, sp_dir):
+    tok = Tokenizer.from_gguf(_open_reader(sp_gguf), sp_gguf)
+    assert tok.vocab_size == 400
+    assert (tok.bos_token_id, tok.eos_token_id, tok.add_bos) == (sp.bos_id(), sp.eos_id(), True)
+    assert tok.stop_token_ids == {sp.eos_id()}
+    # Characters outside the vocabulary become <0xNN> pieces.
+    ids = tok.encode("€", add_special_tokens=False)
+    assert [tok.id_to_token(i) for i in ids[-3:]] == ["<0xE2>", "<0x82>", "<0xAC>"]
+    assert tok.encode("<think>", add_special_tokens=False) == [sp.piece_to_id("<think>")]
+    # The same as the sentencepiece-backed directory, special tokens included.
+    from_dir = Tokenizer.from_dir(sp_dir)
+    text = "the fox</s>the dog<s> zzz 😀"
+    assert tok.encode(text) == from_dir.encode(text)
+    assert tok.decode(tok.encode(text)) == from_dir.decode(from_dir.encode(text))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi</s>"
+
+
+@pytest.mark.parametrize("source", ["gguf", "dir"])
+def test_sentencepiece_stream_decoder(sp_gguf, sp_dir, source):
+    tok = Tokenizer.from_gguf(_open_reader(sp_gguf), sp_gguf) if source == "gguf" else Tokenizer.from_dir(sp_dir)
+    held_back = False
+    for text in SP_TEXTS + ["the fox 😀 jumps, ∑ over € the dog", "the fox</s> runs<s> away"]:
+        ids = tok.encode(text)
+        pieces, rest = _stream(tok, ids)
+        assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True), text
+        assert not any("\ufffd" in piece for piece in pieces)
+        held_back |= "" in pieces[1:]
+        pieces, rest = _stream(tok, ids, skip_special_tokens=False)
+        assert "".join(pieces) + rest == tok.decode(ids)
+    assert held_back  # byte-fallback pieces of one character were held back until it was complete
+
+    # A continuation keeps the space of its first word.
+    ids = tok.encode("the quick brown fox", add_special_tokens=False)
+    decoder = StreamDecoder(tok)
+    out = [decoder.push(i) for i in ids]
+    assert out[0] == "the" and out[1].startswith(" ")
+    # An incomplete character at the very end comes out of flush() as decode() shows it.
+    ids = tok.encode("ok €", add_special_tokens=False)[:-1]
+    pieces, rest = _stream(tok, ids)
+    assert "".join(pieces) == "ok "
+    assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_empty_dir_names_the_dir(tmp_path):
+    with pytest.raises(ModelLoadError) as exc:
+        Tokenizer.from_dir(tmp_path)
+    message = str(exc.value)
+    assert str(tmp_path) in message and "tokenizer.json" in message and "tokenizer.model" in message
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        Tokenizer.from_dir(tmp_path / "nope")
+
+
+def test_garbage_tokenizer_json_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{ this is not a tokenizer")
+    with pytest.raises(ModelLoadError) as exc:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in str(exc.value)
+
+
+def test_garbage_tokenizer_config_names_the_file(tmp_path, sp_model):
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2")
+    with pytest.raises(ModelLoadError) as exc:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / "tokenizer_config.json") in str(exc.value)
+
+
+def test_garbage_tokenizer_model_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00not a sentencepiece model" * 10)
+    with pytest.raises(ModelLoadError) as exc:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / "tokenizer.model") in str(exc.value)
+
+
+def test_gguf_with_unsupported_tokenizer_model(tmp_path):
+    import gguf
+
+    path = tmp_path / "bert-vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "##lo"])
+    writer.add_token_types([3, 2, 3, 3, 1, 1])
+    writer.add_tensor("dummy", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError) as exc:
+        Tokenizer.from_gguf(_open_reader(path), path)
+    assert str(path) in str(exc.value) and "'bert'" in str(exc.value)
+
+
+def test_gguf_without_tokenizer(tmp_path):
+    import gguf
+
+    path = tmp_path / "no-vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("dummy", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        Tokenizer.from_gguf(_open_reader(path), path)
