@@ -1,0 +1,429 @@
+"""Read a llama.cpp GGUF file into a Hugging Face style config and float32 weights.
+
+Only the metadata keys and tensors of decoder-only Llama-family models are understood
+(``general.architecture`` ``llama`` or ``qwen2``).  Quantized tensors are expanded to float32
+with the ``gguf`` package, the llama.cpp rotary permutation of the query and key projections
+is undone, and every tensor is renamed to its Hugging Face ``state_dict`` name, so that the
+result can be used exactly like a ``config.json`` plus a float32 checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import gguf
+from gguf import GGMLQuantizationType, GGUFReader
+
+from tinychat.errors import ModelLoadError
+
+try:  # tqdm comes with transformers; the loader works without it, just silently.
+    from tqdm.auto import tqdm as _tqdm
+except ImportError:  # pragma: no cover - exercised only where tqdm is absent
+    _tqdm = None
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_TENSOR_TYPES",
+    "dequantize_tensor",
+    "expected_shape",
+    "gguf_config",
+    "hf_tensor_name",
+    "open_gguf",
+    "read_gguf",
+]
+
+# general.architecture -> (Hugging Face class name, Hugging Face model_type)
+SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+}
+
+# Architectures whose q/k projections llama.cpp's converter permutes for its rotary layout.
+_PERMUTED_ARCHITECTURES = frozenset({"llama"})
+
+SUPPORTED_TENSOR_TYPES: frozenset[GGMLQuantizationType] = frozenset(
+    {
+        GGMLQuantizationType.F32,
+        GGMLQuantizationType.F16,
+        GGMLQuantizationType.BF16,
+        GGMLQuantizationType.Q8_0,
+        GGMLQuantizationType.Q4_0,
+        GGMLQuantizationType.Q4_1,
+        GGMLQuantizationType.Q5_0,
+        GGMLQuantizationType.Q5_1,
+        GGMLQuantizationType.Q4_K,
+        GGMLQuantizationType.Q5_K,
+        GGMLQuantizationType.Q6_K,
+    }
+)
+_SUPPORTED_TYPE_NAMES = ", ".join(t.name for t in sorted(SUPPORTED_TENSOR_TYPES, key=int))
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+
+# per-layer GGUF part -> (Hugging Face module, suffixes it may carry)
+_LAYER_PARTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "attn_norm": ("input_layernorm", ("weight",)),
+    "attn_q": ("self_attn.q_proj", ("weight", "bias")),
+    "attn_k": ("self_attn.k_proj", ("weight", "bias")),
+    "attn_v": ("self_attn.v_proj", ("weight", "bias")),
+    "attn_output": ("self_attn.o_proj", ("weight", "bias")),
+    "ffn_norm": ("post_attention_layernorm", ("weight",)),
+    "ffn_gate": ("mlp.gate_proj", ("weight",)),
+    "ffn_up": ("mlp.up_proj", ("weight",)),
+    "ffn_down": ("mlp.down_proj", ("weight",)),
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)")
+
+# Tensors every model must have (besides the per-layer ones below).
+_REQUIRED_GLOBAL = ("model.embed_tokens.weight", "model.norm.weight")
+_REQUIRED_LAYER = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+_GGUF_MAGIC = b"GGUF"
+_MISSING = object()
+
+
+class _FastGGUFReader(GGUFReader):
+    """GGUFReader that slices a plain ndarray view of its memory map instead of the memmap.
+
+    Parsing metadata makes hundreds of thousands of tiny slices (one per tokenizer string);
+    each slice of an ``np.memmap`` goes through ``memmap.__getitem__`` and
+    ``__array_finalize__``, which triples the time to open a file with a 49k-token vocabulary.
+    The bytes read are identical; tensors' ``data`` are plain ndarrays over the same mapping.
+    """
+
+    _plain: np.ndarray | None = None
+
+    def _get(self, offset, dtype, count=1, override_order=None):  # same contract as the base
+        plain = self._plain
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        count = int(count)
+        end = offset + dt.itemsize * count
+        arr = plain[offset:end].view(dt)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return arr.view(arr.dtype.newbyteorder(order))
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFReader:
+    """Open ``path`` with a GGUF reader; any failure is a ModelLoadError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, expected a .gguf file")
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"{p}: cannot read the file: {exc}") from exc
+    if size == 0:
+        raise ModelLoadError(f"{p}: the file is empty, expected a GGUF model")
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{p}: not a GGUF file (it starts with {magic!r}, a GGUF file starts with {_GGUF_MAGIC!r})"
+        )
+    try:
+        reader = _FastGGUFReader(p, "r")
+    except Exception as exc:  # numpy/gguf raise ValueError, IndexError, KeyError, OverflowError...
+        raise ModelLoadError(
+            f"{p}: cannot parse the GGUF file, it is truncated or corrupt "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if reader.byte_order != "I":
+        raise ModelLoadError(f"{p}: big-endian GGUF files are not supported")
+    file_size = int(reader.data.size)
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > file_size or t.data.nbytes != t.n_bytes:
+            raise ModelLoadError(
+                f"{p}: the file is truncated: tensor {t.name!r} needs bytes up to offset {end} "
+                f"but the file has {file_size} bytes"
+            )
+    return reader
+
+
+def _field(reader: GGUFReader, key: str, path: Path, default: Any = _MISSING) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise ModelLoadError(f"{path}: the GGUF metadata lacks the required key {key!r}")
+        return default
+    try:
+        return field.contents()
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot decode GGUF metadata key {key!r}: {exc}") from exc
+
+
+def _positive_int(value: Any, key: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
+        raise ModelLoadError(f"{path}: GGUF metadata {key!r} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
+    """Build a Hugging Face ``config.json`` style dict from a GGUF reader's metadata."""
+    path = Path(path)
+    arch = _field(reader, "general.architecture", path)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: unsupported model architecture {arch!r} "
+            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
+    hf_class, model_type = SUPPORTED_ARCHITECTURES[arch]
+
+    def key(name: str, default: Any = _MISSING) -> Any:
+        return _field(reader, f"{arch}.{name}", path, default)
+
+    def int_key(name: str, default: Any = _MISSING) -> Any:
+        value = key(name, default)
+        if value is None:
+            return None
+        return _positive_int(value, f"{arch}.{name}", path)
+
+    tensor_names = {t.name: t for t in reader.tensors}
+
+    hidden = int_key("embedding_length")
+    layers = int_key("block_count")
+    heads = int_key("attention.head_count")
+    kv_heads = int_key("attention.head_count_kv", heads)
+    intermediate = int_key("feed_forward_length")
+    head_dim = key("attention.key_length", None)
+    if head_dim is None:
+        head_dim = key("rope.dimension_count", None)
+    if head_dim is None:
+        if hidden % heads:
+            raise ModelLoadError(
+                f"{path}: embedding_length {hidden} is not a multiple of head_count {heads}"
+            )
+        head_dim = hidden // heads
+    head_dim = _positive_int(head_dim, f"{arch}.attention.key_length", path)
+    if heads % kv_heads:
+        raise ModelLoadError(f"{path}: head_count {heads} is not a multiple of head_count_kv {kv_heads}")
+    if head_dim % 2:
+        raise ModelLoadError(f"{path}: the head dimension {head_dim} must be even for rotary embeddings")
+
+    vocab = key("vocab_size", None)
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is not None:
+            vocab = len(tokens.data)
+        elif "token_embd.weight" in tensor_names:
+            vocab = int(tensor_names["token_embd.weight"].shape[-1])
+        else:
+            raise ModelLoadError(f"{path}: cannot tell the vocabulary size (no vocab_size, tokens or token_embd)")
+    vocab = _positive_int(vocab, f"{arch}.vocab_size", path)
+
+    eps = float(key("attention.layer_norm_rms_epsilon", 1e-5))
+    rope_theta = float(key("rope.freq_base", 10000.0))
+    context = int_key("context_length", None)
+
+    rope_scaling: dict | None = None
+    if "rope_freqs.weight" in tensor_names:
+        rope_scaling = {"rope_type": "gguf_freqs"}
+    else:
+        scaling_type = key("rope.scaling.type", None)
+        factor = key("rope.scaling.factor", None)
+        if factor is None:
+            legacy = key("rope.scale_linear", None)  # older converters
+            if legacy is not None and float(legacy) != 1.0:
+                scaling_type, factor = scaling_type or "linear", legacy
+        if scaling_type not in (None, "none") or (scaling_type is None and factor is not None):
+            scaling_type = scaling_type or "linear"
+            if factor is None:
+                raise ModelLoadError(
+                    f"{path}: rope scaling {scaling_type!r} is set but {arch}.rope.scaling.factor is missing"
+                )
+            rope_scaling = {"rope_type": scaling_type, "factor": float(factor)}
+            original = key("rope.scaling.original_context_length", None)
+            if original is not None:
+                rope_scaling["original_max_position_embeddings"] = int(original)
+
+    return {
+        "architectures": [hf_class],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": eps,
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": context,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": any(n.endswith(".attn_q.bias") for n in tensor_names),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", path, None),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", path, None),
+        "torch_dtype": "float32",
+    }
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None when tinychat does not know it."""
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m is None:
+        return None
+    layer, part, suffix = m.groups()
+    if part not in _LAYER_PARTS:
+        return None
+    module, suffixes = _LAYER_PARTS[part]
+    if suffix not in suffixes:
+        return None
+    return f"model.layers.{int(layer)}.{module}.{suffix}"
+
+
+def expected_shape(hf_name: str, config: dict) -> tuple[int, ...]:
+    """Shape (numpy / PyTorch order) that ``hf_name`` must have under ``config``."""
+    hidden = config["hidden_size"]
+    q_out = config["num_attention_heads"] * config["head_dim"]
+    kv_out = config["num_key_value_heads"] * config["head_dim"]
+    inter = config["intermediate_size"]
+    if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (config["vocab_size"], hidden)
+    if hf_name == "model.norm.weight":
+        return (hidden,)
+    if hf_name == "rope_freqs":
+        return (config["head_dim"] // 2,)
+    part = hf_name.split(".", 3)[3]  # after "model.layers.N."
+    return {
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_out, hidden),
+        "self_attn.q_proj.bias": (q_out,),
+        "self_attn.k_proj.weight": (kv_out, hidden),
+        "self_attn.k_proj.bias": (kv_out,),
+        "self_attn.v_proj.weight": (kv_out, hidden),
+        "self_attn.v_proj.bias": (kv_out,),
+        "self_attn.o_proj.weight": (hidden, q_out),
+        "self_attn.o_proj.bias": (hidden,),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+    }[part]
+
+
+def _type_name(qtype: Any) -> str:
+    return getattr(qtype, "name", str(qtype))
+
+
+def _check_type(tensor: Any, path: Path) -> None:
+    if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name!r} has type {_type_name(tensor.tensor_type)}, which tinychat "
+            f"cannot dequantize (supported types: {_SUPPORTED_TYPE_NAMES})"
+        )
+
+
+def dequantize_tensor(tensor: Any, path: str | os.PathLike = "<gguf>") -> np.ndarray:
+    """Expand one ``gguf.ReaderTensor`` to a float32 array in numpy (row-major) shape.
+
+    The result owns its memory (it never aliases the file mapping).  Unsupported types
+    raise ModelLoadError naming ``path``, the tensor and its type.
+    """
+    path = Path(path)
+    _check_type(tensor, path)
+    shape = tuple(int(d) for d in reversed(np.asarray(tensor.shape).tolist()))
+    try:
+        arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path}: cannot dequantize tensor {tensor.name!r} ({_type_name(tensor.tensor_type)}): {exc}"
+        ) from exc
+    if np.may_share_memory(arr, tensor.data) or not arr.flags.c_contiguous:
+        arr = np.array(arr, dtype=np.float32, order="C", copy=True)
+    return arr
+
+
+def _undo_rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's per-head reordering of rotary rows (interleaved -> half split)."""
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    return np.ascontiguousarray(
+        w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], GGUFReader]:
+    """Return (Hugging Face style config dict, weights under Hugging Face names as float32 tensors, the reader)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    arch = reader.fields["general.architecture"].contents()
+    n_layers = config["num_hidden_layers"]
+
+    # Validate every tensor (name, type, shape) before the slow part.
+    plan: list[tuple[str, Any]] = []
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            raise ModelLoadError(f"{path}: unknown tensor {t.name!r} for architecture {arch!r}")
+        if name.startswith("model.layers.") and int(name.split(".")[2]) >= n_layers:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name!r} belongs to a layer beyond block_count {n_layers}"
+            )
+        _check_type(t, path)
+        actual = tuple(int(d) for d in reversed(np.asarray(t.shape).tolist()))
+        expected = expected_shape(name, config)
+        if actual != expected:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name!r} ({name}) has shape {actual}, expected {expected} from the metadata"
+            )
+        plan.append((name, t))
+
+    present = {name for name, _ in plan}
+    required = list(_REQUIRED_GLOBAL)
+    required += [f"model.layers.{i}.{part}" for i in range(n_layers) for part in _REQUIRED_LAYER]
+    missing = [n for n in required if n not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{path}: the GGUF file lacks required tensors: {shown}")
+
+    permute = arch in _PERMUTED_ARCHITECTURES
+    q_heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    weights: dict[str, torch.Tensor] = {}
+    bar = None
+    if _tqdm is not None:
+        bar = _tqdm(total=len(plan), desc=f"Loading {path.name}", unit="tensor", disable=None, leave=False)
+    try:
+        for name, t in plan:
+            arr = dequantize_tensor(t, path)
+            if permute and ".self_attn.q_proj." in name:
+                arr = _undo_rope_permute(arr, q_heads)
+            elif permute and ".self_attn.k_proj." in name:
+                arr = _undo_rope_permute(arr, kv_heads)
+            weights[name] = torch.from_numpy(arr)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return config, weights, reader
