@@ -539,13 +539,8 @@ def smollm2(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def smollm2_transformers(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
-    return model.config, model.state_dict()
+def smollm2_transformers(hf_smollm2):
+    return hf_smollm2.config, hf_smollm2.state_dict()
 
 
 def test_smollm2_loads_quickly(smollm2):

@@ -37,8 +37,9 @@ def _sampling(args):
 def _load(args):
     import torch
 
-    from tinychat.io.loader import load_model, resolve_source
+    from tinychat.io.loader import load_model, resolve_dtype, resolve_source
 
+    resolve_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_source(args.model)
@@ -51,8 +52,9 @@ def cmd_chat(args) -> int:
     from tinychat.chat import ChatSession
     from tinychat.engine import Engine
 
+    params = _sampling(args)
     path, model, tokenizer = _load(args)
-    session = ChatSession(Engine(model, tokenizer, args.ctx), system=args.system, params=_sampling(args))
+    session = ChatSession(Engine(model, tokenizer, args.ctx), system=args.system, params=params)
     print(f"chatting with {path.name}: /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
@@ -85,10 +87,11 @@ def cmd_chat(args) -> int:
 def cmd_generate(args) -> int:
     from tinychat.engine import Engine
 
+    params = _sampling(args)
     _, model, tokenizer = _load(args)
     engine = Engine(model, tokenizer, args.ctx)
     ids = tokenizer.encode(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    for piece in engine.stream(ids, _sampling(args)):
+    for piece in engine.stream(ids, params):
         print(piece, end="", flush=True)
     print()
     s = engine.last_stats

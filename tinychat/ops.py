@@ -7,7 +7,6 @@ which define the semantics: fp32 math, each result cast once to the input dtype.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -77,8 +76,8 @@ def _register_fakes() -> None:
                 raise
 
 
-@functools.cache
 def _load_extension() -> bool:
+    """Load tinychat._C (which registers torch.ops.tinychat.*); warn once and return False if it is missing."""
     try:
         import tinychat._C  # noqa: F401
     except ImportError as e:
@@ -86,43 +85,29 @@ def _load_extension() -> bool:
             f"tinychat: the compiled extension tinychat._C is missing ({e}); using the slower "
             "reference PyTorch ops. Build it with `pip install --no-build-isolation -e .` "
             "(export CUDA_HOME=/path/to/cuda for the GPU kernels).",
-            stacklevel=3,
+            stacklevel=2,
         )
         return False
     _register_fakes()
     return True
 
 
-# torch.compile calls this eagerly and treats the answer as a constant (no graph break).
-@torch.compiler.assume_constant_result
-def extension_available() -> bool:
-    """Whether tinychat._C loaded (which registers torch.ops.tinychat.*). Warns once if not."""
-    return _load_extension()
+# Decided once, at import: each public op below is either the compiled op or its reference, so a call pays
+# no check and torch.compile sees a plain torch op.
+EXTENSION_AVAILABLE = _load_extension()
 
 
-# ---- public wrappers (what the model calls) ----
+def _pick(name: str, reference):
+    return getattr(torch.ops.tinychat, name).default if EXTENSION_AVAILABLE else reference
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x [..., H], weight [H] -> [..., H]; see rms_norm_ref."""
-    if extension_available():
-        return torch.ops.tinychat.rms_norm(x, weight, eps)
-    return rms_norm_ref(x, weight, eps)
+# ---- public ops (what the model calls) ----
 
-
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """x, residual [..., H], weight [H] -> (normed [..., H], x + residual [..., H])."""
-    if extension_available():
-        return torch.ops.tinychat.add_rms_norm(x, residual, weight, eps)
-    return add_rms_norm_ref(x, residual, weight, eps)
-
-
-def rotary_embedding(x: Tensor, positions: Tensor, cos_sin: Tensor) -> Tensor:
-    """x [B, T, nH, D], positions [B, T] or [T], cos_sin [max_pos, D] -> new [B, T, nH, D].
-
-    Positions must lie in [0, max_pos): the CPU kernel raises otherwise; the CUDA kernel does
-    not check (no device sync) and writes NaN for those rows.
-    """
-    if extension_available():
-        return torch.ops.tinychat.rotary_embedding(x, positions, cos_sin)
-    return rotary_embedding_ref(x, positions, cos_sin)
+# x [..., H], weight [H] -> [..., H]; see rms_norm_ref
+rms_norm = _pick("rms_norm", rms_norm_ref)
+# x, residual [..., H], weight [H] -> (normed [..., H], x + residual [..., H]); see add_rms_norm_ref
+add_rms_norm = _pick("add_rms_norm", add_rms_norm_ref)
+# x [B, T, nH, D], positions [B, T] or [T], cos_sin [max_pos, D] -> new [B, T, nH, D]; see rotary_embedding_ref.
+# Positions must lie in [0, max_pos): the CPU kernel raises otherwise; the CUDA kernel does not check (no device
+# sync) and writes NaN for those rows.
+rotary_embedding = _pick("rotary_embedding", rotary_embedding_ref)

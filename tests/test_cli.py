@@ -1,0 +1,42 @@
+"""`tinychat chat` and `tinychat generate` as a user runs them (default model, piped input)."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "tinychat", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_chat_default_model_multi_turn_then_exit(smollm2_gguf):
+    out = run_cli("chat", "--temperature", "0", "--max-new-tokens", "48",
+                  stdin="What is the capital of France?\nAnd of Germany?\n/exit\nnever read\n")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout and "Berlin" in out.stdout  # the second answer needed the first turn
+    assert "never read" not in out.stdout
+
+
+def test_chat_exits_cleanly_on_eof(smollm2_gguf):
+    out = run_cli("chat", "--temperature", "0", "--max-new-tokens", "8", stdin="Hi\n")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_generate_prints_stats(smollm2_gguf):
+    out = run_cli("generate", "--temperature", "0", "--max-new-tokens", "16", "What is 2+2?")
+    assert out.returncode == 0, out.stderr
+    assert "tok/s" in out.stderr and out.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["chat", "/no/such/model.gguf"], "no such file"),
+    (["generate", "--temperature", "-1", "hi"], "temperature must be >= 0"),
+    (["chat", "--dtype", "float8"], "unknown dtype"),
+])
+def test_bad_input_is_one_clear_line(args, message, smollm2_gguf):
+    out = run_cli(*args)
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr

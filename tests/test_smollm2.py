@@ -1,0 +1,71 @@
+"""The default model end to end: SmolLM2-135M-Instruct from its GGUF, against transformers on the same file."""
+
+import pytest
+import torch
+
+from tinychat.engine import Engine, SamplingParams
+from tinychat.io.loader import load_model
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "Explain in two sentences what a CPU does.",
+    "List three fruits and their colours.",
+    "What is the capital of France?",
+]
+N = 32
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return load_model(smollm2_gguf)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_match_transformers(smollm2, hf_smollm2, prompt):
+    model, tokenizer = smollm2
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    engine = Engine(model, tokenizer, max_seq_len=256)
+    ours = list(engine.generate(ids, SamplingParams(max_new_tokens=N), stop_ids=()))
+    with torch.no_grad():
+        x = torch.tensor([ids])  # explicit mask: the prompt holds <|im_end|>, which is also the pad id
+        out = hf_smollm2.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=N,
+                                  eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
+    theirs = out[0, len(ids):].tolist()
+    assert len(theirs) == N and ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
+
+
+def test_prefill_logits_match_transformers(smollm2, hf_smollm2):
+    model, tokenizer = smollm2
+    ids = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": PROMPTS[0]}])])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_smollm2(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_multi_turn_reuses_cache_and_stops_at_end_of_turn(smollm2):
+    model, tokenizer = smollm2
+    engine = Engine(model, tokenizer, max_seq_len=512)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    first = "".join(engine.stream(tokenizer.encode_chat(messages), SamplingParams(max_new_tokens=64)))
+    assert "Paris" in first and engine.last_stats.finish_reason == "stop"
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Germany?"}]
+    prompt = tokenizer.encode_chat(messages)
+    second = "".join(engine.stream(prompt, SamplingParams(max_new_tokens=64)))
+    stats = engine.last_stats
+    assert "Berlin" in second
+    # everything up to the end of the first answer was already in the cache
+    assert stats.reused_tokens >= len(tokenizer.encode_chat(messages[:1])) and stats.reused_tokens < len(prompt)
+
+
+def test_sampling_is_seeded_and_respects_limits(smollm2):
+    model, tokenizer = smollm2
+    engine = Engine(model, tokenizer, max_seq_len=128)
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Tell me a story."}])
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=7, max_new_tokens=20)
+    a = list(engine.generate(ids, params, stop_ids=()))
+    b = list(engine.generate(ids, params, stop_ids=()))
+    c = list(engine.generate(ids, SamplingParams(**{**params.__dict__, "seed": 8}), stop_ids=()))
+    assert a == b and len(a) == 20 and a != c
+    # the context limit: generation ends with "length" when the cache is full
+    long_prompt = ids * (120 // len(ids))
+    out = list(engine.generate(long_prompt, SamplingParams(max_new_tokens=100), stop_ids=()))
+    assert len(long_prompt) + len(out) == 128 and engine.last_stats.finish_reason == "length"
