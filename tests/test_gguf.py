@@ -18,7 +18,21 @@ import torch
 
 from tinychat.errors import ModelLoadError
 from tinychat.io.default import DEFAULT_MODEL_FILE, default_model_path
+from tinychat.config import ModelConfig
 from tinychat.io.gguf import dequantize_tensor, open_gguf, read_gguf
+from tinychat.io.loader import build_model
+
+
+def read_all(path):
+    """read_gguf with every tensor loaded: (config, {name: float32 tensor}, reader)."""
+    config, refs, reader = read_gguf(path)
+    return config, {name: ref.load() for name, ref in refs.items()}, reader
+
+
+def build(path):
+    """The loader's checks of names and shapes on top of read_gguf."""
+    config, refs, _ = read_gguf(path)
+    return build_model(ModelConfig.from_hf(config, str(path)), refs, torch.float32)
 
 Q = gguf.GGMLQuantizationType
 
@@ -294,7 +308,7 @@ def test_dequantize_tensor_rejects_unsupported_type(tmp_path, qtype):
 def test_tiny_llama_weights_and_config(tmp_path):
     path = tmp_path / "tiny-llama.gguf"
     expected, original = write_tiny_model(path)
-    config, weights, reader = read_gguf(path)
+    config, weights, reader = read_all(path)
 
     assert isinstance(reader, gguf.GGUFReader)
     assert config == {
@@ -337,7 +351,7 @@ def test_tiny_llama_weights_and_config(tmp_path):
 def test_tiny_llama_with_biases_unpermutes_q_k_bias(tmp_path):
     path = tmp_path / "bias.gguf"
     expected, _ = write_tiny_model(path, bias=True)
-    config, weights, _ = read_gguf(path)
+    config, weights, _ = read_all(path)
     assert config["attention_bias"] is True
     for name in ("model.layers.1.self_attn.q_proj.bias", "model.layers.1.self_attn.k_proj.bias",
                  "model.layers.1.self_attn.v_proj.bias"):
@@ -347,7 +361,7 @@ def test_tiny_llama_with_biases_unpermutes_q_k_bias(tmp_path):
 def test_tiny_qwen2_is_not_permuted(tmp_path):
     path = tmp_path / "tiny-qwen2.gguf"
     expected, _ = write_tiny_model(path, arch="qwen2", bias=True, tied=True)
-    config, weights, _ = read_gguf(path)
+    config, weights, _ = read_all(path)
     assert config["architectures"] == ["Qwen2ForCausalLM"]
     assert config["model_type"] == "qwen2"
     assert config["attention_bias"] is True
@@ -372,7 +386,7 @@ def test_config_fallbacks(tmp_path):
             "tokenizer.ggml.tokens": ("arr", tokens),
         },
     )
-    config, weights, _ = read_gguf(path)
+    config, weights, _ = read_all(path)
     assert config["vocab_size"] == 37
     assert config["head_dim"] == 16
     assert config["rope_theta"] == 10000.0
@@ -392,7 +406,7 @@ def test_rope_freqs_tensor(tmp_path):
     path = tmp_path / "llama3.gguf"
     freqs = np.linspace(1.0, 8.0, TINY["head_dim"] // 2, dtype=np.float32)
     write_tiny_model(path, extra=[("rope_freqs.weight", freqs, None)])
-    config, weights, _ = read_gguf(path)
+    config, weights, _ = read_all(path)
     assert config["rope_scaling"] == {"rope_type": "gguf_freqs"}
     np.testing.assert_array_equal(weights["rope_freqs"].numpy(), freqs)
 
@@ -475,8 +489,8 @@ def test_wrong_shape(tmp_path):
     bad = np.zeros((48, TINY["hidden"]), dtype=np.float32)
     write_tiny_model(path, replace={"blk.0.attn_k.weight": (bad, None)})
     with pytest.raises(ModelLoadError) as exc:
-        read_gguf(path)
-    assert_message(exc, path, "blk.0.attn_k.weight", "(32, 64)", "(48, 64)")
+        build(path)
+    assert_message(exc, path, "model.layers.0.self_attn.k_proj.weight", "(32, 64)", "(48, 64)")
 
 
 def test_unknown_tensor(tmp_path):
@@ -491,7 +505,7 @@ def test_missing_tensor(tmp_path):
     path = tmp_path / "missing.gguf"
     write_tiny_model(path, drop={"blk.1.ffn_up.weight"})
     with pytest.raises(ModelLoadError) as exc:
-        read_gguf(path)
+        build(path)
     assert_message(exc, path, "model.layers.1.mlp.up_proj.weight")
 
 
@@ -534,7 +548,7 @@ def test_default_model_package_without_file(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
     start = time.perf_counter()
-    config, weights, reader = read_gguf(smollm2_gguf)
+    config, weights, reader = read_all(smollm2_gguf)
     return config, weights, reader, time.perf_counter() - start
 
 

@@ -21,17 +21,12 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFReader
 
 from tinychat.errors import ModelLoadError
-
-try:  # tqdm comes with transformers; the loader works without it, just silently.
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover - exercised only where tqdm is absent
-    _tqdm = None
+from tinychat.io.hf import TensorRef
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_TENSOR_TYPES",
     "dequantize_tensor",
-    "expected_shape",
     "gguf_config",
     "hf_tensor_name",
     "open_gguf",
@@ -84,20 +79,6 @@ _LAYER_PARTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ffn_down": ("mlp.down_proj", ("weight",)),
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)")
-
-# Tensors every model must have (besides the per-layer ones below).
-_REQUIRED_GLOBAL = ("model.embed_tokens.weight", "model.norm.weight")
-_REQUIRED_LAYER = (
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
 
 _GGUF_MAGIC = b"GGUF"
 _MISSING = object()
@@ -300,36 +281,6 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return f"model.layers.{int(layer)}.{module}.{suffix}"
 
 
-def expected_shape(hf_name: str, config: dict) -> tuple[int, ...]:
-    """Shape (numpy / PyTorch order) that ``hf_name`` must have under ``config``."""
-    hidden = config["hidden_size"]
-    q_out = config["num_attention_heads"] * config["head_dim"]
-    kv_out = config["num_key_value_heads"] * config["head_dim"]
-    inter = config["intermediate_size"]
-    if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (config["vocab_size"], hidden)
-    if hf_name == "model.norm.weight":
-        return (hidden,)
-    if hf_name == "rope_freqs":
-        return (config["head_dim"] // 2,)
-    part = hf_name.split(".", 3)[3]  # after "model.layers.N."
-    return {
-        "input_layernorm.weight": (hidden,),
-        "post_attention_layernorm.weight": (hidden,),
-        "self_attn.q_proj.weight": (q_out, hidden),
-        "self_attn.q_proj.bias": (q_out,),
-        "self_attn.k_proj.weight": (kv_out, hidden),
-        "self_attn.k_proj.bias": (kv_out,),
-        "self_attn.v_proj.weight": (kv_out, hidden),
-        "self_attn.v_proj.bias": (kv_out,),
-        "self_attn.o_proj.weight": (hidden, q_out),
-        "self_attn.o_proj.bias": (hidden,),
-        "mlp.gate_proj.weight": (inter, hidden),
-        "mlp.up_proj.weight": (inter, hidden),
-        "mlp.down_proj.weight": (hidden, inter),
-    }[part]
-
-
 def _type_name(qtype: Any) -> str:
     return getattr(qtype, "name", str(qtype))
 
@@ -372,58 +323,33 @@ def _undo_rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], GGUFReader]:
-    """Return (Hugging Face style config dict, weights under Hugging Face names as float32 tensors, the reader)."""
+def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, TensorRef], GGUFReader]:
+    """Return (Hugging Face style config dict, {Hugging Face tensor name: TensorRef}, the reader).
+
+    Names and types of all tensors are checked here, before any data is read; each TensorRef dequantizes its
+    tensor to float32 (q/k rows back in Hugging Face order) when loaded. Shapes are checked by the loader.
+    """
     path = Path(path)
     reader = open_gguf(path)
     config = gguf_config(reader, path)
     arch = reader.fields["general.architecture"].contents()
-    n_layers = config["num_hidden_layers"]
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    permute = arch in _PERMUTED_ARCHITECTURES
 
-    # Validate every tensor (name, type, shape) before the slow part.
-    plan: list[tuple[str, Any]] = []
+    def loader(t, n_head: int | None):
+        def load() -> torch.Tensor:
+            arr = dequantize_tensor(t, path)
+            return torch.from_numpy(arr if n_head is None else _undo_rope_permute(arr, n_head))
+
+        return load
+
+    refs: dict[str, TensorRef] = {}
     for t in reader.tensors:
         name = hf_tensor_name(t.name)
         if name is None:
             raise ModelLoadError(f"{path}: unknown tensor {t.name!r} for architecture {arch!r}")
-        if name.startswith("model.layers.") and int(name.split(".")[2]) >= n_layers:
-            raise ModelLoadError(
-                f"{path}: tensor {t.name!r} belongs to a layer beyond block_count {n_layers}"
-            )
         _check_type(t, path)
-        actual = tuple(int(d) for d in reversed(np.asarray(t.shape).tolist()))
-        expected = expected_shape(name, config)
-        if actual != expected:
-            raise ModelLoadError(
-                f"{path}: tensor {t.name!r} ({name}) has shape {actual}, expected {expected} from the metadata"
-            )
-        plan.append((name, t))
-
-    present = {name for name, _ in plan}
-    required = list(_REQUIRED_GLOBAL)
-    required += [f"model.layers.{i}.{part}" for i in range(n_layers) for part in _REQUIRED_LAYER]
-    missing = [n for n in required if n not in present]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelLoadError(f"{path}: the GGUF file lacks required tensors: {shown}")
-
-    permute = arch in _PERMUTED_ARCHITECTURES
-    q_heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    weights: dict[str, torch.Tensor] = {}
-    bar = None
-    if _tqdm is not None:
-        bar = _tqdm(total=len(plan), desc=f"Loading {path.name}", unit="tensor", disable=None, leave=False)
-    try:
-        for name, t in plan:
-            arr = dequantize_tensor(t, path)
-            if permute and ".self_attn.q_proj." in name:
-                arr = _undo_rope_permute(arr, q_heads)
-            elif permute and ".self_attn.k_proj." in name:
-                arr = _undo_rope_permute(arr, kv_heads)
-            weights[name] = torch.from_numpy(arr)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return config, weights, reader
+        shape = tuple(int(d) for d in reversed(np.asarray(t.shape).tolist()))
+        n_head = heads.get(name.split(".")[-2]) if permute and ".self_attn." in name else None
+        refs[name] = TensorRef(path, shape, loader(t, n_head))
+    return config, refs, reader

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +13,15 @@ from safetensors import SafetensorError, safe_open
 
 from tinychat.errors import ModelLoadError
 
-TensorLoader = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A checkpoint tensor known by its file and shape, read only when `load()` is called."""
+
+    file: Path
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
 
 
 def read_json(path: Path) -> dict:
@@ -25,8 +34,8 @@ def read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_hf_dir(path: Path) -> tuple[dict, dict[str, tuple[Path, TensorLoader]]]:
-    """Return (config.json dict, {tensor name: (file, loader)}); tensors are read only when their loader is called."""
+def read_hf_dir(path: Path) -> tuple[dict, dict[str, TensorRef]]:
+    """Return (config.json dict, {tensor name: TensorRef}); no tensor data is read yet."""
     config = read_json(path / "config.json")
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -42,23 +51,22 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, tuple[Path, TensorLoader]]]
             f"{path}: no model.safetensors or model.safetensors.index.json (found: {', '.join(found) or 'nothing'}); "
             "only safetensors weights are supported"
         )
-    tensors: dict[str, tuple[Path, TensorLoader]] = {}
+    tensors: dict[str, TensorRef] = {}
     for file in files:
-        for name, loader in _safetensors_loaders(file).items():
-            tensors[name] = (file, loader)
+        tensors.update(_safetensors_refs(file))
     return config, tensors
 
 
-def _safetensors_loaders(file: Path) -> dict[str, TensorLoader]:
+def _safetensors_refs(file: Path) -> dict[str, TensorRef]:
     if not file.exists():
         raise ModelLoadError(f"{file}: file not found (listed in the safetensors index)")
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
-        names = list(handle.keys())
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
-    def loader(name: str) -> TensorLoader:
+    def loader(name: str) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:
             try:
                 return handle.get_tensor(name)
@@ -67,7 +75,7 @@ def _safetensors_loaders(file: Path) -> dict[str, TensorLoader]:
 
         return load
 
-    return {name: loader(name) for name in names}
+    return {name: TensorRef(file, shape, loader(name)) for name, shape in shapes.items()}
 
 
 def resolve_hub_id(model_id: str) -> Path:

@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from tinychat.config import ModelConfig
 from tinychat.errors import ModelLoadError
 from tinychat.io.default import default_model_path
 from tinychat.io.gguf import read_gguf
-from tinychat.io.hf import TensorLoader, read_hf_dir, read_json, resolve_hub_id
+from tinychat.io.hf import TensorRef, read_hf_dir, read_json, resolve_hub_id
 from tinychat.model import Transformer
 from tinychat.tokenizer import Tokenizer
 
@@ -53,8 +54,7 @@ def load_model(
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model directory")
-        cfg_dict, weights, reader = read_gguf(path)
-        tensors = {name: (path, (lambda t=t: t)) for name, t in weights.items()}
+        cfg_dict, tensors, reader = read_gguf(path)
         config = ModelConfig.from_hf(cfg_dict, source=str(path))
         tokenizer = Tokenizer.from_gguf(reader, path)
     else:
@@ -93,28 +93,35 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def build_model(
-    cfg: ModelConfig, tensors: Mapping[str, tuple[Path, TensorLoader]], dtype: torch.dtype
-) -> Transformer:
-    """Check names and shapes of Hugging Face-named tensors, fuse q/k/v and gate/up, and build the model on CPU."""
+def build_model(cfg: ModelConfig, tensors: Mapping[str, TensorRef], dtype: torch.dtype) -> Transformer:
+    """Check names and shapes of Hugging Face-named tensors, then load them one at a time (converted to `dtype`),
+    fuse q/k/v and gate/up, and build the model on the CPU."""
     expected = hf_tensor_shapes(cfg)
-    extra = [n for n in tensors if n not in expected and n != "rope_freqs" and not n.endswith(IGNORED_TENSOR_SUFFIXES)]
+    if "rope_freqs" in tensors:
+        expected["rope_freqs"] = (cfg.head_dim // 2,)
+    extra = [n for n in tensors if n not in expected and not n.endswith(IGNORED_TENSOR_SUFFIXES)]
     if extra:
-        file = tensors[extra[0]][0]
-        raise ModelLoadError(f"{file}: unexpected tensor(s) {', '.join(extra[:5])} for a {cfg.architecture} config")
+        raise ModelLoadError(
+            f"{tensors[extra[0]].file}: unexpected tensor(s) {', '.join(extra[:5])} for a {cfg.architecture} config"
+        )
     missing = [n for n in expected if n not in tensors]
     if missing:
-        where = next(iter(tensors.values()))[0].parent if tensors else "checkpoint"
-        raise ModelLoadError(f"{where}: missing tensor(s) {', '.join(missing[:5])}")
+        where = next(iter(tensors.values())).file if tensors else "checkpoint"
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ModelLoadError(f"{where}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise ModelLoadError(
+                f"{tensors[name].file}: tensor {name!r} has shape {tensors[name].shape}, expected {shape}"
+            )
+
+    bar = tqdm(total=len(expected) - ("rope_freqs" in expected), desc="loading weights", unit="tensor", disable=None, leave=False)
 
     def get(name: str) -> torch.Tensor:
-        file, load = tensors[name]
-        t = load()
-        if tuple(t.shape) != expected[name]:
-            raise ModelLoadError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
-        return t.to(dtype)
+        bar.update()
+        return tensors[name].load().to(dtype)
 
-    freq_factors = tensors["rope_freqs"][1]().float() if "rope_freqs" in tensors else None
+    freq_factors = tensors["rope_freqs"].load().float() if "rope_freqs" in tensors else None
     with torch.device("meta"):
         model = Transformer(cfg, freq_factors)
     sd = {"embed.weight": get("model.embed_tokens.weight"), "norm": get("model.norm.weight")}
@@ -131,6 +138,7 @@ def build_model(
             sd[o + f"mlp.w2.{kind}"] = get(p + f"mlp.down_proj.{kind}")
         for kind in ("weight", "bias") if cfg.o_bias else ("weight",):
             sd[o + f"attn.wo.{kind}"] = get(p + f"self_attn.o_proj.{kind}")
+    bar.close()
     result = model.load_state_dict(sd, strict=False, assign=True)
     unexpected_missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     assert not unexpected_missing and not result.unexpected_keys, result
