@@ -80,3 +80,15 @@ def test_half_precision_error_is_like_transformers(tmp_path, dtype):
         hf_err = (hf.to(dtype)(tokens).logits.float() - reference).abs().max()
         our_err = (load_ours(tmp_path, dtype)(tokens).float() - reference).abs().max()
     assert our_err <= 2 * hf_err + 1e-3, (our_err, hf_err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama3-gqa-tied-ropescaling", "qwen2-bias-tied"])
+def test_cuda_logits_match_transformers(tmp_path, family):
+    hf = make_hf_model(tmp_path, family)
+    ours = load_ours(tmp_path).cuda()
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 40))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = ours(tokens.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # TF32 matmuls may be on

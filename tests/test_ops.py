@@ -292,6 +292,15 @@ from tinychat import ops, model  # noqa: F401  (a second module importing ops mu
 assert not ops.EXTENSION_AVAILABLE
 assert ops.rms_norm is ops.rms_norm_ref and ops.add_rms_norm is ops.add_rms_norm_ref
 assert ops.rotary_embedding is ops.rotary_embedding_ref
+from tinychat.config import ModelConfig
+cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8)
+m = model.Transformer(cfg).eval()
+m.setup_kv_cache(16)
+with torch.no_grad():
+    full = m(torch.arange(6)[None])
+    step = torch.cat([m(torch.arange(5)[None]), m(torch.tensor([[5]]), start=5)], dim=1)
+torch.testing.assert_close(full, step, rtol=1e-5, atol=1e-5)  # the whole decoder runs on the references
 print("ok")
 """
 

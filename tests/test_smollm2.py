@@ -69,3 +69,15 @@ def test_sampling_is_seeded_and_respects_limits(smollm2):
     long_prompt = ids * (120 // len(ids))
     out = list(engine.generate(long_prompt, SamplingParams(max_new_tokens=100), stop_ids=()))
     assert len(long_prompt) + len(out) == 128 and engine.last_stats.finish_reason == "length"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_greedy_tokens_match_cpu(smollm2, smollm2_gguf):
+    model, tokenizer = smollm2
+    cuda_model, _ = load_model(smollm2_gguf, device="cuda")
+    for prompt in PROMPTS[:2]:
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        params = SamplingParams(max_new_tokens=16)
+        cpu = list(Engine(model, tokenizer, max_seq_len=128).generate(ids, params, stop_ids=()))
+        gpu = list(Engine(cuda_model, tokenizer, max_seq_len=128).generate(ids, params, stop_ids=()))
+        assert gpu == cpu

@@ -13,15 +13,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-namespace tinychat {
+#include "../common/checks.h"
 
-// Argument checks, defined in csrc/cpu/norm_rope.cpp (same shared object).
-void check_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps, c10::DeviceType type,
-                     const char* op);
-void check_residual_arg(const at::Tensor& x, const at::Tensor& residual, c10::DeviceType type,
-                        const char* op);
-void check_rotary_args(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos_sin,
-                       c10::DeviceType type);
+namespace tinychat {
 
 namespace {
 
