@@ -88,6 +88,22 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.attn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.eps = cfg.rms_norm_eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, cos_sin: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is x + residual (residual None: x alone); returns the next (x, residual) [B, T, C].
+
+        Keeping the two apart lets each residual add fuse with the RMSNorm that follows it.
+        """
+        if residual is None:
+            residual, x = x, ops.rms_norm(x, self.attn_norm, self.eps)
+        else:
+            x, residual = ops.add_rms_norm(x, residual, self.attn_norm, self.eps)
+        x = self.attn(x, positions, cos_sin, start)
+        x, residual = ops.add_rms_norm(x, residual, self.mlp_norm, self.eps)
+        return self.mlp(x), residual
 
 
 class Transformer(nn.Module):
@@ -129,16 +145,9 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         positions = torch.arange(start, start + T, device=tokens.device)  # [T]
         eps = self.config.rms_norm_eps
-        x = self.embed(tokens)  # [B, T, C]
-        residual = None
+        x, residual = self.embed(tokens), None  # [B, T, C]
         for layer in self.layers:
-            if residual is None:
-                residual, x = x, ops.rms_norm(x, layer.attn_norm, eps)
-            else:
-                x, residual = ops.add_rms_norm(x, residual, layer.attn_norm, eps)
-            x = layer.attn(x, positions, self.cos_sin, start)
-            x, residual = ops.add_rms_norm(x, residual, layer.mlp_norm, eps)
-            x = layer.mlp(x)
+            x, residual = layer(x, residual, positions, self.cos_sin, start)
         x = ops.rms_norm(x, self.norm, eps) if residual is None else ops.add_rms_norm(x, residual, self.norm, eps)[0]
         if last_only:
             x = x[:, -1:]
