@@ -80,7 +80,6 @@ def test_smollm2_loads_fast_and_reads_metadata(smol):
     tok, seconds = smol
     assert seconds < 2.0, f"building the SmolLM2 tokenizer took {seconds:.2f} s"
     assert tok.vocab_size == 49152
-    assert tok.backend_kind == "tokenizers"
     assert tok.id_to_token(tok.bos_token_id) == "<|im_start|>"
     assert tok.id_to_token(tok.eos_token_id) == "<|im_end|>"
     assert tok.add_bos is False
@@ -130,8 +129,8 @@ def test_smollm2_saved_as_hf_dir_loads_the_same(smol, smol_hf, tmp_path):
     tok, _ = smol
     smol_hf.save_pretrained(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()
+    (tmp_path / "tokenizer.model").write_bytes(b"not read: tokenizer.json is preferred")
     loaded = Tokenizer.from_dir(tmp_path, eos_token_ids=[0, 2])
-    assert loaded.backend_kind == "tokenizers"
     for text in SAMPLES:
         assert loaded.encode(text) == smol_hf.encode(text) == tok.encode(text)
     assert loaded.apply_chat_template(CONVERSATION) == smol_hf.apply_chat_template(
@@ -325,8 +324,38 @@ def test_chat_template_environment(smol):
         tok.chat_template = "{% for m in messages %}{{ m.content }"
         with pytest.raises(TinychatError, match="chat template"):
             tok.apply_chat_template(CONVERSATION)
+
+        # jinja's own dict and namespace globals, as transformers' templates use them.
+        tok.chat_template = (
+            "{{ dict.fromkeys(['a', 'b'], 0) | tojson }}|{{ dict(x=1) | tojson }}|"
+            "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}"
+        )
+        assert tok.apply_chat_template(CONVERSATION) == '{"a": 0, "b": 0}|{"x": 1}|4'
+
+        # Inputs reach the template as plain data.
+        tok.chat_template = "{{ messages[0].n }} {{ messages[0].pair | tojson }} {{ obj }} {{ flag }}"
+        out = tok.apply_chat_template(
+            [{"role": "user", "content": "x", "n": np.float32(0.5), "pair": (1, 2)}], obj=object(), flag=np.int64(3)
+        )
+        assert out == "0.5 [1, 2] <object> 3"
+
+        # Whatever goes wrong while rendering is a TinychatError.
+        failing = {
+            "{% set ns = namespace(_x=1) %}{{ ns._x + 1 }}": "unsafe",
+            "{% for i in range(10**6) %}{% endfor %}": "OverflowError",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}": "RecursionError",
+            "{{ messages[0].content + 1 }}": "TypeError",
+        }
+        for source, match in failing.items():
+            tok.chat_template = source
+            with pytest.raises(TinychatError, match=match):
+                tok.apply_chat_template(CONVERSATION)
     finally:
         tok.chat_template = original
+
+    for bad in (None, "hello", {"role": "user", "content": "hi"}, ["hi"], [None]):
+        with pytest.raises(TinychatError, match="chat messages must be"):
+            tok.apply_chat_template(bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -402,10 +431,8 @@ def sp_dir(sp_model, tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def sp_gguf(sp, tmp_path_factory) -> Path:
-    import gguf
-
+def _sentencepiece_types(sp) -> list[int]:
+    """GGUF token types of the pieces of ``sp``, as llama.cpp's converter writes them."""
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     types = []
     for i, piece in enumerate(pieces):
@@ -419,12 +446,16 @@ def sp_gguf(sp, tmp_path_factory) -> Path:
             types.append(4)
         else:
             types.append(1)
-    assert types.count(6) == 256
-    path = tmp_path_factory.mktemp("spgguf") / "tiny-llama-vocab.gguf"
+    return types
+
+
+def _write_sentencepiece_gguf(path: Path, sp, pieces: list[str], scores: list[float], types: list[int]) -> None:
+    import gguf
+
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model("llama")
     writer.add_token_list(pieces)
-    writer.add_token_scores([sp.get_score(i) for i in range(len(pieces))])
+    writer.add_token_scores(scores)
     writer.add_token_types(types)
     writer.add_bos_token_id(sp.bos_id())
     writer.add_eos_token_id(sp.eos_id())
@@ -437,13 +468,21 @@ def sp_gguf(sp, tmp_path_factory) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+@pytest.fixture(scope="module")
+def sp_gguf(sp, tmp_path_factory) -> Path:
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = _sentencepiece_types(sp)
+    assert types.count(6) == 256
+    path = tmp_path_factory.mktemp("spgguf") / "tiny-llama-vocab.gguf"
+    _write_sentencepiece_gguf(path, sp, pieces, [sp.get_score(i) for i in range(len(pieces))], types)
     return path
 
 
 @pytest.mark.parametrize("text", SP_TEXTS)
 def test_sentencepiece_dir_matches_sentencepiece(sp_dir, sp, text):
     tok = Tokenizer.from_dir(sp_dir)
-    assert tok.backend_kind == "sentencepiece"
     assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
     assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
     ids = sp.encode(text)
@@ -491,7 +530,6 @@ def test_sentencepiece_dir_matches_transformers(sp_dir, sp):
 @pytest.mark.parametrize("text", SP_TEXTS)
 def test_sentencepiece_gguf_matches_sentencepiece(sp_gguf, sp, text):
     tok = Tokenizer.from_gguf(_open_reader(sp_gguf), sp_gguf)
-    assert tok.backend_kind == "tokenizers"
     assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
     assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)
     ids = sp.encode(text)
@@ -543,8 +581,92 @@ def test_sentencepiece_stream_decoder(sp_gguf, sp_dir, source):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Added and duplicate tokens
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sentencepiece_added_token_over_a_piece(sp_model, sp, tmp_path):
+    """An added_tokens_decoder entry whose id is a piece of another text wins over that piece, both ways."""
+    assert sp.id_to_piece(295) != "<tool>"
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": {"295": {"content": "<tool>", "special": False}, "400": "<call>"},
+    }))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert (tok.id_to_token(295), tok.token_to_id("<tool>")) == ("<tool>", 295)
+    assert (tok.id_to_token(400), tok.token_to_id("<call>"), tok.vocab_size) == ("<call>", 400, 401)
+    ids = tok.encode("a<tool>b<call>", add_special_tokens=False)
+    assert ids == sp.encode("a") + [295] + sp.encode("b") + [400]
+    assert tok.decode(ids) == tok.decode(ids, skip_special_tokens=True) == "a<tool> b<call>"
+    assert tok.decode([295]) == "<tool>"
+
+
+def test_tokenizer_json_added_token_as_plain_string(smol_hf, tmp_path):
+    """added_tokens_decoder entries may be just the content."""
+    smol_hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {**config.get("added_tokens_decoder", {}), "49152": "<tool>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.token_to_id("<tool>") == 49152 and tok.vocab_size == 49153
+    ids = tok.encode("a<tool>b", add_special_tokens=False)
+    assert 49152 in ids and tok.decode(ids) == tok.decode(ids, skip_special_tokens=True) == "a<tool>b"
+
+
+def test_gguf_duplicate_tokens_map_to_the_last_id(byte_level_vocab, sp, tmp_path):
+    """A token string listed twice is the later id, as in llama.cpp, for both kinds of vocabulary."""
+    from transformers import AutoTokenizer
+
+    tokens, merges = byte_level_vocab
+    _write_byte_level_gguf(tmp_path / "plain.gguf", tokens, merges, "gpt2")
+    text = PRE_TEXTS[0]
+    index = Tokenizer.from_gguf(_open_reader(tmp_path / "plain.gguf"), tmp_path / "plain.gguf").encode(text)[0]
+    (tmp_path / "dup").mkdir()
+    path = tmp_path / "dup" / "vocab.gguf"
+    _write_byte_level_gguf(path, tokens + [tokens[index]], merges, "gpt2")
+    ours = Tokenizer.from_gguf(_open_reader(path), path)
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert ours.token_to_id(tokens[index]) == len(tokens)
+    assert ours.encode(text)[0] == len(tokens)
+    for text in PRE_TEXTS:
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    scores = [sp.get_score(i) for i in range(len(pieces))]
+    index = sp.encode("the")[0]
+    path = tmp_path / "dup-llama.gguf"
+    _write_sentencepiece_gguf(path, sp, pieces + [pieces[index]], scores + [scores[index]],
+                              _sentencepiece_types(sp) + [1])
+    tok = Tokenizer.from_gguf(_open_reader(path), path)
+    assert tok.token_to_id(pieces[index]) == len(pieces)
+    for text in SP_TEXTS:
+        expected = [len(pieces) if i == index else i for i in sp.encode(text)]
+        assert tok.encode(text, add_special_tokens=False) == expected, text
+        assert tok.decode(expected) == text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["smollm2", "sp-dir", "sp-gguf"])
+def test_decode_unknown_id_names_it(smol, sp_dir, sp_gguf, source):
+    if source == "smollm2":
+        tok = smol[0]
+    elif source == "sp-dir":
+        tok = Tokenizer.from_dir(sp_dir)
+    else:
+        tok = Tokenizer.from_gguf(_open_reader(sp_gguf), sp_gguf)
+    good = tok.encode("the fox", add_special_tokens=False)
+    for bad in (tok.vocab_size, -1, 10**12):
+        with pytest.raises(TinychatError, match=rf"token id {bad}\b"):
+            tok.decode(good + [bad])
+        decoder = StreamDecoder(tok)
+        with pytest.raises(TinychatError, match=rf"token id {bad}\b"):
+            decoder.push(bad)
+    assert tok.id_to_token(-1) is None and tok.id_to_token(tok.vocab_size) is None
 
 
 def test_empty_dir_names_the_dir(tmp_path):
@@ -579,6 +701,21 @@ def test_garbage_tokenizer_model_names_the_file(tmp_path):
     with pytest.raises(ModelLoadError) as exc:
         Tokenizer.from_dir(tmp_path)
     assert str(tmp_path / "tokenizer.model") in str(exc.value)
+
+
+def test_truncated_tokenizer_model_names_the_file(tmp_path, sp_model):
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError) as exc:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / "tokenizer.model") in str(exc.value)
+
+
+def test_tokenizer_config_not_an_object_names_the_file(tmp_path, sp_model):
+    (tmp_path / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="expected a JSON object") as exc:
+        Tokenizer.from_dir(tmp_path)
+    assert str(tmp_path / "tokenizer_config.json") in str(exc.value)
 
 
 def test_gguf_with_unsupported_tokenizer_model(tmp_path):

@@ -27,6 +27,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_TENSOR_TYPES",
     "dequantize_tensor",
+    "field",
     "gguf_config",
     "hf_tensor_name",
     "open_gguf",
@@ -146,14 +147,18 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
     return reader
 
 
-def _field(reader: GGUFReader, key: str, path: Path, default: Any = _MISSING) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def field(reader: GGUFReader, key: str, path: str | os.PathLike, default: Any = _MISSING) -> Any:
+    """The value of metadata ``key``; ``default`` when it is absent (ModelLoadError when no default is given).
+
+    A value that cannot be decoded is a ModelLoadError naming ``path`` and the key.
+    """
+    entry = reader.fields.get(key)
+    if entry is None:
         if default is _MISSING:
             raise ModelLoadError(f"{path}: the GGUF metadata lacks the required key {key!r}")
         return default
     try:
-        return field.contents()
+        return entry.contents()
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot decode GGUF metadata key {key!r}: {exc}") from exc
 
@@ -167,7 +172,7 @@ def _positive_int(value: Any, key: str, path: Path) -> int:
 def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
     """Build a Hugging Face ``config.json`` style dict from a GGUF reader's metadata."""
     path = Path(path)
-    arch = _field(reader, "general.architecture", path)
+    arch = field(reader, "general.architecture", path)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             f"{path}: unsupported model architecture {arch!r} "
@@ -176,7 +181,7 @@ def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
     hf_class, model_type = SUPPORTED_ARCHITECTURES[arch]
 
     def key(name: str, default: Any = _MISSING) -> Any:
-        return _field(reader, f"{arch}.{name}", path, default)
+        return field(reader, f"{arch}.{name}", path, default)
 
     def int_key(name: str, default: Any = _MISSING) -> Any:
         value = key(name, default)
@@ -259,8 +264,8 @@ def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
         "max_position_embeddings": context,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": any(n.endswith(".attn_q.bias") for n in tensor_names),
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", path, None),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", path, None),
+        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id", path, None),
+        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id", path, None),
         "torch_dtype": "float32",
     }
 

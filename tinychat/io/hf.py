@@ -25,13 +25,19 @@ class TensorRef:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; ModelLoadError naming the file when it is missing, unreadable or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read the file ({e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def read_hf_dir(path: Path) -> tuple[dict, dict[str, TensorRef]]:
