@@ -68,6 +68,8 @@ class Sampler:
     """Turns last-position logits [V] into a token id (0-d tensor on the logits' device) without host syncs."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device, context: Sequence[int]):
+        """vocab_size: sample among ids [0, vocab_size) only (a model's embedding may be padded past its tokenizer)."""
+        self.vocab_size = vocab_size
         self.params = params
         self.generator = torch.Generator(device=device)
         if params.seed is None:
@@ -77,12 +79,13 @@ class Sampler:
         self.seen = None
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # [V]
-            self.seen[torch.tensor(list(context), dtype=torch.long, device=device)] = True
+            context_ids = torch.tensor([i for i in context if i < vocab_size], dtype=torch.long, device=device)
+            self.seen[context_ids] = True
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
-        logits = logits.float()  # [V]
+        logits = logits[: self.vocab_size].float()  # [V]
         if self.seen is not None:
             penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(self.seen, penalized, logits)
@@ -154,7 +157,7 @@ class Engine:
         stop = frozenset(self.tokenizer.stop_token_ids if stop_ids is None else stop_ids)
         budget = min(params.max_new_tokens, self.max_seq_len - len(prompt))
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt), finish_reason="cancelled")
-        vocab = self.model.config.vocab_size
+        vocab = min(self.model.config.vocab_size, self.tokenizer.vocab_size)
         # no inference_mode around this generator body: it would stay on in the caller's code between yields
         t0 = time.perf_counter()
         logits = self._prefill(prompt)
