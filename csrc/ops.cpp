@@ -15,6 +15,11 @@ TORCH_LIBRARY(tinychat, m) {
   // x [B, T, nH, D] (last dim contiguous, any strides on dims 0-2), positions int64 [B, T] or [T],
   // cos_sin fp32 [max_pos, D] = [cos | sin]. Returns a new contiguous [B, T, nH, D] tensor.
   m.def("rotary_embedding(Tensor x, Tensor positions, Tensor cos_sin) -> Tensor");
+  // y = x @ W.T with 4-bit weights, fp32 accumulation, cast once to x.dtype.
+  // x [..., K] (fp32/bf16/fp16, any strides); qweight uint8 [N, K/2] (low nibble = input channel 2j, high
+  // nibble = 2j + 1); scales, zeros fp32 [N, K/G]; W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G];
+  // K % group_size == 0. Layout: tinychat/quant/pack.py. Returns a new contiguous [..., N] tensor.
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
 }
 
 // A Python module with no functions: importing it loads the library above. Its one attribute,

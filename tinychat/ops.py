@@ -1,6 +1,6 @@
 """tinychat's fused ops: the compiled kernels (torch.ops.tinychat.*) and their PyTorch references.
 
-The model calls only the public wrappers (rms_norm, add_rms_norm, rotary_embedding). They run
+The model calls only the public wrappers (rms_norm, add_rms_norm, rotary_embedding, int4_linear). They run
 the compiled kernels when the tinychat._C extension is built, else the *_ref functions below,
 which define the semantics: fp32 math, each result cast once to the input dtype.
 """
@@ -49,6 +49,19 @@ def rope_cos_sin(inv_freq: Tensor, max_pos: int) -> Tensor:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
+def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """x @ W.T with W the 4-bit weights in the reference layout (tinychat/quant/pack.py), dequantized to fp32.
+
+    x [..., K] (fp32/bf16/fp16); qweight uint8 [N, K/2] (low nibble = input channel 2j, high nibble = 2j + 1);
+    scales, zeros fp32 [N, K/G]; W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G].
+    fp32 math, the result cast once -> [..., N] in x.dtype.
+    """
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    q = torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(N, K // group_size, group_size)  # [N, K/G, G]
+    w = ((q.float() - zeros[..., None]) * scales[..., None]).reshape(N, K)  # [N, K] fp32
+    return (x.float() @ w.t()).to(x.dtype)
+
+
 # ---- the compiled extension ----
 
 
@@ -64,10 +77,14 @@ def _rotary_embedding_fake(x: Tensor, positions: Tensor, cos_sin: Tensor) -> Ten
     return x.new_empty(x.shape)
 
 
+def _int4_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
 def _register_fakes() -> None:
     """Shape/dtype-only implementations, so torch.compile can trace the compiled ops."""
     fakes = {"rms_norm": _rms_norm_fake, "add_rms_norm": _add_rms_norm_fake,
-             "rotary_embedding": _rotary_embedding_fake}
+             "rotary_embedding": _rotary_embedding_fake, "int4_linear": _int4_linear_fake}
     for name, fake in fakes.items():
         try:
             torch.library.register_fake(f"tinychat::{name}", fake)
@@ -111,3 +128,6 @@ add_rms_norm = _pick("add_rms_norm", add_rms_norm_ref)
 # Positions must lie in [0, max_pos): the CPU kernel raises otherwise; the CUDA kernel does not check (no device
 # sync) and writes NaN for those rows.
 rotary_embedding = _pick("rotary_embedding", rotary_embedding_ref)
+# x [..., K], qweight uint8 [N, K/2], scales/zeros fp32 [N, K/G], group_size -> [..., N] in x.dtype; see
+# int4_linear_ref. The CPU kernel is a simple tiled one; there is no CUDA kernel yet (the dispatcher refuses CUDA).
+int4_linear = _pick("int4_linear", int4_linear_ref)

@@ -472,6 +472,51 @@ class Tokenizer:
         """Render then encode; no BOS is added on top of what the template writes."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
+    # -- saving ------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir) -> None:
+        """Write this tokenizer into the directory ``out_dir`` (created if needed) the way a Hugging Face model
+        directory holds it, so that :meth:`from_dir` and transformers' ``AutoTokenizer`` both load it.
+
+        * ``tokenizer.json``: the Rust tokenizer (a ``tokenizer.json`` or GGUF vocabulary), added tokens included;
+          or ``tokenizer.model``: the sentencepiece model, its extra added tokens in ``added_tokens_decoder``;
+        * ``tokenizer_config.json``: the named special tokens, ``add_bos_token`` / ``add_eos_token`` (what
+          ``encode(add_special_tokens=True)`` adds) and the chat template.
+
+        End-of-turn ids from generation_config.json are not the tokenizer's to write (save them there).
+        """
+        directory = Path(out_dir)
+        backend = self._backend
+        plain, with_special = self.encode("a", False), self.encode("a", True)
+        add_eos = (self.eos_token_id is not None and len(with_special) > len(plain)
+                   and with_special[-1] == self.eos_token_id)
+        config: dict[str, Any] = {}
+        if isinstance(backend, _HFBackend):
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"  # tokenizer.json as it is
+        else:
+            config["tokenizer_class"] = "LlamaTokenizer"  # the sentencepiece models tinychat reads are Llama-style
+            config["added_tokens_decoder"] = {
+                str(token_id): {"content": content, "special": token_id in backend.special_ids, "normalized": False,
+                                "lstrip": False, "rstrip": False, "single_word": False}
+                for token_id, content in sorted(backend.extra_by_id.items())
+            }
+        config.update({name: getattr(self, name) for name in NAMED_TOKENS if getattr(self, name) is not None})
+        config["add_bos_token"] = self.add_bos
+        config["add_eos_token"] = add_eos
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if isinstance(backend, _HFBackend):
+                backend.tok.save(str(directory / "tokenizer.json"))
+            else:
+                (directory / "tokenizer.model").write_bytes(backend.sp.serialized_model_proto())
+            (directory / "tokenizer_config.json").write_text(
+                json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+        except OSError as exc:
+            raise TinychatError(f"{directory}: cannot write the tokenizer: {exc}") from exc
+
     # -- loading -----------------------------------------------------------------------------------------------------
 
     @classmethod

@@ -1,0 +1,179 @@
+"""The int4_linear op (compiled CPU kernel) against its PyTorch reference, and the WQLinear module.
+
+These tests FAIL (never skip) when tinychat._C is not built. There is no CUDA kernel yet.
+"""
+
+import pytest
+import torch
+
+from tinychat import ops
+from tinychat.errors import TinychatError
+from tinychat.quant.linear import WQLinear, layer_linear_names, quantize_model_layers
+from tinychat.quant.pack import to_reference
+from tinychat.quant.quantize import QuantConfig, dequantize, quantize
+
+
+def tc():
+    """torch.ops.tinychat, asserting the extension is built."""
+    assert ops.EXTENSION_AVAILABLE, "tinychat._C is not built: pip install --no-build-isolation -e ."
+    return torch.ops.tinychat
+
+
+def make_weights(N, K, G, seed=0):
+    """A random [N, K] weight, RTN-quantized: (reference-layout tensors, plain quantization)."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    q, scales, zeros = quantize(w, QuantConfig(4, G))
+    return to_reference(q, scales, zeros), (q, scales, zeros)
+
+
+def shapes():
+    for M in (1, 3, 17, 64):
+        for N in (8, 24, 200):
+            for K in (64, 192, 576):
+                for G in (32, 64, 128):
+                    if K % G == 0:
+                        yield M, N, K, G
+
+
+def test_op_is_registered_without_cuda_kernel():
+    tc()
+    assert ops.int4_linear is torch.ops.tinychat.int4_linear.default
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::int4_linear", "CPU")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::int4_linear", "CUDA")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,G", list(shapes()))
+def test_matches_reference(M, N, K, G, dtype):
+    (qweight, scales, zeros), (q, s, z) = make_weights(N, K, G)
+    x = torch.randn(M, K).to(dtype)
+    out = tc().int4_linear(x, qweight, scales, zeros, G)
+    assert out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
+    ref = ops.int4_linear_ref(x, qweight, scales, zeros, G)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        # the reference means what quantize.dequantize means
+        torch.testing.assert_close(ref, x @ dequantize(q, s, z, G).t(), atol=1e-4, rtol=1e-4)
+    else:
+        torch.testing.assert_close(out, ref)  # both fp32 math cast once: ~1 ulp of bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_batched_and_strided_x(dtype):
+    (qweight, scales, zeros), _ = make_weights(24, 192, 64)
+    x = torch.randn(2, 5, 192).to(dtype)  # [B, T, K]
+    out = tc().int4_linear(x, qweight, scales, zeros, 64)
+    assert out.shape == (2, 5, 24)
+    torch.testing.assert_close(out, ops.int4_linear_ref(x, qweight, scales, zeros, 64))
+    xt = torch.randn(5, 2, 192).to(dtype).transpose(0, 1)  # rows not evenly strided
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(tc().int4_linear(xt, qweight, scales, zeros, 64),
+                               ops.int4_linear_ref(xt, qweight, scales, zeros, 64))
+    wide = torch.randn(3, 400).to(dtype)[:, 8:200]  # a column slice: last dim contiguous, rows strided
+    torch.testing.assert_close(tc().int4_linear(wide, qweight, scales, zeros, 64),
+                               ops.int4_linear_ref(wide, qweight, scales, zeros, 64))
+
+
+def test_empty_batch():
+    (qweight, scales, zeros), _ = make_weights(8, 64, 32)
+    out = tc().int4_linear(torch.randn(0, 64), qweight, scales, zeros, 32)
+    assert out.shape == (0, 8)
+
+
+def _bad_inputs():
+    (qweight, scales, zeros), _ = make_weights(16, 128, 32)
+    x = torch.randn(3, 128)
+    yield "x dtype", (x.long(), qweight, scales, zeros, 32), r"x must be float32, bfloat16 or float16"
+    yield "0-dim x", (torch.tensor(1.0), qweight, scales, zeros, 32), r"x must have shape \[\.\.\., K\]"
+    yield "odd K", (torch.randn(3, 127), qweight, scales, zeros, 32), r"K \(in_features\) must be even"
+    yield "group size 0", (x, qweight, scales, zeros, 0), r"group_size must be > 0"
+    yield "group size does not divide", (x, qweight, scales, zeros, 48), r"group_size 48 must divide x's last"
+    yield "qweight dtype", (x, qweight.int(), scales, zeros, 32), r"qweight must be uint8"
+    yield "qweight shape", (x, qweight[:, :32].contiguous(), scales, zeros, 32), \
+        r"qweight must have shape \[N, K/2\] = \[N, 64\]"
+    yield "qweight strides", (x, qweight.t().contiguous().t(), scales, zeros, 32), r"qweight must be contiguous"
+    yield "scales dtype", (x, qweight, scales.half(), zeros, 32), r"scales must be float32"
+    yield "scales shape", (x, qweight, scales[:, :2].contiguous(), zeros, 32), \
+        r"scales must have shape \[N, K/group_size\] = \[16, 4\]"
+    yield "zeros shape", (x, qweight, scales, zeros[:8], 32), r"zeros must have shape \[N, K/group_size\]"
+    yield "zeros strides", (x, qweight, scales, zeros.t().contiguous().t(), 32), r"zeros must be contiguous"
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()), ids=lambda c: c[0])
+def test_bad_inputs(case):
+    _, args, message = case
+    with pytest.raises(RuntimeError, match=r"int4_linear: .*" + message):
+        tc().int4_linear(*args)
+
+
+def test_opcheck():
+    (qweight, scales, zeros), _ = make_weights(24, 192, 64)
+    for x in (torch.randn(3, 192), torch.randn(2, 1, 192).bfloat16()):
+        torch.library.opcheck(torch.ops.tinychat.int4_linear.default, (x, qweight, scales, zeros, 64))
+
+
+def test_torch_compile_fullgraph():
+    (qweight, scales, zeros), _ = make_weights(24, 192, 64)
+
+    def f(x):
+        return torch.nn.functional.silu(ops.int4_linear(x, qweight, scales, zeros, 64)) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for M in (1, 7):
+        x = torch.randn(M, 192)
+        torch.testing.assert_close(compiled(x), f(x))
+
+
+# ---- WQLinear ----
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_wqlinear_forward(bias):
+    _, (q, s, z) = make_weights(24, 128, 32)
+    b = torch.randn(24) if bias else None
+    layer = WQLinear.from_quantized(q, s, z, QuantConfig(4, 32), b)
+    x = torch.randn(2, 3, 128)
+    expected = x @ dequantize(q, s, z, 32).t() + (b if bias else 0)
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+    assert (layer.in_features, layer.out_features, layer.group_size) == (128, 24, 32)
+    assert set(layer.state_dict()) == {"qweight", "scales", "zeros"} | ({"bias"} if bias else set())
+
+
+def test_wqlinear_cast_keeps_fp32_scales():
+    _, (q, s, z) = make_weights(8, 64, 32)
+    layer = WQLinear.from_quantized(q, s, z, QuantConfig(4, 32), torch.randn(8)).to(torch.bfloat16)
+    assert layer.scales.dtype == layer.zeros.dtype == torch.float32 and torch.equal(layer.scales, s)
+    assert layer.bias.dtype == torch.bfloat16 and layer.qweight.dtype == torch.uint8
+    x = torch.randn(3, 64).bfloat16()
+    assert layer(x).dtype == torch.bfloat16
+
+
+def test_wqlinear_refuses_other_bit_widths():
+    _, (q, s, z) = make_weights(8, 64, 32)
+    with pytest.raises(TinychatError, match=r"4-bit weights only, not w_bit=3.*evaluation-only"):
+        WQLinear.from_quantized(q, s, z, QuantConfig(3, 32))
+
+
+def test_quantize_model_layers_matches_pseudo_quantized_model():
+    from tinychat.config import ModelConfig
+    from tinychat.model import Transformer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, qkv_bias=True, max_position_embeddings=64)
+    model = Transformer(cfg)
+    torch.nn.init.normal_(model.embed.weight)
+    for layer in model.layers:
+        torch.nn.init.normal_(layer.attn.wqkv.bias)
+    model.eval()
+    qcfg = QuantConfig(4, 32)
+    qdict = {name: quantize(model.get_submodule(name).weight.detach(), qcfg) for name in layer_linear_names(2)}
+    tokens = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        for name, (q, s, z) in qdict.items():
+            model.get_submodule(name).weight.copy_(dequantize(q, s, z, 32))
+        expected = model(tokens)
+        quantize_model_layers(model, qdict, qcfg)
+        assert isinstance(model.layers[1].mlp.w13, WQLinear) and model.layers[0].attn.wqkv.bias is not None
+        torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TinychatError, match=r"'layers\.0\.attn\.wo' is a WQLinear, not an nn\.Linear"):
+        quantize_model_layers(model, {"layers.0.attn.wo": qdict["layers.0.attn.wo"]}, qcfg)

@@ -1,0 +1,108 @@
+"""WQLinear: a linear layer with 4-bit weights, run by the `tinychat::int4_linear` op.
+
+It holds the reference backend layout of tinychat/quant/pack.py (qweight uint8 [N, K/2], fp32 scales and zeros
+[N, K/G]) and an optional bias. `quantize_model_layers` swaps the decoder's float linears for WQLinear layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from tinychat import ops
+from tinychat.errors import TinychatError
+from tinychat.quant.pack import to_reference
+from tinychat.quant.quantize import QuantConfig
+
+# The decoder's linears, per layer, as named in a Transformer (fused q/k/v and gate/up)
+LAYER_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
+
+
+def layer_linear_names(num_layers: int) -> list[str]:
+    """Every quantizable linear of a Transformer: "layers.{i}.attn.wqkv", ..."""
+    return [f"layers.{i}.{name}" for i in range(num_layers) for name in LAYER_LINEARS]
+
+
+class WQLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W [out_features, in_features] stored as 4-bit integers, group-wise scales and zeros.
+
+    Buffers: qweight uint8 [N, K/2], scales fp32 [N, K/G], zeros fp32 [N, K/G], bias [N] (or None).
+    Moving the module (`.to(device)`) moves every buffer; casting it (`.to(dtype)`, `.half()`) casts only the bias:
+    scales and zeros stay fp32, the precision the op computes in.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if in_features % group_size or in_features % 2:
+            raise TinychatError(
+                f"WQLinear: group size {group_size} must divide in_features {in_features} (and it must be even)"
+            )
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, qcfg: QuantConfig,
+                       bias: torch.Tensor | None = None) -> WQLinear:
+        """From the plain quantization (q uint8 [N, K], scales/zeros fp32 [N, K/G]) of tinychat.quant.quantize."""
+        if qcfg.w_bit != 4:
+            raise TinychatError(
+                f"WQLinear runs 4-bit weights only, not w_bit={qcfg.w_bit} (other widths are evaluation-only fake "
+                "quantization: use pseudo_quantize)"
+            )
+        N, K = q.shape
+        if tuple(scales.shape) != (N, K // qcfg.group_size):
+            raise TinychatError(f"WQLinear: scales have shape {tuple(scales.shape)}, expected "
+                                f"{(N, K // qcfg.group_size)} for q {tuple(q.shape)} and group size {qcfg.group_size}")
+        qweight, scales32, zeros32 = to_reference(q, scales, zeros)
+        layer = cls(K, N, qcfg.group_size, bias=bias is not None, device="meta")
+        layer.qweight, layer.scales, layer.zeros = qweight, scales32, zeros32
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ops.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size)  # [..., N]
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn, recurse=True):
+        # Device moves apply to everything; dtype casts must not touch the fp32 scales and zeros.
+        scales, zeros = self.scales, self.zeros
+        super()._apply(fn, recurse)
+        device = self.scales.device
+        self.scales, self.zeros = scales.to(device), zeros.to(device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+def quantize_model_layers(
+    model: nn.Module, qdict: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], qcfg: QuantConfig
+) -> nn.Module:
+    """Replace each nn.Linear named in qdict ("layers.{i}.attn.wqkv", ...: (q, scales, zeros) of its fused weight)
+    by a WQLinear on the same device, keeping its bias. Returns the model (changed in place)."""
+    for name, (q, scales, zeros) in qdict.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise TinychatError(f"quantize_model_layers: the model has no module {name!r}") from None
+        if not isinstance(linear, nn.Linear):
+            raise TinychatError(f"quantize_model_layers: {name!r} is a {type(linear).__name__}, not an nn.Linear")
+        if tuple(q.shape) != tuple(linear.weight.shape):
+            raise TinychatError(f"quantize_model_layers: {name!r}: q has shape {tuple(q.shape)}, but the weight is "
+                                f"{tuple(linear.weight.shape)}")
+        layer = WQLinear.from_quantized(q, scales, zeros, qcfg, linear.bias).to(linear.weight.device)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+    return model
