@@ -100,6 +100,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_ppl(args) -> int:
+    import time
+
+    from tinychat.ppl import load_wikitext, perplexity
+
+    text = load_wikitext(args.data)  # before the model: a bad path fails at once
+    _, model, tokenizer = _load(args)
+    t0 = time.perf_counter()
+    r = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
+    print(f"perplexity: {r.ppl:.4f}")
+    print(f"tokens evaluated: {r.tokens_evaluated}")
+    print(f"windows: {r.windows} x {args.seqlen}")
+    print(f"[mean NLL {r.nll_mean:.5f} nats/token, {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinychat", description="AWQ 4-bit LLM runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("ppl", help="perplexity on WikiText-2 (non-overlapping windows, as GPTQ/AWQ report it)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True,
+                   help="WikiText test split: wiki.test.raw (.txt/.raw) or the Hugging Face rows as a .json list")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
+    p.set_defaults(func=cmd_ppl)
     return parser
 
 

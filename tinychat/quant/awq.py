@@ -1,0 +1,407 @@
+"""Activation-aware weight quantization (AWQ, Lin et al., MLSys 2024), and plain round-to-nearest (RTN).
+
+AWQ protects the weights that meet large activations. For a linear y = W x, scaling input channel j of W by s_j
+and dividing the op that produces x_j by s_j leaves y unchanged, but the quantizer now sees W * s: channels with
+large |x| get a finer grid. The search, layer by layer as in llm-awq and AutoAWQ:
+
+1. run the calibration blocks through the layers; for one decoder layer at a time, capture the inputs of its
+   linears from its full-precision forward;
+2. for each scale group (a linear and the op before it), grid-search alpha in [0, 1): s = mean|x|^alpha, normalized;
+   the candidate weights are pseudo_quantize(W * s) / s and the loss is the error of the inspected module's output;
+   keep the best s and fold it into the weights (`fold_scales`);
+3. clip: per output channel and weight group, shrink the [min, max] range the quantizer sees and keep the ratio
+   with the smallest output error (not for the q and k rows, as AutoAWQ);
+4. quantize the final weights; the next layer's inputs are this layer's full-precision outputs (or, with
+   `quantized_inputs`, its outputs with pseudo-quantized weights).
+
+The groups of a Llama decoder layer (AutoAWQ's table):
+
+=========  ======================  =================================
+linear     op before it (/ s)      module whose output is the loss
+=========  ======================  =================================
+attn.wqkv  attn_norm               attn (the attention block)
+attn.wo    v rows of attn.wqkv     attn.wo (only when not GQA)
+mlp.w13    mlp_norm                mlp (the MLP block)
+mlp.w2     up rows of mlp.w13      mlp.w2
+=========  ======================  =================================
+
+All search math runs in fp32 on a working copy of the layer; the model may be fp32 or bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tinychat.errors import TinychatError
+from tinychat.model import DecoderLayer, Transformer
+from tinychat.quant.quantize import QuantConfig, check_group_size, dequantize, pseudo_quantize, quantize
+
+__all__ = ["LINEARS", "ScaleGroup", "apply_pseudo_quantized", "awq_scales", "clip_weight", "fold_scales",
+           "quantize_model", "scale_groups", "search_clip", "search_scale"]
+
+LINEARS = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
+CHUNK_TOKENS = 8192  # calibration tokens per forward chunk (bounds activation memory)
+CLIP_TOKENS = 512  # tokens the clip search samples (AutoAWQ's n_sample_token)
+CLIP_ROW_BATCH = 64  # output channels per clip-search batch (AutoAWQ's oc_batch_size)
+
+QuantResult = dict[str, tuple[Tensor, Tensor, Tensor]]  # module name -> (q uint8, scales fp32, zeros fp32)
+
+
+# ---- scale groups and folding ----
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """The input channels of `linear` are multiplied by s, the outputs of `prev` (rows `prev_rows` of a linear, or
+    a norm weight) divided by s; a candidate s is judged by the output of `inspect`."""
+
+    linear: str
+    prev: str
+    prev_rows: str | None  # "v" (of attn.wqkv) or "up" (of mlp.w13); None: prev is a norm weight
+    inspect: str
+
+
+def scale_groups(cfg) -> list[ScaleGroup]:
+    groups = [ScaleGroup("attn.wqkv", "attn_norm", None, "attn")]
+    if cfg.num_kv_heads == cfg.num_heads:  # under GQA a v channel feeds several wo inputs: no 1:1 fold
+        groups.append(ScaleGroup("attn.wo", "attn.wqkv", "v", "attn.wo"))
+    groups.append(ScaleGroup("mlp.w13", "mlp_norm", None, "mlp"))
+    groups.append(ScaleGroup("mlp.w2", "mlp.w13", "up", "mlp.w2"))
+    return groups
+
+
+def _rows(cfg, which: str) -> slice:
+    """Output rows of the fused linears: wqkv = [q (H*D); k (Hkv*D); v (Hkv*D)], w13 = [gate (I); up (I)]."""
+    H, Hkv, D, I = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    return {"qk": slice(0, (H + Hkv) * D), "v": slice((H + Hkv) * D, (H + 2 * Hkv) * D),
+            "gate": slice(0, I), "up": slice(I, 2 * I)}[which]
+
+
+@torch.no_grad()
+def fold_scales(layer: DecoderLayer, group: ScaleGroup, s: Tensor, cfg) -> None:
+    """Multiply the input channels of group.linear by s [K] and divide what produces them by s, in place.
+
+    The layer computes the same function afterwards (up to rounding): norm(x) * g / s feeds W * s.
+    """
+    linear: nn.Linear = layer.get_submodule(group.linear)
+    s = s.float().to(linear.weight.device)
+    _set(linear.weight, linear.weight.float() * s[None, :])  # [N, K] * [1, K]
+    prev = layer.get_submodule(group.prev) if group.prev_rows else getattr(layer, group.prev)
+    if group.prev_rows is None:  # a norm weight [K]
+        _set(prev, prev.float() / s)
+    else:  # rows of a linear: weight [K, C] and bias [K]
+        rows = _rows(cfg, group.prev_rows)
+        prev.weight[rows] = (prev.weight[rows].float() / s[:, None]).to(prev.weight.dtype)
+        if prev.bias is not None:
+            prev.bias[rows] = (prev.bias[rows].float() / s).to(prev.bias.dtype)
+
+
+def _set(param: Tensor, value: Tensor) -> None:
+    param.copy_(value.to(param.dtype))
+
+
+# ---- activations: chunked forwards over the calibration blocks ----
+
+
+@dataclass
+class _Rope:
+    positions: Tensor  # [T] int64
+    cos_sin: Tensor  # [max_pos, D] fp32
+
+
+def _chunks(x: Tensor) -> list[Tensor]:
+    """Split [n, T, ...] along the blocks into pieces of about CHUNK_TOKENS tokens."""
+    per = max(1, CHUNK_TOKENS // x.shape[1])
+    return list(x.split(per))
+
+
+def _module_forward(layer: DecoderLayer, name: str, x: Tensor, rope: _Rope) -> Tensor:
+    """Output of one inspected module of the (fp32) working layer for inputs x [b, T, K], in fp32."""
+    x = x.float()
+    if name == "attn":
+        return layer.attn(x, rope.positions, rope.cos_sin, 0)
+    return layer.get_submodule(name)(x)
+
+
+def _layer_outputs(layer: DecoderLayer, h: Tensor, rope: _Rope, capture: dict[str, list] | None = None) -> Tensor:
+    """Residual stream after `layer` for the stream h [n, T, C] (stored in h's dtype); optionally capture the
+    input of every linear into `capture` (name -> list of [b, T, K] chunks)."""
+    hooks = []
+    if capture is not None:
+        for name in LINEARS:
+            def hook(mod, args, out, name=name):
+                capture.setdefault(name, []).append(args[0].detach().to(h.dtype))
+            hooks.append(layer.get_submodule(name).register_forward_hook(hook))
+    try:
+        out = []
+        for chunk in _chunks(h):
+            x, residual = layer(chunk.float(), None, rope.positions, rope.cos_sin, 0)
+            out.append((x + residual).to(h.dtype))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return torch.cat(out)
+
+
+def _channel_abs_mean(x: Tensor) -> Tensor:
+    """mean |x| per input channel over all tokens: x [n, T, K] -> [K] fp32."""
+    total = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+    for chunk in _chunks(x):
+        total += chunk.float().abs().sum(dim=(0, 1)).double()
+    return (total / (x.shape[0] * x.shape[1])).float()
+
+
+# ---- the scale search ----
+
+
+def awq_scales(x_mean: Tensor, alpha: float, w_mean: Tensor | None = None) -> Tensor:
+    """AWQ's candidate scales [K] for one alpha: x_mean^alpha (duo: / w_mean^(1-alpha)), normalized so that
+    sqrt(max * min) = 1; alpha = 0 gives all ones (plain RTN)."""
+    if w_mean is None:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def _weight_magnitude(w: Tensor, group_size: int) -> Tensor:
+    """AutoAWQ's w_mean: |w| normalized by its weight group's max, averaged over output rows: [N, K] -> [K]."""
+    N, K = w.shape
+    wg = w.float().abs().view(-1, group_size)  # [N*K/G, G]
+    return (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).view(N, K).mean(0)
+
+
+def _gram(x: Tensor) -> Tensor:
+    """X^T X [K, K] (fp64) of all tokens of x [n, T, K], accumulated chunk by chunk."""
+    gram = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+    for chunk in _chunks(x):
+        c = chunk.reshape(-1, x.shape[-1]).float()
+        gram += (c.t() @ c).double()
+    return gram
+
+
+def _linear_loss(dw: Tensor, gram: Tensor, n_tokens: int) -> float:
+    """MSE of a linear's output for a weight error dw [N, K]: ||X dw^T||^2 / (T * N) = sum((dw G) * dw) / (T * N),
+    the same number as running the linear on every token, for a fraction of the work."""
+    dw = dw.double()
+    return ((dw @ gram) * dw).sum().item() / (n_tokens * dw.shape[0])
+
+
+@dataclass
+class ScaleSearch:
+    scales: Tensor  # [K] fp32, the best s
+    alpha: float
+    losses: list[float]  # output MSE per grid point (losses[0] is alpha=0: plain RTN)
+
+
+@torch.no_grad()
+def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantConfig, rope: _Rope | None = None,
+                 n_grid: int = 20, duo_scaling: bool = False) -> ScaleSearch:
+    """Grid-search the scale of one group of the fp32 layer for its inputs x [n, T, K]; the layer is unchanged."""
+    linear: nn.Linear = layer.get_submodule(group.linear)
+    w = linear.weight.detach().clone()  # [N, K] fp32
+    x_mean = _channel_abs_mean(x)  # [K]
+    w_mean = _weight_magnitude(w, qcfg.group_size) if duo_scaling else None
+    if group.inspect == group.linear:  # the loss is the linear's own output error: a quadratic form in dW
+        gram, n_tok = _gram(x), x.shape[0] * x.shape[1]  # [K, K] = X^T X
+
+        def output_loss() -> float:
+            return _linear_loss(linear.weight - w, gram, n_tok)
+    else:
+        chunks = _chunks(x)
+        targets = [_module_forward(layer, group.inspect, c, rope) for c in chunks]  # full-precision outputs
+        n_out = sum(t.numel() for t in targets)
+
+        def output_loss() -> float:
+            sq_err = sum((_module_forward(layer, group.inspect, c, rope) - t).pow(2).sum().item()
+                         for c, t in zip(chunks, targets))
+            return sq_err / n_out
+
+    losses: list[float] = []
+    best_s, best_alpha, best_loss = None, 0.0, math.inf
+    try:
+        for i in range(n_grid):
+            alpha = i / n_grid
+            s = awq_scales(x_mean, alpha, w_mean)  # [K]
+            linear.weight.copy_(pseudo_quantize(w * s, qcfg) / s)  # = Q(W * s) applied to x / s
+            losses.append(output_loss())
+            if losses[-1] < best_loss:
+                best_s, best_alpha, best_loss = s, alpha, losses[-1]
+    finally:
+        linear.weight.copy_(w)
+    return ScaleSearch(best_s, best_alpha, losses)
+
+
+# ---- the clip search ----
+
+
+@torch.no_grad()
+def search_clip(w: Tensor, x: Tensor, qcfg: QuantConfig, n_grid: int = 20, max_shrink: float = 0.5,
+                n_tokens: int = CLIP_TOKENS) -> tuple[Tensor, Tensor]:
+    """Best clipping range per output channel and weight group: w [N, K], inputs x [..., K] -> (lo, hi) [N, K/G].
+
+    For each group the range [min, max] shrinks by ratios 1, 1 - 1/n_grid, ... down to 1 - max_shrink; the ratio
+    whose quantized weights give the smallest error of the group's share of the output (x_g . w_g, on n_tokens
+    evenly strided tokens) wins. Ratio 1 (no clipping) is a candidate, so that error never grows.
+    """
+    N, K = w.shape
+    G = qcfg.group_size
+    x = x.reshape(-1, K)
+    x = x[:: max(1, x.shape[0] // n_tokens)].float()  # [T, K] sampled tokens
+    xg = x.view(-1, K // G, G).transpose(0, 1)  # [K/G, T, G]
+    lo_all, hi_all = [], []
+    for start in range(0, N, CLIP_ROW_BATCH):
+        wb = w[start : start + CLIP_ROW_BATCH].float()  # [b, K]
+        wg = wb.view(-1, K // G, G).transpose(0, 1)  # [K/G, b, G]
+        w_max, w_min = wg.amax(-1), wg.amin(-1)  # [K/G, b]
+        ref = torch.bmm(xg, wg.transpose(1, 2))  # [K/G, T, b]: each group's share of the output
+        best_err = torch.full_like(w_max, math.inf)
+        lo, hi = w_min.clone(), w_max.clone()
+        for i in range(max(1, int(max_shrink * n_grid))):
+            ratio = 1 - i / n_grid
+            cand_lo, cand_hi = w_min * ratio, w_max * ratio  # [K/G, b]
+            clipped = torch.clamp(wg, cand_lo[..., None], cand_hi[..., None])  # [K/G, b, G]
+            q = pseudo_quantize(clipped.transpose(0, 1).reshape(-1, K), qcfg)  # [b, K]
+            out = torch.bmm(xg, q.view(-1, K // G, G).permute(1, 2, 0))  # [K/G, T, b]
+            err = (out - ref).pow(2).mean(1)  # [K/G, b]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            lo, hi = torch.where(better, cand_lo, lo), torch.where(better, cand_hi, hi)
+        lo_all.append(lo.t())
+        hi_all.append(hi.t())
+    return torch.cat(lo_all), torch.cat(hi_all)  # [N, K/G] each
+
+
+def clip_weight(w: Tensor, lo: Tensor, hi: Tensor, group_size: int) -> Tensor:
+    """w [N, K] clamped per weight group to [lo, hi] ([N, K/G] each)."""
+    N, K = w.shape
+    wg = w.view(N, K // group_size, group_size)
+    return torch.clamp(wg, lo[..., None].to(w.dtype), hi[..., None].to(w.dtype)).view(N, K)
+
+
+@torch.no_grad()
+def _clip_layer(layer: DecoderLayer, inputs: dict[str, Tensor], qcfg: QuantConfig, cfg, n_grid: int,
+                max_shrink: float) -> None:
+    """Clip every linear of the fp32 layer in place, except the q and k rows of wqkv (AutoAWQ skips q/k)."""
+    for name in LINEARS:
+        weight = layer.get_submodule(name).weight
+        rows = _rows(cfg, "v") if name == "attn.wqkv" else slice(None)
+        w = weight[rows]
+        lo, hi = search_clip(w, inputs[name], qcfg, n_grid, max_shrink)
+        weight[rows] = clip_weight(w, lo, hi, qcfg.group_size)
+
+
+# ---- the whole model ----
+
+
+def quantize_model(
+    model: Transformer,
+    calib: Tensor | None,
+    qcfg: QuantConfig,
+    method: str = "awq",
+    clip: bool = True,
+    duo_scaling: bool = False,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    quantized_inputs: bool = False,
+) -> QuantResult:
+    """Quantize every linear of every decoder layer; returns name -> (q uint8 [N, K], scales, zeros fp32 [N, K/G]).
+
+    method "rtn" quantizes the weights as they are (calib may be None). method "awq" runs the search on the
+    calibration blocks calib [n, seqlen] int64: it folds the AWQ scales into the model's norms and weights in place
+    (which alone keeps its function), clips the weights in place when `clip`, and quantizes the final weights.
+    The model keeps full-precision weights: apply the result with `apply_pseudo_quantized` (or pack it). The search
+    runs on `device` (fp32, one layer at a time); `quantized_inputs` feeds each layer the outputs of the previous
+    one with pseudo-quantized weights instead of its full-precision outputs.
+    """
+    if method not in ("awq", "rtn"):
+        raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
+    cfg = model.config
+    for i, layer in enumerate(model.layers):  # fail before any work
+        for name in LINEARS:
+            check_group_size(layer.get_submodule(name).in_features, qcfg, f"layers.{i}.{name}")
+    if method == "rtn":
+        return {f"layers.{i}.{name}": tuple(t.cpu() for t in quantize(layer.get_submodule(name).weight, qcfg))
+                for i, layer in enumerate(model.layers) for name in LINEARS}
+
+    if calib is None or calib.dim() != 2 or calib.dtype != torch.int64 or calib.numel() == 0:
+        got = "None" if calib is None else f"{tuple(calib.shape)} {calib.dtype}"
+        raise TinychatError(f"AWQ needs calibration tokens: a non-empty int64 [n, seqlen] tensor, got {got}")
+    if calib.shape[1] > cfg.context_length:
+        raise TinychatError(f"calibration seqlen {calib.shape[1]} exceeds the model's context {cfg.context_length}")
+    device = torch.device(device)
+    rope = _Rope(torch.arange(calib.shape[1], device=device), model.cos_sin.to(device))
+    h = _embed(model, calib, device)  # [n, T, C] residual stream, model dtype
+    result: QuantResult = {}
+    bar = tqdm(model.layers, desc=f"AWQ w{qcfg.w_bit} g{qcfg.group_size}", unit="layer", disable=not progress)
+    for i, layer in enumerate(bar):
+        work = _working_copy(layer, device)  # fp32 copy on `device`
+        captured: dict[str, list] = {}
+        h_next = _layer_outputs(work, h, rope, captured)  # full-precision outputs: the next layer's inputs
+        inputs = {name: torch.cat(chunks) for name, chunks in captured.items()}  # name -> [n, T, K]
+        del captured
+
+        searches = [(g, search_scale(work, g, inputs[g.linear], qcfg, rope, n_grid, duo_scaling))
+                    for g in scale_groups(cfg)]  # every group searched against the unmodified layer, as AutoAWQ
+        for group, found in searches:
+            fold_scales(work, group, found.scales, cfg)
+            for c in _chunks(inputs[group.linear]):  # the linear now sees x / s
+                c.div_(found.scales.to(c.dtype))
+        if clip:
+            _clip_layer(work, inputs, qcfg, cfg, n_grid, max_shrink)
+        del inputs
+        for name in LINEARS:
+            result[f"layers.{i}.{name}"] = tuple(t.cpu() for t in quantize(work.get_submodule(name).weight, qcfg))
+        _copy_back(work, layer)
+
+        if quantized_inputs:
+            for name in LINEARS:
+                w = work.get_submodule(name).weight
+                w.copy_(pseudo_quantize(w, qcfg))
+            h_next = _layer_outputs(work, h, rope)
+        h = h_next
+        bar.set_postfix(alpha=",".join(f"{found.alpha:.2f}" for _, found in searches))
+    return result
+
+
+@torch.no_grad()
+def _embed(model: Transformer, calib: Tensor, device: torch.device) -> Tensor:
+    """Token embeddings of the calibration blocks [n, T] -> [n, T, C] on `device`, in the model's dtype."""
+    weight = model.embed.weight
+    return torch.cat([model.embed(c.to(weight.device)).to(device) for c in _chunks(calib)])
+
+
+def _working_copy(layer: DecoderLayer, device: torch.device) -> DecoderLayer:
+    """An fp32 copy of the layer on `device`, without its KV cache (calibration runs whole blocks)."""
+    cache, layer.attn.kv_cache = layer.attn.kv_cache, None
+    try:
+        work = copy.deepcopy(layer)
+    finally:
+        layer.attn.kv_cache = cache
+    return work.to(device=device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def _copy_back(work: DecoderLayer, layer: DecoderLayer) -> None:
+    """Write the working copy's (folded, clipped) parameters into the model's layer, in its dtype and device."""
+    params = dict(layer.named_parameters())
+    for name, p in work.named_parameters():
+        params[name].copy_(p)
+
+
+@torch.no_grad()
+def apply_pseudo_quantized(model: Transformer, qdict: QuantResult, qcfg: QuantConfig) -> None:
+    """Set each quantized linear's weight to dequantize(q, scales, zeros): the model then computes what the int4
+    kernels would. For AWQ, apply it to the model quantize_model folded the scales into."""
+    for name, (q, scales, zeros) in qdict.items():
+        weight = model.get_submodule(name).weight
+        weight.copy_(dequantize(q, scales, zeros, qcfg.group_size).to(weight.device, weight.dtype))
