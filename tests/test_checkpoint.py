@@ -30,21 +30,6 @@ CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}
 PROMPT = "hello world, the quick brown fox"
 
 
-@pytest.fixture(scope="module")
-def byte_level_tokenizer_json():
-    """A real byte-level BPE tokenizer (300 tokens) trained on a few lines, serialized as tokenizer.json."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = RustTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    return tok.to_str()
-
-
 def make_hf_dir(path, arch, tokenizer_json):
     """A tiny random transformers model saved with save_pretrained, plus tokenizer files."""
     cls, kwargs, _ = ARCHS[arch]

@@ -15,20 +15,6 @@ CONFIG = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
               num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, tie_word_embeddings=True)
 
 
-@pytest.fixture(scope="module")
-def byte_level_tokenizer_json():
-    """A real byte-level BPE tokenizer (300 tokens) trained on a few lines, serialized as tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    return tok.to_str()
-
-
 @pytest.fixture
 def model_dir(tmp_path, byte_level_tokenizer_json):
     """A complete tiny Llama directory: config, safetensors, tokenizer.json, tokenizer_config.json."""
