@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tinychat.errors import TinychatError
+from tinychat.io.files import read_text
 
 __all__ = ["PplResult", "load_wikitext", "perplexity", "wikitext_rows"]
 
@@ -90,12 +91,7 @@ def load_wikitext(path: str | Path) -> str:
     """The WikiText evaluation text ("\\n\\n".join(rows)) from ``wiki.test.raw`` (.txt or .raw) or the rows as a
     JSON list of strings (.json); both files of one split give the same text."""
     path = Path(path)
-    try:
-        content = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TinychatError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TinychatError(f"{path}: cannot read: {e}") from None
+    content = read_text(path, "the evaluation text")
     if path.suffix == ".json":
         try:
             rows = json.loads(content)

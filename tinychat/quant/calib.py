@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from tinychat.errors import TinychatError
+from tinychat.io.files import read_text
 
 __all__ = ["AWQ_DEFAULT_DATASET", "BUILTIN_CORPUS", "load_calibration", "read_documents"]
 
@@ -192,12 +193,7 @@ def read_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise TinychatError(f"{path}: unsupported calibration file type {path.suffix!r}; use .txt or .jsonl")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TinychatError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TinychatError(f"{path}: cannot read calibration file: {e}") from None
+    text = read_text(path, "the calibration file")
     docs = _split_paragraphs(text) if path.suffix == ".txt" else _jsonl_texts(text, path)
     docs = [d for d in docs if d.strip()]
     if not docs:

@@ -103,6 +103,13 @@ def pack_awq_gemm(
     return qweight, qzeros, scales.t().to(torch.float16).contiguous()
 
 
+def _check_packed_shapes(fn: str, expected: dict, qweight, qzeros, scales, group_size: int) -> None:
+    for name, t in (("qzeros", qzeros), ("scales", scales)):
+        if tuple(t.shape) != expected[name]:
+            raise TinychatError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {expected[name]} "
+                                f"for qweight {tuple(qweight.shape)} and group size {group_size}")
+
+
 def unpack_awq_gemm(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,10 +117,7 @@ def unpack_awq_gemm(
     K, W = qweight.shape
     N = W * PACK
     expected = awq_gemm_shapes(N, K, group_size)
-    for name, t in (("qzeros", qzeros), ("scales", scales)):
-        if tuple(t.shape) != expected[name]:
-            raise TinychatError(f"unpack_awq_gemm: {name} has shape {tuple(t.shape)}, expected {expected[name]} "
-                                f"for qweight {tuple(qweight.shape)} and group size {group_size}")
+    _check_packed_shapes("unpack_awq_gemm", expected, qweight, qzeros, scales, group_size)
     q = _unpack_int32(qweight, AWQ_ORDER).t().contiguous()  # [N, K]
     zeros = _unpack_int32(qzeros, AWQ_ORDER).t().float().contiguous()  # [N, K/G]
     return q, scales.t().float().contiguous(), zeros
@@ -162,10 +166,7 @@ def unpack_awq_gemv(
     N, W = qweight.shape
     K = W * PACK
     expected = awq_gemv_shapes(N, K, group_size)
-    for name, t in (("qzeros", qzeros), ("scales", scales)):
-        if tuple(t.shape) != expected[name]:
-            raise TinychatError(f"unpack_awq_gemv: {name} has shape {tuple(t.shape)}, expected {expected[name]} "
-                                f"for qweight {tuple(qweight.shape)} and group size {group_size}")
+    _check_packed_shapes("unpack_awq_gemv", expected, qweight, qzeros, scales, group_size)
     n_groups = K // group_size
     q = _unpack_int32(qweight, PLAIN_ORDER)  # [N, K]
     zeros = _unpack_int32(qzeros, PLAIN_ORDER)[:, :n_groups].float().contiguous()
