@@ -1,5 +1,16 @@
+import json
+
 import pytest
 import torch
+
+CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}"
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+# tiny architectures of make_hf_dir -> (transformers config class, its arguments)
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", dict(_TINY, tie_word_embeddings=False)),  # untied lm_head
+    "qwen2": ("Qwen2Config", dict(_TINY, tie_word_embeddings=True)),  # q/k/v bias, tied embeddings
+}
 
 
 def pytest_configure(config):
@@ -40,3 +51,27 @@ def byte_level_tokenizer_json():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
     return tok.to_str()
+
+
+@pytest.fixture(scope="session")
+def make_hf_dir(byte_level_tokenizer_json):
+    """make_hf_dir(path, arch): a tiny random transformers model ("llama" or "qwen2", TINY_ARCHS) saved with
+    save_pretrained, plus tokenizer files (the byte-level BPE tokenizer, a chat template); returns path."""
+    transformers = pytest.importorskip("transformers")
+
+    def make(path, arch="llama"):
+        cls, kwargs = TINY_ARCHS[arch]
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kwargs))
+        if arch == "qwen2":
+            for layer in model.model.layers:  # nonzero biases, so that their save and split are tested
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    torch.nn.init.normal_(proj.bias, std=0.1)
+        model.save_pretrained(path)
+        (path / "tokenizer.json").write_text(byte_level_tokenizer_json)
+        (path / "tokenizer_config.json").write_text(json.dumps(
+            {"eos_token": "<eos>", "bos_token": "<bos>", "add_bos_token": True, "chat_template": CHAT_TEMPLATE}
+        ))
+        return path
+
+    return make

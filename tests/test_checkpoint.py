@@ -19,32 +19,9 @@ from tinychat.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
-# arch -> (transformers config class, its arguments, AWQ group size)
-ARCHS = {
-    "llama": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False), 32),  # untied lm_head
-    "qwen2": ("Qwen2Config", dict(COMMON, tie_word_embeddings=True), 64),  # q/k/v bias, tied embeddings
-}
-CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}"
+CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}"  # as conftest's make_hf_dir
+GROUP = {"llama": 32, "qwen2": 64}  # AWQ group size per tiny architecture (conftest's TINY_ARCHS)
 PROMPT = "hello world, the quick brown fox"
-
-
-def make_hf_dir(path, arch, tokenizer_json):
-    """A tiny random transformers model saved with save_pretrained, plus tokenizer files."""
-    cls, kwargs, _ = ARCHS[arch]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kwargs))
-    if arch == "qwen2":
-        for layer in model.model.layers:  # nonzero biases, so that their save and split are tested
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.1)
-    model.save_pretrained(path)
-    (path / "tokenizer.json").write_text(tokenizer_json)
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<eos>", "bos_token": "<bos>", "add_bos_token": True, "chat_template": CHAT_TEMPLATE}
-    ))
-    return path
 
 
 def quantized(src, G):
@@ -66,13 +43,13 @@ def fp16_reference(model, qdict, G):
     return model
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
-def saved(request, tmp_path_factory, byte_level_tokenizer_json):
+@pytest.fixture(scope="module", params=list(GROUP))
+def saved(request, tmp_path_factory, make_hf_dir):
     """(arch, source dir, saved AWQ dir, reference float model, tokenizer)."""
     arch = request.param
     base = tmp_path_factory.mktemp(arch)
-    src = make_hf_dir(base / "src", arch, byte_level_tokenizer_json)
-    model, tokenizer, qdict, qcfg, config = quantized(src, ARCHS[arch][2])
+    src = make_hf_dir(base / "src", arch)
+    model, tokenizer, qdict, qcfg, config = quantized(src, GROUP[arch])
     out = save_awq_checkpoint(model, tokenizer, qdict, qcfg, base / "awq", config)
     return arch, src, out, fp16_reference(model, qdict, qcfg.group_size), tokenizer
 
@@ -94,10 +71,10 @@ def test_checkpoint_files_and_tensors(saved):
     source = json.loads((src / "config.json").read_text())
     assert config["architectures"] == source["architectures"] and config["torch_dtype"] == "float16"
     assert config["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4,
-                                             "group_size": ARCHS[arch][2], "zero_point": True,
+                                             "group_size": GROUP[arch], "zero_point": True,
                                              "modules_to_not_convert": None}
     tensors = load_file(out / "model.safetensors")
-    G = ARCHS[arch][2]
+    G = GROUP[arch]
     q = tensors["model.layers.1.self_attn.k_proj.qweight"]
     assert q.dtype == torch.int32 and q.shape == (64, 32 // 8)  # [K, N/8]: k_proj is [2 heads * 16, 64]
     assert tensors["model.layers.1.mlp.down_proj.qzeros"].shape == (128 // G, 64 // 8)
@@ -134,7 +111,7 @@ def test_generate_end_to_end(saved):
 
 def test_gemv_checkpoint_loads_the_same(saved, tmp_path):
     arch, _, out, _, _ = saved
-    G = ARCHS[arch][2]
+    G = GROUP[arch]
     tensors = load_file(out / "model.safetensors")
     for name in [n for n in tensors if n.endswith(".qweight")]:
         p = name[: -len("qweight")]
@@ -153,8 +130,8 @@ def test_gemv_checkpoint_loads_the_same(saved, tmp_path):
     assert torch.equal(logits(model, tok), logits(reference, tok))
 
 
-def test_sharded_checkpoint(tmp_path, byte_level_tokenizer_json):
-    src = make_hf_dir(tmp_path / "src", "llama", byte_level_tokenizer_json)
+def test_sharded_checkpoint(tmp_path, make_hf_dir):
+    src = make_hf_dir(tmp_path / "src", "llama")
     model, tokenizer, qdict, qcfg, config = quantized(src, 32)
     single = save_awq_checkpoint(model, tokenizer, qdict, qcfg, tmp_path / "single", config)
     sharded = save_awq_checkpoint(model, tokenizer, qdict, qcfg, tmp_path / "sharded", config,
@@ -209,7 +186,7 @@ def get_from_keys(config: dict, keys: list[str]):
 
 def test_config_fields_for_transformers_and_vllm(saved):
     arch, _, out, _, _ = saved
-    G = ARCHS[arch][2]
+    G = GROUP[arch]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
 
     # transformers: config.json's quantization_config.quant_method picks AwqConfig, built with
@@ -243,8 +220,8 @@ def _entries(directory):
 
 
 @pytest.fixture
-def quantized_llama(tmp_path, byte_level_tokenizer_json):
-    src = make_hf_dir(tmp_path / "src", "llama", byte_level_tokenizer_json)
+def quantized_llama(tmp_path, make_hf_dir):
+    src = make_hf_dir(tmp_path / "src", "llama")
     return quantized(src, 32)
 
 

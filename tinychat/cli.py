@@ -14,6 +14,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--quant", choices=("auto", "awq", "none"), default="auto",
+                   help="awq: run a full-precision model in 4 bits, quantized on first use and cached; none: as "
+                        "given; auto (default): awq for the default model, none for a model you name")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +45,12 @@ def _load(args):
     resolve_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = resolve_source(args.model)
+    if args.quant == "awq" or (args.quant == "auto" and args.model is None):
+        from tinychat.quant.pipeline import QuantizeOptions, cached_quantized_model
+
+        path = cached_quantized_model(args.model, QuantizeOptions(device=args.device))
+    else:
+        path = resolve_source(args.model)
     print(f"loading {path} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model(path, device=args.device, dtype=args.dtype)
     return path, model, tokenizer
@@ -116,6 +124,23 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import torch
+
+    from tinychat.quant.pipeline import SEARCH_TOKENS, QuantizeOptions, quantize_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = QuantizeOptions(w_bit=args.w_bit, group_size=args.group_size, method=args.method, calib=args.calib,
+                           n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip,
+                           duo_scaling=args.duo_scaling, search_tokens=SEARCH_TOKENS if args.search_tokens is None else args.search_tokens or None,
+                           device=args.device, seed=args.seed)
+    out = quantize_checkpoint(args.model, args.out, opts, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinychat", description="AWQ 4-bit LLM runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default: 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("quantize", help="quantize a model with AWQ (or RTN) into a 4-bit AutoAWQ checkpoint",
+                       description="Writes a Hugging Face directory in the AutoAWQ GEMM format (tinychat, "
+                                   "transformers and vLLM load it); with --w-bit 3, a float16 directory of the "
+                                   "fake-quantized weights, for evaluation. The write is atomic.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file, Hugging Face model directory or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="output directory (must not exist, unless --overwrite)")
+    p.add_argument("--w-bit", type=int, choices=(4, 3), default=4)
+    p.add_argument("--group-size", type=int, choices=(128, 64, 32), default=None,
+                   help="input channels per scale and zero (default: the largest of 128/64/32 that fits the model)")
+    p.add_argument("--method", choices=("awq", "rtn"), default="awq")
+    p.add_argument("--calib", default=None,
+                   help="calibration text: a .txt/.jsonl file or a Hugging Face dataset name (AWQ's own: "
+                        "mit-han-lab/pile-val-backup; needs `datasets` and a network); default: built-in corpus")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration blocks (default: 128)")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration block (default: 512, or the model's context if shorter)")
+    p.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    p.add_argument("--duo-scaling", action="store_true", help="AutoAWQ's duo scaling: s = x^a / w^(1-a)")
+    p.add_argument("--search-tokens", type=int, default=None,
+                   help="tokens on which each scale candidate runs the attention and MLP blocks (0: all "
+                        "calibration tokens; default: 8192)")
+    p.add_argument("--device", default="cpu", help="where the search runs, one layer at a time (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="calibration shuffle seed (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

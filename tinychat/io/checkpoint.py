@@ -60,17 +60,57 @@ def save_awq_checkpoint(
             f"cannot save w_bit={qcfg.w_bit}: the AutoAWQ GEMM format holds 4-bit weights only "
             f"(w{qcfg.w_bit} is evaluation-only fake quantization)"
         )
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise TinychatError(f"{out}: already exists (pass overwrite=True to replace it)")
+    config = _checkpoint_config(model.config, source_config)
+    config["quantization_config"] = awq_quantization_config(qcfg)
+    tensors = awq_state_dict(model, qdict, qcfg)
+    return _write_checkpoint(out_dir, tensors, config, tokenizer, source_config, overwrite, max_shard_bytes)
+
+
+def save_fp16_checkpoint(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    source_config: Mapping,
+    *,
+    note: Mapping | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write `model` as a plain float16 Hugging Face directory (fused linears split back), atomically as
+    `save_awq_checkpoint`. This is how fake-quantized models (w3, dequantized weights) are saved for evaluation;
+    `note` goes into config.json as `tinychat_fake_quant` to say so."""
+    config = _checkpoint_config(model.config, source_config)
+    config.pop("quantization_config", None)
+    if note is not None:
+        config["tinychat_fake_quant"] = dict(note)
+    return _write_checkpoint(out_dir, fp16_state_dict(model), config, tokenizer, source_config, overwrite,
+                             max_shard_bytes)
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The absolute output directory, or TinychatError when it exists (and not `overwrite`), is not a directory,
+    or its parent cannot be created or written: checked before hours of work, not after."""
+    out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise TinychatError(f"{out}: exists and is not a directory")
-    config = _checkpoint_config(model.config, source_config, qcfg)
-    tensors = awq_state_dict(model, qdict, qcfg)
-    generation = _generation_config(tokenizer, source_config)
-
+    if out.exists() and not overwrite:
+        raise TinychatError(f"{out}: already exists (pass overwrite=True, or --overwrite, to replace it)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TinychatError(f"{out}: cannot write a checkpoint there (cannot create {out.parent}: {e})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise TinychatError(f"{out}: cannot write a checkpoint there ({out.parent} is not writable)")
+    return out
+
+
+def _write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config: dict, tokenizer, source_config: Mapping,
+                      overwrite: bool, max_shard_bytes: int) -> Path:
+    """Weights, config.json, generation_config.json and tokenizer files into a temporary directory beside
+    out_dir, fsynced, then renamed into place; on any error or interrupt nothing is left behind."""
+    out = check_output_dir(out_dir, overwrite)
+    generation = _generation_config(tokenizer, source_config)
+    try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
         raise TinychatError(f"{out}: cannot write a checkpoint there ({e})") from None
@@ -99,14 +139,9 @@ def awq_state_dict(model, qdict: Mapping, qcfg: QuantConfig) -> dict[str, torch.
     if missing:
         raise TinychatError(f"qdict lacks the quantization of {len(missing)} linear(s): {', '.join(missing[:5])}")
     weight_shapes = hf_tensor_shapes(cfg)
-    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _fp16("model.embed_tokens.weight", model.embed.weight),
-                                        "model.norm.weight": _fp16("model.norm.weight", model.norm)}
-    if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = _fp16("lm_head.weight", model.lm_head.weight)
+    tensors = _unquantized_tensors(model)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
-        tensors[p + "input_layernorm.weight"] = _fp16(p + "input_layernorm.weight", layer.attn_norm)
-        tensors[p + "post_attention_layernorm.weight"] = _fp16(p + "post_attention_layernorm.weight", layer.mlp_norm)
         for fused, (parts, has_bias) in hf_fused_linears(cfg).items():
             name = f"layers.{i}.{fused}"
             q, scales, zeros = (t.detach().cpu() for t in qdict[name])
@@ -128,6 +163,37 @@ def awq_state_dict(model, qdict: Mapping, qcfg: QuantConfig) -> dict[str, torch.
     return tensors
 
 
+def fp16_state_dict(model) -> dict[str, torch.Tensor]:
+    """Hugging Face-named float16 tensors of a float model: fused linears split back into q/k/v and gate/up."""
+    cfg: ModelConfig = model.config
+    weight_shapes = hf_tensor_shapes(cfg)
+    tensors = _unquantized_tensors(model)
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        for fused, (parts, has_bias) in hf_fused_linears(cfg).items():
+            linear = layer.get_submodule(fused)
+            rows = [weight_shapes[p + f"{x}.weight"][0] for x in parts]
+            for x, w in zip(parts, linear.weight.split(rows)):
+                tensors[p + f"{x}.weight"] = _fp16(p + f"{x}.weight", w)
+            if has_bias:
+                for x, b in zip(parts, linear.bias.split(rows)):
+                    tensors[p + f"{x}.bias"] = _fp16(p + f"{x}.bias", b)
+    return tensors
+
+
+def _unquantized_tensors(model) -> dict[str, torch.Tensor]:
+    """Embeddings, norms and the untied lm_head, Hugging Face-named, in float16."""
+    tensors = {"model.embed_tokens.weight": _fp16("model.embed_tokens.weight", model.embed.weight),
+               "model.norm.weight": _fp16("model.norm.weight", model.norm)}
+    if not model.config.tie_word_embeddings:
+        tensors["lm_head.weight"] = _fp16("lm_head.weight", model.lm_head.weight)
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = _fp16(p + "input_layernorm.weight", layer.attn_norm)
+        tensors[p + "post_attention_layernorm.weight"] = _fp16(p + "post_attention_layernorm.weight", layer.mlp_norm)
+    return tensors
+
+
 def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     t = t.detach().cpu()
     half = t.to(torch.float16).contiguous()
@@ -136,7 +202,7 @@ def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     return half
 
 
-def _checkpoint_config(cfg: ModelConfig, source_config: Mapping, qcfg: QuantConfig) -> dict:
+def _checkpoint_config(cfg: ModelConfig, source_config: Mapping) -> dict:
     config = json.loads(json.dumps(dict(source_config)))  # a deep, JSON-safe copy
     try:
         described = ModelConfig.from_hf(config, source="source_config")
@@ -145,7 +211,6 @@ def _checkpoint_config(cfg: ModelConfig, source_config: Mapping, qcfg: QuantConf
     if described != cfg:
         diff = [f for f in cfg.__dataclass_fields__ if getattr(described, f) != getattr(cfg, f)]
         raise TinychatError(f"source_config does not describe this model (differs in: {', '.join(diff)})")
-    config["quantization_config"] = awq_quantization_config(qcfg)
     config["torch_dtype"] = "float16"
     if "dtype" in config:  # transformers v5 spelling
         config["dtype"] = "float16"

@@ -48,6 +48,15 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
     raise ModelLoadError(f"{path}: no such file or directory")
 
 
+def read_source_config(path: Path) -> dict:
+    """The Hugging Face-spelled config of a GGUF file (from its metadata) or a model directory (config.json)."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model directory")
+        return read_gguf(path)[0]
+    return read_json(path / "config.json")
+
+
 def load_model(
     source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", dtype="float32"
 ) -> tuple[Transformer, Tokenizer]:

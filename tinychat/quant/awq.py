@@ -48,6 +48,7 @@ __all__ = ["LINEARS", "ScaleGroup", "apply_pseudo_quantized", "awq_scales", "cli
 LINEARS = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
 CHUNK_TOKENS = 8192  # calibration tokens per forward chunk (bounds activation memory)
 CLIP_TOKENS = 512  # tokens the clip search samples (AutoAWQ's n_sample_token)
+SEARCH_TOKENS = 8192  # tokens (whole blocks) on which a grid point's module output error is measured
 CLIP_ROW_BATCH = 64  # output channels per clip-search batch (AutoAWQ's oc_batch_size)
 
 QuantResult = dict[str, tuple[Tensor, Tensor, Tensor]]  # module name -> (q uint8, scales fp32, zeros fp32)
@@ -203,8 +204,14 @@ class ScaleSearch:
 
 @torch.no_grad()
 def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantConfig, rope: _Rope | None = None,
-                 n_grid: int = 20, duo_scaling: bool = False) -> ScaleSearch:
-    """Grid-search the scale of one group of the fp32 layer for its inputs x [n, T, K]; the layer is unchanged."""
+                 n_grid: int = 20, duo_scaling: bool = False, search_tokens: int | None = SEARCH_TOKENS
+                 ) -> ScaleSearch:
+    """Grid-search the scale of one group of the fp32 layer for its inputs x [n, T, K]; the layer is unchanged.
+
+    mean|x| comes from every token. The loss of a single-linear group is exact over every token too (X^T X); the
+    loss of a block (attention, MLP) runs the block once per grid point, so it is measured on about
+    `search_tokens` tokens: whole blocks, evenly spaced among the n (None: all of them).
+    """
     linear: nn.Linear = layer.get_submodule(group.linear)
     w = linear.weight.detach().clone()  # [N, K] fp32
     x_mean = _channel_abs_mean(x)  # [K]
@@ -215,7 +222,7 @@ def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantC
         def output_loss() -> float:
             return _linear_loss(linear.weight - w, gram, n_tok)
     else:
-        chunks = _chunks(x)
+        chunks = _chunks(_spaced_blocks(x, search_tokens))
         targets = [_module_forward(layer, group.inspect, c, rope) for c in chunks]  # full-precision outputs
         n_out = sum(t.numel() for t in targets)
 
@@ -237,6 +244,15 @@ def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantC
     finally:
         linear.weight.copy_(w)
     return ScaleSearch(best_s, best_alpha, losses)
+
+
+def _spaced_blocks(x: Tensor, n_tokens: int | None) -> Tensor:
+    """About n_tokens tokens of x [n, T, K] as whole blocks, evenly spaced: [m, T, K] with m = n_tokens // T."""
+    n, T = x.shape[:2]
+    if n_tokens is None or n * T <= n_tokens:
+        return x
+    m = max(1, n_tokens // T)
+    return x[torch.linspace(0, n - 1, m).round().long()]
 
 
 # ---- the clip search ----
@@ -313,6 +329,7 @@ def quantize_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantized_inputs: bool = False,
+    search_tokens: int | None = SEARCH_TOKENS,
 ) -> QuantResult:
     """Quantize every linear of every decoder layer; returns name -> (q uint8 [N, K], scales, zeros fp32 [N, K/G]).
 
@@ -321,7 +338,8 @@ def quantize_model(
     (which alone keeps its function), clips the weights in place when `clip`, and quantizes the final weights.
     The model keeps full-precision weights: apply the result with `apply_pseudo_quantized` (or pack it). The search
     runs on `device` (fp32, one layer at a time); `quantized_inputs` feeds each layer the outputs of the previous
-    one with pseudo-quantized weights instead of its full-precision outputs.
+    one with pseudo-quantized weights instead of its full-precision outputs. `search_tokens` bounds the tokens on
+    which each grid point runs the attention and MLP blocks (search_scale; None: every calibration token).
     """
     if method not in ("awq", "rtn"):
         raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
@@ -350,7 +368,8 @@ def quantize_model(
         inputs = {name: torch.cat(chunks) for name, chunks in captured.items()}  # name -> [n, T, K]
         del captured
 
-        searches = [(g, search_scale(work, g, inputs[g.linear], qcfg, rope, n_grid, duo_scaling))
+        searches = [(g, search_scale(work, g, inputs[g.linear], qcfg, rope, n_grid, duo_scaling,
+                                          search_tokens))
                     for g in scale_groups(cfg)]  # every group searched against the unmodified layer, as AutoAWQ
         for group, found in searches:
             fold_scales(work, group, found.scales, cfg)

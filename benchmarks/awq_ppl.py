@@ -1,0 +1,113 @@
+"""WikiText-2 perplexity of SmolLM2 (or any model) in full precision and quantized with RTN and AWQ, plus the
+quantization wall time, on the CPU. One config a line of the table; results merge into --out, so a long sweep
+can run in several invocations.
+
+    python benchmarks/awq_ppl.py --data ../shared/data/wikitext2_raw_test.txt \\
+        --calib ../shared/data/calib_mix_c4_wiki_tinystories.jsonl --threads 2 \\
+        --configs fp rtn-w4-g64 awq-w4-g64 rtn-w4-g32 awq-w4-g32 rtn-w3-g64 awq-w3-g64 \\
+        --out benchmarks/results/awq_ppl_smollm2.json
+
+A config is `fp` or `{rtn|awq}-w{bits}-g{group}`; the quantized model is evaluated with pseudo-quantized weights
+(dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration corpus is never the
+evaluation text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine_info  # noqa: E402
+
+CONFIG = re.compile(r"^(fp|(rtn|awq)-w(\d)-g(\d+))$")
+
+
+def run_config(name: str, args) -> dict:
+    from tinychat.io.loader import load_model
+    from tinychat.ppl import load_wikitext, perplexity
+    from tinychat.quant.awq import apply_pseudo_quantized, quantize_model
+    from tinychat.quant.calib import load_calibration
+    from tinychat.quant.quantize import QuantConfig
+
+    m = CONFIG.match(name)
+    if not m:
+        raise SystemExit(f"bad config {name!r}: use fp or rtn|awq-w<bits>-g<group>, e.g. awq-w4-g64")
+    model, tokenizer = load_model(args.model)
+    row: dict = {"config": name, "method": m.group(2) or "fp"}
+    if m.group(2):
+        qcfg = QuantConfig(int(m.group(3)), int(m.group(4)))
+        row.update(w_bit=qcfg.w_bit, group_size=qcfg.group_size)
+        calib = None
+        if m.group(2) == "awq":
+            calib = load_calibration(args.calib, tokenizer, n_samples=args.n_samples, seqlen=args.seqlen_calib)
+            row.update(calib=str(args.calib) if args.calib else "built-in", calib_blocks=calib.shape[0],
+                       calib_seqlen=calib.shape[1], search_tokens=args.search_tokens, duo_scaling=args.duo_scaling)
+        t0 = time.perf_counter()
+        qdict = quantize_model(model, calib, qcfg, method=m.group(2), duo_scaling=args.duo_scaling,
+                               search_tokens=args.search_tokens)
+        row["quantize_s"] = round(time.perf_counter() - t0, 1)
+        apply_pseudo_quantized(model, qdict, qcfg)
+    t0 = time.perf_counter()
+    r = perplexity(model, tokenizer, load_wikitext(args.data), seqlen=args.seqlen, max_windows=args.max_windows)
+    row.update(ppl=round(r.ppl, 4), nll_mean=r.nll_mean, tokens_evaluated=r.tokens_evaluated, windows=r.windows,
+               seqlen=args.seqlen, eval_s=round(time.perf_counter() - t0, 1))
+    return row
+
+
+def add_derived(rows: dict) -> None:
+    """For each AWQ row: the share of RTN's perplexity increase (over fp) that AWQ removes, same bits and group."""
+    fp = rows.get("fp")
+    for name, row in rows.items():
+        rtn = rows.get(name.replace("awq-", "rtn-"))
+        if row["method"] == "awq" and fp and rtn and rtn["windows"] == row["windows"] == fp["windows"]:
+            added = rtn["ppl"] - fp["ppl"]
+            row["rtn_increase_removed"] = round((rtn["ppl"] - row["ppl"]) / added, 3) if added > 0 else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model (default: SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--data", required=True, help="WikiText-2 test split (wiki.test.raw or the rows as .json)")
+    p.add_argument("--calib", default=None, help="calibration .jsonl/.txt (default: the built-in corpus)")
+    p.add_argument("--configs", nargs="+", default=["fp", "rtn-w4-g64", "awq-w4-g64"])
+    p.add_argument("--n-samples", type=int, default=128, help="calibration blocks")
+    p.add_argument("--seqlen-calib", type=int, default=512)
+    p.add_argument("--search-tokens", type=int, default=8192)
+    p.add_argument("--duo-scaling", action="store_true")
+    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON file to merge the results into")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    result = {"rows": {}}
+    if args.out and Path(args.out).exists():
+        result = json.loads(Path(args.out).read_text())
+    result.update(benchmark="awq_ppl", machine=machine_info(), model=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf")
+    for name in args.configs:
+        row = run_config(name, args)
+        row["date"] = datetime.date.today().isoformat()
+        result["rows"][name] = row
+        add_derived(result["rows"])
+        print(json.dumps(row), flush=True)
+        if args.out:  # after every config, so a long sweep keeps what it has
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    cols = ["config", "ppl", "windows", "quantize_s", "eval_s", "rtn_increase_removed"]
+    print("  ".join(f"{c:>20}" for c in cols))
+    for row in result["rows"].values():
+        print("  ".join(f"{str(row.get(c, '')):>20}" for c in cols))
+
+
+if __name__ == "__main__":
+    main()

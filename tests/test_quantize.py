@@ -1,0 +1,178 @@
+"""`tinychat quantize` and the quantize-on-first-use cache, on a tiny model: files, loading, options, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinychat.errors import TinychatError
+from tinychat.io.loader import load_model
+from tinychat.quant import pipeline
+from tinychat.quant.linear import WQLinear
+from tinychat.quant.pipeline import QuantizeOptions, auto_group_size, cached_quantized_model, quantize_checkpoint
+
+PROMPT = "hello world, the quick brown fox"
+# small calibration text in the tiny tokenizer's alphabet: the byte-level BPE needs no particular words
+CALIB_TEXT = "\n\n".join(f"the quick brown fox {i} jumps over the lazy dog, hello world {i * 7}" for i in range(60))
+FAST = dict(n_samples=4, seqlen=32)  # a few short blocks keep the tiny search quick
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tinychat", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory, make_hf_dir):
+    return make_hf_dir(tmp_path_factory.mktemp("quantize") / "src", "llama")
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(CALIB_TEXT)
+    return path
+
+
+def logits(model, tokenizer):
+    with torch.no_grad():
+        return model(torch.tensor([tokenizer.encode(PROMPT)]))[0]
+
+
+def test_cli_quantize_awq_then_load_and_generate(src, calib_file, tmp_path):
+    out = tmp_path / "awq"
+    r = run_cli("quantize", str(src), "--out", str(out), "--calib", str(calib_file), "--n-samples", "4",
+                "--seqlen", "32")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out}" in r.stdout and "AWQ w4 g64" in r.stderr  # 64 = the largest group that divides 64/128
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 64,
+                                             "zero_point": True, "modules_to_not_convert": None}
+    assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+    model, tokenizer = load_model(out)
+    assert isinstance(model.layers[0].mlp.w13, WQLinear) and model.layers[0].mlp.w13.group_size == 64
+    fp, _ = load_model(src)
+    err = (logits(model, tokenizer) - logits(fp, tokenizer)).abs().max() / logits(fp, tokenizer).abs().max()
+    assert 0 < err < 0.1  # quantized: close to the float model, not equal
+    r = run_cli("generate", str(out), PROMPT, "--temperature", "0", "--max-new-tokens", "5", "--raw")
+    assert r.returncode == 0, r.stderr
+
+
+def test_rtn_and_awq_differ_and_awq_is_deterministic(src, calib_file, tmp_path):
+    opts = QuantizeOptions(calib=str(calib_file), **FAST)
+    a = load_model(quantize_checkpoint(src, tmp_path / "a", opts, progress=False, log=lambda m: None))[0]
+    b = load_model(quantize_checkpoint(src, tmp_path / "b", opts, progress=False, log=lambda m: None))[0]
+    rtn_opts = QuantizeOptions(method="rtn", group_size=32)
+    c = load_model(quantize_checkpoint(src, tmp_path / "c", rtn_opts, progress=False, log=lambda m: None))[0]
+    for name in ("qweight", "scales", "zeros"):
+        assert torch.equal(getattr(a.layers[1].attn.wqkv, name), getattr(b.layers[1].attn.wqkv, name))
+    assert c.layers[0].attn.wo.group_size == 32
+    assert not torch.equal(a.layers[0].attn_norm, c.layers[0].attn_norm)  # AWQ folded scales into the norm
+
+
+def test_three_bit_writes_a_fake_quantized_float16_model(src, calib_file, tmp_path):
+    out = tmp_path / "w3"
+    r = run_cli("quantize", str(src), "--out", str(out), "--w-bit", "3", "--group-size", "32", "--method", "rtn")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["tinychat_fake_quant"]["bits"] == 3 and config["tinychat_fake_quant"]["group_size"] == 32
+    model, _ = load_model(out)
+    w = model.layers[0].mlp.w2.weight.view(model.config.hidden_size, -1, 32)  # [N, K/G, G]
+    for row in w.flatten(0, 1)[:50]:  # each group holds at most 2^3 distinct levels
+        assert len(torch.unique(row)) <= 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", "128"], "layers.0.attn.wqkv: group size 128 does not divide its 64 input features"),
+    (["--calib", "{empty}"], "the calibration file is empty"),
+    (["--calib", "{short}"], "too little text for one calibration block"),
+    (["--calib", "/no/such/calib.jsonl"], "/no/such/calib.jsonl"),
+    (["--w-bit", "5"], "invalid choice: 5"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(src, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "short.txt").write_text("hello world")
+    args = [a.format(empty=tmp_path / "empty.txt", short=tmp_path / "short.txt") for a in args]
+    out = tmp_path / "out"
+    r = run_cli("quantize", str(src), "--out", str(out), "--seqlen", "64", *args)
+    assert r.returncode in (1, 2) and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_directory_errors_come_before_any_work(src, tmp_path, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(TinychatError, match="existing: already exists"):
+        quantize_checkpoint(src, existing, QuantizeOptions(method="rtn"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(TinychatError, match="cannot write a checkpoint there"):
+        quantize_checkpoint(src, tmp_path / "a_file" / "out", QuantizeOptions(method="rtn"))
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(TinychatError, match="not writable"):
+            quantize_checkpoint(src, locked / "out", QuantizeOptions(method="rtn"))
+
+
+def test_interrupted_quantization_leaves_nothing(src, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "quantize_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(src, tmp_path / "out", QuantizeOptions(), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantizing_a_quantized_checkpoint_is_refused(src, tmp_path):
+    out = quantize_checkpoint(src, tmp_path / "q", QuantizeOptions(method="rtn"), log=lambda m: None)
+    with pytest.raises(TinychatError, match="already quantized"):
+        quantize_checkpoint(out, tmp_path / "again", QuantizeOptions(method="rtn"))
+
+
+def test_auto_group_size(src):
+    model, _ = load_model(src)
+    assert auto_group_size(model) == 64  # in_features 64 and 128
+
+
+def test_cache_quantizes_once_per_model_and_options(src, tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYCHAT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = pipeline.quantize_checkpoint
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "quantize_checkpoint", counting)
+    opts = QuantizeOptions(**FAST)  # the built-in corpus
+    first = cached_quantized_model(src, opts, progress=False, log=lambda m: None)
+    assert first.parent == tmp_path / "cache" and (first / "config.json").exists()
+    assert cached_quantized_model(src, opts, log=lambda m: None) == first
+    assert cached_quantized_model(src, QuantizeOptions(**FAST, device="meta"), log=lambda m: None) == first
+    assert len(calls) == 1
+    other = cached_quantized_model(src, QuantizeOptions(method="rtn"), log=lambda m: None)
+    assert other != first and len(calls) == 2
+    assert cached_quantized_model(first, opts) == first  # a quantized model is used as it is
+    model, _ = load_model(first)
+    assert isinstance(model.layers[0].attn.wqkv, WQLinear)
+
+
+def test_cli_quant_flag_runs_a_named_model_in_four_bits(src, tmp_path):
+    env = dict(os.environ, TINYCHAT_CACHE=str(tmp_path / "cache"))
+    r = run_cli("generate", str(src), PROMPT, "--quant", "awq", "--temperature", "0", "--max-new-tokens", "4",
+                "--raw", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "first use" in r.stderr and len(list((tmp_path / "cache").iterdir())) == 1

@@ -1,0 +1,144 @@
+"""From a full-precision model to a quantized checkpoint on disk: what `tinychat quantize` runs, and the cache that
+gives `tinychat chat` its 4-bit default model.
+
+load (GGUF / HF directory / hub id, float32) -> calibration blocks -> quantize_model (AWQ or RTN) ->
+4-bit: AutoAWQ GEMM checkpoint (tinychat, transformers and vLLM load it);
+3-bit: a float16 checkpoint of the dequantized weights (fake quantization, for evaluation only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tinychat.errors import TinychatError
+from tinychat.io.checkpoint import check_output_dir, save_awq_checkpoint, save_fp16_checkpoint
+from tinychat.io.loader import load_model, read_source_config, resolve_source
+from tinychat.quant.awq import SEARCH_TOKENS, apply_pseudo_quantized, quantize_model
+from tinychat.quant.calib import load_calibration
+from tinychat.quant.linear import LAYER_LINEARS
+from tinychat.quant.quantize import QuantConfig
+
+__all__ = ["GROUP_SIZES", "SEARCH_TOKENS", "QuantizeOptions", "auto_group_size", "cache_dir", "cached_quantized_model",
+           "quantize_checkpoint"]
+
+GROUP_SIZES = (128, 64, 32)  # the automatic group size: the largest of these that divides every linear
+CACHE_FORMAT = 1  # bump when a change to the quantizer should invalidate cached checkpoints
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    w_bit: int = 4
+    group_size: int | None = None  # None: auto_group_size
+    method: str = "awq"  # "awq" or "rtn"
+    calib: str | None = None  # .txt / .jsonl path or a Hugging Face dataset name; None: the built-in corpus
+    n_samples: int = 128  # calibration blocks
+    seqlen: int | None = None  # tokens per calibration block; None: 512, or the model's context if shorter
+    clip: bool = True
+    duo_scaling: bool = False
+    search_tokens: int | None = SEARCH_TOKENS
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("awq", "rtn"):
+            raise TinychatError(f"method must be 'awq' or 'rtn', got {self.method!r}")
+        if self.w_bit not in (3, 4):
+            raise TinychatError(f"w_bit must be 4 (packed int4 checkpoint) or 3 (fake quantization), got {self.w_bit}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise TinychatError(f"group_size must be > 0, got {self.group_size}")
+
+
+def auto_group_size(model) -> int:
+    """The largest of 128, 64, 32 that divides the in_features of every decoder linear."""
+    features = {model.layers[0].get_submodule(name).in_features for name in LAYER_LINEARS}
+    for g in GROUP_SIZES:
+        if all(k % g == 0 for k in features):
+            return g
+    raise TinychatError(f"no group size among {GROUP_SIZES} divides the linears' in_features {sorted(features)}")
+
+
+def quantize_checkpoint(source, out_dir, opts: QuantizeOptions = QuantizeOptions(), *, overwrite: bool = False,
+                        progress: bool = True, log=None) -> Path:
+    """Quantize the model at `source` (None: the default model) and write it to `out_dir` atomically.
+
+    An unwritable or existing out_dir fails before the model loads; a bad calibration source and a group size
+    that does not divide a linear (named) fail before the search starts. Nothing is left under out_dir unless
+    the whole checkpoint was written.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = check_output_dir(out_dir, overwrite)
+    path = resolve_source(source)
+    source_config = read_source_config(path)
+    if source_config.get("quantization_config") is not None:
+        raise TinychatError(f"{path}: the model is already quantized ({source_config['quantization_config']}); "
+                            "quantize a full-precision model")
+    torch.manual_seed(opts.seed)
+    log(f"loading {path} ...")
+    model, tokenizer = load_model(path, dtype="float32")
+    group_size = opts.group_size or auto_group_size(model)
+    qcfg = QuantConfig(opts.w_bit, group_size)
+    calib = None
+    if opts.method == "awq":
+        seqlen = opts.seqlen or min(512, model.config.context_length)
+        calib = load_calibration(opts.calib, tokenizer, opts.n_samples, seqlen, seed=opts.seed)
+        where = opts.calib or "the built-in corpus"
+        log(f"calibration: {calib.shape[0]} blocks of {calib.shape[1]} tokens from {where}")
+    log(f"quantizing: {opts.method.upper()} w{opts.w_bit} g{group_size} on {opts.device}")
+    t0 = time.perf_counter()
+    qdict = quantize_model(model, calib, qcfg, method=opts.method, clip=opts.clip, duo_scaling=opts.duo_scaling,
+                           device=opts.device, progress=progress, search_tokens=opts.search_tokens)
+    log(f"quantized in {time.perf_counter() - t0:.1f} s; writing {out}")
+    if opts.w_bit == 4:
+        return save_awq_checkpoint(model, tokenizer, qdict, qcfg, out, source_config, overwrite=overwrite)
+    apply_pseudo_quantized(model, qdict, qcfg)
+    note = {"method": opts.method, "bits": opts.w_bit, "group_size": group_size,
+            "about": "weights are dequantized fake-quantized values, stored in float16 for evaluation"}
+    return save_fp16_checkpoint(model, tokenizer, out, source_config, note=note, overwrite=overwrite)
+
+
+def cache_dir() -> Path:
+    """Where quantized-on-first-use models live: $TINYCHAT_CACHE, else $XDG_CACHE_HOME/tinychat, else
+    ~/.cache/tinychat."""
+    if os.environ.get("TINYCHAT_CACHE"):
+        return Path(os.environ["TINYCHAT_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "tinychat"
+
+
+def cached_quantized_model(source=None, opts: QuantizeOptions = QuantizeOptions(), *, progress: bool = True,
+                           log=None) -> Path:
+    """The 4-bit AWQ checkpoint of `source` in the cache, made on first use (later calls return it at once);
+    a source that is already quantized is returned as it is.
+
+    The cache key covers the source file or directory (path, size, modification time), the options and the
+    quantizer's format version; a changed model or option gets a new entry. Writing is atomic, so an interrupted
+    first use leaves no entry and the next call starts over.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if opts.w_bit != 4:
+        raise TinychatError("the cache holds runnable 4-bit checkpoints only")
+    path = resolve_source(source).resolve()
+    if read_source_config(path).get("quantization_config") is not None:
+        return path  # already a quantized checkpoint
+    stat = path.stat() if path.is_file() else (path / "config.json").stat()
+    settings = sorted((k, v) for k, v in asdict(opts).items() if k != "device")  # same result on any device
+    key = repr((CACHE_FORMAT, str(path), stat.st_size, stat.st_mtime_ns, settings))
+    name = f"{path.stem}-{opts.method}-w{opts.w_bit}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    out = cache_dir() / name
+    if (out / "config.json").exists():
+        return out
+    log(f"first use of {path.name} in 4 bits: quantizing it once with {opts.method.upper()} "
+        f"(cached in {out}; pass --quant none for full precision)")
+    try:
+        return quantize_checkpoint(path, out, opts, progress=progress, log=log)
+    except TinychatError:
+        if (out / "config.json").exists():  # another process finished the same entry first
+            return out
+        raise
