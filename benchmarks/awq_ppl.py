@@ -7,7 +7,9 @@ can run in several invocations.
         --configs fp rtn-w4-g64 awq-w4-g64 rtn-w4-g32 awq-w4-g32 rtn-w3-g64 awq-w3-g64 \\
         --out benchmarks/results/awq_ppl_smollm2.json
 
-A config is `fp` or `{rtn|awq}-w{bits}-g{group}`; the quantized model is evaluated with pseudo-quantized weights
+A config is `fp` or `{rtn|awq}-w{bits}-g{group}`, and for AWQ any of the suffixes `-builtin` (calibrate on the
+built-in offline corpus instead of --calib), `-duo` (duo scaling), `-qin` (each layer's search sees the previous
+layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The quantized model is evaluated with pseudo-quantized weights
 (dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration corpus is never the
 evaluation text.
 """
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine_info  # noqa: E402
 
-CONFIG = re.compile(r"^(fp|(rtn|awq)-w(\d)-g(\d+))$")
+CONFIG = re.compile(r"^(fp|(rtn|awq)-w(\d)-g(\d+)((?:-builtin|-duo|-qin|-noclip)*))$")
 
 
 def run_config(name: str, args) -> dict:
@@ -40,19 +42,22 @@ def run_config(name: str, args) -> dict:
 
     m = CONFIG.match(name)
     if not m:
-        raise SystemExit(f"bad config {name!r}: use fp or rtn|awq-w<bits>-g<group>, e.g. awq-w4-g64")
+        raise SystemExit(f"bad config {name!r}: use fp or rtn|awq-w<bits>-g<group>[-builtin][-duo][-qin][-noclip]")
     model, tokenizer = load_model(args.model)
     row: dict = {"config": name, "method": m.group(2) or "fp"}
     if m.group(2):
         qcfg = QuantConfig(int(m.group(3)), int(m.group(4)))
         row.update(w_bit=qcfg.w_bit, group_size=qcfg.group_size)
-        calib = None
+        calib, flags = None, set(m.group(5).split("-")[1:])
         if m.group(2) == "awq":
-            calib = load_calibration(args.calib, tokenizer, n_samples=args.n_samples, seqlen=args.seqlen_calib)
-            row.update(calib=str(args.calib) if args.calib else "built-in", calib_blocks=calib.shape[0],
-                       calib_seqlen=calib.shape[1], search_tokens=args.search_tokens, duo_scaling=args.duo_scaling)
+            source = None if "builtin" in flags else args.calib
+            calib = load_calibration(source, tokenizer, n_samples=args.n_samples, seqlen=args.seqlen_calib)
+            row.update(calib=str(source) if source else "built-in", calib_blocks=calib.shape[0],
+                       calib_seqlen=calib.shape[1], search_tokens=args.search_tokens, duo_scaling="duo" in flags,
+                       quantized_inputs="qin" in flags, clip="noclip" not in flags)
         t0 = time.perf_counter()
-        qdict = quantize_model(model, calib, qcfg, method=m.group(2), duo_scaling=args.duo_scaling,
+        qdict = quantize_model(model, calib, qcfg, method=m.group(2), duo_scaling="duo" in flags,
+                               quantized_inputs="qin" in flags, clip="noclip" not in flags,
                                search_tokens=args.search_tokens)
         row["quantize_s"] = round(time.perf_counter() - t0, 1)
         apply_pseudo_quantized(model, qdict, qcfg)
@@ -67,7 +72,7 @@ def add_derived(rows: dict) -> None:
     """For each AWQ row: the share of RTN's perplexity increase (over fp) that AWQ removes, same bits and group."""
     fp = rows.get("fp")
     for name, row in rows.items():
-        rtn = rows.get(name.replace("awq-", "rtn-"))
+        rtn = rows.get(re.sub(r"^awq-(w\d-g\d+).*", r"rtn-\1", name))
         if row["method"] == "awq" and fp and rtn and rtn["windows"] == row["windows"] == fp["windows"]:
             added = rtn["ppl"] - fp["ppl"]
             row["rtn_increase_removed"] = round((rtn["ppl"] - row["ppl"]) / added, 3) if added > 0 else None
@@ -82,7 +87,6 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=128, help="calibration blocks")
     p.add_argument("--seqlen-calib", type=int, default=512)
     p.add_argument("--search-tokens", type=int, default=8192)
-    p.add_argument("--duo-scaling", action="store_true")
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)

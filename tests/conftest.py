@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +16,13 @@ TINY_ARCHS = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quantized_model_cache(tmp_path_factory):
+    """One cache of quantized-on-first-use models for the whole run (the 4-bit default model is made once, by
+    the first test that needs it), never the user's ~/.cache; subprocesses inherit it."""
+    os.environ.setdefault("TINYCHAT_CACHE", str(tmp_path_factory.mktemp("tinychat-cache")))
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,9 @@ from tinychat.model import DecoderLayer, Transformer
 from tinychat.quant.awq import (
     LINEARS,
     ScaleGroup,
+    _spaced_blocks,
     apply_pseudo_quantized,
+    awq_scales,
     clip_weight,
     fold_scales,
     quantize_model,
@@ -113,6 +115,22 @@ def test_scale_search_beats_rtn_on_outlier_channels(group):
     assert found.losses[0] == pytest.approx(rtn_err, rel=1e-4)  # alpha = 0 is plain RTN
     assert min(found.losses) == pytest.approx(awq_err, rel=1e-4)  # the reported loss is the real output error
     assert s[[3, 20, 41]].min() > s.median() * 3  # the outlier channels got the large scales
+
+
+def test_block_losses_run_on_evenly_spaced_whole_blocks():
+    group = ScaleGroup("mlp.w13", "mlp_norm", None, "mlp")
+    layer = DecoderLayer(dataclasses.replace(MHA, intermediate_size=64)).eval().requires_grad_(False)
+    x = outlier_inputs(n=7)  # [7, 32, 64]
+    assert torch.equal(_spaced_blocks(x, 3 * 32 + 5), x[[0, 3, 6]])
+    assert torch.equal(_spaced_blocks(x, 10), x[[0]]) and _spaced_blocks(x, None) is x
+    full = search_scale(layer, group, x, Q32, search_tokens=None)
+    assert search_scale(layer, group, x, Q32, search_tokens=7 * 32).losses == full.losses  # all fit: no sampling
+    sampled = search_scale(layer, group, x, Q32, search_tokens=3 * 32 + 5)
+    on_blocks = search_scale(layer, group, x[[0, 3, 6]], Q32, search_tokens=None)
+    assert sampled.losses[0] == pytest.approx(on_blocks.losses[0], rel=1e-6)  # alpha = 0 (RTN) on blocks 0, 3, 6
+    assert sampled.losses[0] != pytest.approx(full.losses[0], rel=1e-3)
+    # the candidate scales come from mean|x| over every token, not only the sampled blocks
+    torch.testing.assert_close(sampled.scales, awq_scales(x.abs().mean((0, 1)), sampled.alpha))
 
 
 # ---- (c) clipping ----

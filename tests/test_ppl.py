@@ -125,7 +125,7 @@ def test_smollm2_wikitext2_ppl_and_cli(smollm2):
     assert math.isfinite(result.ppl) and 5 < result.ppl < 60, result
 
     out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(WIKI_RAW), "--seqlen", "512",
-                          "--max-windows", "2"], capture_output=True, text=True, timeout=300)
+                          "--max-windows", "2", "--quant", "none"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"perplexity: {result.ppl:.4f}" in out.stdout
     assert "tokens evaluated: 1022" in out.stdout and "windows: 2 x 512" in out.stdout
@@ -135,6 +135,7 @@ def test_cli_errors_are_one_clear_line(smollm2_gguf, tmp_path):
     out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(tmp_path / "none.txt")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "no such file" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(WIKI_ROWS), "--seqlen", "100000"],
+    out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(WIKI_ROWS), "--seqlen", "100000",
+                          "--quant", "none"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "exceeds the model's context length" in out.stderr, out.stderr

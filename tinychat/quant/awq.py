@@ -190,9 +190,9 @@ def _gram(x: Tensor) -> Tensor:
 
 def _linear_loss(dw: Tensor, gram: Tensor, n_tokens: int) -> float:
     """MSE of a linear's output for a weight error dw [N, K]: ||X dw^T||^2 / (T * N) = sum((dw G) * dw) / (T * N),
-    the same number as running the linear on every token, for a fraction of the work."""
-    dw = dw.double()
-    return ((dw @ gram) * dw).sum().item() / (n_tokens * dw.shape[0])
+    the same number as running the linear on every token, for a fraction of the work (fp32 products: the grid's
+    losses differ far more than fp32 rounding; the Gram matrix itself is accumulated in fp64)."""
+    return ((dw @ gram) * dw).double().sum().item() / (n_tokens * dw.shape[0])
 
 
 @dataclass
@@ -217,7 +217,7 @@ def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantC
     x_mean = _channel_abs_mean(x)  # [K]
     w_mean = _weight_magnitude(w, qcfg.group_size) if duo_scaling else None
     if group.inspect == group.linear:  # the loss is the linear's own output error: a quadratic form in dW
-        gram, n_tok = _gram(x), x.shape[0] * x.shape[1]  # [K, K] = X^T X
+        gram, n_tok = _gram(x).float(), x.shape[0] * x.shape[1]  # [K, K] = X^T X
 
         def output_loss() -> float:
             return _linear_loss(linear.weight - w, gram, n_tok)
