@@ -1,5 +1,6 @@
 """`tinychat chat` and `tinychat generate` as a user runs them (default model, piped input)."""
 
+import os
 import subprocess
 import sys
 
@@ -8,15 +9,30 @@ import pytest
 
 def run_cli(*args, stdin=""):
     return subprocess.run([sys.executable, "-m", "tinychat", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)  # the first 4-bit use quantizes the default model (minutes)
 
 
-def test_chat_default_model_multi_turn_then_exit(smollm2_gguf):
-    out = run_cli("chat", "--temperature", "0", "--max-new-tokens", "48",
+def test_chat_full_precision_multi_turn_then_exit(smollm2_gguf):
+    out = run_cli("chat", "--quant", "none", "--temperature", "0", "--max-new-tokens", "48",
                   stdin="What is the capital of France?\nAnd of Germany?\n/exit\nnever read\n")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout and "Berlin" in out.stdout  # the second answer needed the first turn
     assert "never read" not in out.stdout
+    assert "4 bits" not in out.stderr and ".gguf (float32" in out.stderr
+
+
+def test_chat_default_model_runs_in_four_bits(smollm2_gguf):
+    """The default model is AWQ-quantized on first use (into the test session's TINYCHAT_CACHE) and loaded from
+    the cache; the 4-bit model still answers, and keeps the conversation."""
+    out = run_cli("chat", "--temperature", "0", "--max-new-tokens", "40",
+                  stdin="What is the capital of France?\nRepeat your last answer.\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    cache = os.environ["TINYCHAT_CACHE"]
+    assert f"loading {cache}" in out.stderr and "-awq-w4-" in out.stderr
+    turns = out.stdout.split(">>> ")[1:3]
+    assert "Paris" in turns[0] and "Paris" in turns[1], turns  # the second answer needed the first turn
+    again = run_cli("generate", "--temperature", "0", "--max-new-tokens", "4", "Hi")
+    assert again.returncode == 0 and "first use" not in again.stderr and f"loading {cache}" in again.stderr
 
 
 def test_chat_exits_cleanly_on_eof(smollm2_gguf):

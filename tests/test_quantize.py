@@ -2,17 +2,25 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
 from tinychat.io.loader import load_model
 from tinychat.quant import pipeline
 from tinychat.quant.linear import WQLinear
-from tinychat.quant.pipeline import QuantizeOptions, auto_group_size, cached_quantized_model, quantize_checkpoint
+from tinychat.quant.pipeline import (
+    QuantizeOptions,
+    auto_group_size,
+    cached_quantized_model,
+    quantize_checkpoint,
+    search_dtype,
+)
 
 PROMPT = "hello world, the quick brown fox"
 # small calibration text in the tiny tokenizer's alphabet: the byte-level BPE needs no particular words
@@ -176,3 +184,28 @@ def test_cli_quant_flag_runs_a_named_model_in_four_bits(src, tmp_path):
                 "--raw", env=env)
     assert r.returncode == 0, r.stderr
     assert "first use" in r.stderr and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_ctrl_c_during_the_search_leaves_nothing(smollm2_gguf, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "tinychat", "quantize", "--out", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # wait until the search has started
+        lines.append(line)
+        if line.startswith("quantizing:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_large_models_are_held_in_bfloat16_while_quantized():
+    llama2_7b = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                            num_kv_heads=32, head_dim=128, max_position_embeddings=4096)
+    smollm2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                          num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True)
+    assert search_dtype(llama2_7b) == "bfloat16"  # 6.7e9 params: 27 GB in float32 would not fit 24 GiB
+    assert search_dtype(smollm2) == "float32"

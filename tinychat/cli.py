@@ -131,10 +131,11 @@ def cmd_quantize(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    search_tokens = SEARCH_TOKENS if args.search_tokens is None else args.search_tokens or None  # 0: all
     opts = QuantizeOptions(w_bit=args.w_bit, group_size=args.group_size, method=args.method, calib=args.calib,
                            n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip,
-                           duo_scaling=args.duo_scaling, search_tokens=SEARCH_TOKENS if args.search_tokens is None else args.search_tokens or None,
-                           device=args.device, seed=args.seed)
+                           duo_scaling=args.duo_scaling, search_tokens=search_tokens, device=args.device,
+                           seed=args.seed)
     out = quantize_checkpoint(args.model, args.out, opts, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TinychatError, ValueError) as e:
         print(f"tinychat: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the chat's own handling: nothing half-written is left (atomic saves)
+        print("\ntinychat: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -368,8 +368,7 @@ def quantize_model(
         inputs = {name: torch.cat(chunks) for name, chunks in captured.items()}  # name -> [n, T, K]
         del captured
 
-        searches = [(g, search_scale(work, g, inputs[g.linear], qcfg, rope, n_grid, duo_scaling,
-                                          search_tokens))
+        searches = [(g, search_scale(work, g, inputs[g.linear], qcfg, rope, n_grid, duo_scaling, search_tokens))
                     for g in scale_groups(cfg)]  # every group searched against the unmodified layer, as AutoAWQ
         for group, found in searches:
             fold_scales(work, group, found.scales, cfg)

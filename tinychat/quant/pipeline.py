@@ -9,6 +9,7 @@ load (GGUF / HF directory / hub id, float32) -> calibration blocks -> quantize_m
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import time
@@ -17,18 +18,20 @@ from pathlib import Path
 
 import torch
 
+from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
 from tinychat.io.checkpoint import check_output_dir, save_awq_checkpoint, save_fp16_checkpoint
-from tinychat.io.loader import load_model, read_source_config, resolve_source
+from tinychat.io.loader import hf_tensor_shapes, load_model, read_source_config, resolve_source
 from tinychat.quant.awq import SEARCH_TOKENS, apply_pseudo_quantized, quantize_model
 from tinychat.quant.calib import load_calibration
 from tinychat.quant.linear import LAYER_LINEARS
 from tinychat.quant.quantize import QuantConfig
 
 __all__ = ["GROUP_SIZES", "SEARCH_TOKENS", "QuantizeOptions", "auto_group_size", "cache_dir", "cached_quantized_model",
-           "quantize_checkpoint"]
+           "quantize_checkpoint", "search_dtype"]
 
 GROUP_SIZES = (128, 64, 32)  # the automatic group size: the largest of these that divides every linear
+FLOAT32_MAX_BYTES = 8 * 1024**3  # larger models are held in bfloat16 during quantization (search_dtype)
 CACHE_FORMAT = 1  # bump when a change to the quantizer should invalidate cached checkpoints
 
 
@@ -53,6 +56,13 @@ class QuantizeOptions:
             raise TinychatError(f"w_bit must be 4 (packed int4 checkpoint) or 3 (fake quantization), got {self.w_bit}")
         if self.group_size is not None and self.group_size <= 0:
             raise TinychatError(f"group_size must be > 0, got {self.group_size}")
+
+
+def search_dtype(cfg: ModelConfig) -> str:
+    """The dtype the model is held in while it is quantized: float32 up to FLOAT32_MAX_BYTES of weights, bfloat16
+    above, so that a 7B model (14 GB in bfloat16, plus a few GB of cached calibration activations) fits 24 GiB."""
+    n_params = sum(math.prod(shape) for shape in hf_tensor_shapes(cfg).values())
+    return "float32" if 4 * n_params <= FLOAT32_MAX_BYTES else "bfloat16"
 
 
 def auto_group_size(model) -> int:
@@ -80,8 +90,9 @@ def quantize_checkpoint(source, out_dir, opts: QuantizeOptions = QuantizeOptions
         raise TinychatError(f"{path}: the model is already quantized ({source_config['quantization_config']}); "
                             "quantize a full-precision model")
     torch.manual_seed(opts.seed)
-    log(f"loading {path} ...")
-    model, tokenizer = load_model(path, dtype="float32")
+    dtype = search_dtype(ModelConfig.from_hf(source_config, source=str(path)))
+    log(f"loading {path} ({dtype}; the search itself runs in float32, one layer at a time) ...")
+    model, tokenizer = load_model(path, dtype=dtype)
     group_size = opts.group_size or auto_group_size(model)
     qcfg = QuantConfig(opts.w_bit, group_size)
     calib = None
