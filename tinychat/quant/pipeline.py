@@ -16,8 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
 from tinychat.io.checkpoint import check_output_dir, save_awq_checkpoint, save_fp16_checkpoint
@@ -89,7 +87,6 @@ def quantize_checkpoint(source, out_dir, opts: QuantizeOptions = QuantizeOptions
     if source_config.get("quantization_config") is not None:
         raise TinychatError(f"{path}: the model is already quantized ({source_config['quantization_config']}); "
                             "quantize a full-precision model")
-    torch.manual_seed(opts.seed)
     dtype = search_dtype(ModelConfig.from_hf(source_config, source=str(path)))
     log(f"loading {path} ({dtype}; the search itself runs in float32, one layer at a time) ...")
     model, tokenizer = load_model(path, dtype=dtype)
@@ -136,8 +133,8 @@ def cached_quantized_model(source=None, opts: QuantizeOptions = QuantizeOptions(
     if opts.w_bit != 4:
         raise TinychatError("the cache holds runnable 4-bit checkpoints only")
     path = resolve_source(source).resolve()
-    if read_source_config(path).get("quantization_config") is not None:
-        return path  # already a quantized checkpoint
+    if path.is_dir() and read_source_config(path).get("quantization_config") is not None:
+        return path  # already a quantized checkpoint (a GGUF file never is one)
     stat = path.stat() if path.is_file() else (path / "config.json").stat()
     settings = sorted((k, v) for k, v in asdict(opts).items() if k != "device")  # same result on any device
     key = repr((CACHE_FORMAT, str(path), stat.st_size, stat.st_mtime_ns, settings))
