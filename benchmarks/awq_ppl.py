@@ -9,8 +9,8 @@ can run in several invocations.
 
 A config is `fp` or `{rtn|awq}-w{bits}-g{group}`, and for AWQ any of the suffixes `-builtin` (calibrate on the
 built-in offline corpus instead of --calib), `-duo` (duo scaling), `-qin` (each layer's search sees the previous
-layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The quantized model is evaluated with pseudo-quantized weights
-(dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration corpus is never the
+layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The quantized model is evaluated with
+pseudo-quantized weights (dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration corpus is never the
 evaluation text.
 """
 
@@ -33,9 +33,9 @@ from common import machine_info  # noqa: E402
 CONFIG = re.compile(r"^(fp|(rtn|awq)-w(\d)-g(\d+)((?:-builtin|-duo|-qin|-noclip)*))$")
 
 
-def run_config(name: str, args) -> dict:
+def run_config(name: str, args, text: str) -> dict:
     from tinychat.io.loader import load_model
-    from tinychat.ppl import load_wikitext, perplexity
+    from tinychat.ppl import perplexity
     from tinychat.quant.awq import apply_pseudo_quantized, quantize_model
     from tinychat.quant.calib import load_calibration
     from tinychat.quant.quantize import QuantConfig
@@ -62,7 +62,7 @@ def run_config(name: str, args) -> dict:
         row["quantize_s"] = round(time.perf_counter() - t0, 1)
         apply_pseudo_quantized(model, qdict, qcfg)
     t0 = time.perf_counter()
-    r = perplexity(model, tokenizer, load_wikitext(args.data), seqlen=args.seqlen, max_windows=args.max_windows)
+    r = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
     row.update(ppl=round(r.ppl, 4), nll_mean=r.nll_mean, tokens_evaluated=r.tokens_evaluated, windows=r.windows,
                seqlen=args.seqlen, eval_s=round(time.perf_counter() - t0, 1))
     return row
@@ -93,13 +93,15 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON file to merge the results into")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from tinychat.ppl import load_wikitext
 
+    text = load_wikitext(args.data)  # once, before any model work: a bad path fails at once
     result = {"rows": {}}
     if args.out and Path(args.out).exists():
         result = json.loads(Path(args.out).read_text())
     result.update(benchmark="awq_ppl", machine=machine_info(), model=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf")
     for name in args.configs:
-        row = run_config(name, args)
+        row = run_config(name, args, text)
         row["date"] = datetime.date.today().isoformat()
         result["rows"][name] = row
         add_derived(result["rows"])

@@ -48,11 +48,15 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
     raise ModelLoadError(f"{path}: no such file or directory")
 
 
+def _require_gguf(path: Path) -> None:
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model directory")
+
+
 def read_source_config(path: Path) -> dict:
     """The Hugging Face-spelled config of a GGUF file (from its metadata) or a model directory (config.json)."""
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model directory")
+        _require_gguf(path)
         return read_gguf(path)[0]
     return read_json(path / "config.json")
 
@@ -64,8 +68,7 @@ def load_model(
     path = resolve_source(source)
     dtype = resolve_dtype(dtype)
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model directory")
+        _require_gguf(path)
         cfg_dict, tensors, reader = read_gguf(path)
         config = ModelConfig.from_hf(cfg_dict, source=str(path))
         tokenizer = Tokenizer.from_gguf(reader, path)
