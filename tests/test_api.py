@@ -1,0 +1,110 @@
+"""The Python embedding API (tinychat.load / Model.generate / Model.chat) on the real default model."""
+
+import threading
+import time
+
+import pytest
+
+import tinychat
+from tinychat.api import BusyError, Completion, TextStream
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_gguf):
+    return tinychat.load(smollm2_gguf, max_seq_len=512)
+
+
+def test_chat_answers_with_counts_and_timings(llm):
+    r = llm.chat(FRANCE, max_new_tokens=24)
+    assert isinstance(r, Completion)
+    assert "Paris" in r.text and r.finish_reason == "stop"
+    assert r.prompt_tokens == len(llm.chat_prompt_ids(FRANCE)) and 0 < r.completion_tokens <= 24
+    assert 0 < r.ttft_s <= r.total_s and r.decode_tok_s > 0
+
+
+def test_stream_pieces_join_to_the_full_answer(llm):
+    whole = llm.generate("The capital of Germany is", max_new_tokens=12)
+    stream = llm.generate("The capital of Germany is", stream=True, max_new_tokens=12)
+    assert isinstance(stream, TextStream)
+    pieces = list(stream)
+    assert len(pieces) > 1 and "".join(pieces) == whole.text == stream.completion.text
+    assert stream.completion.finish_reason == whole.finish_reason == "length"
+
+
+def test_stop_strings_end_the_answer_and_are_left_out(llm):
+    full = llm.generate("The capital of Germany is", max_new_tokens=12).text
+    assert "." in full
+    cut = llm.generate("The capital of Germany is", max_new_tokens=12, stop=["."])
+    assert cut.text == full[: full.index(".")] and cut.finish_reason == "stop"
+    pieces = list(llm.generate("The capital of Germany is", stream=True, max_new_tokens=12, stop=["."]))
+    assert "".join(pieces) == cut.text  # the held-back prefix of a stop string is never streamed
+
+
+def test_a_continued_conversation_prefills_only_its_new_tokens(llm):
+    first = llm.chat(FRANCE, max_new_tokens=24)
+    turn2 = FRANCE + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And Germany?"}]
+    second = llm.chat(turn2, max_new_tokens=24)
+    assert second.reused_tokens >= first.prompt_tokens
+    assert "Berlin" in second.text
+
+
+def test_one_generation_at_a_time_across_threads(llm):
+    stream = llm.generate("Once upon a time", stream=True, max_new_tokens=200)
+    next(stream)  # the model is now busy
+    with pytest.raises(BusyError, match="busy"):
+        llm.generate("Hello", timeout=0)
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(llm.generate("Hello", max_new_tokens=3)))
+    waiter.start()
+    time.sleep(0.5)
+    assert not results  # it waits for the stream
+    stream.close()
+    waiter.join(timeout=60)
+    assert results and results[0].completion_tokens == 3
+    assert stream.completion.finish_reason == "cancelled"
+
+
+def test_concurrent_callers_get_the_answers_they_would_get_alone(llm):
+    prompts = ["The capital of Italy is", "Water boils at", "The largest planet is"]
+    alone = [llm.generate(p, max_new_tokens=8).text for p in prompts]
+    got = [None] * len(prompts)
+
+    def ask(i):
+        got[i] = llm.generate(prompts[i], max_new_tokens=8).text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == alone
+
+
+def test_a_stream_dropped_unread_frees_the_model(llm):
+    llm.generate("Hi", stream=True)  # never iterated, never closed: garbage-collected at once
+    assert llm.generate("Hi", timeout=0, max_new_tokens=2).completion_tokens == 2
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda m: m.chat([]), "messages is empty"),
+    (lambda m: m.chat([{"role": "user"}]), "'role' and 'content'"),
+    (lambda m: m.generate(42), "prompt must be a str"),
+    (lambda m: m.generate("x", temprature=0.5), "unknown sampling argument"),
+    (lambda m: m.generate("x", temperature=-1), "temperature must be >= 0"),
+    (lambda m: m.generate("word " * 600), "context holds 512"),
+])
+def test_bad_input(llm, call, error):
+    with pytest.raises((tinychat.TinychatError, TypeError, ValueError), match=error):
+        call(llm)
+    assert llm.generate("Hi", timeout=0, max_new_tokens=1).completion_tokens == 1  # the model is not left busy
+
+
+def test_load_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="quant must be"):
+        tinychat.load(quant="int8")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        tinychat.load(tmp_path, dtype="float8")
+    with pytest.raises(tinychat.ModelLoadError, match="no such file"):
+        tinychat.load(tmp_path / "missing.gguf")

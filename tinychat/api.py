@@ -1,0 +1,253 @@
+"""The Python API for embedding tinychat in an application.
+
+    import tinychat
+    llm = tinychat.load()                       # SmolLM2-135M-Instruct, 4-bit AWQ (quantized on first use, cached)
+    print(llm.chat([{"role": "user", "content": "Hi!"}]).text)
+    for piece in llm.generate("Once upon a time", stream=True, max_new_tokens=64):
+        print(piece, end="", flush=True)
+
+One `Model` runs one generation at a time (it owns one KV cache). Calls from other threads wait for the running one
+to end, or, with `timeout`, give up with `BusyError`. A stream holds the model until it is exhausted or closed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinychat.engine import Engine, GenerationStats, SamplingParams
+from tinychat.errors import GenerationError, TinychatError
+from tinychat.model import Transformer
+from tinychat.tokenizer import StreamDecoder, Tokenizer
+
+__all__ = ["BusyError", "Completion", "Model", "TextStream", "load"]
+
+SAMPLING_ARGS = frozenset(SamplingParams.__dataclass_fields__)
+
+
+class BusyError(TinychatError):
+    """The model is generating for another caller and the wait timed out."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation: the text, token counts and timings."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop": a stop token or stop string; "length": max_new_tokens or the context; "cancelled"
+    ttft_s: float  # time to the first token (prefill), seconds
+    prefill_tok_s: float  # prompt tokens not already in the KV cache, per second of prefill
+    decode_tok_s: float
+    total_s: float
+    reused_tokens: int = 0  # prompt tokens whose keys/values were already cached (an extended conversation)
+
+
+class TextStream(Iterator[str]):
+    """Text pieces as they are generated; `completion` is set once the stream ends.
+
+    The model stays busy until the stream is exhausted or closed (`close()`, `with`, or garbage collection), so a
+    caller that stops reading early should close it.
+    """
+
+    def __init__(self, pieces: Iterator[str], result: list[Completion], release) -> None:
+        """pieces: a generator that appends its Completion to `result` when it ends, however it ends (it must not
+        refer to this stream: without a reference cycle, a dropped stream is freed, and the model released, at
+        once)."""
+        self._pieces = pieces
+        self._result = result
+        self._release = release
+
+    @property
+    def completion(self) -> Completion | None:
+        """The finished generation, once the stream has ended (None before)."""
+        return self._result[0] if self._result else None
+
+    def __next__(self) -> str:
+        if self._release is None:
+            raise StopIteration
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            self._finish()
+            raise
+        except BaseException:
+            self.close()
+            raise
+
+    def _finish(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def close(self) -> None:
+        """Stop generating (finish_reason "cancelled") and free the model for the next caller."""
+        if self._release is None:
+            return
+        try:
+            self._pieces.close()
+        finally:
+            self._finish()
+            if not self._result:  # closed before the first piece was asked for: nothing ran
+                self._result.append(Completion("", 0, 0, "cancelled", 0.0, 0.0, 0.0, 0.0))
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` could start a stop string (and must wait for more text)."""
+    keep = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:n]):
+                keep = n
+                break
+    return keep
+
+
+class Model:
+    """A loaded model with its tokenizer and one KV cache. Build it with `tinychat.load`."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str, max_seq_len: int | None = None):
+        self.engine = Engine(model, tokenizer, max_seq_len)
+        self.tokenizer = tokenizer
+        self.name = name
+        self._lock = threading.Lock()
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the KV cache holds: prompt plus answer must fit."""
+        return self.engine.max_seq_len
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def chat_prompt_ids(self, messages: Sequence[Mapping]) -> list[int]:
+        """Token ids of OpenAI-style messages rendered with the model's chat template."""
+        if not messages:
+            raise GenerationError("messages is empty")
+        for m in messages:
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(
+                    m.get("content"), str):
+                raise GenerationError(f"each message needs a string 'role' and 'content', got {m!r}")
+        return self.tokenizer.encode_chat(list(messages))
+
+    def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), timeout: float | None = None,
+                 **sampling) -> Completion | TextStream:
+        """Continue `prompt` (plain text, no chat template).
+
+        sampling: temperature (0 = greedy, the default), top_k, top_p, repetition_penalty, seed, max_new_tokens.
+        stop: strings that end the answer (not included in it). timeout: seconds to wait while another call runs
+        (None: as long as it takes; 0: fail at once with BusyError).
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return self._run(self.tokenizer.encode(prompt), stream, stop, timeout, sampling)
+
+    def chat(self, messages: Sequence[Mapping], *, stream: bool = False, stop: Sequence[str] = (),
+             timeout: float | None = None, **sampling) -> Completion | TextStream:
+        """Answer OpenAI-style messages ([{"role": "system"|"user"|"assistant", "content": str}, ...]).
+
+        A conversation that extends the previous call's messages prefills only its new tokens. Arguments as in
+        `generate`.
+        """
+        return self._run(self.chat_prompt_ids(messages), stream, stop, timeout, sampling)
+
+    def _run(self, ids: list[int], stream: bool, stop: Sequence[str], timeout: float | None,
+             sampling: dict) -> Completion | TextStream:
+        unknown = set(sampling) - SAMPLING_ARGS
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join(sorted(SAMPLING_ARGS))}")
+        params = SamplingParams(**sampling)
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = [s for s in stop if s]
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise BusyError(f"{self.name} is busy with another generation")
+        result: list[Completion] = []
+        pieces = TextStream(self._pieces(ids, params, stop, result), result, self._lock.release)
+        if stream:
+            return pieces
+        with pieces:
+            for _ in pieces:
+                pass
+        return pieces.completion
+
+    def _pieces(self, ids: list[int], params: SamplingParams, stop: list[str], result: list[Completion]):
+        """Generator of text pieces; appends the Completion to `result` when it ends (exhausted, stopped, closed or
+        failed)."""
+        t0 = time.perf_counter()
+        text, sent = "", 0  # text so far; text[:sent] was yielded
+        finish = None
+        tokens = self.engine.generate(ids, params)
+        decoder = StreamDecoder(self.tokenizer)
+        try:
+            for token in tokens:
+                text += decoder.push(token)
+                if stop:
+                    hits = [i for i in (text.find(s, max(sent - len(s), 0)) for s in stop) if i >= 0]
+                    if hits:
+                        text, finish = text[: min(hits)], "stop"
+                        break
+                end = len(text) - _hold_back(text, stop)
+                if end > sent:
+                    yield text[sent:end]
+                    sent = end
+            else:
+                text += decoder.flush()
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+        finally:
+            tokens.close()  # an early end (stop string, the caller closing us) ends the engine's loop
+            stats: GenerationStats = self.engine.last_stats
+            result.append(Completion(
+                text=text[:sent], prompt_tokens=stats.prompt_tokens, completion_tokens=stats.generated_tokens,
+                finish_reason=finish or stats.finish_reason, ttft_s=stats.ttft_s, prefill_tok_s=stats.prefill_tok_s,
+                decode_tok_s=stats.decode_tok_s, total_s=time.perf_counter() - t0, reused_tokens=stats.reused_tokens))
+
+
+def load(path_or_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", dtype="float32",
+         quant: str = "auto", threads: int | None = None, max_seq_len: int | None = None,
+         verbose: bool = False) -> Model:
+    """Load a model for generation.
+
+    path_or_id: a GGUF file, a Hugging Face model directory (full precision or AWQ 4-bit) or a hub id; None: the
+    default model, SmolLM2-135M-Instruct. quant: "awq" runs a full-precision model in 4 bits (quantized on first
+    use and cached), "none" runs it as given, "auto" means "awq" for the default model and "none" otherwise.
+    threads: CPU threads (torch's setting is process-wide). max_seq_len: context to allocate (default: the
+    model's own).
+    """
+    from tinychat.io.loader import load_model, resolve_dtype, resolve_source
+
+    if quant not in ("auto", "awq", "none"):
+        raise ValueError(f"quant must be 'auto', 'awq' or 'none', got {quant!r}")
+    resolve_dtype(dtype)  # a bad dtype fails before any work
+    if threads:
+        torch.set_num_threads(threads)
+    if quant == "awq" or (quant == "auto" and path_or_id is None):
+        from tinychat.quant.pipeline import QuantizeOptions, cached_quantized_model
+
+        path = cached_quantized_model(path_or_id, QuantizeOptions(device=str(device)))
+    else:
+        path = resolve_source(path_or_id)
+    if verbose:
+        print(f"loading {path} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model(path, device=device, dtype=dtype)
+    return Model(model, tokenizer, name=Path(path).name, max_seq_len=max_seq_len)
