@@ -1,12 +1,17 @@
-"""A conversation over one engine: the chat template, the KV cache kept between turns, the context policy."""
+"""`tinychat chat`: a conversation over one engine (chat template, KV cache kept between turns, context policy)
+and the terminal loop around it (line editing and history, commands, Ctrl-C)."""
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from tinychat.engine import Engine, SamplingParams
-from tinychat.errors import GenerationError
+from tinychat.errors import GenerationError, TinychatError
+
+PROMPT = ">>> "
 
 
 class ChatSession:
@@ -58,3 +63,95 @@ class ChatSession:
                 yield piece
         finally:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+HELP = """commands:
+  /reset          clear the conversation (keeps the system message)
+  /system [TEXT]  show the system message, or set it (the conversation starts over)
+  /stats          timings of the last answer: TTFT, prefill and decode tok/s, context used
+  /help           this list
+  /exit, /quit    leave (Ctrl-D too)
+Ctrl-C stops an answer and keeps the conversation; Esc then Enter inserts a new line; pasted text keeps its lines."""
+
+
+def _history_path() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "tinychat" / "chat_history"
+
+
+def _line_reader(interactive: bool) -> Callable[[], str]:
+    """A function that returns the next input line (raises EOFError at the end, KeyboardInterrupt on Ctrl-C)."""
+    if not interactive:
+        return lambda: input(PROMPT)
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event):
+        event.current_buffer.insert_text("\n")
+
+    try:
+        path = _history_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        history = FileHistory(str(path))
+    except OSError:
+        history = InMemoryHistory()
+    prompt = PromptSession(history=history, key_bindings=bindings, enable_history_search=True)
+    return lambda: prompt.prompt(PROMPT)
+
+
+def format_stats(session: ChatSession) -> str:
+    s = session.engine.last_stats
+    if not s.prompt_tokens:
+        return "no answer yet"
+    used, room = len(session.engine.cached), session.engine.max_seq_len
+    return (f"prompt {s.prompt_tokens} tokens ({s.reused_tokens} reused from the cache, "
+            f"{s.prompt_tokens - s.reused_tokens} prefilled at {s.prefill_tok_s:.1f} tok/s) | "
+            f"TTFT {s.ttft_s * 1000:.0f} ms | {s.generated_tokens} generated at {s.decode_tok_s:.1f} tok/s | "
+            f"finish: {s.finish_reason} | context {used}/{room}")
+
+
+def run_chat(session: ChatSession, interactive: bool, out=sys.stdout, err=sys.stderr) -> int:
+    """The read-answer loop of `tinychat chat`; returns the exit status."""
+    read_line = _line_reader(interactive)
+    while True:
+        try:
+            line = read_line()
+        except EOFError:
+            print(file=out)
+            return 0
+        except KeyboardInterrupt:  # at the prompt: drop the line, keep the session
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        command, _, rest = text.partition(" ")
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/help":
+            print(HELP, file=err)
+        elif command == "/reset":
+            session.reset()
+            print("[conversation cleared]", file=err)
+        elif command == "/system":
+            if rest.strip():
+                session.reset(system=rest.strip())
+                print("[system message set; conversation cleared]", file=err)
+            else:
+                print(f"[system: {session.system!r}]" if session.system else "[no system message]", file=err)
+        elif command == "/stats":
+            print(f"[{format_stats(session)}]", file=err)
+        elif command.startswith("/") and "\n" not in text and len(command) > 1 and command[1:].isalpha():
+            print(f"[unknown command {command}: /help lists them]", file=err)
+        else:
+            try:
+                for piece in session.send(line):
+                    print(piece, end="", flush=True, file=out)
+            except KeyboardInterrupt:
+                print(" [stopped]", end="", file=out)
+            except TinychatError as e:
+                print(f"error: {e}", file=err)
+            print(flush=True, file=out)

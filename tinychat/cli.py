@@ -38,66 +38,26 @@ def _sampling(args):
 
 
 def _load(args):
-    import torch
+    from tinychat.api import load
 
-    from tinychat.io.loader import load_model, resolve_dtype, resolve_source
-
-    resolve_dtype(args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quant == "awq" or (args.quant == "auto" and args.model is None):
-        from tinychat.quant.pipeline import QuantizeOptions, cached_quantized_model
-
-        path = cached_quantized_model(args.model, QuantizeOptions(device=args.device))
-    else:
-        path = resolve_source(args.model)
-    print(f"loading {path} ({args.dtype}, {args.device}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(path, device=args.device, dtype=args.dtype)
-    return path, model, tokenizer
+    return load(args.model, device=args.device, dtype=args.dtype, quant=args.quant, threads=args.threads,
+                max_seq_len=getattr(args, "ctx", None), verbose=True)
 
 
 def cmd_chat(args) -> int:
-    from tinychat.chat import ChatSession
-    from tinychat.engine import Engine
+    from tinychat.chat import ChatSession, run_chat
 
     params = _sampling(args)
-    path, model, tokenizer = _load(args)
-    session = ChatSession(Engine(model, tokenizer, args.ctx), system=args.system, params=params)
-    print(f"chatting with {path.name}: /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            session.reset()
-            print("[conversation cleared]", file=sys.stderr)
-            continue
-        try:
-            for piece in session.send(line):
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            print(" [stopped]", end="")
-        except TinychatError as e:
-            print(f"error: {e}", file=sys.stderr)
-        print(flush=True)
+    llm = _load(args)
+    session = ChatSession(llm.engine, system=args.system, params=params)
+    print(f"chatting with {llm.name}: /help lists the commands, /exit or Ctrl-D quits", file=sys.stderr)
+    return run_chat(session, interactive=sys.stdin.isatty() and sys.stdout.isatty())
 
 
 def cmd_generate(args) -> int:
-    from tinychat.engine import Engine
-
     params = _sampling(args)
-    _, model, tokenizer = _load(args)
-    engine = Engine(model, tokenizer, args.ctx)
+    llm = _load(args)
+    engine, tokenizer = llm.engine, llm.tokenizer
     ids = tokenizer.encode(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     for piece in engine.stream(ids, params):
         print(piece, end="", flush=True)
@@ -108,15 +68,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tinychat.server import serve
+
+    llm = _load(args)
+    print(f"serving {llm.name} on http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)", file=sys.stderr)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key)
+    return 0
+
+
 def cmd_ppl(args) -> int:
     import time
 
     from tinychat.ppl import load_wikitext, perplexity
 
     text = load_wikitext(args.data)  # before the model: a bad path fails at once
-    _, model, tokenizer = _load(args)
+    llm = _load(args)
     t0 = time.perf_counter()
-    r = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
+    r = perplexity(llm.engine.model, llm.tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
     print(f"perplexity: {r.ppl:.4f}")
     print(f"tokens evaluated: {r.tokens_evaluated}")
     print(f"windows: {r.windows} x {args.seqlen}")
@@ -142,6 +111,12 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from tinychat.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinychat", description="AWQ 4-bit LLM runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: none)")
+    p.add_argument("--ctx", type=int, default=None, help="context length to allocate (default: the model's)")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("ppl", help="perplexity on WikiText-2 (non-overlapping windows, as GPTQ/AWQ report it)")
     _add_model_args(p)
     p.add_argument("--data", required=True,
@@ -191,6 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", help="prefill/decode speed, memory and GB/s of a model or a known shape, per dtype",
+                       description="Prefill tok/s and TTFT per prompt length, decode tok/s per context length, "
+                                   "model bytes, peak memory and effective GB/s; warm-up excluded, medians reported.")
+    _add_model_args(p)
+    p.add_argument("--shape", default=None,
+                   help="random weights in a known architecture's shape, e.g. llama-2-7b, llama-3-8b, mistral-7b, "
+                        "qwen2-7b, smollm2-135m (no MODEL, weights or tokenizer needed)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="with --shape: build only the first N decoder layers (full-model figures are estimated)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma list of float32, bfloat16, float16, int4 compared in one run (default: int4 for "
+                        "--shape; a model as it loads); --dtype sets what int4 runs keep in float")
+    p.add_argument("--prompt-lens", default=None, help="prefill prompt lengths (default: 32,128,512)")
+    p.add_argument("--ctx-lens", default=None,
+                   help="decode context lengths (default: 128,512,1024,2048, those that fit the model)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per run (default: 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians (default: 3)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every result and the machine info here")
+    p.add_argument("--plot", default=None, metavar="PATH.png", help="plot tok/s against length (needs matplotlib)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
