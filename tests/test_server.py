@@ -1,0 +1,182 @@
+"""`tinychat serve` as clients use it: a live server on 127.0.0.1, the official `openai` client, raw HTTP."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+KEY = "test-key"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+CTX = 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tinychat", "serve", str(smollm2_gguf), "--quant", "none",
+                                 "--ctx", str(CTX), "--port", str(port), "--api-key", KEY],
+                                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited: {log.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"the server did not come up: {log.read_text()}")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def post(server, path, body, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(f"{server}{path}", content=content, headers=headers, timeout=300, **kw)
+
+
+def wait_idle(server, seconds=20.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not httpx.get(f"{server}/health", timeout=5).json()["generating"]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_models_and_health(client, server):
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id.endswith(".gguf")
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "model": models[0].id, "generating": False}
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model="any", messages=FRANCE, temperature=0, max_tokens=24)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "stop" and r.object == "chat.completion"
+    assert r.usage.prompt_tokens > 10 and 0 < r.usage.completion_tokens <= 24
+
+
+def test_chat_completion_streams(client):
+    whole = client.chat.completions.create(model="any", messages=FRANCE, temperature=0, max_tokens=24)
+    chunks = list(client.chat.completions.create(model="any", messages=FRANCE, temperature=0, max_tokens=24,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 3 and text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_with_stop_and_length(client):
+    r = client.completions.create(model="any", prompt="The capital of Germany is", temperature=0, max_tokens=12,
+                                  stop=["."])
+    assert r.choices[0].text.strip() == "Berlin" and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="any", prompt="Once upon a time", temperature=0, max_tokens=5)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    streamed = client.completions.create(model="any", prompt="Once upon a time", temperature=0, max_tokens=5,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ('{"messages": [{"role": "user", "content": "hi"}', 400, "not valid JSON"),
+    ({"messages": FRANCE, "temperature": "hot"}, 422, "temperature"),
+    ({"messages": FRANCE, "max_tokens": "many"}, 422, "max_tokens"),
+    ({"messages": []}, 422, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "role"),
+    ({"messages": FRANCE, "max_tokens": CTX}, 400, "does not fit"),
+    ({"messages": FRANCE, "n": 2}, 422, "n"),
+    ({"messages": [{"role": "user", "content": "word " * CTX}]}, 400, "context"),
+])
+def test_malformed_chat_requests(server, body, status, words):
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_completion_requests(server):
+    assert post(server, "/v1/completions", {"prompt": ""}).status_code == 400
+    assert post(server, "/v1/completions", {"prompt": 7}).status_code == 422
+    assert post(server, "/v1/completions", {}).status_code == 422
+
+
+def test_api_key_required(server):
+    r = post(server, "/v1/chat/completions", {"messages": FRANCE}, key="wrong")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200  # health needs no key
+
+
+def test_concurrent_requests_are_queued_and_not_mixed(client):
+    prompts = ["The capital of Italy is", "Water boils at", "The largest planet is", "My favourite colour is"]
+    alone = [client.completions.create(model="m", prompt=p, temperature=0, max_tokens=10).choices[0].text
+             for p in prompts]
+    got = [None] * len(prompts)
+
+    def ask(i):
+        stream = i % 2 == 1
+        r = client.completions.create(model="m", prompt=prompts[i], temperature=0, max_tokens=10, stream=stream)
+        got[i] = "".join(c.choices[0].text for c in r) if stream else r.choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert got == alone
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_the_generation(server, stream):
+    body = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}], "temperature": 0,
+            "max_tokens": CTX - 100, "stream": stream}  # minutes of work if it ran to the end
+    seen = []  # /health's "generating" while the request is open
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(httpx.get(f"{server}/health", timeout=5).json()["generating"])
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        # non-streaming, the client gives up (times out) while the answer is generated; streaming, it hangs up
+        with pytest.raises(httpx.ReadTimeout), httpx.stream("POST", f"{server}/v1/chat/completions", json=body,
+                                                            timeout=3, headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 4:  # a few streamed chunks, then hang up
+                    raise httpx.ReadTimeout("hang up")
+    finally:
+        done.set()
+        watcher.join()
+    assert True in seen, "the generation never started"
+    assert wait_idle(server), "the generation went on after the client left"
