@@ -11,15 +11,19 @@ PROMPT = r"\n(?:\x1b\[[0-9;?]*[A-Za-z]|\r)*>>>"  # a fresh prompt line (the edit
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"  # bracketed paste, as terminals send a paste
 
 
-@pytest.fixture
-def chat(smollm2_gguf, tmp_path):
-    env = dict(os.environ, HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"), PYTHONUNBUFFERED="1",
+def spawn_chat(gguf, home, *args):
+    env = dict(os.environ, HOME=str(home), XDG_STATE_HOME=str(home / "state"), PYTHONUNBUFFERED="1",
                TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
-    child = pexpect.spawn(sys.executable, ["-m", "tinychat", "chat", str(smollm2_gguf), "--quant", "none",
-                                           "--temperature", "0", "--max-new-tokens", "300", "--ctx", "2048"],
-                          env=env, encoding="utf-8", timeout=90, dimensions=(40, 200))
+    child = pexpect.spawn(sys.executable, ["-m", "tinychat", "chat", str(gguf), "--quant", "none", "--temperature",
+                                           "0", *args], env=env, encoding="utf-8", timeout=90, dimensions=(40, 200))
     child.expect_exact("/help lists the commands")
     child.expect(PROMPT)
+    return child
+
+
+@pytest.fixture
+def chat(smollm2_gguf, tmp_path):
+    child = spawn_chat(smollm2_gguf, tmp_path, "--max-new-tokens", "300", "--ctx", "2048")
     yield child, tmp_path
     if child.isalive():
         child.terminate(force=True)
@@ -96,3 +100,20 @@ def test_pasted_lines_are_one_message(chat, smollm2_gguf):
     tokenizer = Tokenizer.from_gguf(GGUFReader(smollm2_gguf), smollm2_gguf)
     expected = len(tokenizer.encode_chat([{"role": "user", "content": pasted}]))
     assert f"prompt {expected} tokens" in stats  # the model got every line, in one message
+
+
+def test_a_full_context_drops_the_oldest_turns_and_says_so_once(smollm2_gguf, tmp_path):
+    child = spawn_chat(smollm2_gguf, tmp_path, "--max-new-tokens", "24", "--ctx", "128")
+    try:
+        said = ""
+        for question in ["What is the capital of France?", "What is the capital of Spain?",
+                         "What is the capital of Italy?", "What is the capital of Japan?",
+                         "What is the capital of Egypt?", "What is the capital of Peru?"]:
+            said += ask(child, question)
+            stats = ask(child, "/stats")
+            used, room = map(int, re.search(r"context (\d+)/(\d+)", stats).groups())
+            assert room == 128 and used <= 128
+        assert said.count("context full: dropping the oldest turns") == 1
+        assert "Lima" in said.split("capital of Peru")[-1]  # still answering after the trims
+    finally:
+        child.terminate(force=True)
