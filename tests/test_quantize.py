@@ -188,8 +188,10 @@ def test_cli_quant_flag_runs_a_named_model_in_four_bits(src, tmp_path):
 
 def test_ctrl_c_during_the_search_leaves_nothing(smollm2_gguf, tmp_path):
     out = tmp_path / "out"
+    # SIGINT as a terminal's Ctrl-C delivers it, even when this test runs where it is ignored (`pytest &`)
     proc = subprocess.Popen([sys.executable, "-m", "tinychat", "quantize", "--out", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:  # wait until the search has started
         lines.append(line)

@@ -4,6 +4,7 @@ and the terminal loop around it (line editing and history, commands, Ctrl-C)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,6 +117,8 @@ def format_stats(session: ChatSession) -> str:
 
 def run_chat(session: ChatSession, interactive: bool, out=sys.stdout, err=sys.stderr) -> int:
     """The read-answer loop of `tinychat chat`; returns the exit status."""
+    if interactive:  # Ctrl-C must stop an answer even when we were started with SIGINT ignored (`cmd &`, nohup)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     read_line = _line_reader(interactive)
     while True:
         try:
