@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+
 TORCH_LIBRARY(tinychat, m) {
   // out = x * rsqrt(mean(x^2, -1) + eps) * weight, in fp32, cast once to x.dtype.
   // x [..., H] (last dim contiguous), weight [H] (x.dtype). Returns a new contiguous tensor.
@@ -16,10 +18,18 @@ TORCH_LIBRARY(tinychat, m) {
   // cos_sin fp32 [max_pos, D] = [cos | sin]. Returns a new contiguous [B, T, nH, D] tensor.
   m.def("rotary_embedding(Tensor x, Tensor positions, Tensor cos_sin) -> Tensor");
   // y = x @ W.T with 4-bit weights, fp32 accumulation, cast once to x.dtype.
-  // x [..., K] (fp32/bf16/fp16, any strides); qweight uint8 [N, K/2] (low nibble = input channel 2j, high
-  // nibble = 2j + 1); scales, zeros fp32 [N, K/G]; W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G];
-  // K % group_size == 0. Layout: tinychat/quant/pack.py. Returns a new contiguous [..., N] tensor.
+  // x [..., K] (fp32/bf16/fp16, any strides; K % 32 == 0); qweight uint8 [N, K/2] in blocks of 32 input channels
+  // (byte j of block b: low nibble = channel 32b + j, high nibble = channel 32b + 16 + j); scales, zeros fp32
+  // [N, K/G]; W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G]; G % 32 == 0, K % G == 0.
+  // Layout: tinychat/quant/pack.py. Returns a new contiguous [..., N] tensor.
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+  // Attention of one new query per sequence over the KV cache (decode), softmax in fp32, cast once to q.dtype.
+  // q [B, H, D]; k_cache, v_cache [B, Hkv, S, D] (H % Hkv == 0: query head h reads kv head h / (H / Hkv));
+  // attends to cache positions 0..length-1 (1 <= length <= S); scores scaled by `scale`. Returns [B, H, D].
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, int length, float scale) -> Tensor");
+  // The instruction set the CPU kernels use: the best this CPU has ("avx512", "avx2", "scalar"), or the lower
+  // one the environment variable TINYCHAT_CPU_ISA names.
+  m.def("cpu_isa() -> str", &tinychat::cpu_isa_name);
 }
 
 // A Python module with no functions: importing it loads the library above. Its one attribute,

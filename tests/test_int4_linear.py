@@ -9,7 +9,7 @@ import torch
 from tinychat import ops
 from tinychat.errors import TinychatError
 from tinychat.quant.linear import WQLinear, layer_linear_names, quantize_model_layers
-from tinychat.quant.pack import to_reference
+from tinychat.quant.pack import to_int4_op
 from tinychat.quant.quantize import QuantConfig, dequantize, quantize
 
 
@@ -23,16 +23,38 @@ def make_weights(N, K, G, seed=0):
     """A random [N, K] weight, RTN-quantized: (reference-layout tensors, plain quantization)."""
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
     q, scales, zeros = quantize(w, QuantConfig(4, G))
-    return to_reference(q, scales, zeros), (q, scales, zeros)
+    return to_int4_op(q, scales, zeros), (q, scales, zeros)
 
 
 def shapes():
-    for M in (1, 3, 17, 64):
-        for N in (8, 24, 200):
-            for K in (64, 192, 576):
-                for G in (32, 64, 128):
-                    if K % G == 0:
-                        yield M, N, K, G
+    for N in (8, 23, 200):
+        for K in (64, 192, 576):
+            for G in (32, 64, 128):
+                if K % G == 0:
+                    yield N, K, G
+
+
+ISAS = ("avx512", "avx2", "scalar")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Each CPU path in turn (TINYCHAT_CPU_ISA forces a lower one); paths above this CPU's are skipped."""
+    monkeypatch.delenv("TINYCHAT_CPU_ISA", raising=False)
+    best = tc().cpu_isa()
+    if ISAS.index(request.param) < ISAS.index(best):
+        pytest.skip(f"this CPU supports at most {best}")
+    monkeypatch.setenv("TINYCHAT_CPU_ISA", request.param)
+    assert tc().cpu_isa() == request.param
+    return request.param
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 def test_op_is_registered_without_cuda_kernel():
@@ -42,36 +64,45 @@ def test_op_is_registered_without_cuda_kernel():
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::int4_linear", "CUDA")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,N,K,G", list(shapes()))
-def test_matches_reference(M, N, K, G, dtype):
-    (qweight, scales, zeros), (q, s, z) = make_weights(N, K, G)
-    x = torch.randn(M, K).to(dtype)
-    out = tc().int4_linear(x, qweight, scales, zeros, G)
-    assert out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
-    ref = ops.int4_linear_ref(x, qweight, scales, zeros, G)
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 17, 64, 300])
+def test_matches_reference(M, isa, threads):
+    """Every path, small M (the GEMV kernel, 1..4 rows of x at a time) and large (dequantize + GEMM)."""
+    for N, K, G in shapes():
+        (qweight, scales, zeros), (q, s, z) = make_weights(N, K, G, seed=N + K + G)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+        out = tc().int4_linear(x, qweight, scales, zeros, G)
+        assert out.shape == (M, N) and out.dtype == torch.float32 and out.is_contiguous()
+        ref = ops.int4_linear_ref(x, qweight, scales, zeros, G)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"N={N} K={K} G={G}: {m}")
         # the reference means what quantize.dequantize means
         torch.testing.assert_close(ref, x @ dequantize(q, s, z, G).t(), atol=1e-4, rtol=1e-4)
-    else:
-        torch.testing.assert_close(out, ref)  # both fp32 math cast once: ~1 ulp of bf16
+        xb = x.bfloat16()
+        torch.testing.assert_close(tc().int4_linear(xb, qweight, scales, zeros, G),
+                                   ops.int4_linear_ref(xb, qweight, scales, zeros, G))  # fp32 math cast once
+
+
+def test_unknown_isa_is_refused(monkeypatch):
+    (qweight, scales, zeros), _ = make_weights(8, 64, 32)
+    monkeypatch.setenv("TINYCHAT_CPU_ISA", "avx9")
+    with pytest.raises(RuntimeError, match="TINYCHAT_CPU_ISA must be native, avx512, avx2 or scalar, got 'avx9'"):
+        tc().int4_linear(torch.randn(1, 64), qweight, scales, zeros, 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_batched_and_strided_x(dtype):
     (qweight, scales, zeros), _ = make_weights(24, 192, 64)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}  # fp32: the kernel sums in another order
     x = torch.randn(2, 5, 192).to(dtype)  # [B, T, K]
     out = tc().int4_linear(x, qweight, scales, zeros, 64)
     assert out.shape == (2, 5, 24)
-    torch.testing.assert_close(out, ops.int4_linear_ref(x, qweight, scales, zeros, 64))
+    torch.testing.assert_close(out, ops.int4_linear_ref(x, qweight, scales, zeros, 64), **tol)
     xt = torch.randn(5, 2, 192).to(dtype).transpose(0, 1)  # rows not evenly strided
     assert not xt.is_contiguous()
     torch.testing.assert_close(tc().int4_linear(xt, qweight, scales, zeros, 64),
-                               ops.int4_linear_ref(xt, qweight, scales, zeros, 64))
+                               ops.int4_linear_ref(xt, qweight, scales, zeros, 64), **tol)
     wide = torch.randn(3, 400).to(dtype)[:, 8:200]  # a column slice: last dim contiguous, rows strided
     torch.testing.assert_close(tc().int4_linear(wide, qweight, scales, zeros, 64),
-                               ops.int4_linear_ref(wide, qweight, scales, zeros, 64))
+                               ops.int4_linear_ref(wide, qweight, scales, zeros, 64), **tol)
 
 
 def test_empty_batch():
@@ -85,7 +116,9 @@ def _bad_inputs():
     x = torch.randn(3, 128)
     yield "x dtype", (x.long(), qweight, scales, zeros, 32), r"x must be float32, bfloat16 or float16"
     yield "0-dim x", (torch.tensor(1.0), qweight, scales, zeros, 32), r"x must have shape \[\.\.\., K\]"
-    yield "odd K", (torch.randn(3, 127), qweight, scales, zeros, 32), r"K \(in_features\) must be even"
+    yield "K not in blocks of 32", (torch.randn(3, 120), qweight, scales, zeros, 32), \
+        r"K \(in_features\) must be a positive multiple of 32, got 120"
+    yield "group size 16", (x, qweight, scales, zeros, 16), r"group_size must be a multiple of 32, got 16"
     yield "group size 0", (x, qweight, scales, zeros, 0), r"group_size must be > 0"
     yield "group size does not divide", (x, qweight, scales, zeros, 48), r"group_size 48 must divide x's last"
     yield "qweight dtype", (x, qweight.int(), scales, zeros, 32), r"qweight must be uint8"

@@ -131,26 +131,33 @@ def test_gemv_unpack_against_autoawq_packing(N, K, G):
     assert all(torch.equal(a, b) for a, b in zip(ours, (qweight, qzeros, scales16)))
 
 
-# ---- the reference backend layout ----
+# ---- the int4 op layout ----
 
 
-@pytest.mark.parametrize("N,K", [(1, 2), (8, 64), (200, 576)])
-def test_reference_layout(N, K):
-    q = plain_quant(N, K, 2)[0]
-    packed = pack.pack_reference(q)
+@pytest.mark.parametrize("N,K", [(1, 32), (8, 64), (200, 576)])
+def test_int4_op_layout(N, K):
+    q = plain_quant(N, K, 32)[0]
+    packed = pack.pack_int4_op(q)
     assert packed.dtype == torch.uint8 and packed.shape == (N, K // 2)
     b = packed.numpy().astype(np.int64)
-    assert np.array_equal(b & 0xF, q[:, 0::2].numpy()) and np.array_equal(b >> 4, q[:, 1::2].numpy())
-    assert torch.equal(pack.unpack_reference(packed), q)
+    decoded = np.zeros((N, K), dtype=np.int64)
+    for n in range(N):  # byte 16 blk + j: low nibble = channel 32 blk + j, high nibble = channel 32 blk + 16 + j
+        for i in range(K // 2):
+            blk, j = divmod(i, 16)
+            decoded[n, 32 * blk + j] = b[n, i] & 0xF
+            decoded[n, 32 * blk + 16 + j] = b[n, i] >> 4
+    assert np.array_equal(decoded, q.numpy())
+    assert torch.equal(pack.unpack_int4_op(packed), q)
 
 
-def test_reference_layout_odd_k():
-    with pytest.raises(TinychatError, match=r"K even"):
-        pack.pack_reference(torch.zeros(4, 3, dtype=torch.uint8))
+@pytest.mark.parametrize("K", [2, 48, 100])
+def test_int4_op_layout_needs_whole_blocks(K):
+    with pytest.raises(TinychatError, match=r"multiple of 32"):
+        pack.pack_int4_op(torch.zeros(4, K, dtype=torch.uint8))
 
 
-def test_to_reference_from_gemm():
+def test_to_int4_op_from_gemm():
     q, scales, zeros = plain_quant(16, 128, 32)
-    qweight, s, z = pack.to_reference(*pack.unpack_awq_gemm(*pack.pack_awq_gemm(q, scales, zeros), 32))
-    assert torch.equal(pack.unpack_reference(qweight), q)
+    qweight, s, z = pack.to_int4_op(*pack.unpack_awq_gemm(*pack.pack_awq_gemm(q, scales, zeros), 32))
+    assert torch.equal(pack.unpack_int4_op(qweight), q)
     assert s.dtype == z.dtype == torch.float32 and torch.equal(z, zeros)

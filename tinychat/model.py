@@ -55,6 +55,9 @@ class Attention(nn.Module):
         v = qkv[:, :, H + Hkv :].transpose(1, 2)  # [B, Hkv, T, D]
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)  # [B, Hkv, start+T, D]
+            if T == 1:  # decode: one query against the cache
+                y = ops.decode_attention(q[:, :, 0], self.kv_cache.k, self.kv_cache.v, start + 1, D**-0.5)  # [B, H, D]
+                return self.wo(y.reshape(B, 1, H * D))
         y = F.scaled_dot_product_attention(q, k, v, **_causal_mask_args(T, start, x.device), enable_gqa=H != Hkv)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 

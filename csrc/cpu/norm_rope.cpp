@@ -2,8 +2,8 @@
 //
 // Rows are split over threads with at::parallel_for. All math is fp32; each output is
 // rounded to the input dtype once. The inner loops are plain indexed loops over fp32
-// buffers so that gcc auto-vectorizes them at -O3 (the sum of squares keeps kLanes
-// independent partial sums, which vectorizes without -ffast-math).
+// buffers so that gcc auto-vectorizes them at -O3 (the sum of squares is vec.h's dot, which
+// keeps independent partial sums and so vectorizes without -ffast-math).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,25 +14,11 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "vec.h"
 
 namespace tinychat {
 
 namespace {
-
-constexpr int kLanes = 16;
-
-// sum(v[i]^2) in fp32 with kLanes independent partial sums (vectorizes without -ffast-math).
-inline float sum_squares(const float* v, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += v[i + j] * v[i + j];
-  }
-  float s = 0.f;
-  for (; i < n; ++i) s += v[i] * v[i];
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
 
 // Normalizes `rows` rows of H elements. x rows are x_stride apart; out (and r_out) are contiguous.
 // With res != nullptr, each row is first r = round(x + res), written to r_out and normalized.
@@ -56,7 +42,7 @@ void norm_rows(const scalar_t* x, int64_t x_stride, const scalar_t* res, int64_t
       } else {
         for (int64_t i = 0; i < H; ++i) v[i] = static_cast<float>(xr[i]);
       }
-      const float inv_rms = 1.0f / std::sqrt(sum_squares(v, H) / static_cast<float>(H) + eps);
+      const float inv_rms = 1.0f / std::sqrt(dot(v, v, H) / static_cast<float>(H) + eps);
       scalar_t* o = out + row * H;
       for (int64_t i = 0; i < H; ++i) o[i] = static_cast<scalar_t>(v[i] * inv_rms * w[i]);
     }

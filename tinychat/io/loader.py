@@ -17,7 +17,7 @@ from tinychat.io.gguf import read_gguf
 from tinychat.io.hf import TensorRef, read_hf_dir, read_json, resolve_hub_id
 from tinychat.model import Transformer
 from tinychat.quant.linear import LAYER_LINEARS, WQLinear
-from tinychat.quant.pack import awq_gemm_shapes, awq_gemv_shapes, to_reference, unpack_awq_gemm, unpack_awq_gemv
+from tinychat.quant.pack import awq_gemm_shapes, awq_gemv_shapes, to_int4_op, unpack_awq_gemm, unpack_awq_gemv
 from tinychat.tokenizer import Tokenizer
 
 # Tensors of Hugging Face checkpoints that carry no weights (recomputed at load)
@@ -263,7 +263,7 @@ def build_model(
                 plain = [awq.unpack(*(get_packed(p + f"{x}.{s}") for s in ("qweight", "qzeros", "scales")))
                          for x in parts]
                 q, scales, zeros = (cat(list(t)) for t in zip(*plain))  # rows concatenated: groups run along K
-                qweight, scales, zeros = to_reference(q, scales, zeros)
+                qweight, scales, zeros = to_int4_op(q, scales, zeros)
                 sd.update({o + fused + ".qweight": qweight, o + fused + ".scales": scales, o + fused + ".zeros": zeros})
             if has_bias:
                 sd[o + fused + ".bias"] = cat([get(p + f"{x}.bias") for x in parts])

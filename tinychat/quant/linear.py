@@ -1,7 +1,7 @@
 """WQLinear: a linear layer with 4-bit weights, run by the `tinychat::int4_linear` op.
 
-It holds the reference backend layout of tinychat/quant/pack.py (qweight uint8 [N, K/2], fp32 scales and zeros
-[N, K/G]) and an optional bias. `quantize_model_layers` swaps the decoder's float linears for WQLinear layers.
+It holds the int4 op layout of tinychat/quant/pack.py (qweight uint8 [N, K/2] in blocks of 32 input channels,
+fp32 scales and zeros [N, K/G]) and an optional bias. `quantize_model_layers` swaps the decoder's float linears for WQLinear layers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from tinychat import ops
 from tinychat.errors import TinychatError
-from tinychat.quant.pack import to_reference
+from tinychat.quant.pack import OP_BLOCK, to_int4_op
 from tinychat.quant.quantize import QuantConfig
 
 # The decoder's linears, per layer, as named in a Transformer (fused q/k/v and gate/up)
@@ -36,10 +36,9 @@ class WQLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if in_features % group_size or in_features % 2:
-            raise TinychatError(
-                f"WQLinear: group size {group_size} must divide in_features {in_features} (and it must be even)"
-            )
+        if in_features % group_size or group_size % OP_BLOCK:
+            raise TinychatError(f"WQLinear: group size {group_size} must divide in_features {in_features} and be a "
+                                f"multiple of {OP_BLOCK}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         n_groups = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
@@ -63,7 +62,7 @@ class WQLinear(nn.Module):
         if tuple(scales.shape) != (N, K // qcfg.group_size):
             raise TinychatError(f"WQLinear: scales have shape {tuple(scales.shape)}, expected "
                                 f"{(N, K // qcfg.group_size)} for q {tuple(q.shape)} and group size {qcfg.group_size}")
-        qweight, scales32, zeros32 = to_reference(q, scales, zeros)
+        qweight, scales32, zeros32 = to_int4_op(q, scales, zeros)
         layer = cls(K, N, qcfg.group_size, bias=bias is not None, device="meta")
         layer.qweight, layer.scales, layer.zeros = qweight, scales32, zeros32
         if bias is not None:

@@ -21,10 +21,13 @@ AutoAWQ "GEMV" (`version: "gemv"`, read only: repacked at load)
     scales   fp16  [N, 8 Z]    columns past K/G are padding (zero)
     where Z = gemv_zeros_width(K, G) rounds ceil(K/G / 8) up to a multiple of 4 (G = 32), 2 (G = 64), 1 (G >= 128).
 
-Reference backend layout (the `tinychat::int4_linear` op; faster backends will add their own repacks)
-    qweight  uint8 [N, K/2]    byte j of a row: low nibble = input channel 2j, high nibble = channel 2j + 1
+The int4 op layout (what `tinychat::int4_linear` consumes; checkpoints are repacked into it at load)
+    qweight  uint8 [N, K/2]    each row in blocks of 32 input channels (16 bytes); byte j (0..15) of block b holds
+                               channel 32b + j in its low nibble and channel 32b + 16 + j in its high nibble
     scales   fp32  [N, K/G]
     zeros    fp32  [N, K/G]    integer-valued
+    K and G are multiples of 32. One 16-byte load gives a kernel 32 weights as two runs of 16 consecutive channels
+    (a mask and a shift), which widen to SIMD lanes in order, with no shuffle (csrc/cpu/int4_linear.cpp).
     Scales and zeros stay fp32 whatever the activation dtype: the op does its math in fp32, and the fp16 scales of
     a checkpoint convert to fp32 exactly.
 """
@@ -173,25 +176,30 @@ def unpack_awq_gemv(
     return q, scales[:, :n_groups].float().contiguous(), zeros
 
 
-# ---- the reference backend layout ----
+# ---- the int4 op layout ----
+
+OP_BLOCK = 32  # input channels per 16 bytes of the op layout
 
 
-def pack_reference(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] (0..15, K even) -> uint8 [N, K/2]: low nibble = channel 2j, high nibble = channel 2j + 1."""
-    if q.dim() != 2 or q.shape[1] % 2:
-        raise TinychatError(f"pack_reference: q must be [N, K] with K even, got shape {tuple(q.shape)}")
-    pairs = q.to(torch.uint8).reshape(q.shape[0], -1, 2)  # [N, K/2, 2]
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+def pack_int4_op(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] (0..15, K % 32 == 0) -> uint8 [N, K/2] in the op layout (blocks of 32 channels: byte j of
+    block b = channel 32b + j | channel 32b + 16 + j << 4)."""
+    if q.dim() != 2 or q.shape[1] % OP_BLOCK:
+        raise TinychatError(f"pack_int4_op: q must be [N, K] with K a multiple of {OP_BLOCK}, got shape "
+                            f"{tuple(q.shape)}")
+    blocks = q.to(torch.uint8).reshape(q.shape[0], -1, 2, OP_BLOCK // 2)  # [N, K/32, 2, 16]: halves of each block
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
 
 
-def unpack_reference(qweight: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> q uint8 [N, K] (the inverse of pack_reference)."""
-    return torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+def unpack_int4_op(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] in the op layout -> q uint8 [N, K] (the inverse of pack_int4_op)."""
+    blocks = qweight.reshape(qweight.shape[0], -1, OP_BLOCK // 2)  # [N, K/32, 16]
+    return torch.stack((blocks & 0xF, blocks >> 4), dim=2).reshape(qweight.shape[0], -1)
 
 
-def to_reference(
+def to_int4_op(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain quantization -> the three tensors of the int4_linear op (qweight uint8 [N, K/2], fp32 scales, zeros)."""
     _check_plain(q, scales, zeros)
-    return pack_reference(q), scales.float().contiguous(), zeros.float().contiguous()
+    return pack_int4_op(q), scales.float().contiguous(), zeros.float().contiguous()
