@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,22 +24,10 @@ PROMPT_TEXT = (
 
 
 def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    """CPU name, threads, torch and Python versions, and the GPU's name where one is used."""
+    from tinychat.bench import machine_info as describe
+
+    return describe(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def median_time(fn, repeats: int) -> float:

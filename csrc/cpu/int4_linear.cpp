@@ -399,8 +399,15 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (M >= kGemmMinRows) {
     run_gemm(p, isa, xf, y);
   } else {
-    const at::Tensor xsum = xf.view({M, K / group_size, group_size}).sum(-1).contiguous();  // [M, K/G]
-    p.xsum = xsum.const_data_ptr<float>();
+    const int64_t ng = K / group_size;
+    std::vector<float> xsum(M * ng);  // [M, K/G]: a plain loop, cheaper here than a torch op's dispatch
+    for (int64_t i = 0; i < M * ng; ++i) {
+      const float* xg = p.x + i * group_size;
+      float s = 0.f;
+      for (int64_t k = 0; k < group_size; ++k) s += xg[k];
+      xsum[i] = s;
+    }
+    p.xsum = xsum.data();
     run_gemv(p, isa);
   }
   return y.to(x.scalar_type()).view(out_shape);

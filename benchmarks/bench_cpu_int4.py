@@ -1,0 +1,296 @@
+"""CPU int4: tinychat's kernels and whole-model speed next to llama.cpp and transformers, one run, one machine.
+
+    python benchmarks/bench_cpu_int4.py --threads 2 --out benchmarks/results/cpu_int4_smollm2.json
+
+Two tables:
+* kernels: int4_linear GEMV (M = 1) at SmolLM2-135M and Llama-2-7B shapes on each instruction-set path, in GB/s
+  of weight bytes (4-bit values + fp32 scales and zeros), next to the machine's read bandwidth measured in the same
+  run (a large tensor summed with the same threads) and to fp32 / bf16 torch matmuls of the same shape;
+* models: the same 128-token prompt and 128 new greedy tokens (no stop) through tinychat int4 (AWQ g64, the
+  chat's default model), tinychat fp32, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF and a Q4_0
+  requantization of it) and transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS. Each engine runs in
+  a fresh subprocess (peak RSS is per process); one warm-up run, then the median of --repeats.
+
+llama-cpp-python is optional (its rows are skipped with a note when it is missing). Build it for this CPU with
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON
+    -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    pip install llama-cpp-python
+(about 7 minutes on 2 cores): a default build crashes inside llama.cpp's AMX kernels on some CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import PROMPT_TEXT, emit, machine_info, median_time  # noqa: E402
+
+# (name, N, K): the decoder linears as tinychat fuses them (q/k/v and gate/up)
+SHAPES = {
+    "smollm2-135m": [("wqkv", 960, 576), ("wo", 576, 576), ("w13", 3072, 576), ("w2", 576, 1536)],
+    "llama-2-7b": [("wqkv", 12288, 4096), ("wo", 4096, 4096), ("w13", 22016, 4096), ("w2", 4096, 11008)],
+}
+GROUP = 64
+
+
+def read_bandwidth(threads: int) -> float:
+    """GB/s of reading a 512 MB tensor (a sum), the best of 5: what a memory-bound GEMV can hope for."""
+    torch.set_num_threads(threads)
+    x = torch.ones(128 * 2**20, dtype=torch.float32)
+    x.sum()
+    best = min(median_time(x.sum, 1) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def kernel_rows(threads: int, repeats: int) -> list[dict]:
+    from tinychat.quant.pack import to_int4_op
+    from tinychat.quant.quantize import QuantConfig, quantize
+
+    torch.set_num_threads(threads)
+    best = torch.ops.tinychat.cpu_isa()
+    isas = ["avx512", "avx2", "scalar"]
+    isas = isas[isas.index(best):]
+    rows = []
+    for model, shapes in SHAPES.items():
+        for name, N, K in shapes:
+            w = torch.randn(N, K) * 0.02
+            qweight, scales, zeros = to_int4_op(*quantize(w, QuantConfig(4, GROUP)))
+            nbytes = qweight.numel() + 4 * (scales.numel() + zeros.numel())
+            x = torch.randn(1, K)
+            row = {"model": model, "linear": name, "N": N, "K": K, "int4_MB": nbytes / 1e6}
+            for isa in isas:
+                os.environ["TINYCHAT_CPU_ISA"] = isa
+                f = lambda: torch.ops.tinychat.int4_linear(x, qweight, scales, zeros, GROUP)  # noqa: E731
+                f()
+                t = median_time(f, repeats)
+                row[f"{isa}_us"] = t * 1e6
+                row[f"{isa}_GBs"] = nbytes / t / 1e9
+            os.environ.pop("TINYCHAT_CPU_ISA")
+            for dtype in (torch.float32, torch.bfloat16):
+                wd, xd = w.to(dtype), x.to(dtype)
+                g = lambda: xd @ wd.t()  # noqa: E731
+                g()
+                t = median_time(g, repeats)
+                tag = "fp32" if dtype == torch.float32 else "bf16"
+                row[f"{tag}_us"] = t * 1e6
+                row[f"{tag}_GBs"] = w.numel() * wd.element_size() / t / 1e9
+            rows.append(row)
+    return rows
+
+
+# ---- whole models, one engine per subprocess ----
+
+
+def _prompt_ids(tokenizer_encode, n: int) -> list[int]:
+    ids = tokenizer_encode(PROMPT_TEXT)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def run_tinychat(spec: dict) -> dict:
+    from tinychat.api import load
+    from tinychat.engine import SamplingParams
+
+    llm = load(spec.get("path"), quant=spec["quant"], dtype="float32")
+    engine = llm.engine
+    prompt = _prompt_ids(lambda t: llm.tokenizer.encode(t, add_special_tokens=False), spec["prompt_tokens"])
+    params = SamplingParams(max_new_tokens=spec["new_tokens"])
+    prefill, decode = [], []
+    for i in range(spec["repeats"] + 1):  # the first run is a warm-up
+        engine.reset()
+        n = sum(1 for _ in engine.generate(prompt, params, stop_ids=()))
+        assert n == spec["new_tokens"], n
+        if i:
+            prefill.append(engine.last_stats.prefill_tok_s)
+            decode.append(engine.last_stats.decode_tok_s)
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "model": llm.name}
+
+
+def run_llama_cpp(spec: dict) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(spec["path"], n_ctx=512, n_threads=spec["threads"], n_threads_batch=spec["threads"],
+                          n_batch=512, verbose=False)
+    prompt = _prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False), spec["prompt_tokens"])
+    prefill, decode = [], []
+    for i in range(spec["repeats"] + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        for _ in range(spec["new_tokens"] - 1):
+            token = llm.sample(temp=0.0)
+            llm.eval([token])
+        t2 = time.perf_counter()
+        if i:
+            prefill.append(len(prompt) / (t1 - t0))
+            decode.append((spec["new_tokens"] - 1) / (t2 - t1))
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "model": os.path.basename(spec["path"])}
+
+
+def run_transformers(spec: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    path = spec["path"]
+    dtype = getattr(torch, spec["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=dtype).eval()
+    from tinychat.io.loader import load_model
+
+    _, tokenizer = load_model(path)
+    ids = torch.tensor([_prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), spec["prompt_tokens"])])
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for i in range(spec["repeats"] + 1):
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            t1 = time.perf_counter()
+            for _ in range(spec["new_tokens"] - 1):
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            if i:
+                prefill.append(ids.shape[1] / (t1 - t0))
+                decode.append((spec["new_tokens"] - 1) / (t2 - t1))
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "model": os.path.basename(path)}
+
+
+RUNNERS = {"tinychat": run_tinychat, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM): unlike getrusage's ru_maxrss, it does not carry over the parent's
+    peak into a freshly started child."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    result = RUNNERS[spec["engine"]](spec)
+    result["peak_rss_MB"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def in_subprocess(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+
+
+def requantize_q4_0(src: str, dst: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not requantize {src} to Q4_0")
+
+
+def model_rows(args) -> tuple[list[dict], list[str]]:
+    from tinychat.io.loader import resolve_source
+
+    gguf = str(resolve_source(args.model))
+    base = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "threads": args.threads}
+    configs = [
+        ("tinychat", "int4 AWQ g64", {"quant": "awq", "path": gguf}),
+        ("tinychat", "fp32", {"quant": "none", "path": gguf}),
+    ]
+    notes = []
+    try:
+        import llama_cpp  # noqa: F401
+
+        q4_0 = os.path.join(args.workdir, "model-Q4_0.gguf")
+        if not os.path.exists(q4_0):
+            os.makedirs(args.workdir, exist_ok=True)
+            requantize_q4_0(gguf, q4_0)
+        configs += [("llama.cpp", "Q4_1 (shipped)", {"path": gguf}), ("llama.cpp", "Q4_0", {"path": q4_0})]
+    except ImportError:
+        notes.append("llama-cpp-python is not installed: no llama.cpp rows (see this script's docstring)")
+    if not args.no_transformers:
+        configs += [("transformers", "fp32", {"path": gguf, "dtype": "float32"}),
+                    ("transformers", "bf16", {"path": gguf, "dtype": "bfloat16"})]
+    rows = []
+    for engine, label, extra in configs:
+        print(f"running {engine} {label} ...", file=sys.stderr, flush=True)
+        rows.append({"engine": engine, "weights": label, **in_subprocess({**base, **extra, "engine": engine})})
+    by = {(r["engine"], r["weights"]): r for r in rows}
+    ref = by.get(("llama.cpp", "Q4_0"))
+    if ref and "error" not in ref:
+        for r in rows:
+            if "error" not in r:
+                r["decode_vs_llama_q4_0"] = r["decode_tok_s"] / ref["decode_tok_s"]
+                r["prefill_vs_llama_q4_0"] = r["prefill_tok_s"] / ref["prefill_tok_s"]
+    return rows, notes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help="GGUF file (default: the SmolLM2 package)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kernel-repeats", type=int, default=50)
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-models", action="store_true", help="the kernel table only")
+    ap.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "tinychat", "bench"),
+                    help="where the Q4_0 requantization is written (default: ~/.cache/tinychat/bench)")
+    ap.add_argument("--out", default=None, help="write the JSON here too")
+    args = ap.parse_args()
+    if args.child is not None:
+        child_main(args.child)
+        return
+    import tinychat.ops  # noqa: F401  (loads the kernels)
+
+    bandwidth = read_bandwidth(args.threads)
+    kernels = kernel_rows(args.threads, args.kernel_repeats)
+    for r in kernels:
+        r["best_vs_bandwidth"] = max(v for k, v in r.items() if k.endswith("_GBs") and k[:-4] in
+                                     ("avx512", "avx2", "scalar")) / bandwidth
+    models, notes = ([], []) if args.no_models else model_rows(args)
+    result = {
+        "benchmark": "cpu_int4",
+        "date": datetime.date.today().isoformat(),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "machine": dict(machine_info(), torch_threads=args.threads, read_bandwidth_GBs=bandwidth,
+                        cpu_isa=torch.ops.tinychat.cpu_isa()),
+        "notes": notes,
+        "kernels": kernels,
+        "rows": models,
+    }
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)")
+    emit({"rows": kernels}, ["model", "linear", "N", "K", "int4_MB", "avx512_GBs", "avx2_GBs", "scalar_GBs",
+                             "fp32_GBs", "bf16_GBs", "best_vs_bandwidth"], None)
+    emit(result, ["engine", "weights", "prefill_tok_s", "decode_tok_s", "peak_rss_MB", "prefill_vs_llama_q4_0",
+                  "decode_vs_llama_q4_0", "error"], args.out)
+
+
+if __name__ == "__main__":
+    main()
