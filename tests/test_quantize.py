@@ -84,6 +84,19 @@ def test_rtn_and_awq_differ_and_awq_is_deterministic(src, calib_file, tmp_path):
     assert not torch.equal(a.layers[0].attn_norm, c.layers[0].attn_norm)  # AWQ folded scales into the norm
 
 
+def test_quantized_inputs_option_changes_the_later_layers_only(src, calib_file, tmp_path):
+    base = load_model(quantize_checkpoint(src, tmp_path / "fp-inputs", QuantizeOptions(calib=str(calib_file), **FAST),
+                                          progress=False, log=lambda m: None))[0]
+    out = tmp_path / "q-inputs"
+    r = run_cli("quantize", str(src), "--out", str(out), "--calib", str(calib_file), "--n-samples",
+                str(FAST["n_samples"]), "--seqlen", str(FAST["seqlen"]), "--quantized-inputs")
+    assert r.returncode == 0, r.stderr
+    qin = load_model(out)[0]
+    # layer 0 sees the same (embedding) inputs either way; layer 1 sees a quantized layer 0's outputs
+    assert torch.equal(base.layers[0].attn.wqkv.qweight, qin.layers[0].attn.wqkv.qweight)
+    assert not torch.equal(base.layers[1].mlp.w13.scales, qin.layers[1].mlp.w13.scales)
+
+
 def test_three_bit_writes_a_fake_quantized_float16_model(src, calib_file, tmp_path):
     out = tmp_path / "w3"
     r = run_cli("quantize", str(src), "--out", str(out), "--w-bit", "3", "--group-size", "32", "--method", "rtn")

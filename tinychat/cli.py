@@ -103,7 +103,8 @@ def cmd_quantize(args) -> int:
     search_tokens = SEARCH_TOKENS if args.search_tokens is None else args.search_tokens or None  # 0: all
     opts = QuantizeOptions(w_bit=args.w_bit, group_size=args.group_size, method=args.method, calib=args.calib,
                            n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip,
-                           duo_scaling=args.duo_scaling, search_tokens=search_tokens, device=args.device,
+                           duo_scaling=args.duo_scaling, search_tokens=search_tokens,
+                           quantized_inputs=args.quantized_inputs, device=args.device,
                            seed=args.seed)
     out = quantize_checkpoint(args.model, args.out, opts, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per calibration block (default: 512, or the model's context if shorter)")
     p.add_argument("--no-clip", action="store_true", help="skip the clip search")
     p.add_argument("--duo-scaling", action="store_true", help="AutoAWQ's duo scaling: s = x^a / w^(1-a)")
+    p.add_argument("--quantized-inputs", action="store_true",
+                   help="search each layer on the outputs of the already quantized layers before it (default: "
+                        "full-precision outputs, as AWQ does)")
     p.add_argument("--search-tokens", type=int, default=None,
                    help="tokens on which each scale candidate runs the attention and MLP blocks (0: all "
                         "calibration tokens; default: 8192)")

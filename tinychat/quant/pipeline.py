@@ -44,6 +44,7 @@ class QuantizeOptions:
     clip: bool = True
     duo_scaling: bool = False
     search_tokens: int | None = SEARCH_TOKENS
+    quantized_inputs: bool = False  # each layer's search sees the previous layers quantized (AWQ: full precision)
     device: str = "cpu"
     seed: int = 0
 
@@ -101,7 +102,8 @@ def quantize_checkpoint(source, out_dir, opts: QuantizeOptions = QuantizeOptions
     log(f"quantizing: {opts.method.upper()} w{opts.w_bit} g{group_size} on {opts.device}")
     t0 = time.perf_counter()
     qdict = quantize_model(model, calib, qcfg, method=opts.method, clip=opts.clip, duo_scaling=opts.duo_scaling,
-                           device=opts.device, progress=progress, search_tokens=opts.search_tokens)
+                           device=opts.device, progress=progress, search_tokens=opts.search_tokens,
+                           quantized_inputs=opts.quantized_inputs)
     log(f"quantized in {time.perf_counter() - t0:.1f} s; writing {out}")
     if opts.w_bit == 4:
         return save_awq_checkpoint(model, tokenizer, qdict, qcfg, out, source_config, overwrite=overwrite)
