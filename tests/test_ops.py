@@ -291,11 +291,13 @@ import torch
 from tinychat import ops, model  # noqa: F401  (a second module importing ops must not warn again)
 assert not ops.EXTENSION_AVAILABLE
 assert ops.rms_norm is ops.rms_norm_ref and ops.add_rms_norm is ops.add_rms_norm_ref
-assert ops.rotary_embedding is ops.rotary_embedding_ref
+assert ops.rotary_embedding is ops.rotary_embedding_ref and ops.decode_attention is ops.decode_attention_ref
 from tinychat.config import ModelConfig
 cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8)
 m = model.Transformer(cfg).eval()
+torch.manual_seed(0)
+torch.nn.init.normal_(m.embed.weight)  # the constructor leaves it uninitialized (the loader fills it)
 m.setup_kv_cache(16)
 with torch.no_grad():
     full = m(torch.arange(6)[None])
