@@ -318,28 +318,24 @@ TINYCHAT_AVX512 void dequantize_avx512(const Problem& p, int64_t n0, int64_t row
 using GemvRowFn = void (*)(const Problem&, int64_t, int64_t);
 using DequantFn = void (*)(const Problem&, int64_t, int64_t, float*);
 
-template <template <int> class Kernel>
-GemvRowFn pick_mb(int mb) {
-  switch (mb) {
-    case 1: return Kernel<1>::run;
-    case 2: return Kernel<2>::run;
-    case 3: return Kernel<3>::run;
-    default: return Kernel<4>::run;
-  }
+// The GEMV kernel for `isa` and MB rows of x.
+template <int MB>
+GemvRowFn gemv_row_for(Isa isa) {
+#ifdef TINYCHAT_X86
+  if (isa == Isa::kAvx512) return gemv_row_avx512<MB>;
+  if (isa == Isa::kAvx2) return gemv_row_avx2<MB>;
+#endif
+  return gemv_row_scalar<MB>;
 }
 
-template <int MB> struct ScalarRow { static void run(const Problem& p, int64_t n, int64_t m0) { gemv_row_scalar<MB>(p, n, m0); } };
-#ifdef TINYCHAT_X86
-template <int MB> struct Avx2Row { static void run(const Problem& p, int64_t n, int64_t m0) { gemv_row_avx2<MB>(p, n, m0); } };
-template <int MB> struct Avx512Row { static void run(const Problem& p, int64_t n, int64_t m0) { gemv_row_avx512<MB>(p, n, m0); } };
-#endif
-
 GemvRowFn gemv_row_fn(Isa isa, int mb) {
-#ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512) return pick_mb<Avx512Row>(mb);
-  if (isa == Isa::kAvx2) return pick_mb<Avx2Row>(mb);
-#endif
-  return pick_mb<ScalarRow>(mb);
+  static_assert(kMaxMB == 4, "gemv_row_fn instantiates MB = 1..4");
+  switch (mb) {
+    case 1: return gemv_row_for<1>(isa);
+    case 2: return gemv_row_for<2>(isa);
+    case 3: return gemv_row_for<3>(isa);
+    default: return gemv_row_for<4>(isa);
+  }
 }
 
 DequantFn dequant_fn(Isa isa) {
