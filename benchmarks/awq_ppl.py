@@ -10,8 +10,8 @@ can run in several invocations.
 A config is `fp` or `{rtn|awq}-w{bits}-g{group}`, and for AWQ any of the suffixes `-builtin` (calibrate on the
 built-in offline corpus instead of --calib), `-duo` (duo scaling), `-qin` (each layer's search sees the previous
 layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The quantized model is evaluated with
-pseudo-quantized weights (dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration corpus is never the
-evaluation text.
+pseudo-quantized weights (dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration
+corpus is never the evaluation text.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """tinychat's fused ops: the compiled kernels (torch.ops.tinychat.*) and their PyTorch references.
 
 The model calls only the public wrappers (rms_norm, add_rms_norm, rotary_embedding, int4_linear,
-decode_attention). They run
-the compiled kernels when the tinychat._C extension is built, else the *_ref functions below,
-which define the semantics: fp32 math, each result cast once to the input dtype.
+decode_attention). They run the compiled kernels when the tinychat._C extension is built, else the *_ref functions
+below, which define the semantics: fp32 math, each result cast once to the input dtype.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import warnings
 
 import torch
 from torch import Tensor
+
+from tinychat.quant.pack import unpack_int4_op
 
 # ---- pure-PyTorch references ----
 
@@ -73,8 +74,7 @@ def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, g
     W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]. fp32 math, the result cast once -> [..., N] in x.dtype.
     """
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    blocks = qweight.reshape(N, K // 32, 16)  # [N, K/32, 16]
-    q = torch.stack((blocks & 0xF, blocks >> 4), dim=2).reshape(N, K // group_size, group_size)  # [N, K/G, G]
+    q = unpack_int4_op(qweight).reshape(N, K // group_size, group_size)  # [N, K/G, G]
     w = ((q.float() - zeros[..., None]) * scales[..., None]).reshape(N, K)  # [N, K] fp32
     return (x.float() @ w.t()).to(x.dtype)
 

@@ -1,7 +1,8 @@
 """WQLinear: a linear layer with 4-bit weights, run by the `tinychat::int4_linear` op.
 
 It holds the int4 op layout of tinychat/quant/pack.py (qweight uint8 [N, K/2] in blocks of 32 input channels,
-fp32 scales and zeros [N, K/G]) and an optional bias. `quantize_model_layers` swaps the decoder's float linears for WQLinear layers.
+fp32 scales and zeros [N, K/G]) and an optional bias. `quantize_model_layers` swaps the decoder's float linears
+for WQLinear layers.
 """
 
 from __future__ import annotations
