@@ -15,33 +15,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import PROMPT_TEXT, emit, machine_info, median_time  # noqa: E402
-
-
-def prompt_ids(tokenizer, n: int) -> list[int]:
-    ids = tokenizer.encode(PROMPT_TEXT, add_special_tokens=False)
-    while len(ids) < n:
-        ids = ids + ids
-    return ids[:n]
+from common import emit, machine_info, median_time, prompt_ids, time_generation  # noqa: E402
 
 
 def bench_tinychat(path, dtype, prompt, new_tokens, repeats):
-    from tinychat.engine import Engine, SamplingParams
+    from tinychat.engine import Engine
     from tinychat.io.loader import load_model
 
     model, tokenizer = load_model(path, dtype=dtype)
     engine = Engine(model, tokenizer, max_seq_len=len(prompt) + new_tokens + 8)
-    params = SamplingParams(max_new_tokens=new_tokens)
-    prefill, decode = [], []
-    for i in range(repeats + 1):  # the first run is a warm-up
-        engine.reset()
-        n = sum(1 for _ in engine.generate(prompt, params, stop_ids=()))
-        s = engine.last_stats
-        assert n == new_tokens, n
-        if i:
-            prefill.append(s.prefill_tok_s)
-            decode.append(s.decode_tok_s)
-    return statistics.median(prefill), statistics.median(decode)
+    return time_generation(engine, prompt, new_tokens, repeats)
 
 
 def bench_transformers(path, dtype, prompt, new_tokens, repeats):
@@ -87,7 +70,7 @@ def main():
 
     path = resolve_source(args.model)
     _, tokenizer = load_model(path)
-    prompt = prompt_ids(tokenizer, args.prompt_tokens)
+    prompt = prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), args.prompt_tokens)
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)

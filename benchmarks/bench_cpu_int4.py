@@ -6,7 +6,7 @@ Two tables:
 * kernels: int4_linear GEMV (M = 1) at SmolLM2-135M and Llama-2-7B shapes on each instruction-set path, in GB/s
   of weight bytes (4-bit values + fp32 scales and zeros), next to the machine's read bandwidth measured in the same
   run (a large tensor summed with the same threads) and to fp32 / bf16 torch matmuls of the same shape;
-* models: the same 128-token prompt and 128 new greedy tokens (no stop) through tinychat int4 (AWQ g64, the
+* models: the same 128-token prompt (token ids from tinychat's tokenizer of the GGUF) and 128 new greedy tokens (no stop) through tinychat int4 (AWQ g64, the
   chat's default model), tinychat fp32, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF and a Q4_0
   requantization of it) and transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS. Each engine runs in
   a fresh subprocess (peak RSS is per process); one warm-up run, then the median of --repeats.
@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import PROMPT_TEXT, emit, machine_info, median_time  # noqa: E402
+from common import emit, machine_info, median_time, prompt_ids, time_generation  # noqa: E402
 
 # (name, N, K): the decoder linears as tinychat fuses them (q/k/v and gate/up)
 SHAPES = {
@@ -90,31 +90,12 @@ def kernel_rows(threads: int, repeats: int) -> list[dict]:
 # ---- whole models, one engine per subprocess ----
 
 
-def _prompt_ids(tokenizer_encode, n: int) -> list[int]:
-    ids = tokenizer_encode(PROMPT_TEXT)
-    while len(ids) < n:
-        ids = ids + ids
-    return ids[:n]
-
-
 def run_tinychat(spec: dict) -> dict:
     from tinychat.api import load
-    from tinychat.engine import SamplingParams
 
     llm = load(spec.get("path"), quant=spec["quant"], dtype="float32")
-    engine = llm.engine
-    prompt = _prompt_ids(lambda t: llm.tokenizer.encode(t, add_special_tokens=False), spec["prompt_tokens"])
-    params = SamplingParams(max_new_tokens=spec["new_tokens"])
-    prefill, decode = [], []
-    for i in range(spec["repeats"] + 1):  # the first run is a warm-up
-        engine.reset()
-        n = sum(1 for _ in engine.generate(prompt, params, stop_ids=()))
-        assert n == spec["new_tokens"], n
-        if i:
-            prefill.append(engine.last_stats.prefill_tok_s)
-            decode.append(engine.last_stats.decode_tok_s)
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "model": llm.name}
+    prefill, decode = time_generation(llm.engine, spec["prompt"], spec["new_tokens"], spec["repeats"])
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "model": llm.name}
 
 
 def run_llama_cpp(spec: dict) -> dict:
@@ -122,7 +103,7 @@ def run_llama_cpp(spec: dict) -> dict:
 
     llm = llama_cpp.Llama(spec["path"], n_ctx=512, n_threads=spec["threads"], n_threads_batch=spec["threads"],
                           n_batch=512, verbose=False)
-    prompt = _prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False), spec["prompt_tokens"])
+    prompt = spec["prompt"]
     prefill, decode = [], []
     for i in range(spec["repeats"] + 1):
         llm.reset()
@@ -147,10 +128,7 @@ def run_transformers(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                  dtype=dtype).eval()
-    from tinychat.io.loader import load_model
-
-    _, tokenizer = load_model(path)
-    ids = torch.tensor([_prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), spec["prompt_tokens"])])
+    ids = torch.tensor([spec["prompt"]])  # [1, T]
     prefill, decode = [], []
     with torch.inference_mode():
         for i in range(spec["repeats"] + 1):
@@ -172,21 +150,13 @@ def run_transformers(spec: dict) -> dict:
 RUNNERS = {"tinychat": run_tinychat, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM): unlike getrusage's ru_maxrss, it does not carry over the parent's
-    peak into a freshly started child."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def child_main(spec_json: str) -> None:
+    from tinychat.bench import peak_rss_bytes
+
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     result = RUNNERS[spec["engine"]](spec)
-    result["peak_rss_MB"] = peak_rss_mb()
+    result["peak_rss_MB"] = peak_rss_bytes() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -210,11 +180,13 @@ def requantize_q4_0(src: str, dst: str) -> None:
 
 
 def model_rows(args) -> tuple[list[dict], list[str]]:
-    from tinychat.io.loader import resolve_source
+    from tinychat.io.loader import load_model, resolve_source
 
     gguf = str(resolve_source(args.model))
-    base = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "threads": args.threads}
+    _, tokenizer = load_model(gguf)
+    # one prompt for every engine (they share the GGUF's vocabulary), tokenized here, not in each child
+    prompt = prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), args.prompt_tokens)
+    base = {"prompt": prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads}
     configs = [
         ("tinychat", "int4 AWQ g64", {"quant": "awq", "path": gguf}),
         ("tinychat", "fp32", {"quant": "none", "path": gguf}),

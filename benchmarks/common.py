@@ -30,6 +30,31 @@ def machine_info() -> dict:
     return describe(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def prompt_ids(encode, n: int) -> list[int]:
+    """The first n token ids of PROMPT_TEXT (repeated as needed); encode(text) -> ids, without special tokens."""
+    ids = encode(PROMPT_TEXT)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def time_generation(engine, prompt: list[int], new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of a tinychat Engine: `new_tokens` greedy tokens, no stop tokens, from an
+    empty cache; one warm-up run, then the medians of `repeats`."""
+    from tinychat.engine import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens)
+    prefill, decode = [], []
+    for i in range(repeats + 1):  # the first run is a warm-up
+        engine.reset()
+        n = sum(1 for _ in engine.generate(prompt, params, stop_ids=()))
+        assert n == new_tokens, n
+        if i:
+            prefill.append(engine.last_stats.prefill_tok_s)
+            decode.append(engine.last_stats.decode_tok_s)
+    return statistics.median(prefill), statistics.median(decode)
+
+
 def median_time(fn, repeats: int) -> float:
     """Median wall time of fn() over `repeats` runs (fn is warmed up by the caller)."""
     times = []

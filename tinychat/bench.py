@@ -42,7 +42,8 @@ from tinychat.errors import TinychatError
 if TYPE_CHECKING:  # pragma: no cover
     from tinychat.model import Transformer
 
-__all__ = ["DTYPES", "SHAPES", "BenchOptions", "format_report", "main", "random_model", "run_bench", "weight_bytes",
+__all__ = ["DTYPES", "SHAPES", "BenchOptions", "format_report", "main", "peak_rss_bytes", "random_model", "run_bench",
+           "weight_bytes",
            "write_plot"]
 
 # Public Hugging Face configs (config.json) of well-known models; random weights in these shapes need no download.
@@ -369,11 +370,24 @@ def measure_decode(engine: Engine, prompt: list[int], new_tokens: int, repeats: 
             "ms_per_token_runs": [t * 1000 for t in times]}
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux: VmHWM, which (unlike getrusage's ru_maxrss) does not carry over the
+    peak of the parent that started this process; elsewhere ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024)
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated (this dtype)"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS (process-wide, so far)"
+    return peak_rss_bytes(), "peak RSS (process-wide, so far)"
 
 
 def bench_subject(subject: Subject, dtype: str, opts: BenchOptions, log) -> dict:
