@@ -27,7 +27,7 @@ from tinychat.errors import GenerationError, TinychatError
 from tinychat.model import Transformer
 from tinychat.tokenizer import StreamDecoder, Tokenizer
 
-__all__ = ["BusyError", "Completion", "Model", "TextStream", "load"]
+__all__ = ["BusyError", "Completion", "Model", "TextStream", "load", "load_transformer"]
 
 SAMPLING_ARGS = frozenset(SamplingParams.__dataclass_fields__)
 
@@ -234,6 +234,16 @@ def load(path_or_id: str | os.PathLike | None = None, *, device: str | torch.dev
     threads: CPU threads (torch's setting is process-wide). max_seq_len: context to allocate (default: the
     model's own).
     """
+    model, tokenizer, path = load_transformer(path_or_id, device=device, dtype=dtype, quant=quant, threads=threads,
+                                              verbose=verbose)
+    return Model(model, tokenizer, name=path.name, max_seq_len=max_seq_len)
+
+
+def load_transformer(path_or_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+                     dtype="float32", quant: str = "auto", threads: int | None = None,
+                     verbose: bool = False) -> tuple[Transformer, Tokenizer, Path]:
+    """What `load` loads, without an engine (no KV cache is allocated): the decoder, its tokenizer and the path
+    they came from (for `quant="awq"`, the cached 4-bit checkpoint). For whole-sequence work such as perplexity."""
     from tinychat.io.loader import load_model, resolve_dtype, resolve_source
 
     if quant not in ("auto", "awq", "none"):
@@ -250,4 +260,4 @@ def load(path_or_id: str | os.PathLike | None = None, *, device: str | torch.dev
     if verbose:
         print(f"loading {path} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model(path, device=device, dtype=dtype)
-    return Model(model, tokenizer, name=Path(path).name, max_seq_len=max_seq_len)
+    return model, tokenizer, Path(path)

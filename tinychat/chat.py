@@ -147,7 +147,7 @@ def run_chat(session: ChatSession, interactive: bool, out=sys.stdout, err=sys.st
                 print(f"[system: {session.system!r}]" if session.system else "[no system message]", file=err)
         elif command == "/stats":
             print(f"[{format_stats(session)}]", file=err)
-        elif command.startswith("/") and "\n" not in text and len(command) > 1 and command[1:].isalpha():
+        elif command.startswith("/") and "\n" not in text and command[1:].isalpha():
             print(f"[unknown command {command}: /help lists them]", file=err)
         else:
             try:

@@ -80,12 +80,14 @@ def cmd_serve(args) -> int:
 def cmd_ppl(args) -> int:
     import time
 
+    from tinychat.api import load_transformer
     from tinychat.ppl import load_wikitext, perplexity
 
     text = load_wikitext(args.data)  # before the model: a bad path fails at once
-    llm = _load(args)
+    model, tokenizer, _ = load_transformer(args.model, device=args.device, dtype=args.dtype, quant=args.quant,
+                                           threads=args.threads, verbose=True)  # no engine: no KV cache to allocate
     t0 = time.perf_counter()
-    r = perplexity(llm.engine.model, llm.tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
+    r = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
     print(f"perplexity: {r.ppl:.4f}")
     print(f"tokens evaluated: {r.tokens_evaluated}")
     print(f"windows: {r.windows} x {args.seqlen}")
