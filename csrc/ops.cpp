@@ -13,20 +13,32 @@ TORCH_LIBRARY(tinychat, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // r = (x + residual) rounded to x.dtype; returns (rms_norm(r, weight, eps), r).
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
-  // Rotate-half (GPT-NeoX / Hugging Face Llama) rotary embedding.
-  // x [B, T, nH, D] (last dim contiguous, any strides on dims 0-2), positions int64 [B, T] or [T],
-  // cos_sin fp32 [max_pos, D] = [cos | sin]. Returns a new contiguous [B, T, nH, D] tensor.
-  m.def("rotary_embedding(Tensor x, Tensor positions, Tensor cos_sin) -> Tensor");
+  // Rotary embedding of q and k fused with the KV-cache write, in one pass over the fused q/k/v projection.
+  // qkv [B, T, H + 2 Hkv, D] (last dim contiguous; heads q | k | v); positions int64 [T]: token t is rotated by
+  // cos_sin[positions[t]] (fp32 [max_pos, D] = [cos | sin], rotate-half as GPT-NeoX / Hugging Face Llama) and its
+  // key and value land at row positions[t] of k_cache, v_cache [B, Hkv, S, D] (contiguous, qkv's dtype), which are
+  // written in place. Returns the rotated queries, a new contiguous [B, T, H, D] tensor. Positions must lie in
+  // [0, min(S, max_pos)): the CPU kernel raises otherwise; CUDA kernels never sync to check (they skip such rows).
+  m.def("rope_kv_write(Tensor qkv, Tensor positions, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
+  // Causal attention of T queries over the KV cache: query t (at position positions[t]) attends to cache rows
+  // 0..positions[t]; scores scaled by `scale`, softmax in fp32, result cast once to q.dtype. Grouped-query
+  // attention: query head h reads kv head h / (H / Hkv). q [B, T, H, D]; k_cache, v_cache [B, Hkv, S, D]
+  // (last dim contiguous, q's dtype); positions int64 [T] in [0, S). Returns a new contiguous [B, T, H, D] tensor.
+  // T = 1 is the decode step; T > 1 is a prefill, or a chunk of one on top of an existing cache.
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, float scale) -> Tensor");
+  // silu(x[..., :I]) * x[..., I:] (the gated MLP's activation on the fused gate|up projection), fp32 math, cast
+  // once to x.dtype. x [..., 2I] (last dim contiguous). Returns a new contiguous [..., I] tensor.
+  m.def("silu_and_mul(Tensor x) -> Tensor");
   // y = x @ W.T with 4-bit weights, fp32 accumulation, cast once to x.dtype.
   // x [..., K] (fp32/bf16/fp16, any strides; K % 32 == 0); qweight uint8 [N, K/2] in blocks of 32 input channels
   // (byte j of block b: low nibble = channel 32b + j, high nibble = channel 32b + 16 + j); scales, zeros fp32
   // [N, K/G]; W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G]; G % 32 == 0, K % G == 0.
   // Layout: tinychat/quant/pack.py. Returns a new contiguous [..., N] tensor.
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
-  // Attention of one new query per sequence over the KV cache (decode), softmax in fp32, cast once to q.dtype.
-  // q [B, H, D]; k_cache, v_cache [B, Hkv, S, D] (H % Hkv == 0: query head h reads kv head h / (H / Hkv));
-  // attends to cache positions 0..length-1 (1 <= length <= S); scores scaled by `scale`. Returns [B, H, D].
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, int length, float scale) -> Tensor");
+  // y = x @ W.T with 8-bit weights, W[n, k] = qweight[n, k] * scales[n], fp32 accumulation, cast once to x.dtype.
+  // x [..., K] (fp32/bf16/fp16, any strides); qweight int8 [N, K] contiguous; scales fp32 [N]. Returns a new
+  // contiguous [..., N] tensor. The CPU backend's output projection (tinychat/quant/linear.py, Int8Linear).
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   // The instruction set the CPU kernels use: the best this CPU has ("avx512", "avx2", "scalar"), or the lower
   // one the environment variable TINYCHAT_CPU_ISA names.
   m.def("cpu_isa() -> str", &tinychat::cpu_isa_name);

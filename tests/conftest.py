@@ -30,6 +30,33 @@ def _seed():
     torch.manual_seed(0)
 
 
+CPU_ISAS = ("avx512", "avx2", "scalar")  # the CPU kernels' paths, best first
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request, monkeypatch):
+    """Each CPU kernel path in turn (TINYCHAT_CPU_ISA forces a lower one); paths above this CPU's are skipped."""
+    from tinychat import ops
+
+    assert ops.EXTENSION_AVAILABLE, "tinychat._C is not built: pip install --no-build-isolation -e ."
+    monkeypatch.delenv("TINYCHAT_CPU_ISA", raising=False)
+    best = torch.ops.tinychat.cpu_isa()
+    if CPU_ISAS.index(request.param) < CPU_ISAS.index(best):
+        pytest.skip(f"this CPU supports at most {best}")
+    monkeypatch.setenv("TINYCHAT_CPU_ISA", request.param)
+    assert torch.ops.tinychat.cpu_isa() == request.param
+    return request.param
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
+def threads(request):
+    """1 and 2 CPU threads in turn."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the default SmolLM2 GGUF (CI installs the package; its absence fails these tests)."""

@@ -1,5 +1,5 @@
-"""decode_attention (the compiled CPU kernel; the reference stands in on CUDA) against its PyTorch reference and
-against SDPA, and the model's decode path built on it."""
+"""The attention op (the compiled CPU kernel) against its PyTorch reference and against SDPA, on every CPU path,
+for the decode step and prefill (fresh, and in chunks over an existing cache), and the model built on it."""
 
 import pytest
 import torch
@@ -7,9 +7,11 @@ import torch.nn.functional as F
 
 from tinychat import ops
 
-# (B, H, Hkv, S, length, D): one head, GQA groups of 3 and 4, MHA, lengths 1, odd, one past a block, the full cache
-SHAPES = [(1, 1, 1, 8, 1, 64), (1, 9, 3, 100, 37, 64), (2, 8, 2, 300, 65, 128), (3, 4, 4, 64, 64, 16),
-          (1, 32, 8, 1030, 1029, 128)]
+# (B, T, H, Hkv, S, start, D): decode (T = 1) and prefill; one head, GQA groups of 3, 4 and 8, MHA; contexts of 1,
+# odd lengths, one past a key block, the full cache; prefill fresh (start 0) and a chunk over a cache (start > 0)
+SHAPES = [(1, 1, 1, 1, 8, 0, 64), (1, 1, 9, 3, 100, 36, 64), (2, 1, 8, 2, 300, 64, 128), (3, 1, 4, 4, 64, 63, 16),
+          (1, 1, 32, 8, 1030, 1028, 128), (1, 2, 9, 3, 40, 11, 64), (1, 17, 9, 3, 17, 0, 64),
+          (2, 64, 8, 2, 200, 70, 64), (1, 300, 4, 1, 300, 0, 32), (1, 33, 32, 4, 100, 67, 128), (1, 5, 3, 3, 5, 0, 8)]
 
 
 def tc():
@@ -17,74 +19,79 @@ def tc():
     return torch.ops.tinychat
 
 
-def inputs(B, H, Hkv, S, D, dtype, seed=0):
+def inputs(B, T, H, Hkv, S, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, D, generator=g).to(dtype)
+    q = torch.randn(B, T, H, D, generator=g).to(dtype)
     k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
     return q, k, v
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,H,Hkv,S,length,D", SHAPES)
-def test_matches_reference_and_sdpa(B, H, Hkv, S, length, D, dtype):
-    q, k, v = inputs(B, H, Hkv, S, D, dtype)
-    out = tc().decode_attention(q, k, v, length, D**-0.5)
-    assert out.shape == (B, H, D) and out.dtype == dtype
-    ref = ops.decode_attention_ref(q, k, v, length, D**-0.5)
+@pytest.mark.parametrize("B,T,H,Hkv,S,start,D", SHAPES)
+def test_matches_reference_and_sdpa(B, T, H, Hkv, S, start, D, dtype, isa, threads):
+    q, k, v = inputs(B, T, H, Hkv, S, D, dtype)
+    positions = torch.arange(start, start + T)
+    out = tc().attention(q, k, v, positions, D**-0.5)
+    assert out.shape == (B, T, H, D) and out.dtype == dtype and out.is_contiguous()
+    ref = ops.attention_ref(q, k, v, positions, D**-0.5)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
     torch.testing.assert_close(out, ref, **tol)
-    sdpa = F.scaled_dot_product_attention(q.float()[:, :, None], k[:, :, :length].float(), v[:, :, :length].float(),
-                                          enable_gqa=H != Hkv)[:, :, 0]  # [B, H, D]
+    # the reference is SDPA's causal attention with the queries' triangle placed at the end of the keys
+    L = start + T
+    mask = torch.arange(L)[None, :] <= positions[:, None]  # [T, L]
+    sdpa = F.scaled_dot_product_attention(q.float().transpose(1, 2), k[:, :, :L].float(), v[:, :, :L].float(),
+                                          attn_mask=mask, enable_gqa=H != Hkv).transpose(1, 2)
     torch.testing.assert_close(ref.float(), sdpa, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_threads_and_strided_query(threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        q4 = torch.randn(2, 3, 8, 64).transpose(1, 2)  # [B, T, H, D] seen as [B, H, T, D], as the model makes q
-        _, k, v = inputs(2, 8, 2, 50, 64, torch.float32)
-        q = q4[:, :, 1]
-        assert not q.is_contiguous()
-        torch.testing.assert_close(tc().decode_attention(q, k, v, 33, 0.125),
-                                   ops.decode_attention_ref(q, k, v, 33, 0.125), atol=1e-5, rtol=1e-5)
-    finally:
-        torch.set_num_threads(before)
+def test_arbitrary_positions_and_strided_query(isa):
+    """Any positions, not only a run (each query sees its own prefix), and q viewed out of a wider tensor."""
+    q_all, k, v = inputs(2, 6, 16, 4, 90, 64, torch.float32)
+    q = q_all[:, :, 4:12]  # [B, T, 8, D] with the heads of a wider tensor: strided
+    assert not q.is_contiguous()
+    k, v = k[:, :2], v[:, :2]  # [B, 2, S, D], strided over the heads
+    positions = torch.tensor([89, 0, 5, 64, 63, 40])
+    torch.testing.assert_close(tc().attention(q, k, v, positions, 0.125),
+                               ops.attention_ref(q, k, v, positions, 0.125), atol=1e-5, rtol=1e-5)
 
 
-def test_large_scores_do_not_overflow():
-    q, k, v = inputs(1, 2, 1, 200, 64, torch.float32)
-    out = tc().decode_attention(q * 100, k, v, 200, 1.0)  # scores in the thousands: online softmax must rescale
+def test_large_scores_do_not_overflow(isa):
+    q, k, v = inputs(1, 20, 2, 1, 200, 64, torch.float32)
+    positions = torch.arange(180, 200)
+    out = tc().attention(q * 100, k, v, positions, 1.0)  # scores in the thousands: online softmax must rescale
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ops.decode_attention_ref(q * 100, k, v, 200, 1.0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ops.attention_ref(q * 100, k, v, positions, 1.0), atol=1e-4, rtol=1e-4)
 
 
 def _bad():
-    q, k, v = inputs(1, 4, 2, 16, 8, torch.float32)
-    yield "length 0", (q, k, v, 0, 1.0), r"length must be in \[1, 16\]"
-    yield "length past the cache", (q, k, v, 17, 1.0), r"length must be in \[1, 16\]"
-    yield "heads", (torch.randn(1, 3, 8), k, v, 4, 1.0), r"must be a multiple of the caches'"
-    yield "dtype", (q, k.double(), v, 4, 1.0), r"dtype must match"
-    yield "shape", (q, k, v[:, :, :8], 4, 1.0), r"same shape"
-    yield "q rank", (q[0], k, v, 4, 1.0), r"q must have shape \[B, H, D\]"
+    q, k, v = inputs(1, 3, 4, 2, 16, 8, torch.float32)
+    pos = torch.arange(3)
+    yield "position past the cache", (q, k, v, torch.tensor([0, 1, 16]), 1.0), r"positions must be in \[0, 16\)"
+    yield "negative position", (q, k, v, torch.tensor([0, -1, 2]), 1.0), r"positions must be in \[0, 16\)"
+    yield "positions shape", (q, k, v, torch.arange(4), 1.0), r"positions must be a contiguous \[T\] = \[3\]"
+    yield "positions dtype", (q, k, v, pos.int(), 1.0), "positions must be int64"
+    yield "heads", (torch.randn(1, 3, 3, 8), k, v, pos, 1.0), r"must be a multiple of the caches'"
+    yield "dtype", (q, k.double(), v, pos, 1.0), r"the caches' dtype must be"
+    yield "shape", (q, k, v[:, :, :8], pos, 1.0), r"same shape"
+    yield "q rank", (q[0], k, v, pos, 1.0), r"q must have shape \[B, T, n_heads, head_dim\]"
+    yield "head dim", (torch.randn(1, 3, 4, 16), k, v, pos, 1.0), r"the caches' shape .* must be \[1, Hkv, S, 16\]"
 
 
 @pytest.mark.parametrize("case", list(_bad()), ids=lambda c: c[0])
 def test_bad_input(case):
     _, args, message = case
-    with pytest.raises(RuntimeError, match="decode_attention: .*" + message):
-        tc().decode_attention(*args)
+    with pytest.raises(RuntimeError, match="attention: .*" + message):
+        tc().attention(*args)
 
 
 def test_opcheck():
-    q, k, v = inputs(1, 4, 2, 16, 8, torch.float32)
-    torch.library.opcheck(torch.ops.tinychat.decode_attention.default, (q, k, v, 5, 0.3))
+    q, k, v = inputs(1, 4, 4, 2, 16, 8, torch.float32)
+    torch.library.opcheck(torch.ops.tinychat.attention.default, (q, k, v, torch.arange(5, 9), 0.3))
 
 
-def test_model_decode_matches_full_forward():
-    """The decode path (one token at a time over the cache) gives the logits of one full forward pass."""
+def test_model_cached_paths_match_full_forward():
+    """Prefill in chunks, then decode one token at a time over the cache: the logits of one full forward pass."""
     from tinychat.config import ModelConfig
     from tinychat.model import Transformer
 
@@ -96,8 +103,9 @@ def test_model_decode_matches_full_forward():
     model.eval()
     tokens = torch.randint(0, 64, (1, 70))
     with torch.no_grad():
-        full = model(tokens)  # [1, 70, V], no cache: SDPA with a causal mask
+        full = model(tokens)  # [1, 70, V], no cache
         model.setup_kv_cache(128)
-        model(tokens[:, :3], start=0)
-        steps = [model(tokens[:, i : i + 1], start=i)[:, 0] for i in range(3, 70)]
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 3:], atol=1e-4, rtol=1e-4)
+        chunks = [model(tokens[:, :3]), model(tokens[:, 3:20], torch.arange(3, 20))]
+        steps = [model(tokens[:, i : i + 1], torch.tensor([i]))[:, 0] for i in range(20, 70)]
+    torch.testing.assert_close(torch.cat(chunks, 1), full[:, :20], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 20:], atol=1e-4, rtol=1e-4)

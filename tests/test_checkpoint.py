@@ -1,5 +1,6 @@
 """Quantized checkpoints: save (AutoAWQ GEMM, atomically) -> load in tinychat and in transformers; bad input."""
 
+import copy
 import json
 import os
 import random
@@ -12,7 +13,7 @@ from tinychat.errors import ModelLoadError, TinychatError
 from tinychat.io import checkpoint
 from tinychat.io.checkpoint import save_awq_checkpoint
 from tinychat.io.loader import load_model
-from tinychat.quant.linear import WQLinear, layer_linear_names
+from tinychat.quant.linear import Int8Linear, WQLinear, int8_lm_head, layer_linear_names
 from tinychat.quant.pack import pack_awq_gemv, unpack_awq_gemm
 from tinychat.quant.quantize import QuantConfig, dequantize, quantize
 from tinychat.tokenizer import Tokenizer
@@ -95,7 +96,11 @@ def test_load_matches_pseudo_quantized_model(saved):
     assert isinstance(model.layers[0].attn.wqkv, WQLinear) and isinstance(model.layers[1].mlp.w2, WQLinear)
     assert (model.layers[0].attn.wqkv.bias is not None) == (arch == "qwen2")
     assert tok.encode(PROMPT) == tokenizer.encode(PROMPT)
-    torch.testing.assert_close(logits(model, tok), logits(reference, tokenizer), atol=1e-5, rtol=1e-4)
+    assert isinstance(model.lm_head, Int8Linear)  # the CPU backend's 8-bit output projection
+    got = logits(model, tok)
+    full_head = logits(reference, tokenizer)
+    torch.testing.assert_close(got, logits(int8_lm_head(copy.deepcopy(reference)), tokenizer), atol=1e-5, rtol=1e-4)
+    assert (got - full_head).abs().max() < 0.02 * full_head.abs().max()  # what the 8-bit head costs
 
 
 def test_generate_end_to_end(saved):
@@ -165,7 +170,7 @@ def test_transformers_loads_our_checkpoint(saved):
         quantization_config=transformers.AwqConfig(backend="torch_awq"),
     ).eval()
     assert "qweight" in dict(hf.model.layers[0].self_attn.q_proj.named_buffers())
-    ours, tokenizer = load_model(out)
+    ours, tokenizer = load_model(out, int8_head=False)  # the checkpoint's own output projection
     ids = tokenizer.encode(PROMPT)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf_tok(PROMPT).input_ids == ids

@@ -1,6 +1,6 @@
 """The int4_linear op (compiled CPU kernel) against its PyTorch reference, and the WQLinear module.
 
-These tests FAIL (never skip) when tinychat._C is not built. There is no CUDA kernel yet.
+These tests FAIL (never skip) when tinychat._C is not built. The CUDA kernels: tests/test_int4_linear_cuda.py.
 """
 
 import pytest
@@ -34,34 +34,15 @@ def shapes():
                     yield N, K, G
 
 
-ISAS = ("avx512", "avx2", "scalar")
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    """Each CPU path in turn (TINYCHAT_CPU_ISA forces a lower one); paths above this CPU's are skipped."""
-    monkeypatch.delenv("TINYCHAT_CPU_ISA", raising=False)
-    best = tc().cpu_isa()
-    if ISAS.index(request.param) < ISAS.index(best):
-        pytest.skip(f"this CPU supports at most {best}")
-    monkeypatch.setenv("TINYCHAT_CPU_ISA", request.param)
-    assert tc().cpu_isa() == request.param
-    return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-def test_op_is_registered_without_cuda_kernel():
+def test_op_is_registered():
+    """A CPU kernel always; a CUDA kernel exactly when the extension was built with CUDA."""
     tc()
+    import tinychat._C
+
     assert ops.int4_linear is torch.ops.tinychat.int4_linear.default
     assert torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::int4_linear", "CPU")
-    assert not torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::int4_linear", "CUDA")
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::int4_linear", "CUDA")
+    assert has_cuda_kernel == bool(tinychat._C.WITH_CUDA)
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 17, 64, 300])

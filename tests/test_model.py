@@ -65,8 +65,8 @@ def test_cached_decoding_matches_full_forward(tmp_path, family):
     with torch.no_grad():
         expected = hf(tokens).logits
         ours.setup_kv_cache(64)
-        chunks = [ours(tokens[:, :20], start=0), ours(tokens[:, 20:45], start=20)]
-        chunks += [ours(tokens[:, i : i + 1], start=i) for i in range(45, 50)]
+        chunks = [ours(tokens[:, :20]), ours(tokens[:, 20:45], torch.arange(20, 45))]
+        chunks += [ours(tokens[:, i : i + 1], torch.tensor([i])) for i in range(45, 50)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), expected, rtol=1e-4, atol=1e-4)
 
 

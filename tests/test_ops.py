@@ -51,21 +51,16 @@ def naive_rms_norm(x, w, eps):  # every step in x.dtype
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def naive_rotary(x, positions, cos_sin):  # every step in x.dtype
-    half = x.shape[-1] // 2
-    cos, sin = cos_sin.to(x.dtype)[positions].unsqueeze(-2).split(half, dim=-1)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 def test_extension_is_built():
     assert ops.EXTENSION_AVAILABLE
     import tinychat._C
 
-    for name in ("rms_norm", "add_rms_norm", "rotary_embedding"):
+    for name in ("rms_norm", "add_rms_norm", "rope_kv_write", "attention", "silu_and_mul"):
         assert hasattr(torch.ops.tinychat, name)
         has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"tinychat::{name}", "CUDA")
-        assert has_cuda_kernel == bool(tinychat._C.WITH_CUDA)
+        # without compiled CUDA kernels, the references stand in on CUDA for the attention ops (ops.py)
+        assert has_cuda_kernel == (bool(tinychat._C.WITH_CUDA) or name in ("rope_kv_write", "attention",
+                                                                            "silu_and_mul"))
 
 
 # ---- rms_norm / add_rms_norm ----
@@ -114,48 +109,65 @@ def test_norms_strided_input(device, dtype):
         assert torch.equal(r, ref_r)
 
 
-# ---- rotary_embedding ----
+# ---- rope_kv_write ----
 
-ROPE_SHAPES = [(1, 1, 1), (2, 5, 4), (1, 9, 32), (3, 7, 8)]  # (B, T, n_heads): q- and kv-like
+# (B, T, H, Hkv, start): decode and prefill rows, MHA and GQA, a chunk over an existing cache
+ROPE_SHAPES = [(1, 1, 1, 1, 0), (2, 5, 4, 2, 3), (1, 9, 32, 8, 100), (3, 7, 9, 3, 0)]
+
+
+def naive_rotary(x, positions, cos_sin):  # every step in x.dtype
+    half = x.shape[-1] // 2
+    cos, sin = cos_sin.to(x.dtype)[positions].unsqueeze(-2).split(half, dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rotate(x, positions, cos_sin):
+    """Rotary embedding of x [B, T, nH, D] through rope_kv_write (x as the queries, nH kv heads of zeros)."""
+    B, T, nH, D = x.shape
+    qkv = torch.cat((x, torch.zeros_like(x), torch.zeros_like(x)), dim=2)  # [B, T, 3 nH, D]
+    cache = x.new_zeros(B, nH, int(positions.max()) + 1, D)
+    return tc().rope_kv_write(qkv, positions, cos_sin, cache, cache.clone())
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("shape", ROPE_SHAPES)
-@pytest.mark.parametrize("pos_kind", ["T", "BT", "BT_strided"])
-def test_rotary(device, dtype, D, shape, pos_kind):
-    B, T, nH = shape
-    max_pos = 4096
+def test_rope_kv_write(device, dtype, D, shape):
+    B, T, H, Hkv, start = shape
+    S, max_pos = start + T + 5, 4096
     cos_sin = ops.rope_cos_sin(inv_freq(D), max_pos).to(device)  # [max_pos, D]
-    x = torch.randn(B, T, nH, D).to(device, dtype)
-    if pos_kind == "T":
-        positions = torch.arange(T) + 100  # [T], broadcast over B
-    elif pos_kind == "BT":
-        positions = torch.randint(0, max_pos, (B, T))
-    else:
-        positions = torch.randint(0, max_pos, (T, B)).t()  # [B, T], non-contiguous
-    positions = positions.to(device)
-    out = tc().rotary_embedding(x, positions, cos_sin)
-    assert out.shape == x.shape and out.is_contiguous()
-    check_close(out, (x, positions, cos_sin), ops.rotary_embedding_ref, naive_rotary, dtype)
+    qkv = torch.randn(B, T, H + 2 * Hkv, D).to(device, dtype)
+    positions = torch.arange(start, start + T, device=device)
+    k_cache, v_cache = torch.randn(B, Hkv, S, D).to(device, dtype), torch.randn(B, Hkv, S, D).to(device, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q = tc().rope_kv_write(qkv, positions, cos_sin, k_cache, v_cache)
+    assert q.shape == (B, T, H, D) and q.is_contiguous()
+    torch.testing.assert_close(q, ops.rope_kv_write_ref(qkv, positions, cos_sin, k_ref, v_ref))
+    torch.testing.assert_close(k_cache, k_ref)  # the rows written, and every other row untouched
+    assert torch.equal(v_cache, v_ref)  # values are copied, never rounded
+    assert torch.equal(v_cache[:, :, start : start + T], qkv[:, :, H + Hkv :].transpose(1, 2))
+    check_close(q, (qkv[:, :, :H], positions, cos_sin), ops.rotary_embedding_ref, naive_rotary, dtype)
+    check_close(k_cache[:, :, start : start + T].transpose(1, 2), (qkv[:, :, H : H + Hkv], positions, cos_sin),
+                ops.rotary_embedding_ref, naive_rotary, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_strided_x(device, dtype):
-    B, T, nH, nKV, D = 2, 6, 8, 2, 64
+def test_rope_kv_write_strided_qkv_and_any_positions(device, dtype):
+    B, T, H, Hkv, D, S = 2, 6, 8, 2, 64, 40
     cos_sin = ops.rope_cos_sin(inv_freq(D), 64).to(device)
-    positions = torch.arange(T, device=device) + 3
-    qkv = torch.randn(B, T, (nH + 2 * nKV) * D).to(device, dtype)  # a fused qkv projection
-    q = qkv[..., : nH * D].view(B, T, nH, D)
-    k = qkv[..., nH * D : (nH + nKV) * D].view(B, T, nKV, D)
-    bhtd = torch.randn(B, nH, T, D).to(device, dtype).transpose(1, 2)  # [B, T, nH, D], permuted strides
-    for x in (q, k, bhtd, bhtd[1:], bhtd[:, ::2]):
-        assert not x.is_contiguous()
-        pos = positions[: x.shape[1]]
-        torch.testing.assert_close(tc().rotary_embedding(x, pos, cos_sin),
-                                   ops.rotary_embedding_ref(x, pos, cos_sin))
+    wide = torch.randn(B, T, H + 2 * Hkv + 3, D).to(device, dtype)
+    qkv = wide[:, :, 2 : 2 + H + 2 * Hkv]  # strided over heads and tokens
+    assert not qkv.is_contiguous()
+    positions = torch.tensor([39, 0, 7, 6, 20, 1], device=device)  # any order
+    k_cache, v_cache = torch.zeros(B, Hkv, S, D).to(device, dtype), torch.zeros(B, Hkv, S, D).to(device, dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    torch.testing.assert_close(tc().rope_kv_write(qkv, positions, cos_sin, k_cache, v_cache),
+                               ops.rope_kv_write_ref(qkv, positions, cos_sin, k_ref, v_ref))
+    torch.testing.assert_close(k_cache, k_ref)
+    assert torch.equal(v_cache, v_ref)
 
 
 def test_rope_cos_sin_matches_definition():
@@ -167,21 +179,18 @@ def test_rope_cos_sin_matches_definition():
 
 
 def test_rotary_is_a_rotation():
-    # Rotating position p then q by the inverse angle is the identity; dot products depend on p - q only.
+    # Dot products of a rotated query and key depend on the distance of their positions only.
     D = 64
     cos_sin = ops.rope_cos_sin(inv_freq(D), 256)
     q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
-    dots = [
-        (tc().rotary_embedding(q, torch.tensor([p + 10]), cos_sin)
-         * tc().rotary_embedding(k, torch.tensor([p]), cos_sin)).sum()
-        for p in (0, 37, 200)
-    ]
+    dots = [(rotate(q, torch.tensor([p + 10]), cos_sin) * rotate(k, torch.tensor([p]), cos_sin)).sum()
+            for p in (0, 37, 200)]
     torch.testing.assert_close(dots[1], dots[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dots[2], dots[0], atol=1e-4, rtol=1e-4)
 
 
 def test_references_match_transformers_llama():
-    # Pins the conventions (rotate-half rotary, its cos/sin table, the norm) to Hugging Face Llama.
+    # Pins the conventions (rotate-half rotary, its cos/sin table, the norm, the MLP activation) to Hugging Face.
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -195,13 +204,42 @@ def test_references_match_transformers_llama():
     torch.testing.assert_close(tc().rms_norm(h, norm.weight.detach(), 1e-6), norm(h).detach())
 
     rope = LlamaRotaryEmbedding(config)
-    positions = torch.randint(0, 64, (B, T))
-    cos, sin = rope(h, positions)  # [B, T, D]
+    positions = torch.arange(T) + 40
+    cos, sin = rope(h, positions[None].expand(B, T))  # [B, T, D]
     q, k = torch.randn(B, T, nH, D), torch.randn(B, T, nH, D)
     q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
     cos_sin = ops.rope_cos_sin(rope.inv_freq, 64)
-    torch.testing.assert_close(tc().rotary_embedding(q, positions, cos_sin), q_hf)
-    torch.testing.assert_close(tc().rotary_embedding(k, positions, cos_sin), k_hf)
+    torch.testing.assert_close(rotate(q, positions, cos_sin), q_hf)
+    torch.testing.assert_close(rotate(k, positions, cos_sin), k_hf)
+
+    gate_up = torch.randn(B, T, 2 * 96)
+    torch.testing.assert_close(tc().silu_and_mul(gate_up), torch.nn.functional.silu(gate_up[..., :96]) * gate_up[..., 96:])
+
+
+# ---- silu_and_mul ----
+
+
+def naive_silu_and_mul(x):  # every step in x.dtype
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("shape", [(1, 2), (3, 2 * 1536), (2, 5, 2 * 17), (4, 1, 2 * 11008)])
+def test_silu_and_mul(device, dtype, shape):
+    x = (torch.randn(shape) * 6).to(device, dtype)  # gates far into both tails of silu
+    out = tc().silu_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous()
+    check_close(out, (x,), ops.silu_and_mul_ref, naive_silu_and_mul, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_and_mul_extremes_and_strided(device):
+    x = torch.tensor([[-1000.0, -90.0, -20.0, 0.0, 20.0, 90.0, 1000.0, 3.0] + [2.0] * 8]).to(device)  # [1, 16]
+    torch.testing.assert_close(tc().silu_and_mul(x), ops.silu_and_mul_ref(x), atol=1e-6, rtol=1e-6)
+    wide = torch.randn(6, 3, 40).to(device)[:, 1]  # [6, 40], rows 120 apart
+    torch.testing.assert_close(tc().silu_and_mul(wide), ops.silu_and_mul_ref(wide), atol=1e-6, rtol=1e-6)
 
 
 # ---- bad input ----
@@ -211,8 +249,13 @@ def test_bad_inputs_raise_clear_errors():
     x = torch.randn(2, 8)
     w = torch.randn(8)
     cs = ops.rope_cos_sin(inv_freq(16), 32)  # [32, 16]
-    xr = torch.randn(1, 3, 2, 16)
+    qkv = torch.randn(1, 3, 6, 16)  # H = 4, Hkv = 1
+    kc = torch.zeros(1, 1, 40, 16)
     pos = torch.arange(3)
+
+    def rope(qkv=qkv, pos=pos, cs=cs, k=kc, v=None):
+        return tc().rope_kv_write(qkv, pos, cs, k, kc.clone() if v is None else v)
+
     cases = [
         (lambda: tc().rms_norm(x, w.half(), EPS), "weight dtype"),
         (lambda: tc().rms_norm(x, torch.randn(7), EPS), r"weight must have shape \[8\]"),
@@ -222,14 +265,22 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: tc().rms_norm(torch.tensor(1.0), w, EPS), "at least 1 dimension"),
         (lambda: tc().add_rms_norm(x, torch.randn(2, 7), w, EPS), "residual shape"),
         (lambda: tc().add_rms_norm(x, x.half(), w, EPS), "residual dtype"),
-        (lambda: tc().rotary_embedding(xr, torch.tensor([0, 1, 32]), cs), r"positions must be in \[0, 32\)"),
-        (lambda: tc().rotary_embedding(xr, torch.tensor([0, -1, 2]), cs), r"positions must be in \[0, 32\)"),
-        (lambda: tc().rotary_embedding(xr[0], pos, cs), r"x must have shape \[B, T, n_heads, head_dim\]"),
-        (lambda: tc().rotary_embedding(xr, pos.int(), cs), "positions must be int64"),
-        (lambda: tc().rotary_embedding(xr, torch.arange(4), cs), r"positions must have shape \[T\] or \[B, T\]"),
-        (lambda: tc().rotary_embedding(xr, pos, cs[:, :8]), r"cos_sin must have shape \[max_pos, 16\]"),
-        (lambda: tc().rotary_embedding(xr, pos, cs.half()), "cos_sin must be float32"),
-        (lambda: tc().rotary_embedding(torch.randn(1, 3, 2, 15), pos, cs), "must be even"),
+        (lambda: rope(pos=torch.tensor([0, 1, 32])), r"positions must be in \[0, 32\)"),  # past cos_sin
+        (lambda: rope(pos=torch.tensor([0, -1, 2])), r"positions must be in \[0, 32\)"),
+        (lambda: rope(k=torch.zeros(1, 1, 8, 16), v=torch.zeros(1, 1, 8, 16), pos=torch.tensor([0, 1, 8])),
+         r"positions must be in \[0, 8\)"),  # past the cache
+        (lambda: rope(qkv=qkv[0]), r"qkv must have shape \[B, T, n_heads \+ 2 n_kv_heads, head_dim\]"),
+        (lambda: rope(pos=pos.int()), "positions must be int64"),
+        (lambda: rope(pos=torch.arange(4)), r"positions must be a contiguous \[T\] = \[3\]"),
+        (lambda: rope(cs=cs[:, :8]), r"cos_sin must be a contiguous \[max_pos, 16\]"),
+        (lambda: rope(cs=cs.half()), "cos_sin must be float32"),
+        (lambda: rope(qkv=torch.randn(1, 3, 6, 15), cs=ops.rope_cos_sin(inv_freq(14), 32)), "must be even"),
+        (lambda: rope(k=kc.half()), "the caches' dtype must be"),
+        (lambda: rope(k=torch.zeros(1, 4, 40, 16), v=torch.zeros(1, 4, 40, 16)), r"heads must be H \+ 2 Hkv"),
+        (lambda: rope(k=torch.zeros(1, 1, 16, 40).transpose(2, 3), v=torch.zeros(1, 1, 40, 16)),
+         "caches must be contiguous"),
+        (lambda: tc().silu_and_mul(torch.randn(3, 5)), "last dimension must be even"),
+        (lambda: tc().silu_and_mul(torch.randn(3, 4).long()), "x must be float32, bfloat16 or float16"),
     ]
     for fn, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
@@ -239,25 +290,28 @@ def test_bad_inputs_raise_clear_errors():
 # ---- torch.compile and opcheck (exercise the fake implementations) ----
 
 
-def _block(x, residual, w, positions, cos_sin):  # x, residual [B, T, nH * D]
+def _block(x, residual, w, positions, cos_sin, k_cache, v_cache):  # x, residual [B, T, 6 D]: q | k | v, 2 heads each
     B, T, _ = x.shape
     h, r = ops.add_rms_norm(x, residual, w, EPS)
-    q = ops.rotary_embedding(h.view(B, T, -1, cos_sin.shape[1]), positions, cos_sin)
-    return ops.rms_norm(q.view(B, T, -1), w, EPS) + r
+    q = ops.rope_kv_write(h.view(B, T, 6, -1), positions, cos_sin, k_cache, v_cache)  # [B, T, 2, D]
+    y = ops.attention(q, k_cache, v_cache, positions, 0.5)  # [B, T, 2, D]
+    return ops.rms_norm(ops.silu_and_mul(y.reshape(B, T, -1)), w[: y.shape[-1]], EPS)
 
 
 @pytest.mark.parametrize("backend, dynamic", [("inductor", False), ("aot_eager", True)])
 def test_torch_compile_fullgraph(backend, dynamic):
     tc()
     D = 32
-    x, res = torch.randn(2, 5, 4 * D), torch.randn(2, 5, 4 * D)
-    w, positions, cos_sin = torch.randn(4 * D), torch.arange(5), ops.rope_cos_sin(inv_freq(D), 16)
+    w, cos_sin = torch.randn(6 * D), ops.rope_cos_sin(inv_freq(D), 16)
     torch._dynamo.reset()
     compiled = torch.compile(_block, fullgraph=True, backend=backend, dynamic=dynamic)
-    torch.testing.assert_close(compiled(x, res, w, positions, cos_sin), _block(x, res, w, positions, cos_sin))
-    x2, res2 = torch.randn(1, 3, 4 * D), torch.randn(1, 3, 4 * D)  # another shape
-    torch.testing.assert_close(compiled(x2, res2, w, positions[:3], cos_sin),
-                               _block(x2, res2, w, positions[:3], cos_sin))
+    for B, T in ((2, 5), (1, 3)):  # two shapes
+        x, res, positions = torch.randn(B, T, 6 * D), torch.randn(B, T, 6 * D), torch.arange(T) + 2
+        caches = [torch.zeros(B, 2, 16, D) for _ in range(4)]
+        torch.testing.assert_close(compiled(x, res, w, positions, cos_sin, *caches[:2]),
+                                   _block(x, res, w, positions, cos_sin, *caches[2:]))
+        torch.testing.assert_close(caches[0], caches[2])  # the compiled graph wrote the caches too
+        torch.testing.assert_close(caches[1], caches[3])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -268,10 +322,12 @@ def test_opcheck(device):
         x, w = torch.randn(3, 4, 24).to(device, dtype), torch.randn(24).to(device, dtype)
         torch.library.opcheck(t.rms_norm.default, (x, w, 1e-6))
         torch.library.opcheck(t.add_rms_norm.default, (x, torch.randn_like(x), w, 1e-6))
-        xr = torch.randn(2, 5, 3, 16).to(device, dtype)
-        pos = torch.randint(0, 32, (2, 5), device=device)
-        torch.library.opcheck(t.rotary_embedding.default, (xr, torch.arange(5, device=device), cs))
-        torch.library.opcheck(t.rotary_embedding.default, (xr[:, :, 1:], pos, cs))
+        torch.library.opcheck(t.silu_and_mul.default, (x,))
+        qkv = torch.randn(2, 5, 6, 16).to(device, dtype)
+        caches = [torch.zeros(2, 2, 32, 16).to(device, dtype) for _ in range(2)]
+        torch.library.opcheck(t.rope_kv_write.default, (qkv, torch.arange(3, 8, device=device), cs, *caches))
+        torch.library.opcheck(t.rope_kv_write.default, (qkv[:, :, 1:5], torch.arange(5, device=device), cs,
+                                                        caches[0][:, :1].contiguous(), caches[1][:, :1].contiguous()))
 
 
 # ---- the Python face ----
@@ -280,7 +336,9 @@ def test_opcheck(device):
 def test_public_ops_are_the_compiled_ops():
     assert ops.rms_norm is torch.ops.tinychat.rms_norm.default
     assert ops.add_rms_norm is torch.ops.tinychat.add_rms_norm.default
-    assert ops.rotary_embedding is torch.ops.tinychat.rotary_embedding.default
+    assert ops.rope_kv_write is torch.ops.tinychat.rope_kv_write.default
+    assert ops.attention is torch.ops.tinychat.attention.default
+    assert ops.silu_and_mul is torch.ops.tinychat.silu_and_mul.default
 
 
 FALLBACK_SCRIPT = """
@@ -291,7 +349,8 @@ import torch
 from tinychat import ops, model  # noqa: F401  (a second module importing ops must not warn again)
 assert not ops.EXTENSION_AVAILABLE
 assert ops.rms_norm is ops.rms_norm_ref and ops.add_rms_norm is ops.add_rms_norm_ref
-assert ops.rotary_embedding is ops.rotary_embedding_ref and ops.decode_attention is ops.decode_attention_ref
+assert ops.rope_kv_write is ops.rope_kv_write_ref and ops.attention is ops.attention_ref
+assert ops.silu_and_mul is ops.silu_and_mul_ref
 from tinychat.config import ModelConfig
 cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8)
@@ -301,7 +360,7 @@ torch.nn.init.normal_(m.embed.weight)  # the constructor leaves it uninitialized
 m.setup_kv_cache(16)
 with torch.no_grad():
     full = m(torch.arange(6)[None])
-    step = torch.cat([m(torch.arange(5)[None]), m(torch.tensor([[5]]), start=5)], dim=1)
+    step = torch.cat([m(torch.arange(5)[None]), m(torch.tensor([[5]]), torch.tensor([5]))], dim=1)
 torch.testing.assert_close(full, step, rtol=1e-5, atol=1e-5)  # the whole decoder runs on the references
 print("ok")
 """

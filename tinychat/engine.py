@@ -126,7 +126,8 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens [1, T] at positions start.. -> last-position logits [V]."""
-        return self.model(tokens, start=start, last_only=True)[0, -1]
+        positions = torch.arange(start, start + tokens.shape[1], device=self.device)  # [T]
+        return self.model(tokens, positions, last_only=True)[0, -1]
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
         """Run the part of the prompt not already cached; return the last logits [V]."""

@@ -1,14 +1,14 @@
 """One Llama-family decoder for every supported architecture, driven by ModelConfig.
 
-q/k/v and gate/up are fused into single projections at load time. Norms and rotary embedding go through
-`tinychat.ops` (compiled kernels when built, PyTorch references otherwise); the model never asks which device
-it is on: the dispatcher picks the kernel.
+q/k/v and gate/up are fused into single projections at load time. Norms, the rotary embedding with the KV-cache
+write, attention and the MLP's activation go through `tinychat.ops` (compiled kernels when built, PyTorch references
+otherwise); the model never asks which device it is on: the dispatcher picks the kernel. Positions are a tensor,
+never a Python number, so that a decode step replays as a CUDA graph with its positions in a static buffer.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinychat import ops
@@ -16,7 +16,7 @@ from tinychat.config import ModelConfig, rope_inv_freq
 
 
 class KVCache(nn.Module):
-    """Keys and values of one layer, preallocated once for `max_seq_len` positions."""
+    """Keys and values of one layer, preallocated once for `max_seq_len` positions: k, v [B, Hkv, S, D]."""
 
     def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -28,13 +28,6 @@ class KVCache(nn.Module):
     def max_seq_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, Hkv, T, D] at positions start..start+T; return the filled prefix [B, Hkv, start+T, D]."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -45,32 +38,18 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, start: int) -> torch.Tensor:
-        # x [B, T, C]; positions [T] int64; cos_sin [max_pos, D] fp32
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        # x [B, T, C]; positions [T] int64 (the cache rows of the T tokens); cos_sin [max_pos, D] fp32
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)
-        q = ops.rotary_embedding(qkv[:, :, :H], positions, cos_sin).transpose(1, 2)  # [B, H, T, D]
-        k = ops.rotary_embedding(qkv[:, :, H : H + Hkv], positions, cos_sin).transpose(1, 2)  # [B, Hkv, T, D]
-        v = qkv[:, :, H + Hkv :].transpose(1, 2)  # [B, Hkv, T, D]
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start, k, v)  # [B, Hkv, start+T, D]
-            if T == 1:  # decode: one query against the cache
-                y = ops.decode_attention(q[:, :, 0], self.kv_cache.k, self.kv_cache.v, start + 1, D**-0.5)  # [B, H, D]
-                return self.wo(y.reshape(B, 1, H * D))
-        y = F.scaled_dot_product_attention(q, k, v, **_causal_mask_args(T, start, x.device), enable_gqa=H != Hkv)
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
-
-
-def _causal_mask_args(T: int, start: int, device) -> dict:
-    """SDPA mask arguments for T new queries at positions start..start+T over keys 0..start+T."""
-    if T == 1:
-        return {}
-    if start == 0:
-        return {"is_causal": True}
-    # query i sees keys j <= start + i (SDPA's is_causal would align the triangle top-left instead)
-    q_pos = torch.arange(start, start + T, device=device)[:, None]
-    return {"attn_mask": torch.arange(start + T, device=device)[None, :] <= q_pos}  # [T, start+T] bool
+            k_cache, v_cache = self.kv_cache.k, self.kv_cache.v  # [B, Hkv, S, D]
+        else:  # no cache: the T tokens alone, at positions 0..T-1
+            k_cache, v_cache = x.new_empty(B, Hkv, T, D), x.new_empty(B, Hkv, T, D)
+        q = ops.rope_kv_write(qkv, positions, cos_sin, k_cache, v_cache)  # [B, T, H, D]; k, v into the caches
+        y = ops.attention(q, k_cache, v_cache, positions, D**-0.5)  # [B, T, H, D]
+        return self.wo(y.view(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -80,8 +59,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, I] each
-        return self.w2(F.silu(gate) * up)
+        return self.w2(ops.silu_and_mul(self.w13(x)))  # w13: [B, T, 2I] = gate | up
 
 
 class DecoderLayer(nn.Module):
@@ -94,7 +72,7 @@ class DecoderLayer(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, cos_sin: torch.Tensor, start: int
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, cos_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is x + residual (residual None: x alone); returns the next (x, residual) [B, T, C].
 
@@ -104,7 +82,7 @@ class DecoderLayer(nn.Module):
             residual, x = x, ops.rms_norm(x, self.attn_norm, self.eps)
         else:
             x, residual = ops.add_rms_norm(x, residual, self.attn_norm, self.eps)
-        x = self.attn(x, positions, cos_sin, start)
+        x = self.attn(x, positions, cos_sin)
         x, residual = ops.add_rms_norm(x, residual, self.mlp_norm, self.eps)
         return self.mlp(x), residual
 
@@ -140,17 +118,18 @@ class Transformer(nn.Module):
         cache = self.layers[0].attn.kv_cache if self.layers else None
         return cache.max_seq_len if cache is not None else None
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] at positions start..start+T -> logits [B, T, V] ([B, 1, V] with last_only).
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] at positions [T] (int64, on the tokens' device) -> logits [B, T, V] ([B, 1, V] with last_only).
 
-        With KV caches set up, keys/values of earlier positions come from the cache; without, start must be 0.
+        With KV caches set up, token t's key and value go to cache row positions[t] and it attends to rows
+        0..positions[t]; without, the tokens attend to each other alone, and positions must be 0..T-1 (the default).
         """
-        T = tokens.shape[1]
-        positions = torch.arange(start, start + T, device=tokens.device)  # [T]
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)  # [T]
         eps = self.config.rms_norm_eps
         x, residual = self.embed(tokens), None  # [B, T, C]
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.cos_sin, start)
+            x, residual = layer(x, residual, positions, self.cos_sin)
         x = ops.rms_norm(x, self.norm, eps) if residual is None else ops.add_rms_norm(x, residual, self.norm, eps)[0]
         if last_only:
             x = x[:, -1:]

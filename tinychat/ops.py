@@ -1,7 +1,7 @@
 """tinychat's fused ops: the compiled kernels (torch.ops.tinychat.*) and their PyTorch references.
 
-The model calls only the public wrappers (rms_norm, add_rms_norm, rotary_embedding, int4_linear,
-decode_attention). They run the compiled kernels when the tinychat._C extension is built, else the *_ref functions
+The model calls only the public wrappers (rms_norm, add_rms_norm, rope_kv_write, attention, silu_and_mul,
+int4_linear). They run the compiled kernels when the tinychat._C extension is built, else the *_ref functions
 below, which define the semantics: fp32 math, each result cast once to the input dtype.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tinychat.quant.pack import unpack_int4_op
@@ -44,19 +45,41 @@ def rotary_embedding_ref(x: Tensor, positions: Tensor, cos_sin: Tensor) -> Tenso
     return out.to(x.dtype)
 
 
-def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, scale: float) -> Tensor:
-    """One new query per sequence against the first `length` cache positions, softmax in fp32.
+def rope_kv_write_ref(qkv: Tensor, positions: Tensor, cos_sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """Rotate q and k of the fused projection, write k and v into the caches (in place) at rows `positions`.
 
-    q [B, H, D]; k_cache, v_cache [B, Hkv, S, D] with H % Hkv == 0 (query head h reads kv head h // (H // Hkv))
-    -> [B, H, D] in q.dtype.
+    qkv [B, T, H + 2 Hkv, D] (heads q | k | v), positions int64 [T], cos_sin fp32 [max_pos, D];
+    k_cache, v_cache [B, Hkv, S, D] in qkv.dtype -> rotated q [B, T, H, D] (contiguous, qkv.dtype).
     """
-    B, H, D = q.shape
     Hkv = k_cache.shape[1]
-    k = k_cache[:, :, :length].float()  # [B, Hkv, L, D]
-    v = v_cache[:, :, :length].float()
-    qg = q.float().view(B, Hkv, H // Hkv, D)  # [B, Hkv, rep, D]: the query heads of each kv head
-    probs = (scale * qg @ k.transpose(-1, -2)).softmax(-1)  # [B, Hkv, rep, L]
-    return (probs @ v).reshape(B, H, D).to(q.dtype)
+    H = qkv.shape[2] - 2 * Hkv
+    q = rotary_embedding_ref(qkv[:, :, :H], positions, cos_sin)  # [B, T, H, D]
+    k = rotary_embedding_ref(qkv[:, :, H : H + Hkv], positions, cos_sin)  # [B, T, Hkv, D]
+    k_cache[:, :, positions] = k.transpose(1, 2)
+    v_cache[:, :, positions] = qkv[:, :, H + Hkv :].transpose(1, 2)
+    return q.contiguous()
+
+
+def attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, scale: float) -> Tensor:
+    """Causal attention over the cache: query t attends to rows 0..positions[t], softmax in fp32.
+
+    q [B, T, H, D]; k_cache, v_cache [B, Hkv, S, D] with H % Hkv == 0 (query head h reads kv head h // (H // Hkv));
+    positions int64 [T] -> [B, T, H, D] in q.dtype.
+    """
+    H, S = q.shape[2], k_cache.shape[2]
+    rep = H // k_cache.shape[1]
+    k = k_cache.float().repeat_interleave(rep, dim=1)  # [B, H, S, D]
+    v = v_cache.float().repeat_interleave(rep, dim=1)
+    scores = scale * q.float().transpose(1, 2) @ k.transpose(-1, -2)  # [B, H, T, S]
+    visible = torch.arange(S, device=q.device)[None, :] <= positions[:, None]  # [T, S]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (probs @ v).transpose(1, 2).to(q.dtype).contiguous()  # [B, T, H, D]
+
+
+def silu_and_mul_ref(x: Tensor) -> Tensor:
+    """silu(gate) * up for x [..., 2I] = [gate | up], in fp32 -> [..., I] in x.dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
 
 
 def rope_cos_sin(inv_freq: Tensor, max_pos: int) -> Tensor:
@@ -79,6 +102,13 @@ def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, g
     return (x.float() @ w.t()).to(x.dtype)
 
 
+def int8_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x @ W.T with W = qweight * scales[:, None]: x [..., K]; qweight int8 [N, K]; scales fp32 [N]. fp32 math, the
+    result cast once -> [..., N] in x.dtype."""
+    w = qweight.float() * scales[:, None]  # [N, K] fp32
+    return (x.float() @ w.t()).to(x.dtype)
+
+
 # ---- the compiled extension ----
 
 
@@ -90,23 +120,32 @@ def _add_rms_norm_fake(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-def _rotary_embedding_fake(x: Tensor, positions: Tensor, cos_sin: Tensor) -> Tensor:
-    return x.new_empty(x.shape)
+def _rope_kv_write_fake(qkv: Tensor, positions: Tensor, cos_sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    B, T, heads, D = qkv.shape
+    return qkv.new_empty((B, T, heads - 2 * k_cache.shape[1], D))
+
+
+def _attention_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, scale: float) -> Tensor:
+    return q.new_empty(q.shape)
+
+
+def _silu_and_mul_fake(x: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
 def _int4_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _decode_attention_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: int, scale: float) -> Tensor:
-    return q.new_empty(q.shape)
+def _int8_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def _register_fakes() -> None:
     """Shape/dtype-only implementations, so torch.compile can trace the compiled ops."""
-    fakes = {"rms_norm": _rms_norm_fake, "add_rms_norm": _add_rms_norm_fake,
-             "rotary_embedding": _rotary_embedding_fake, "int4_linear": _int4_linear_fake,
-             "decode_attention": _decode_attention_fake}
+    fakes = {"rms_norm": _rms_norm_fake, "add_rms_norm": _add_rms_norm_fake, "rope_kv_write": _rope_kv_write_fake,
+             "attention": _attention_fake, "silu_and_mul": _silu_and_mul_fake, "int4_linear": _int4_linear_fake,
+             "int8_linear": _int8_linear_fake}
     for name, fake in fakes.items():
         try:
             torch.library.register_fake(f"tinychat::{name}", fake)
@@ -133,13 +172,13 @@ def _load_extension() -> bool:
 
 
 def _register_cuda_stand_ins() -> None:
-    """Ops with a CPU kernel but no CUDA kernel yet run their reference on CUDA tensors (the CUDA decode issue
-    replaces these); int4_linear has no stand-in: a 4-bit model on CUDA must wait for its kernel."""
-    try:
-        torch.library.impl("tinychat::decode_attention", "CUDA")(decode_attention_ref)
-    except RuntimeError as e:  # registered before, e.g. when this module was reloaded
-        if "already" not in str(e):
-            raise
+    """An op built without a CUDA kernel runs its reference on CUDA tensors, so a model still runs there (slowly);
+    int4_linear has no stand-in: a 4-bit model on CUDA needs the real kernel."""
+    stand_ins = {"rope_kv_write": rope_kv_write_ref, "attention": attention_ref, "silu_and_mul": silu_and_mul_ref,
+                 "int8_linear": int8_linear_ref}
+    for name, reference in stand_ins.items():
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tinychat::{name}", "CUDA"):
+            torch.library.impl(f"tinychat::{name}", "CUDA")(reference)
 
 
 # Decided once, at import: each public op below is either the compiled op or its reference, so a call pays
@@ -157,14 +196,19 @@ def _pick(name: str, reference):
 rms_norm = _pick("rms_norm", rms_norm_ref)
 # x, residual [..., H], weight [H] -> (normed [..., H], x + residual [..., H]); see add_rms_norm_ref
 add_rms_norm = _pick("add_rms_norm", add_rms_norm_ref)
-# x [B, T, nH, D], positions [B, T] or [T], cos_sin [max_pos, D] -> new [B, T, nH, D]; see rotary_embedding_ref.
-# Positions must lie in [0, max_pos): the CPU kernel raises otherwise; the CUDA kernel does not check (no device
-# sync) and writes NaN for those rows.
-rotary_embedding = _pick("rotary_embedding", rotary_embedding_ref)
+# qkv [B, T, H + 2 Hkv, D], positions [T], cos_sin [max_pos, D], k_cache/v_cache [B, Hkv, S, D] (written in
+# place) -> rotated q [B, T, H, D]; see rope_kv_write_ref.
+rope_kv_write = _pick("rope_kv_write", rope_kv_write_ref)
+# q [B, T, H, D], k_cache/v_cache [B, Hkv, S, D], positions [T], scale -> [B, T, H, D]; see attention_ref. CPU
+# kernel: online softmax, GQA groups share each key/value read; T = 1 (decode) and T > 1 (prefill) alike.
+attention = _pick("attention", attention_ref)
+# x [..., 2I] -> silu(x[..., :I]) * x[..., I:] [..., I]; see silu_and_mul_ref.
+silu_and_mul = _pick("silu_and_mul", silu_and_mul_ref)
 # x [..., K], qweight uint8 [N, K/2], scales/zeros fp32 [N, K/G], group_size -> [..., N] in x.dtype; see
 # int4_linear_ref. CPU kernels: AVX-512, AVX2 or portable, picked at run time (torch.ops.tinychat.cpu_isa() says
-# which); there is no CUDA kernel yet (the dispatcher refuses CUDA).
+# which); CUDA kernels (sm_80+): a GEMV for M <= 8 and a tensor-core GEMM above (csrc/cuda/int4_linear.cu).
 int4_linear = _pick("int4_linear", int4_linear_ref)
-# q [B, H, D], k_cache/v_cache [B, Hkv, S, D], length, scale -> [B, H, D]; see decode_attention_ref. CPU kernel:
-# online softmax over the cache, one pass, GQA groups share each key/value read; on CUDA the reference stands in.
-decode_attention = _pick("decode_attention", decode_attention_ref)
+# x [..., K], qweight int8 [N, K], scales fp32 [N] -> [..., N] in x.dtype; see int8_linear_ref. CPU kernels per
+# instruction set as int4_linear; on CUDA the reference stands in (the CUDA backend keeps the output projection in
+# half precision).
+int8_linear = _pick("int8_linear", int8_linear_ref)

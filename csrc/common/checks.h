@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU and CUDA launchers of the norm and rotary ops.
+// Argument checks shared by the CPU and CUDA launchers of the norm, rotary/KV-cache and attention ops.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,31 +49,86 @@ inline void check_residual_arg(const at::Tensor& x, const at::Tensor& residual, 
               ": residual must be contiguous in its last dimension, got strides ", residual.strides());
 }
 
-// x [B, T, nH, D] last-dim contiguous, positions int64 [B, T] or [T], cos_sin fp32 [max_pos, D].
-inline void check_rotary_args(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos_sin,
-                       c10::DeviceType type) {
-  const char* op = "rotary_embedding";
-  check_device(x, x, type, op, "x");
+inline void check_positions(const at::Tensor& positions, const at::Tensor& x, int64_t T, c10::DeviceType type,
+                            const char* op) {
   check_device(positions, x, type, op, "positions");
-  check_device(cos_sin, x, type, op, "cos_sin");
+  TORCH_CHECK(positions.scalar_type() == at::kLong, op, ": positions must be int64, got ", positions.scalar_type());
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == T && positions.is_contiguous(), op,
+              ": positions must be a contiguous [T] = [", T, "] tensor, got ", positions.sizes());
+}
+
+// k_cache, v_cache [B, Hkv, S, D]: x's device and dtype, same shape, last dim contiguous (contiguous if `whole`).
+inline void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& x, int64_t B,
+                         int64_t D, bool whole, c10::DeviceType type, const char* op) {
+  check_device(k_cache, x, type, op, "k_cache");
+  check_device(v_cache, x, type, op, "v_cache");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), op,
+              ": k_cache and v_cache must have the same shape [B, Hkv, S, D], got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D, op, ": the caches' shape ", k_cache.sizes(),
+              " must be [", B, ", Hkv, S, ", D, "]");
+  TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, op, ": the caches must have Hkv > 0 and S > 0, got ",
+              k_cache.sizes());
+  TORCH_CHECK(k_cache.scalar_type() == x.scalar_type() && v_cache.scalar_type() == x.scalar_type(), op,
+              ": the caches' dtype must be ", x.scalar_type(), ", got ", k_cache.scalar_type(), " and ",
+              v_cache.scalar_type());
+  if (whole) {
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
+  } else {
+    TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
+                ": the caches must be contiguous in their last dimension");
+  }
+}
+
+// rope_kv_write: qkv [B, T, H + 2 Hkv, D] last-dim contiguous, positions int64 [T], cos_sin fp32 [max_pos, D]
+// contiguous, contiguous caches [B, Hkv, S, D].
+inline void check_rope_kv_args(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
+                               const at::Tensor& k_cache, const at::Tensor& v_cache, c10::DeviceType type) {
+  const char* op = "rope_kv_write";
+  check_device(qkv, qkv, type, op, "qkv");
+  check_float_dtype(qkv, op, "qkv");
+  TORCH_CHECK(qkv.dim() == 4, op, ": qkv must have shape [B, T, n_heads + 2 n_kv_heads, head_dim], got ",
+              qkv.sizes());
+  const int64_t D = qkv.size(3);
+  TORCH_CHECK(D > 0 && D % 2 == 0, op, ": head_dim (qkv.size(3)) must be even and > 0, got ", D);
+  TORCH_CHECK(qkv.stride(3) == 1, op, ": qkv must be contiguous in its last dimension, got strides ",
+              qkv.strides());
+  check_positions(positions, qkv, qkv.size(1), type, op);
+  check_device(cos_sin, qkv, type, op, "cos_sin");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ", cos_sin.scalar_type());
+  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == D && cos_sin.is_contiguous(), op,
+              ": cos_sin must be a contiguous [max_pos, ", D, "] tensor (head_dim of qkv), got ", cos_sin.sizes());
+  check_caches(k_cache, v_cache, qkv, qkv.size(0), D, true, type, op);
+  const int64_t Hkv = k_cache.size(1);
+  TORCH_CHECK(qkv.size(2) > 2 * Hkv && (qkv.size(2) - 2 * Hkv) % Hkv == 0, op, ": qkv's ", qkv.size(2),
+              " heads must be H + 2 Hkv with Hkv = ", Hkv, " (the caches' heads) and H a positive multiple of Hkv");
+}
+
+// attention: q [B, T, H, D] last-dim contiguous, caches [B, Hkv, S, D] last-dim contiguous, H % Hkv == 0,
+// positions int64 [T].
+inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& positions, c10::DeviceType type) {
+  const char* op = "attention";
+  check_device(q, q, type, op, "q");
+  check_float_dtype(q, op, "q");
+  TORCH_CHECK(q.dim() == 4, op, ": q must have shape [B, T, n_heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(q.size(3) > 0 && q.stride(3) == 1, op, ": q must have head_dim > 0 and be contiguous in it, got ",
+              q.sizes(), " with strides ", q.strides());
+  check_caches(k_cache, v_cache, q, q.size(0), q.size(3), false, type, op);
+  TORCH_CHECK(q.size(2) % k_cache.size(1) == 0, op, ": q's heads (", q.size(2),
+              ") must be a multiple of the caches' (", k_cache.size(1), ")");
+  check_positions(positions, q, q.size(1), type, op);
+}
+
+// silu_and_mul: x [..., 2I] with float dtype, last dim contiguous.
+inline void check_silu_and_mul_args(const at::Tensor& x, c10::DeviceType type) {
+  const char* op = "silu_and_mul";
+  check_device(x, x, type, op, "x");
   check_float_dtype(x, op, "x");
-  TORCH_CHECK(x.dim() == 4, op, ": x must have shape [B, T, n_heads, head_dim], got ", x.sizes());
-  const int64_t D = x.size(3);
-  TORCH_CHECK(D > 0 && D % 2 == 0, op, ": head_dim (x.size(3)) must be even and > 0, got ", D);
-  TORCH_CHECK(x.stride(3) == 1, op, ": x must be contiguous in its last dimension, got strides ",
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., 2 I], got a 0-dim tensor");
+  TORCH_CHECK(x.size(-1) % 2 == 0, op, ": x's last dimension must be even ([gate | up]), got ", x.size(-1));
+  TORCH_CHECK(x.stride(-1) == 1 || x.size(-1) <= 2, op, ": x must be contiguous in its last dimension, got strides ",
               x.strides());
-  TORCH_CHECK(positions.scalar_type() == at::kLong, op, ": positions must be int64, got ",
-              positions.scalar_type());
-  const bool pos_ok = (positions.dim() == 1 && positions.size(0) == x.size(1)) ||
-                      (positions.dim() == 2 && positions.size(0) == x.size(0) &&
-                       positions.size(1) == x.size(1));
-  TORCH_CHECK(pos_ok, op, ": positions must have shape [T] or [B, T] = [", x.size(0), ", ", x.size(1),
-              "], got ", positions.sizes());
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat, op, ": cos_sin must be float32, got ",
-              cos_sin.scalar_type());
-  TORCH_CHECK(cos_sin.dim() == 2 && cos_sin.size(1) == D, op, ": cos_sin must have shape [max_pos, ",
-              D, "] (head_dim of x), got ", cos_sin.sizes());
-  TORCH_CHECK(cos_sin.is_contiguous(), op, ": cos_sin must be contiguous");
 }
 
 }  // namespace tinychat

@@ -1,11 +1,15 @@
-// CPU kernel of decode_attention (schema in csrc/ops.cpp): one new query per sequence against the KV cache.
+// CPU kernel of attention (schema in csrc/ops.cpp): causal attention of T queries over the KV cache, for the
+// decode step (T = 1) and prefill alike.
 //
-// out[b, h] = softmax(scale * q[b, h] . k[b, h / (H / Hkv), j] for j < length) @ v[b, h / (H / Hkv), :length]
+// out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / rep, j], j <= positions[t]) @ v[b, h / rep, :]
 //
-// (b, kv head) pairs are split over threads; each handles the H / Hkv query heads that share a kv head, so every key
-// and value row is read once for the whole group (grouped-query attention). The softmax is online: keys are taken
-// in blocks of kBlock, the running max and sum rescale the fp32 accumulators, so one pass reads the cache once.
-// Plain indexed loops over fp32 buffers; gcc vectorizes the dot products and the value update at -O3.
+// Work items are (b, kv head, tile of query tokens), split over threads. An item holds every query head that reads
+// its kv head (the rep = H / Hkv heads of a grouped-query group) for up to kTileRows / rep tokens, so each key and
+// value row is read once for the whole tile. Keys are taken kKeys at a time with an online softmax: the running max
+// and sum of each query row rescale its fp32 accumulator, so one pass over the cache suffices. Scores come from dot
+// products along the head dim for a few rows (decode), or from a transposed key block and a vector loop over keys
+// for many (prefill), where each loaded key element serves kTileRows queries. Rows past their causal limit inside a
+// block get probability 0. The body is written once and compiled per instruction set (isa.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,113 +17,201 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
+#include "isa.h"
 #include "vec.h"
 
 namespace tinychat {
 
 namespace {
 
-constexpr int64_t kBlock = 64;  // keys per online-softmax step
+constexpr int64_t kKeys = 64;      // keys per online-softmax step
+constexpr int64_t kTileRows = 16;  // query rows (tokens x heads of a group) per work item, at least one token
+constexpr int64_t kDotRows = 8;    // below this many rows, scores by dot products (no key transpose)
+
+struct AttnProblem {
+  const void* q;  // [B, T, H, D]
+  const void* k;  // [B, Hkv, S, D]
+  const void* v;
+  void* out;      // [B, T, H, D], contiguous
+  const int64_t* pos;  // [T]
+  int64_t qs[3], ks[3], vs[3];  // strides of dims 0..2 (the last is 1)
+  int64_t B, T, H, Hkv, D, rep, tile_tokens, n_tiles;
+  float scale;
+};
+
+// Per-thread fp32 scratch of one work item.
+struct Scratch {
+  std::vector<float> q, acc, kt, kv, s, m, l;
+  std::vector<int64_t> limit;
+  Scratch(int64_t rows, int64_t D)
+      : q(rows * D), acc(rows * D), kt(D * kKeys), kv(kKeys * D), s(rows * kKeys), m(rows), l(rows), limit(rows) {}
+};
+
 template <typename scalar_t>
-inline void to_float(const scalar_t* src, float* dst, int64_t n) {
+TINYCHAT_INLINE void to_float(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// Rows [0, n) of a cache block as fp32 rows of D: the cache itself for fp32, else converted into buf.
 template <typename scalar_t>
-void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                             int64_t length, float scale) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
-  const int64_t rep = H / Hkv;
-  const scalar_t* qp = q.const_data_ptr<scalar_t>();
-  const scalar_t* kp = k.const_data_ptr<scalar_t>();
-  const scalar_t* vp = v.const_data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, length * D * rep));
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(rep * D), acc(rep * D), kf(D), vf(D), scores(rep * kBlock), m(rep), l(rep);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hkv, hk = bh % Hkv;
-      for (int64_t r = 0; r < rep; ++r) {
-        to_float(qp + b * qs0 + (hk * rep + r) * qs1, qf.data() + r * D, D);
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] *= scale;
+TINYCHAT_INLINE const float* block_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t D, float* buf,
+                                        int64_t& out_stride) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    out_stride = stride;
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j) to_float(src + j * stride, buf + j * D, D);
+    out_stride = D;
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, Scratch& w) {
+  const int64_t D = p.D, rep = p.rep;
+  const int64_t tile = item % p.n_tiles, hk = (item / p.n_tiles) % p.Hkv, b = item / (p.n_tiles * p.Hkv);
+  const int64_t t0 = tile * p.tile_tokens, tokens = std::min(p.tile_tokens, p.T - t0), rows = tokens * rep;
+  const auto* q = static_cast<const scalar_t*>(p.q) + b * p.qs[0] + hk * rep * p.qs[2];
+  const auto* k = static_cast<const scalar_t*>(p.k) + b * p.ks[0] + hk * p.ks[1];
+  const auto* v = static_cast<const scalar_t*>(p.v) + b * p.vs[0] + hk * p.vs[1];
+  int64_t kv_len = 0;  // keys any row of the tile sees
+  for (int64_t r = 0; r < rows; ++r) {  // row r: token t0 + r / rep, query head hk * rep + r % rep
+    const int64_t t = t0 + r / rep;
+    to_float(q + t * p.qs[1] + (r % rep) * p.qs[2], w.q.data() + r * D, D);
+    for (int64_t d = 0; d < D; ++d) w.q[r * D + d] *= p.scale;
+    w.limit[r] = p.pos[t] + 1;
+    kv_len = std::max(kv_len, w.limit[r]);
+    w.m[r] = -1e30f;  // finite: exp_approx(m_old - m_new) must give 0 on the first block, never NaN
+    w.l[r] = 0.f;
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.f);
+  for (int64_t j0 = 0; j0 < kv_len; j0 += kKeys) {
+    const int64_t n = std::min(kKeys, kv_len - j0);
+    if (rows < kDotRows) {  // few rows: one dot product per (row, key) along D
+      int64_t kstride;
+      const float* kb = block_rows(k + j0 * p.ks[2], p.ks[2], n, D, w.kv.data(), kstride);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < n; ++j) w.s[r * kKeys + j] = dot(w.q.data() + r * D, kb + j * kstride, D);
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-      const scalar_t* kb = kp + b * ks0 + hk * ks1;
-      const scalar_t* vb = vp + b * vs0 + hk * vs1;
-      for (int64_t j0 = 0; j0 < length; j0 += kBlock) {
-        const int64_t n = std::min(kBlock, length - j0);
-        for (int64_t j = 0; j < n; ++j) {  // scores of this block, for every query head of the group
-          to_float(kb + (j0 + j) * ks2, kf.data(), D);
-          for (int64_t r = 0; r < rep; ++r) scores[r * kBlock + j] = dot(qf.data() + r * D, kf.data(), D);
-        }
-        for (int64_t r = 0; r < rep; ++r) {  // online softmax: rescale what came before to the new max
-          float* s = scores.data() + r * kBlock;
-          const float block_max = *std::max_element(s, s + n);
-          const float new_max = std::max(m[r], block_max);
-          const float correction = std::exp(m[r] - new_max);  // exp(-inf) = 0 on the first block
-          float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) {
-            s[j] = std::exp(s[j] - new_max);
-            sum += s[j];
-          }
-          l[r] = l[r] * correction + sum;
-          m[r] = new_max;
-          float* a = acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) a[d] *= correction;
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          to_float(vb + (j0 + j) * vs2, vf.data(), D);
-          for (int64_t r = 0; r < rep; ++r) {
-            const float p = scores[r * kBlock + j];
-            float* a = acc.data() + r * D;
-            for (int64_t d = 0; d < D; ++d) a[d] += p * vf[d];
-          }
-        }
+    } else {  // many rows: keys transposed to kt [D, kKeys], then s[r, :] += q[r, d] * kt[d, :] over d
+      for (int64_t j = 0; j < n; ++j) {
+        const scalar_t* kr = k + (j0 + j) * p.ks[2];
+        for (int64_t d = 0; d < D; ++d) w.kt[d * kKeys + j] = static_cast<float>(kr[d]);
       }
-      for (int64_t r = 0; r < rep; ++r) {
-        const float inv = 1.f / l[r];
-        scalar_t* o = op + (b * H + hk * rep + r) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+      for (int64_t d = 0; d < D; ++d) std::fill(w.kt.data() + d * kKeys + n, w.kt.data() + (d + 1) * kKeys, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = w.s.data() + r * kKeys;
+        std::fill(s, s + kKeys, 0.f);
+        for (int64_t d = 0; d < D; ++d) {
+          const float qd = w.q[r * D + d];
+          const float* kt = w.kt.data() + d * kKeys;
+          for (int64_t j = 0; j < kKeys; ++j) s[j] += qd * kt[j];
+        }
       }
     }
+    for (int64_t r = 0; r < rows; ++r) {  // online softmax over the keys row r sees in this block
+      float* s = w.s.data() + r * kKeys;
+      const int64_t seen = std::clamp<int64_t>(w.limit[r] - j0, 0, n);
+      float block_max = -1e30f;
+      for (int64_t j = 0; j < seen; ++j) block_max = std::max(block_max, s[j]);
+      const float new_max = std::max(w.m[r], block_max);
+      const float correction = exp_approx(w.m[r] - new_max);
+      float sum = 0.f;
+      for (int64_t j = 0; j < seen; ++j) {
+        s[j] = exp_approx(s[j] - new_max);
+        sum += s[j];
+      }
+      for (int64_t j = seen; j < n; ++j) s[j] = 0.f;
+      w.l[r] = w.l[r] * correction + sum;
+      w.m[r] = new_max;
+      float* a = w.acc.data() + r * D;
+      for (int64_t d = 0; d < D; ++d) a[d] *= correction;
+    }
+    int64_t vstride;
+    const float* vb = block_rows(v + j0 * p.vs[2], p.vs[2], n, D, w.kv.data(), vstride);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* a = w.acc.data() + r * D;
+      const float* s = w.s.data() + r * kKeys;
+      for (int64_t j = 0; j < n; ++j) {
+        const float pj = s[j];
+        const float* vr = vb + j * vstride;
+        for (int64_t d = 0; d < D; ++d) a[d] += pj * vr[d];
+      }
+    }
+  }
+  auto* out = static_cast<scalar_t*>(p.out) + ((b * p.T + t0) * p.H + hk * rep) * D;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / w.l[r];
+    scalar_t* o = out + ((r / rep) * p.H + r % rep) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(w.acc[r * D + d] * inv);
+  }
+}
+
+template <typename scalar_t>
+void attention_items_scalar(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
+  for (int64_t i = begin; i < end; ++i) attention_item<scalar_t>(p, i, w);
+}
+
+#ifdef TINYCHAT_X86
+template <typename scalar_t>
+TINYCHAT_AVX2 void attention_items_avx2(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
+  for (int64_t i = begin; i < end; ++i) attention_item<scalar_t>(p, i, w);
+}
+
+template <typename scalar_t>
+TINYCHAT_AVX512 void attention_items_avx512(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
+  for (int64_t i = begin; i < end; ++i) attention_item<scalar_t>(p, i, w);
+}
+#endif
+
+template <typename scalar_t>
+void run_attention(const AttnProblem& p, Isa isa) {
+  auto items_fn = attention_items_scalar<scalar_t>;
+#ifdef TINYCHAT_X86
+  if (isa == Isa::kAvx512) items_fn = attention_items_avx512<scalar_t>;
+  if (isa == Isa::kAvx2) items_fn = attention_items_avx2<scalar_t>;
+#endif
+  const int64_t items = p.B * p.Hkv * p.n_tiles;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(p.tile_tokens * p.rep, p.D);
+    items_fn(p, begin, end, w);
   });
 }
 
-at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                int64_t length, double scale) {
-  const char* op = "decode_attention";
-  check_device(q, q, c10::DeviceType::CPU, op, "q");
-  check_device(k_cache, q, c10::DeviceType::CPU, op, "k_cache");
-  check_device(v_cache, q, c10::DeviceType::CPU, op, "v_cache");
-  check_float_dtype(q, op, "q");
-  TORCH_CHECK(q.dim() == 3, op, ": q must have shape [B, H, D], got ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), op,
-              ": k_cache and v_cache must have the same shape [B, Hkv, S, D], got ", k_cache.sizes(), " and ",
-              v_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op,
-              ": the caches' dtype must match q's (", q.scalar_type(), ")");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D, op, ": caches [B, Hkv, S, D] = ", k_cache.sizes(),
-              " do not match q [B, H, D] = ", q.sizes());
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": q's heads (", H, ") must be a multiple of the caches' (", Hkv, ")");
-  TORCH_CHECK(length >= 1 && length <= k_cache.size(2), op, ": length must be in [1, ", k_cache.size(2),
-              "] (the cache size), got ", length);
-  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
-              ": q and the caches must be contiguous in their last dimension");
-  at::Tensor out = at::empty({B, H, D}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tinychat_decode_attention_cpu", [&] {
-    decode_attention_kernel<scalar_t>(q, k_cache, v_cache, out, length, static_cast<float>(scale));
-  });
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& positions, double scale) {
+  check_attention_args(q, k_cache, v_cache, positions, c10::DeviceType::CPU);
+  const int64_t S = k_cache.size(2);
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < positions.numel(); ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "attention: positions must be in [0, ", S, ") (the cache size), got ",
+                pos[t]);
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) return out;
+  AttnProblem p{};
+  p.q = q.const_data_ptr();
+  p.k = k_cache.const_data_ptr();
+  p.v = v_cache.const_data_ptr();
+  p.out = out.data_ptr();
+  p.pos = pos;
+  for (int i = 0; i < 3; ++i) {
+    p.qs[i] = q.stride(i);
+    p.ks[i] = k_cache.stride(i);
+    p.vs[i] = v_cache.stride(i);
+  }
+  p.B = q.size(0), p.T = q.size(1), p.H = q.size(2), p.D = q.size(3), p.Hkv = k_cache.size(1);
+  p.rep = p.H / p.Hkv;
+  p.tile_tokens = std::max<int64_t>(1, kTileRows / p.rep);
+  p.n_tiles = (p.T + p.tile_tokens - 1) / p.tile_tokens;
+  p.scale = static_cast<float>(scale);
+  const Isa isa = current_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tinychat_attention_cpu",
+                                  [&] { run_attention<scalar_t>(p, isa); });
   return out;
 }
 
@@ -127,5 +219,5 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {
-  m.impl("decode_attention", &tinychat::decode_attention_cpu);
+  m.impl("attention", &tinychat::attention_cpu);
 }

@@ -16,9 +16,7 @@
 //    MKL), whose blocking no hand-written loop here would beat; the dequantization is amortized over M rows.
 //
 // Instruction sets: AVX-512 (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can;
-// NEON on ARM through that path). The best one the CPU supports is used, unless TINYCHAT_CPU_ISA names a lower one
-// (avx2, scalar): tests cover every path on one machine that way. Functions for each set carry a target attribute,
-// so the library is built with the compiler's default flags and runs on any x86-64 CPU (no -march=native).
+// NEON on ARM through that path), picked at run time (isa.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,18 +24,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 #include <vector>
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define TINYCHAT_X86 1
-#endif
 
 #include "../common/checks.h"
 #include "isa.h"
+#include "vec.h"
 
 namespace tinychat {
 
@@ -47,49 +38,6 @@ constexpr int64_t kBlock = 32;            // input channels per 16 bytes of qwei
 constexpr int kMaxMB = 4;                 // rows of x a GEMV pass handles together
 constexpr int64_t kGemmMinRows = 16;      // from this M on, dequantize + GEMM
 constexpr int64_t kGemmChunkBytes = 8 << 20;  // fp32 weights dequantized at a time on the GEMM path
-
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-Isa best_isa() {
-#ifdef TINYCHAT_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return Isa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kScalar;
-}
-
-// The path to run: the best the CPU has, or the lower one TINYCHAT_CPU_ISA asks for (read per call, so a test can
-// switch it; a getenv is nothing next to a matrix product).
-Isa current_isa() {
-  const Isa best = best_isa();
-  const char* env = std::getenv("TINYCHAT_CPU_ISA");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "native") == 0) return best;
-  Isa wanted;
-  if (std::strcmp(env, "avx512") == 0) {
-    wanted = Isa::kAvx512;
-  } else if (std::strcmp(env, "avx2") == 0) {
-    wanted = Isa::kAvx2;
-  } else if (std::strcmp(env, "scalar") == 0) {
-    wanted = Isa::kScalar;
-  } else {
-    TORCH_CHECK(false, "TINYCHAT_CPU_ISA must be native, avx512, avx2 or scalar, got '", env, "'");
-  }
-  TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best), "TINYCHAT_CPU_ISA=", env,
-              " but this CPU supports at most ", isa_name(best));
-  return wanted;
-}
 
 // Every argument of int4_linear; shared by any device's launcher (pass its device type).
 void check_int4_linear_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -182,15 +130,6 @@ void dequantize_scalar(const Problem& p, int64_t n0, int64_t rows, float* w) {
 
 // ---- AVX2 + FMA ----
 
-#define TINYCHAT_AVX2 __attribute__((target("avx2,fma")))
-
-TINYCHAT_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <int MB>
 TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* qrow = p.q + n * (p.K / 2);
@@ -257,7 +196,6 @@ TINYCHAT_AVX2 void dequantize_avx2(const Problem& p, int64_t n0, int64_t rows, f
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define TINYCHAT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 template <int MB>
 TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
@@ -410,9 +348,6 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 }
 
 }  // namespace
-
-std::string cpu_isa_name() { return isa_name(current_isa()); }
-
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {

@@ -1,11 +1,34 @@
-// The instruction set of the CPU kernels (csrc/cpu/int4_linear.cpp), for the cpu_isa op of the registry.
+// Runtime choice of the instruction set of the CPU kernels.
+//
+// The library is built with the compiler's default flags (no -march=native), so it runs on any x86-64 CPU. Each
+// kernel comes in one version per instruction set, compiled for it with a target attribute (TINYCHAT_AVX512,
+// TINYCHAT_AVX2), and picks one per call with current_isa(): the best the CPU has, or the lower one that the
+// environment variable TINYCHAT_CPU_ISA names (avx2, scalar), so tests cover every path on one machine. On other
+// architectures (ARM) only the portable path exists, which the compiler vectorizes for the target (NEON).
 #pragma once
 
 #include <string>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TINYCHAT_X86 1
+#define TINYCHAT_AVX2 __attribute__((target("avx2,fma")))
+#define TINYCHAT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512")))
+#endif
+
+// For kernel bodies written once and instantiated inside each target-attributed entry point: inlined there, they
+// are compiled for that entry point's instruction set.
+#define TINYCHAT_INLINE inline __attribute__((always_inline))
+
 namespace tinychat {
 
-// "avx512", "avx2" or "scalar": the best this CPU supports, or the lower one TINYCHAT_CPU_ISA names.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The path to run: the best this CPU supports, or the lower one TINYCHAT_CPU_ISA asks for (read per call, so a
+// test can switch it; a getenv is nothing next to a kernel). Raises for an unknown or unsupported value.
+Isa current_isa();
+
+// "avx512", "avx2" or "scalar": the name of current_isa(), for the cpu_isa op of the registry.
 std::string cpu_isa_name();
 
 }  // namespace tinychat

@@ -1,9 +1,9 @@
-// CPU kernels for rms_norm, add_rms_norm and rotary_embedding (schemas in csrc/ops.cpp).
+// CPU kernels for rms_norm, add_rms_norm, rope_kv_write and silu_and_mul (schemas in csrc/ops.cpp).
 //
 // Rows are split over threads with at::parallel_for. All math is fp32; each output is
 // rounded to the input dtype once. The inner loops are plain indexed loops over fp32
 // buffers so that gcc auto-vectorizes them at -O3 (the sum of squares is vec.h's dot, which
-// keeps independent partial sums and so vectorizes without -ffast-math).
+// keeps independent partial sums and so vectorizes without -ffast-math; silu's exp is vec.h's exp_approx).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -89,53 +89,83 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
   return norm_cpu(x, residual, weight, eps);
 }
 
+// One head row of D: rotate-half rotary embedding by the table row cs = [cos | sin] of its position.
 template <typename scalar_t>
-void rotary_rows(const scalar_t* x, const int64_t* pos, const float* cos_sin, scalar_t* out,
-                 int64_t B, int64_t T, int64_t nH, int64_t D, const int64_t* xs, int64_t pos_sb,
-                 int64_t pos_st) {
+inline void rotate_row(const scalar_t* x, const float* cs, scalar_t* out, int64_t D) {
   const int64_t half = D / 2;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / D);
-  at::parallel_for(0, B * T * nH, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {  // row = (b * T + t) * nH + h
-      const int64_t h = row % nH;
-      const int64_t t = (row / nH) % T;
-      const int64_t b = row / (nH * T);
-      const scalar_t* xr = x + b * xs[0] + t * xs[1] + h * xs[2];
-      const float* c = cos_sin + pos[b * pos_sb + t * pos_st] * D;
-      const float* s = c + half;
-      scalar_t* o = out + row * D;
-      for (int64_t i = 0; i < half; ++i) {
-        const float x1 = static_cast<float>(xr[i]);
-        const float x2 = static_cast<float>(xr[i + half]);
-        o[i] = static_cast<scalar_t>(x1 * c[i] - x2 * s[i]);
-        o[i + half] = static_cast<scalar_t>(x2 * c[i] + x1 * s[i]);
-      }
-    }
-  });
+  const float* sn = cs + half;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = static_cast<float>(x[i]);
+    const float x2 = static_cast<float>(x[i + half]);
+    out[i] = static_cast<scalar_t>(x1 * cs[i] - x2 * sn[i]);
+    out[i + half] = static_cast<scalar_t>(x2 * cs[i] + x1 * sn[i]);
+  }
 }
 
-at::Tensor rotary_embedding_cpu(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos_sin) {
-  check_rotary_args(x, positions, cos_sin, c10::DeviceType::CPU);
-  const int64_t B = x.size(0), T = x.size(1), nH = x.size(2), D = x.size(3);
-  const int64_t max_pos = cos_sin.size(0);
-  // positions may be strided; a [T] tensor is broadcast over B (batch stride 0).
-  const int64_t pos_sb = positions.dim() == 2 ? positions.stride(0) : 0;
-  const int64_t pos_st = positions.stride(-1);
+at::Tensor rope_kv_write_cpu(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
+                             at::Tensor& k_cache, at::Tensor& v_cache) {
+  check_rope_kv_args(qkv, positions, cos_sin, k_cache, v_cache, c10::DeviceType::CPU);
+  const int64_t B = qkv.size(0), T = qkv.size(1), heads = qkv.size(2), D = qkv.size(3);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), H = heads - 2 * Hkv;
+  const int64_t limit = std::min(S, cos_sin.size(0));
   const int64_t* pos = positions.const_data_ptr<int64_t>();
-  const int64_t pos_rows = positions.dim() == 2 ? B : 1;
-  for (int64_t b = 0; b < pos_rows; ++b) {
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t p = pos[b * pos_sb + t * pos_st];
-      TORCH_CHECK(p >= 0 && p < max_pos, "rotary_embedding: positions must be in [0, ", max_pos,
-                  ") (the rows of cos_sin), got ", p);
-    }
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < limit, "rope_kv_write: positions must be in [0, ", limit,
+                ") (the cache size and the rows of cos_sin), got ", pos[t]);
   }
-  at::Tensor out = at::empty({B, T, nH, D}, x.options());
+  at::Tensor q = at::empty({B, T, H, D}, qkv.options());
+  if (qkv.numel() == 0) return q;
+  const int64_t xs0 = qkv.stride(0), xs1 = qkv.stride(1), xs2 = qkv.stride(2);
+  const float* cs = cos_sin.const_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "tinychat_rope_kv_write_cpu", [&] {
+    const scalar_t* x = qkv.const_data_ptr<scalar_t>();
+    scalar_t* qo = q.data_ptr<scalar_t>();
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    at::parallel_for(0, B * T * heads, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {  // row = (b * T + t) * heads + head
+        const int64_t head = row % heads, t = (row / heads) % T, b = row / (heads * T);
+        const scalar_t* xr = x + b * xs0 + t * xs1 + head * xs2;
+        const float* c = cs + pos[t] * D;
+        if (head < H) {
+          rotate_row(xr, c, qo + ((b * T + t) * H + head) * D, D);
+        } else if (head < H + Hkv) {
+          rotate_row(xr, c, kc + ((b * Hkv + head - H) * S + pos[t]) * D, D);
+        } else {
+          scalar_t* vr = vc + ((b * Hkv + head - H - Hkv) * S + pos[t]) * D;
+          for (int64_t i = 0; i < D; ++i) vr[i] = xr[i];
+        }
+      }
+    });
+  });
+  return q;
+}
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
+  check_silu_and_mul_args(x, c10::DeviceType::CPU);
+  const int64_t I = x.size(-1) / 2;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = I;
+  at::Tensor out = at::empty(out_shape, x.options());
   if (out.numel() == 0) return out;
-  const int64_t xs[3] = {x.stride(0), x.stride(1), x.stride(2)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tinychat_rotary_cpu", [&] {
-    rotary_rows<scalar_t>(x.const_data_ptr<scalar_t>(), pos, cos_sin.const_data_ptr<float>(),
-                          out.data_ptr<scalar_t>(), B, T, nH, D, xs, pos_sb, pos_st);
+  const at::Tensor x2 = x.reshape({-1, 2 * I}).contiguous();  // [rows, 2I]
+  const int64_t rows = x2.size(0);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (4 * I));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tinychat_silu_and_mul_cpu", [&] {
+    const scalar_t* xp = x2.const_data_ptr<scalar_t>();
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* gate = xp + r * 2 * I;
+        const scalar_t* up = gate + I;
+        scalar_t* o = out_p + r * I;
+        for (int64_t i = 0; i < I; ++i) {
+          const float g = static_cast<float>(gate[i]);
+          o[i] = static_cast<scalar_t>(g / (1.f + exp_approx(-g)) * static_cast<float>(up[i]));
+        }
+      }
+    });
   });
   return out;
 }
@@ -146,5 +176,6 @@ at::Tensor rotary_embedding_cpu(const at::Tensor& x, const at::Tensor& positions
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {
   m.impl("rms_norm", &tinychat::rms_norm_cpu);
   m.impl("add_rms_norm", &tinychat::add_rms_norm_cpu);
-  m.impl("rotary_embedding", &tinychat::rotary_embedding_cpu);
+  m.impl("rope_kv_write", &tinychat::rope_kv_write_cpu);
+  m.impl("silu_and_mul", &tinychat::silu_and_mul_cpu);
 }

@@ -1,10 +1,9 @@
-// CUDA kernels for rms_norm, add_rms_norm and rotary_embedding (schemas in csrc/ops.cpp).
+// CUDA kernels for rms_norm and add_rms_norm (schemas in csrc/ops.cpp). The rotary embedding lives in
+// rope_silu.cu (rope_kv_write, fused with the KV-cache write).
 //
 // Norms: one block per row; each thread strides over the row, a warp-shuffle block
-// reduction gives the sum of squares. Rotary: one thread per (x1, x2) pair.
-// Math is fp32 (no fast-math), each output rounded to the input dtype once.
-// rotary_embedding does NOT check positions against cos_sin on the GPU (that would need a
-// device sync); a position outside [0, max_pos) yields NaN outputs instead of a bad read.
+// reduction gives the sum of squares. Math is fp32 (no fast-math), each output rounded to
+// the input dtype once.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -120,62 +119,10 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const 
   return norm_cuda(x, residual, weight, eps);
 }
 
-// One thread per pair (x[..., i], x[..., i + half]); out is contiguous [B, T, nH, D].
-template <typename scalar_t>
-__global__ void rotary_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ pos,
-                              const float* __restrict__ cos_sin, scalar_t* __restrict__ out,
-                              int64_t n_pairs, int64_t T, int64_t nH, int64_t half, int64_t sx0,
-                              int64_t sx1, int64_t sx2, int64_t pos_sb, int64_t pos_st, int64_t max_pos) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n_pairs) return;
-  const int64_t i = idx % half;
-  const int64_t row = idx / half;  // (b * T + t) * nH + h
-  const int64_t h = row % nH;
-  const int64_t t = (row / nH) % T;
-  const int64_t b = row / (nH * T);
-  scalar_t* o = out + row * 2 * half;
-  const int64_t p = pos[b * pos_sb + t * pos_st];
-  if (p < 0 || p >= max_pos) {  // not checked on the host: poison the output instead
-    o[i] = o[i + half] = static_cast<scalar_t>(__int_as_float(0x7fc00000));
-    return;
-  }
-  const scalar_t* xr = x + b * sx0 + t * sx1 + h * sx2;
-  const float c = cos_sin[p * 2 * half + i];
-  const float s = cos_sin[p * 2 * half + half + i];
-  const float x1 = static_cast<float>(xr[i]);
-  const float x2 = static_cast<float>(xr[i + half]);
-  o[i] = static_cast<scalar_t>(x1 * c - x2 * s);
-  o[i + half] = static_cast<scalar_t>(x2 * c + x1 * s);
-}
-
-at::Tensor rotary_embedding_cuda(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos_sin) {
-  check_rotary_args(x, positions, cos_sin, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), T = x.size(1), nH = x.size(2), D = x.size(3);
-  at::Tensor out = at::empty({B, T, nH, D}, x.options());
-  const int64_t n_pairs = B * T * nH * (D / 2);
-  if (n_pairs == 0) return out;
-  const int threads = 256;
-  const int64_t blocks = (n_pairs + threads - 1) / threads;
-  TORCH_CHECK(blocks <= INT32_MAX, "rotary_embedding: x is too large: ", x.sizes());
-  const int64_t pos_sb = positions.dim() == 2 ? positions.stride(0) : 0;  // [T] broadcasts over B
-  const int64_t pos_st = positions.stride(-1);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tinychat_rotary_cuda", [&] {
-    rotary_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), positions.const_data_ptr<int64_t>(), cos_sin.const_data_ptr<float>(),
-        out.data_ptr<scalar_t>(), n_pairs, T, nH, D / 2, x.stride(0), x.stride(1), x.stride(2), pos_sb,
-        pos_st, cos_sin.size(0));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CUDA, m) {
   m.impl("rms_norm", &tinychat::rms_norm_cuda);
   m.impl("add_rms_norm", &tinychat::add_rms_norm_cuda);
-  m.impl("rotary_embedding", &tinychat::rotary_embedding_cuda);
 }

@@ -16,7 +16,7 @@ from tinychat.io.default import default_model_path
 from tinychat.io.gguf import read_gguf
 from tinychat.io.hf import TensorRef, read_hf_dir, read_json, resolve_hub_id
 from tinychat.model import Transformer
-from tinychat.quant.linear import LAYER_LINEARS, WQLinear
+from tinychat.quant.linear import LAYER_LINEARS, WQLinear, int8_lm_head
 from tinychat.quant.pack import awq_gemm_shapes, awq_gemv_shapes, to_int4_op, unpack_awq_gemm, unpack_awq_gemv
 from tinychat.tokenizer import Tokenizer
 
@@ -62,9 +62,14 @@ def read_source_config(path: Path) -> dict:
 
 
 def load_model(
-    source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", dtype="float32"
+    source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", dtype="float32",
+    int8_head: bool | None = None,
 ) -> tuple[Transformer, Tokenizer]:
-    """Load weights, config and tokenizer; the model comes back in eval mode on `device` in `dtype`."""
+    """Load weights, config and tokenizer; the model comes back in eval mode on `device` in `dtype`.
+
+    An AWQ checkpoint's decoder linears run in 4 bits. int8_head: run the output projection in 8 bits (Int8Linear);
+    None (the default) does so for an AWQ checkpoint on the CPU, as llama.cpp keeps it in 8 bits for its 4-bit types.
+    """
     path = resolve_source(source)
     dtype = resolve_dtype(dtype)
     if path.is_file():
@@ -83,6 +88,8 @@ def load_model(
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids)
     model = build_model(config, tensors, dtype, awq=awq)
+    if int8_head or (int8_head is None and awq is not None and torch.device(device).type == "cpu"):
+        int8_lm_head(model)
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 

@@ -126,7 +126,7 @@ def _module_forward(layer: DecoderLayer, name: str, x: Tensor, rope: _Rope) -> T
     """Output of one inspected module of the (fp32) working layer for inputs x [b, T, K], in fp32."""
     x = x.float()
     if name == "attn":
-        return layer.attn(x, rope.positions, rope.cos_sin, 0)
+        return layer.attn(x, rope.positions, rope.cos_sin)
     return layer.get_submodule(name)(x)
 
 
@@ -142,7 +142,7 @@ def _layer_outputs(layer: DecoderLayer, h: Tensor, rope: _Rope, capture: dict[st
     try:
         out = []
         for chunk in _chunks(h):
-            x, residual = layer(chunk.float(), None, rope.positions, rope.cos_sin, 0)
+            x, residual = layer(chunk.float(), None, rope.positions, rope.cos_sin)
             out.append((x + residual).to(h.dtype))
     finally:
         for handle in hooks:

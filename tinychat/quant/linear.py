@@ -87,6 +87,54 @@ class WQLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+class Int8Linear(nn.Module):
+    """y = x @ W.T with W [out_features, in_features] stored as int8 with one fp32 scale per row (absmax / 127),
+    run by the `tinychat::int8_linear` op. Buffers: qweight int8 [N, K], scales fp32 [N]. No bias.
+
+    The CPU backend keeps a 4-bit model's output projection this way (`int8_lm_head`), as llama.cpp keeps it in 8
+    bits (Q8_0) or 6 (Q6_K): a quarter of the bytes of fp32 for the largest matrix of a small model.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Linear:
+        """Round weight [N, K] to int8 with per-row absmax scales (symmetric, no zero point)."""
+        w = weight.detach().float()  # [N, K]
+        scales = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # [N]
+        layer = cls(w.shape[1], w.shape[0], device="meta")
+        layer.qweight = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        layer.scales = scales
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.qweight, self.scales)  # [..., N]
+
+    def _apply(self, fn, recurse=True):
+        # Device moves apply to everything; dtype casts must not touch the fp32 scales.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.scales.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def int8_lm_head(model: nn.Module) -> nn.Module:
+    """Replace the model's lm_head (an nn.Linear without bias; tied or not) by an Int8Linear of its weight.
+    Returns the model (changed in place); an embedding tied to the old weight keeps its full-precision copy."""
+    head = model.lm_head
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise TinychatError(f"int8_lm_head: the lm_head is a {type(head).__name__}, not an nn.Linear without bias")
+    model.lm_head = Int8Linear.from_float(head.weight).to(head.weight.device)
+    return model
+
+
 def quantize_model_layers(
     model: nn.Module, qdict: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], qcfg: QuantConfig
 ) -> nn.Module:
