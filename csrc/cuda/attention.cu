@@ -1,0 +1,719 @@
+// CUDA kernels of attention (schema in csrc/ops.cpp): causal attention of T queries over the KV cache,
+// out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / G, j], j <= positions[t]) @ v[b, h / G, :], G = H / Hkv.
+//
+// Positions are read on the device only (never on the host), so a decode step can be captured in a CUDA graph with
+// positions in a static buffer; query t sees cache rows 0..clamp(positions[t], 0, S - 1) (attention_plan.h). The
+// host picks a path from shapes alone:
+//
+// * split-KV ("flash-decoding"), for T <= kDecodeMaxT, for every T in float32, and as the fallback: the cache is cut
+//   into `splits` chunks (decode_plan: from the allocated size S, never the runtime length, so the launch is
+//   graph-stable); one block per (query token, kv head, chunk) serves every query head of the GQA group, so each
+//   key/value row is loaded once for the group. Threads read 16-byte vectors of K and V straight from global
+//   memory (a key row is spread over D / (16 / sizeof(T)) lanes, each warp takes a few keys at a time, several
+//   keys unrolled per step to keep loads in flight) and keep an online softmax (running max, sum, fp32
+//   accumulator) per lane group, merged over the block at the end. Blocks whose chunk starts past the query's last
+//   visible key exit at once. A second kernel combines the partials (skipped when there is one split).
+// * prefill (fp16/bf16, T > kDecodeMaxT): FlashAttention-2 style on tensor cores. A block owns 64 query rows of one
+//   head (4 warps x 16 rows); K/V tiles of 64 keys go to shared memory by cp.async, double buffered; S = Q K^T and
+//   O += P V by mma.sync m16n8k16 with fp32 accumulators, operands by ldmatrix (.trans for V); online softmax in
+//   registers, P reused from the S accumulators as the A operand. Causal skipping: a block loads only the tiles up
+//   to the largest visible key among its rows, a warp skips the math of tiles none of its rows sees, and only tiles
+//   straddling a row's limit are masked. Works for a fresh prompt and for a chunk on top of an existing cache alike.
+//
+// Softmax runs in the log2 domain (scores scaled by scale * log2(e), exp2f). Head dims 64 and 128.
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/attention_plan.h"
+#include "../common/checks.h"
+
+namespace tinychat {
+
+namespace {
+
+using namespace attn;
+
+constexpr int kDecodeMaxT = 4;  // T up to this takes the split-KV path (fp16/bf16); larger T the tensor-core path
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- element types ----
+
+template <typename scalar_t>
+struct CudaType {
+  using type = scalar_t;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
+}
+
+// The 16 / sizeof(T) elements of a 16-byte vector, as floats.
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& u, float* f) {
+  if constexpr (std::is_same_v<T, float>) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+  } else {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 p;
+      if constexpr (std::is_same_v<T, __half>) {
+        __half2 h;
+        memcpy(&h, &w[i], 4);
+        p = __half22float2(h);
+      } else {
+        __nv_bfloat162 h;
+        memcpy(&h, &w[i], 4);
+        p = __bfloat1622float2(h);
+      }
+      f[2 * i] = p.x;
+      f[2 * i + 1] = p.y;
+    }
+  }
+}
+
+// exp2(x - m) where m may be -inf (nothing seen yet): then every x is -inf as well and the result is 0.
+__device__ __forceinline__ float safe_max_base(float m) { return m == -INFINITY ? 0.f : m; }
+
+// ---- split-KV kernel (decode) ----
+
+struct SplitParams {
+  const void* q;  // [B, T, H, D], strides q_sb, q_st, q_sh (elements), last dim contiguous
+  const void* k;  // [B, Hkv, S, D]
+  const void* v;
+  const int64_t* pos;  // [T]
+  void* out;           // [B, T, H, D] contiguous: written directly when splits == 1
+  float* part_acc;     // [B * T, H, splits, D]: unnormalized accumulators of each split
+  float* part_ml;      // [B * T, H, splits, 2]: (max, sum) of each split, log2 domain
+  int64_t q_sb, q_st, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;
+  int64_t S, chunk;
+  int T, H, Hkv, group, head_blocks, splits;
+  float scale_log2;  // scale * log2(e)
+};
+
+// Grid (B * T, Hkv * head_blocks, splits), kDecodeThreads threads. GB: query heads per block.
+template <typename T, int D, int GB>
+__global__ void __launch_bounds__(kDecodeThreads) split_kv_kernel(const SplitParams p) {
+  constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte vector
+  constexpr int LPK = D / VEC;         // lanes per key row
+  static_assert(LPK >= 1 && LPK <= 32 && 32 % LPK == 0, "unsupported head dim for this dtype");
+  constexpr int KPW = 32 / LPK;                      // keys a warp takes at once
+  constexpr int NG = kDecodeWarps * KPW;             // lane groups in the block
+  constexpr int U = (GB * VEC >= 64) ? 2 : 4;        // keys per lane group per step
+  constexpr int STEP = NG * U;                       // keys per block per step
+
+  const int row = blockIdx.x;  // b * T + t
+  const int t = row % p.T;
+  const int b = row / p.T;
+  const int kvh = blockIdx.y / p.head_blocks;
+  const int h0 = kvh * p.group + (blockIdx.y % p.head_blocks) * GB;  // first query head of this block
+  const int h_end = min(h0 + GB, (kvh + 1) * p.group);
+  const int split = blockIdx.z;
+
+  const int64_t n = visible_keys(p.pos[t], p.S);
+  const int64_t kb = split_begin(split, p.chunk);
+  if (kb >= n) return;  // chunk past the last visible key (block-uniform exit)
+  const int64_t ke = split_end(split, p.chunk, n);
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int lig = lane % LPK;                // lane in its group: elements [lig * VEC, lig * VEC + VEC)
+  const int gid = warp * KPW + lane / LPK;   // lane group in the block
+
+  // Queries (pre-scaled into the log2 domain); heads past the group's end get zeros and are never written.
+  float qf[GB][VEC];
+#pragma unroll
+  for (int j = 0; j < GB; ++j) {
+    if (h0 + j < h_end) {
+      const T* qp = static_cast<const T*>(p.q) + b * p.q_sb + t * p.q_st + (h0 + j) * p.q_sh + lig * VEC;
+      unpack16<T>(*reinterpret_cast<const uint4*>(qp), qf[j]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[j][e] *= p.scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qf[j][e] = 0.f;
+    }
+  }
+
+  const T* kbase = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh + lig * VEC;
+  const T* vbase = static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh + lig * VEC;
+
+  float m[GB], l[GB], acc[GB][VEC];
+#pragma unroll
+  for (int j = 0; j < GB; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[j][e] = 0.f;
+  }
+
+  // Warp-uniform trip count (the shuffles below need every lane); keys past ke are masked.
+  for (int64_t base = kb; base < ke; base += STEP) {
+    uint4 kr[U], vr[U];
+    bool ok[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t key = base + gid + u * NG;
+      ok[u] = key < ke;
+      if (ok[u]) {
+        kr[u] = __ldg(reinterpret_cast<const uint4*>(kbase + key * p.k_ss));
+        vr[u] = __ldg(reinterpret_cast<const uint4*>(vbase + key * p.v_ss));
+      } else {
+        kr[u] = make_uint4(0, 0, 0, 0);
+        vr[u] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    float s[U][GB];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[VEC];
+      unpack16<T>(kr[u], kf);
+#pragma unroll
+      for (int j = 0; j < GB; ++j) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) d = fmaf(qf[j][e], kf[e], d);
+#pragma unroll
+        for (int off = LPK / 2; off > 0; off >>= 1) d += __shfl_xor_sync(0xffffffffu, d, off);
+        s[u][j] = ok[u] ? d : -INFINITY;
+      }
+    }
+    float vf[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) unpack16<T>(vr[u], vf[u]);
+#pragma unroll
+    for (int j = 0; j < GB; ++j) {
+      float mx = m[j];
+#pragma unroll
+      for (int u = 0; u < U; ++u) mx = fmaxf(mx, s[u][j]);
+      const float mb = safe_max_base(mx);
+      const float corr = exp2f(m[j] - mb);
+      m[j] = mx;
+      l[j] *= corr;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[j][e] *= corr;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float pr = exp2f(s[u][j] - mb);
+        l[j] += pr;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(pr, vf[u][e], acc[j][e]);
+      }
+    }
+  }
+
+  // Merge the lane groups of each warp (lanes differing in the bits above LPK).
+#pragma unroll
+  for (int off = LPK; off < 32; off <<= 1) {
+#pragma unroll
+    for (int j = 0; j < GB; ++j) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[j], off);
+      const float lo = __shfl_xor_sync(0xffffffffu, l[j], off);
+      const float mx = fmaxf(m[j], mo);
+      const float mb = safe_max_base(mx);
+      const float a = exp2f(m[j] - mb), c = exp2f(mo - mb);
+      m[j] = mx;
+      l[j] = l[j] * a + lo * c;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float ao = __shfl_xor_sync(0xffffffffu, acc[j][e], off);
+        acc[j][e] = acc[j][e] * a + ao * c;
+      }
+    }
+  }
+
+  // Merge the warps through shared memory.
+  __shared__ float sm_m[kDecodeWarps][GB], sm_l[kDecodeWarps][GB];
+  __shared__ float sm_acc[kDecodeWarps][GB][D];
+  if (lane < LPK) {
+#pragma unroll
+    for (int j = 0; j < GB; ++j) {
+      if (lig == 0) {
+        sm_m[warp][j] = m[j];
+        sm_l[warp][j] = l[j];
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sm_acc[warp][j][lig * VEC + e] = acc[j][e];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < GB * D; idx += kDecodeThreads) {
+    const int j = idx / D, d = idx % D;
+    const int h = h0 + j;
+    if (h >= h_end) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, sm_m[w][j]);
+    const float mb = safe_max_base(mx);
+    float L = 0.f, A = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float c = exp2f(sm_m[w][j] - mb);
+      L += sm_l[w][j] * c;
+      A += sm_acc[w][j][d] * c;
+    }
+    const int64_t orow = static_cast<int64_t>(row) * p.H + h;  // (b * T + t) * H + h
+    if (p.splits == 1) {
+      static_cast<T*>(p.out)[orow * D + d] = from_float<T>(A / L);
+    } else {
+      const int64_t part = orow * p.splits + split;
+      p.part_acc[part * D + d] = A;
+      if (d == 0) {
+        p.part_ml[part * 2] = mx;
+        p.part_ml[part * 2 + 1] = L;
+      }
+    }
+  }
+}
+
+// One block of D threads per (b * T + t, h): combines the active splits' partials.
+template <typename T, int D>
+__global__ void __launch_bounds__(D) combine_kernel(const SplitParams p) {
+  const int64_t orow = blockIdx.x;  // (b * T + t) * H + h
+  const int t = static_cast<int>((orow / p.H) % p.T);
+  const int d = threadIdx.x;
+  const int64_t active = decode_active_splits(visible_keys(p.pos[t], p.S), p.chunk);
+  const float* ml = p.part_ml + orow * p.splits * 2;
+  const float* acc = p.part_acc + orow * p.splits * D;
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < active; ++s) mx = fmaxf(mx, ml[2 * s]);
+  const float mb = safe_max_base(mx);
+  float L = 0.f, A = 0.f;
+  for (int64_t s = 0; s < active; ++s) {
+    const float c = exp2f(ml[2 * s] - mb);
+    L += ml[2 * s + 1] * c;
+    A += acc[s * D + d] * c;
+  }
+  static_cast<T*>(p.out)[orow * D + d] = from_float<T>(A / L);
+}
+
+template <typename T, int D, int GB>
+void launch_split(const SplitParams& p, int rows, cudaStream_t stream) {
+  const dim3 grid(rows, p.Hkv * p.head_blocks, p.splits);
+  split_kv_kernel<T, D, GB><<<grid, kDecodeThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.splits > 1) {
+    combine_kernel<T, D><<<static_cast<unsigned>(static_cast<int64_t>(rows) * p.H), D, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int D>
+void dispatch_split(const SplitParams& p, int heads_per_block, int rows, cudaStream_t stream) {
+  switch (heads_per_block) {
+    case 1: return launch_split<T, D, 1>(p, rows, stream);
+    case 2: return launch_split<T, D, 2>(p, rows, stream);
+    case 4: return launch_split<T, D, 4>(p, rows, stream);
+    default: return launch_split<T, D, 8>(p, rows, stream);
+  }
+}
+
+// ---- tensor-core prefill kernel ----
+
+struct PrefillParams {
+  const void* q;  // [B, T, H, D], strides q_sb, q_st, q_sh
+  const void* k;  // [B, Hkv, S, D]
+  const void* v;
+  const int64_t* pos;  // [T]
+  void* out;           // [B, T, H, D] contiguous
+  int64_t q_sb, q_st, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;
+  int T, H, group, S;
+  float scale_log2;
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = fill ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const void* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// c (16 x 8, fp32) += a (16 x 16) * b (16 x 8).
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&r, &h, 4);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &h, 4);
+  }
+  return r;
+}
+
+template <int D>
+constexpr int prefill_smem_bytes() {
+  return (kPrefillRows + 4 * kPrefillKeys) * (D + kSmemPad) * 2;  // Q, then K x 2 stages, V x 2 stages
+}
+
+// Grid (ceil(T / 64), H, B), 128 threads.
+template <typename T, int D>
+__global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const PrefillParams p) {
+  static_assert(D % 16 == 0 && D <= 256, "head dim");
+  constexpr int NT_S = kPrefillKeys / 8;  // n-tiles of the score accumulator per warp (8 keys each)
+  constexpr int NT_O = D / 8;             // n-tiles of the output accumulator
+  constexpr int KS_Q = D / 16;            // k-steps of Q K^T
+  constexpr int KS_P = kPrefillKeys / 16; // k-steps of P V
+  constexpr int CHUNKS = D / 8;           // 16-byte chunks per row
+  constexpr int LD = D + kSmemPad;        // shared-memory row length (elements)
+  constexpr int kThreads = kPrefillWarps * 32;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kPrefillRows * LD;     // [2][kPrefillKeys][LD]
+  T* sV = sK + 2 * kPrefillKeys * LD; // [2][kPrefillKeys][LD]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t0 = blockIdx.x * kPrefillRows;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / p.group;
+
+  // Visible keys of this thread's two accumulator rows (lane / 4 and lane / 4 + 8 of its warp's 16).
+  const int tr0 = t0 + warp * 16 + (lane >> 2), tr1 = tr0 + 8;
+  const int vis0 = tr0 < p.T ? static_cast<int>(visible_keys(p.pos[tr0], p.S)) : 0;
+  const int vis1 = tr1 < p.T ? static_cast<int>(visible_keys(p.pos[tr1], p.S)) : 0;
+  // Warp max (tile skipping) and min over valid rows (mask-free tiles); then the block max (tiles to load).
+  int wmax = max(vis0, vis1);
+  int wmin = min(tr0 < p.T ? vis0 : INT32_MAX, tr1 < p.T ? vis1 : INT32_MAX);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, off));
+    wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, off));
+  }
+  __shared__ int sm_max[kPrefillWarps];
+  if (lane == 0) sm_max[warp] = wmax;
+  __syncthreads();
+  int bmax = 0;
+#pragma unroll
+  for (int w = 0; w < kPrefillWarps; ++w) bmax = max(bmax, sm_max[w]);
+  const int n_tiles = static_cast<int>(prefill_key_tiles(bmax));  // >= 1: row t0 is valid
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh;
+
+  // Q tile (rows past T zero-filled).
+  for (int c = tid; c < kPrefillRows * CHUNKS; c += kThreads) {
+    const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+    const bool ok = t0 + r < p.T;
+    cp_async16(sQ + smem_offset(r, col, D), ok ? qg + (t0 + r) * p.q_st + col : qg, ok);
+  }
+  // K/V tile `tile` into stage `st`; keys past bmax zero-filled (never reading unwritten cache rows, whose
+  // contents could be NaN and would poison P V through 0 * NaN).
+  auto load_kv = [&](int tile, int st) {
+    T* dk = sK + st * kPrefillKeys * LD;
+    T* dv = sV + st * kPrefillKeys * LD;
+    for (int c = tid; c < kPrefillKeys * CHUNKS; c += kThreads) {
+      const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+      const int key = tile * kPrefillKeys + r;
+      const bool ok = key < bmax;
+      cp_async16(dk + smem_offset(r, col, D), ok ? kg + key * p.k_ss + col : kg, ok);
+      cp_async16(dv + smem_offset(r, col, D), ok ? vg + key * p.v_ss + col : vg, ok);
+    }
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+
+  uint32_t qa[KS_Q][4];
+  float o[NT_O][4];
+#pragma unroll
+  for (int i = 0; i < NT_O; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows lane/4 and lane/4 + 8 (l: this lane's part)
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int st = tile & 1;
+    if (tile + 1 < n_tiles) {
+      load_kv(tile + 1, st ^ 1);  // its stage was last read in iteration tile - 1, before the closing barrier
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (tile == 0) {
+#pragma unroll
+      for (int ks = 0; ks < KS_Q; ++ks)
+        ldsm_x4(qa[ks], sQ + smem_offset(warp * 16 + ldsm_a_row(lane), ks * 16 + ldsm_a_col(lane), D));
+    }
+    if (!prefill_warp_skips_tile(tile, wmax)) {
+      const T* tk = sK + st * kPrefillKeys * LD;
+      const T* tv = sV + st * kPrefillKeys * LD;
+      float s[NT_S][4];
+#pragma unroll
+      for (int i = 0; i < NT_S; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < KS_Q; ++ks) {
+#pragma unroll
+        for (int np = 0; np < NT_S / 2; ++np) {
+          uint32_t kb[4];
+          ldsm_x4(kb, tk + smem_offset(np * 16 + ldsm_k_row(lane), ks * 16 + ldsm_k_col(lane), D));
+          mma16816<T>(s[2 * np], qa[ks], kb[0], kb[1]);
+          mma16816<T>(s[2 * np + 1], qa[ks], kb[2], kb[3]);
+        }
+      }
+      const bool mask = prefill_tile_needs_mask(tile, wmin);
+      float mx0 = m0, mx1 = m1;
+#pragma unroll
+      for (int i = 0; i < NT_S; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[i][e] * p.scale_log2;
+          if (mask) {
+            const int key = tile * kPrefillKeys + i * 8 + mma_c_col(lane, e);
+            if (key >= (e < 2 ? vis0 : vis1)) x = -INFINITY;
+          }
+          s[i][e] = x;
+        }
+        mx0 = fmaxf(mx0, fmaxf(s[i][0], s[i][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[i][2], s[i][3]));
+      }
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {  // the 4 lanes holding a row
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      const float mb0 = safe_max_base(mx0), mb1 = safe_max_base(mx1);
+      const float c0 = exp2f(m0 - mb0), c1 = exp2f(m1 - mb1);
+      m0 = mx0;
+      m1 = mx1;
+      l0 *= c0;
+      l1 *= c1;
+#pragma unroll
+      for (int i = 0; i < NT_O; ++i) {
+        o[i][0] *= c0;
+        o[i][1] *= c0;
+        o[i][2] *= c1;
+        o[i][3] *= c1;
+      }
+#pragma unroll
+      for (int i = 0; i < NT_S; ++i) {
+        s[i][0] = exp2f(s[i][0] - mb0);
+        s[i][1] = exp2f(s[i][1] - mb0);
+        s[i][2] = exp2f(s[i][2] - mb1);
+        s[i][3] = exp2f(s[i][3] - mb1);
+        l0 += s[i][0] + s[i][1];
+        l1 += s[i][2] + s[i][3];
+      }
+      // O += P V: the accumulators of score n-tiles 2kk and 2kk + 1 are the A operand of key slice kk.
+#pragma unroll
+      for (int kk = 0; kk < KS_P; ++kk) {
+        uint32_t pa[4];
+        pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < NT_O / 2; ++dp) {
+          uint32_t vb[4];
+          ldsm_x4_trans(vb, tv + smem_offset(kk * 16 + ldsm_v_row(lane), dp * 16 + ldsm_v_col(lane), D));
+          mma16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+          mma16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with stage st before the next iteration refills it
+  }
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  T* out = static_cast<T*>(p.out);
+  const int col = 2 * (lane & 3);
+  if (tr0 < p.T) {
+    const float inv = 1.f / l0;
+    T* orow = out + ((static_cast<int64_t>(b) * p.T + tr0) * p.H + h) * D + col;
+#pragma unroll
+    for (int i = 0; i < NT_O; ++i) {
+      const uint32_t w = pack2<T>(o[i][0] * inv, o[i][1] * inv);
+      memcpy(orow + i * 8, &w, 4);
+    }
+  }
+  if (tr1 < p.T) {
+    const float inv = 1.f / l1;
+    T* orow = out + ((static_cast<int64_t>(b) * p.T + tr1) * p.H + h) * D + col;
+#pragma unroll
+    for (int i = 0; i < NT_O; ++i) {
+      const uint32_t w = pack2<T>(o[i][2] * inv, o[i][3] * inv);
+      memcpy(orow + i * 8, &w, 4);
+    }
+  }
+}
+
+template <typename T, int D>
+void launch_prefill(const PrefillParams& p, int B, cudaStream_t stream) {
+  constexpr int smem = prefill_smem_bytes<D>();
+  auto kernel = prefill_kernel<T, D>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid((p.T + kPrefillRows - 1) / kPrefillRows, p.H, B);
+  kernel<<<grid, kPrefillWarps * 32, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- host ----
+
+// 16-byte vector loads need 16-byte aligned rows: the pointer and every stride but the last a multiple of it.
+bool rows_aligned16(const at::Tensor& t) {
+  const int64_t vec = 16 / static_cast<int64_t>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int i = 0; i < t.dim() - 1; ++i)
+    if (t.size(i) > 1 && t.stride(i) % vec != 0) return false;
+  return t.size(-1) % vec == 0;
+}
+
+void check_sm80(const char* op) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 8, op, ": the CUDA kernels need compute capability 8.0 (Ampere) or newer; ",
+              prop->name, " is ", prop->major, ".", prop->minor);
+}
+
+at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                          const at::Tensor& positions, double scale) {
+  check_attention_args(q_in, k_in, v_in, positions, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  check_sm80("attention");
+  const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), S = k_in.size(2);
+  TORCH_CHECK(D == 64 || D == 128, "attention: the CUDA kernels support head_dim 64 and 128, got ", D);
+  TORCH_CHECK(std::isfinite(scale), "attention: scale must be finite, got ", scale);
+  TORCH_CHECK(S <= INT32_MAX / 2 && B * T <= INT32_MAX && H <= 65535 && B <= 65535,
+              "attention: shapes too large for the CUDA kernels: q ", q_in.sizes(), ", caches ", k_in.sizes());
+  at::Tensor out = at::empty({B, T, H, D}, q_in.options());
+  if (out.numel() == 0) return out;
+  // Misaligned views (never the model's own tensors) are copied rather than refused.
+  const at::Tensor q = rows_aligned16(q_in) ? q_in : q_in.contiguous();
+  const at::Tensor k = rows_aligned16(k_in) ? k_in : k_in.contiguous();
+  const at::Tensor v = rows_aligned16(v_in) ? v_in : v_in.contiguous();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto dtype = q.scalar_type();
+  const int group = static_cast<int>(H / Hkv);
+
+  if (T > kDecodeMaxT && dtype != at::kFloat) {
+    TORCH_CHECK((T + kPrefillRows - 1) / kPrefillRows <= INT32_MAX, "attention: T too large: ", T);
+    PrefillParams p{};
+    p.q = q.const_data_ptr();
+    p.k = k.const_data_ptr();
+    p.v = v.const_data_ptr();
+    p.pos = positions.const_data_ptr<int64_t>();
+    p.out = out.data_ptr();
+    p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
+    p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
+    p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
+    p.T = static_cast<int>(T), p.H = static_cast<int>(H), p.group = group, p.S = static_cast<int>(S);
+    p.scale_log2 = static_cast<float>(scale) * kLog2e;
+    if (dtype == at::kHalf) {
+      D == 64 ? launch_prefill<__half, 64>(p, B, stream) : launch_prefill<__half, 128>(p, B, stream);
+    } else {
+      D == 64 ? launch_prefill<__nv_bfloat16, 64>(p, B, stream) : launch_prefill<__nv_bfloat16, 128>(p, B, stream);
+    }
+    return out;
+  }
+
+  const int rows = static_cast<int>(B * T);
+  const DecodePlan plan = decode_plan(rows, Hkv, group, S, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  TORCH_CHECK(Hkv * plan.head_blocks <= 65535, "attention: too many kv heads for the CUDA kernels: ", Hkv);
+  SplitParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.pos = positions.const_data_ptr<int64_t>();
+  p.out = out.data_ptr();
+  at::Tensor part_acc, part_ml;
+  if (plan.splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    part_acc = at::empty({rows * H * plan.splits * D}, f32);
+    part_ml = at::empty({rows * H * plan.splits * 2}, f32);
+    p.part_acc = part_acc.data_ptr<float>();
+    p.part_ml = part_ml.data_ptr<float>();
+  }
+  p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
+  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
+  p.S = S, p.chunk = plan.chunk;
+  p.T = static_cast<int>(T), p.H = static_cast<int>(H), p.Hkv = static_cast<int>(Hkv), p.group = group;
+  p.head_blocks = plan.head_blocks, p.splits = plan.splits;
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  const int hpb = plan.heads_per_block;
+  if (dtype == at::kHalf) {
+    D == 64 ? dispatch_split<__half, 64>(p, hpb, rows, stream) : dispatch_split<__half, 128>(p, hpb, rows, stream);
+  } else if (dtype == at::kBFloat16) {
+    D == 64 ? dispatch_split<__nv_bfloat16, 64>(p, hpb, rows, stream)
+            : dispatch_split<__nv_bfloat16, 128>(p, hpb, rows, stream);
+  } else {
+    D == 64 ? dispatch_split<float, 64>(p, hpb, rows, stream) : dispatch_split<float, 128>(p, hpb, rows, stream);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace tinychat
+
+TORCH_LIBRARY_IMPL(tinychat, CUDA, m) {
+  m.impl("attention", &tinychat::attention_cuda);
+}

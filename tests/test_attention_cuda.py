@@ -1,0 +1,559 @@
+"""The CUDA kernels of rope_kv_write, attention and silu_and_mul (csrc/cuda/attention.cu, csrc/cuda/rope_silu.cu)
+against the references in tinychat.ops, and CPU checks of their shared index math.
+
+The CPU tests compile csrc/common/attention_plan.h with g++ (torch.utils.cpp_extension.load_inline, no CUDA, not
+the tinychat._C extension) and check the decode split plan, the prefill tile schedule (causal skipping and masking)
+and the mma.sync / ldmatrix fragment maps against a model of the PTX semantics. The CUDA tests skip without a GPU.
+
+Low-precision accuracy is judged like FlashAttention's tests: the kernel's max abs error against fp32 math must be
+at most 2x that of the same computation done in the low dtype by plain torch, plus a tiny atol.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = [needs_cuda, pytest.mark.cuda]
+LOW = [torch.float16, torch.bfloat16]
+
+# ---------------------------------------------------------------- CPU: index math of attention_plan.h
+
+_PLAN_SRC = r"""
+#include <vector>
+#include "common/attention_plan.h"
+using namespace tinychat::attn;
+
+std::vector<int64_t> plan(int64_t rows, int64_t hkv, int64_t group, int64_t S, int64_t sms) {
+  const DecodePlan p = decode_plan(rows, hkv, group, S, sms);
+  return {p.heads_per_block, p.head_blocks, p.splits, p.chunk};
+}
+int64_t visible(int64_t p, int64_t S) { return visible_keys(p, S); }
+int64_t clamp_pos(int64_t p, int64_t S) { return clamp_position(p, S); }
+bool rope_ok(int64_t p, int64_t S, int64_t max_pos) { return rope_position_ok(p, S, max_pos); }
+int64_t head_kind(int64_t hh, int64_t H, int64_t Hkv) { return qkv_head_kind(hh, H, Hkv); }
+int64_t active_splits(int64_t n, int64_t chunk) { return decode_active_splits(n, chunk); }
+std::vector<int64_t> split_range(int64_t s, int64_t chunk, int64_t n) {
+  return {split_begin(s, chunk), split_end(s, chunk, n)};
+}
+int64_t key_tiles(int64_t max_visible) { return prefill_key_tiles(max_visible); }
+bool needs_mask(int64_t tile, int64_t min_visible) { return prefill_tile_needs_mask(tile, min_visible); }
+bool warp_skips(int64_t tile, int64_t warp_max) { return prefill_warp_skips_tile(tile, warp_max); }
+std::vector<int64_t> constants() {
+  return {kPrefillRows, kPrefillKeys, kPrefillWarps, kSmemPad, kDecodeKeyAlign, kDecodeMaxSplits};
+}
+// Per lane: a_row, a_col, k_row, k_col, v_row, v_col, then c_row(i), c_col(i) for i = 0..3.
+std::vector<int64_t> lane_maps() {
+  std::vector<int64_t> r;
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int v : {ldsm_a_row(lane), ldsm_a_col(lane), ldsm_k_row(lane), ldsm_k_col(lane), ldsm_v_row(lane),
+                  ldsm_v_col(lane)}) r.push_back(v);
+    for (int i = 0; i < 4; ++i) { r.push_back(mma_c_row(lane, i)); r.push_back(mma_c_col(lane, i)); }
+  }
+  return r;
+}
+int64_t smem_off(int64_t row, int64_t col, int64_t D) { return smem_offset(row, col, D); }
+"""
+_PLAN_FUNCS = ["plan", "visible", "clamp_pos", "rope_ok", "head_kind", "active_splits", "split_range", "key_tiles",
+               "needs_mask", "warp_skips", "constants", "lane_maps", "smem_off"]
+
+
+@pytest.fixture(scope="module")
+def hp():
+    """attention_plan.h compiled by g++ into a small Python module (cached by torch between runs)."""
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(name="tinychat_attention_plan_test", cpp_sources=[_PLAN_SRC], functions=_PLAN_FUNCS,
+                       extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1"], verbose=False)
+
+
+def test_positions_and_heads(hp):
+    S = 10
+    assert [hp.clamp_pos(p, S) for p in (-5, 0, 3, 9, 10, 99)] == [0, 0, 3, 9, 9, 9]
+    assert [hp.visible(p, S) for p in (0, 3, 9, 10, 1000)] == [1, 4, 10, 10, 10]
+    assert [hp.rope_ok(p, S, 8) for p in (-1, 0, 7, 8, 9, 10)] == [False, True, True, False, False, False]
+    assert [hp.rope_ok(p, 6, 8) for p in (5, 6)] == [True, False]
+    H, Hkv = 6, 2
+    assert [hp.head_kind(h, H, Hkv) for h in range(H + 2 * Hkv)] == [0] * 6 + [1] * 2 + [2] * 2
+
+
+@pytest.mark.parametrize("S", [1, 7, 64, 100, 257, 1023, 4097, 8192, 32768, 131072])
+def test_decode_plan(hp, S):
+    max_splits = hp.constants()[5]
+    for rows in (1, 3, 32):
+        for hkv in (1, 8, 32):
+            for group in (1, 2, 3, 4, 7, 8, 12, 16):
+                for sms in (1, 108, 132):
+                    hpb, hb, splits, chunk = hp.plan(rows, hkv, group, S, sms)
+                    assert hpb in (1, 2, 4, 8) and hb * hpb >= group and (hb - 1) * hpb < group
+                    assert hpb >= min(group, 8)
+                    assert chunk % 64 == 0 and chunk > 0
+                    assert 1 <= splits <= max_splits
+                    assert splits * chunk >= S and (splits - 1) * chunk < S  # every split holds a cache row
+                    if splits > 1:  # no more splits than needed to fill the GPU
+                        assert rows * hkv * hb * (splits - 1) < 4 * sms
+    # graph stability: nothing depends on the runtime length; a length's chunks tile [0, n) exactly
+    hpb, hb, splits, chunk = hp.plan(1, 8, 4, S, 132)
+    for n in sorted({1, 2, S // 2 + 1, S}):
+        act = hp.active_splits(n, chunk)
+        assert 1 <= act <= splits
+        covered = []
+        for s in range(splits):
+            b, e = hp.split_range(s, chunk, n)
+            if s < act:
+                assert b < e
+                covered += range(b, e)
+            else:
+                assert b >= n  # the kernel's block exits at once
+        assert covered == list(range(n))
+
+
+def _attention_exact(q, k, v, positions, scale):
+    """fp64 causal attention, tinychat.ops.attention_ref's formula with positions clamped into [0, S - 1] (the CUDA
+    kernels' convention); written out here so that the CPU tests need neither tinychat._C nor tinychat.ops."""
+    H, S = q.shape[2], k.shape[2]
+    rep = H // k.shape[1]
+    kk, vv = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    scores = scale * q.double().transpose(1, 2) @ kk.transpose(-1, -2)  # [B, H, T, S]
+    visible = torch.arange(S)[None, :] <= positions.clamp(0, S - 1)[:, None]
+    return (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
+
+
+def test_split_kv_simulation(hp):
+    """The split-KV algorithm with the kernel's plan, log2-domain partials and combine, in fp64 on the CPU."""
+    torch.manual_seed(0)
+    B, T, Hkv, group, D, S = 2, 3, 2, 3, 16, 1000
+    H = Hkv * group
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    positions = torch.tensor([0, 700, S + 50])  # S + 50 is clamped to S - 1
+    scale = D ** -0.5
+    hpb, hb, splits, chunk = hp.plan(B * T, Hkv, group, S, 4)
+    assert splits > 1
+    out = torch.empty(B, T, H, D, dtype=torch.float64)
+    log2e = 1 / math.log(2)
+    for b in range(B):
+        for t in range(T):
+            n = hp.visible(int(positions[t]), S)
+            for h in range(H):
+                kvh = h // group
+                parts = []
+                for s in range(splits):
+                    lo, hi = hp.split_range(s, chunk, n)
+                    if lo >= n:
+                        continue
+                    sc = (q[b, t, h].double() * scale * log2e) @ k[b, kvh, lo:hi].double().T
+                    m = sc.max()
+                    p = torch.exp2(sc - m)
+                    parts.append((m, p.sum(), p @ v[b, kvh, lo:hi].double()))
+                assert len(parts) == hp.active_splits(n, chunk)
+                M = max(m for m, _, _ in parts)
+                L = sum(l * torch.exp2(m - M) for m, l, _ in parts)
+                A = sum(a * torch.exp2(m - M) for m, _, a in parts)
+                out[b, t, h] = A / L
+    torch.testing.assert_close(out, _attention_exact(q, k, v, positions, scale))
+
+
+@pytest.mark.parametrize("T,start", [(1, 0), (17, 0), (256, 0), (1000, 0), (17, 100), (256, 1023), (200, 37)])
+def test_prefill_tile_schedule(hp, T, start):
+    """Every key a row sees lies in a tile its block loads and its warp computes, and a tile left unmasked is
+    fully visible to every valid row of the warp."""
+    rows, keys, warps = hp.constants()[:3]
+    S = start + T + 5
+    positions = list(range(start, start + T))
+    if T > 1:  # out-of-order and duplicated positions, and one past the cache (clamped)
+        positions[1], positions[-1] = positions[-1], positions[1]
+        positions[0] = S + 3
+    vis = [hp.visible(p, S) for p in positions]
+    for t0 in range(0, T, rows):
+        block = [vis[t] for t in range(t0, min(t0 + rows, T))]
+        n_tiles = hp.key_tiles(max(block))
+        assert n_tiles * keys >= max(block) and (n_tiles - 1) * keys < max(block)
+        for w in range(warps):
+            wrows = [vis[t] for t in range(t0 + 16 * w, min(t0 + 16 * w + 16, T))]
+            wmax = max(wrows, default=0)
+            wmin = min(wrows, default=2**31 - 1)
+            for tile in range(n_tiles):
+                lo, hi = tile * keys, (tile + 1) * keys
+                if hp.warp_skips(tile, wmax):
+                    assert all(n <= lo for n in wrows)
+                elif not hp.needs_mask(tile, wmin):
+                    assert all(n >= hi for n in wrows)
+                else:
+                    assert any(n < hi for n in wrows)
+
+
+def _ldmatrix(smem, addrs, trans):
+    """PTX ldmatrix.x4 (b16): lanes 8i..8i+7 give the rows of matrix i; returns regs[lane][i] = 2 elements."""
+    mats = [torch.stack([smem[r, c:c + 8] for r, c in addrs[8 * i:8 * i + 8]]) for i in range(4)]
+    regs = []
+    for lane in range(32):
+        g, c = lane // 4, lane % 4
+        if trans:
+            regs.append([(m[2 * c, g], m[2 * c + 1, g]) for m in mats])
+        else:
+            regs.append([(m[g, 2 * c], m[g, 2 * c + 1]) for m in mats])
+    return regs
+
+
+def _mma(a_regs, b_regs):
+    """PTX mma.m16n8k16 (row.col): A [16, 16] and B [16, 8] rebuilt from the lanes' fragments; returns C [16, 8]
+    and per lane the 4 accumulator elements in fragment order."""
+    A, Bm = torch.zeros(16, 16, dtype=torch.float64), torch.zeros(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        g, c = lane // 4, lane % 4
+        for i, (r, col) in enumerate([(g, 2 * c), (g + 8, 2 * c), (g, 2 * c + 8), (g + 8, 2 * c + 8)]):
+            A[r, col], A[r, col + 1] = a_regs[lane][i]
+        for i, k in enumerate([2 * c, 2 * c + 8]):
+            Bm[k, g], Bm[k + 1, g] = b_regs[lane][i]
+    C = A @ Bm
+    frag = [[C[g, 2 * c], C[g, 2 * c + 1], C[g + 8, 2 * c], C[g + 8, 2 * c + 1]]
+            for g, c in ((lane // 4, lane % 4) for lane in range(32))]
+    return C, frag
+
+
+def test_mma_fragment_maps(hp):
+    """The prefill kernel's ldmatrix addresses and the reuse of the score accumulators as the A operand of P V
+    compute Q K^T and P V for one 16-row slice, modelled on the PTX fragment layouts."""
+    torch.manual_seed(0)
+    maps = torch.tensor(hp.lane_maps()).view(32, 14)
+    a_addr = [(int(maps[l, 0]), int(maps[l, 1])) for l in range(32)]
+    k_addr = [(int(maps[l, 2]), int(maps[l, 3])) for l in range(32)]
+    v_addr = [(int(maps[l, 4]), int(maps[l, 5])) for l in range(32)]
+    c_pos = [[(int(maps[l, 6 + 2 * i]), int(maps[l, 7 + 2 * i])) for i in range(4)] for l in range(32)]
+    D, NK = 32, 32  # two k-steps of Q K^T; two key slices of P V
+    Q, K, V = torch.randn(16, D).double(), torch.randn(NK, D).double(), torch.randn(NK, D).double()
+
+    # S = Q K^T: for each k-step, ldmatrix.x4 of Q (A) and of 16 keys (B of two n-tiles).
+    S = torch.zeros(16, NK, dtype=torch.float64)
+    s_frag = {}  # n-tile -> per-lane accumulators
+    for ks in range(D // 16):
+        qa = _ldmatrix(Q, [(r, ks * 16 + c) for r, c in a_addr], trans=False)
+        for np_ in range(NK // 16):
+            kb = _ldmatrix(K, [(np_ * 16 + r, ks * 16 + c) for r, c in k_addr], trans=False)
+            for half in range(2):
+                C, frag = _mma(qa, [[kb[l][2 * half], kb[l][2 * half + 1]] for l in range(32)])
+                nt = 2 * np_ + half
+                S[:, nt * 8:nt * 8 + 8] += C
+                prev = s_frag.get(nt, [[0.0] * 4 for _ in range(32)])
+                s_frag[nt] = [[prev[l][i] + frag[l][i] for i in range(4)] for l in range(32)]
+    torch.testing.assert_close(S, Q @ K.T)
+    for nt, frag in s_frag.items():  # the kernel's (row, col) of each accumulator element (masking uses them)
+        for lane in range(32):
+            for i in range(4):
+                r, c = c_pos[lane][i]
+                assert float(frag[lane][i]) == pytest.approx(float(S[r, nt * 8 + c]))
+
+    # O = P V with P taken from the score accumulators (n-tiles 2kk, 2kk + 1 -> A of key slice kk).
+    O = torch.zeros(16, D, dtype=torch.float64)
+    for kk in range(NK // 16):
+        f0, f1 = s_frag[2 * kk], s_frag[2 * kk + 1]
+        pa = [[(f0[l][0], f0[l][1]), (f0[l][2], f0[l][3]), (f1[l][0], f1[l][1]), (f1[l][2], f1[l][3])]
+              for l in range(32)]
+        for dp in range(D // 16):
+            vb = _ldmatrix(V, [(kk * 16 + r, dp * 16 + c) for r, c in v_addr], trans=True)
+            for half in range(2):
+                C, _ = _mma(pa, [[vb[l][2 * half], vb[l][2 * half + 1]] for l in range(32)])
+                nt = 2 * dp + half
+                O[:, nt * 8:nt * 8 + 8] += C
+    torch.testing.assert_close(O, S @ V)
+
+
+def test_smem_rows_conflict_free(hp):
+    """Padded shared-memory rows: 16-byte aligned, and the 8 row addresses of one ldmatrix phase hit 8 disjoint
+    groups of 4 banks."""
+    for D in (64, 128):
+        offs = [hp.smem_off(r, 0, D) * 2 for r in range(8)]  # bytes (16-bit elements)
+        assert all(o % 16 == 0 for o in offs)
+        banks = {(o // 4) % 32 // 4 for o in offs}
+        assert len(banks) == 8
+
+
+# ---------------------------------------------------------------- CUDA kernels
+
+
+@pytest.fixture(scope="module")
+def tc():
+    from tinychat import ops
+
+    assert ops.EXTENSION_AVAILABLE, "tinychat._C is not built"
+    import tinychat._C
+
+    assert tinychat._C.WITH_CUDA == 1, "tinychat._C was built without its CUDA kernels"
+    return torch.ops.tinychat
+
+
+def _err_bound_check(out, exact, naive, atol):
+    err = (out.float() - exact.float()).abs().max().item()
+    err_naive = (naive.float() - exact.float()).abs().max().item()
+    assert err <= 2 * err_naive + atol, (err, err_naive)
+
+
+def _cos_sin(max_pos, D, device):
+    inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D)
+    ang = torch.arange(max_pos, dtype=torch.float32, device=device)[:, None] * inv[None]
+    return torch.cat((ang.cos(), ang.sin()), dim=-1).contiguous()
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2), (8, 2), (16, 2)])
+@pytest.mark.parametrize("B,T,start", [(1, 1, 0), (2, 1, 40), (1, 17, 0), (2, 17, 30)])
+def test_rope_kv_write(tc, dtype, D, H, Hkv, B, T, start):
+    from tinychat.ops import rope_kv_write_ref
+
+    dev = "cuda"
+    S = 64
+    qkv_wide = torch.randn(B, T, H + 2 * Hkv + 1, D, device=dev).to(dtype)
+    qkv = qkv_wide[:, :, 1:]  # a strided view: the kernel takes any strides but the last
+    positions = torch.arange(start, start + T, device=dev)
+    cos_sin = _cos_sin(80, D, dev)
+    k0 = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+    v0 = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+    k, v, k_ref, v_ref = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    q = tc.rope_kv_write(qkv, positions, cos_sin, k, v)
+    q_ref = rope_kv_write_ref(qkv, positions, cos_sin, k_ref, v_ref)
+    assert q.shape == (B, T, H, D) and q.is_contiguous() and q.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    assert torch.equal(v, v_ref)  # copied
+    untouched = torch.ones(S, dtype=torch.bool, device=dev)
+    untouched[positions] = False
+    assert torch.equal(k[:, :, untouched], k0[:, :, untouched])
+    assert torch.equal(v[:, :, untouched], v0[:, :, untouched])
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_rope_kv_write_skips_bad_positions(tc):
+    dev, D, H, Hkv, S = "cuda", 64, 4, 2, 16
+    qkv = torch.randn(1, 3, H + 2 * Hkv, D, device=dev, dtype=torch.float16)
+    positions = torch.tensor([2, S + 5, -1], device=dev)  # the last two are out of range: not checked on the host
+    cos_sin = _cos_sin(S, D, dev)
+    k0 = torch.randn(1, Hkv, S, D, device=dev, dtype=torch.float16)
+    v0 = torch.randn_like(k0)
+    k, v = k0.clone(), v0.clone()
+    q = tc.rope_kv_write(qkv, positions, cos_sin, k, v)
+    assert torch.isnan(q[:, 1:]).all() and not torch.isnan(q[:, 0]).any()
+    keep = torch.arange(S, device=dev) != 2
+    assert torch.equal(k[:, :, keep], k0[:, :, keep]) and torch.equal(v[:, :, keep], v0[:, :, keep])
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("shape", [(1, 2 * 11008), (3, 5, 2 * 64), (4, 2 * 7), (2, 2 * 1)])
+def test_silu_and_mul(tc, dtype, shape):
+    from tinychat.ops import silu_and_mul_ref
+
+    x = (3 * torch.randn(*shape, device="cuda")).to(dtype)
+    out = tc.silu_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, silu_and_mul_ref(x), atol=1e-6, rtol=1e-5)
+    else:
+        torch.testing.assert_close(out, silu_and_mul_ref(x))
+        exact = silu_and_mul_ref(x.float())
+        g, u = x.chunk(2, dim=-1)
+        _err_bound_check(out, exact, torch.nn.functional.silu(g) * u, atol=1e-6)
+    # rows with a stride (a slice of a wider tensor) take the same kernel
+    wide = torch.randn(*shape[:-1], shape[-1] + 8, device="cuda").to(dtype)
+    xs = wide[..., :shape[-1]]
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(tc.silu_and_mul(xs), silu_and_mul_ref(xs), **tol)
+
+
+def _naive_attention(q, k, v, positions, scale):
+    """Attention with every step in q.dtype (scores, softmax, P V), the low-precision torch baseline."""
+    H, S = q.shape[2], k.shape[2]
+    rep = H // k.shape[1]
+    kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q.transpose(1, 2) @ kk.transpose(-1, -2)) * scale
+    visible = torch.arange(S, device=q.device)[None, :] <= positions.clamp(0, S - 1)[:, None]
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return (probs @ vv).transpose(1, 2)
+
+
+def _run_attention(tc, dtype, B, T, H, Hkv, D, S, positions, poison=True):
+    """Random q and caches; cache rows past the largest position are NaN (unwritten rows must never be read).
+    Checks the kernel against fp32 math and the low-precision baseline; returns the output."""
+    dev = "cuda"
+    q = torch.randn(B, T, H, D, device=dev).to(dtype)
+    k = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+    v = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+    last = int(positions.clamp(0, S - 1).max())
+    if poison and last + 1 < S:
+        k[:, :, last + 1:] = float("nan")
+        v[:, :, last + 1:] = float("nan")
+    kc, vc = k.clone(), v.clone()
+    kc[:, :, last + 1:] = 0  # the references multiply masked rows by 0
+    vc[:, :, last + 1:] = 0
+    scale = D ** -0.5
+    out = tc.attention(q, k, v, positions, scale)
+    assert out.shape == (B, T, H, D) and out.dtype == dtype and out.is_contiguous()
+    assert not torch.isnan(out).any()
+    from tinychat.ops import attention_ref
+
+    exact = attention_ref(q.float(), kc.float(), vc.float(), positions.clamp(0, S - 1), scale)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, exact, atol=2e-5, rtol=1e-4)
+    else:
+        _err_bound_check(out, exact, _naive_attention(q, kc, vc, positions, scale), atol=1e-4)
+    return out
+
+
+GQA = [(8, 8), (12, 4), (16, 4), (32, 4)]  # ratios 1, 3, 4, 8
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("H,Hkv", GQA)
+@pytest.mark.parametrize("L", [1, 7, 100, 1023, 4097, 8192])
+def test_attention_decode(tc, dtype, D, H, Hkv, L):
+    S = L + 300  # allocated beyond the length: the split plan follows S, the work follows the position
+    _run_attention(tc, dtype, 1, 1, H, Hkv, D, S, torch.tensor([L - 1], device="cuda"))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("B,T", [(2, 1), (1, 2), (3, 4)])
+def test_attention_decode_batched_and_multi_token(tc, dtype, B, T):
+    S, L = 3000, 2500
+    _run_attention(tc, dtype, B, T, 16, 4, 128, S, torch.arange(L - T, L, device="cuda"))
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_attention_position_past_cache_is_clamped(tc):
+    S = 500
+    _run_attention(tc, torch.float16, 1, 1, 8, 2, 64, S, torch.tensor([S + 77], device="cuda"), poison=False)
+    _run_attention(tc, torch.float16, 1, 20, 8, 2, 64, S, torch.arange(S - 10, S + 10, device="cuda"), poison=False)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("H,Hkv", GQA)
+@pytest.mark.parametrize("T,start", [(5, 0), (17, 0), (256, 0), (1000, 0), (17, 100), (256, 1023), (1000, 4097)])
+def test_attention_prefill(tc, dtype, D, H, Hkv, T, start):
+    S = start + T + 64 + 13  # unwritten rows past the chunk are NaN
+    B = 2 if T <= 256 else 1
+    _run_attention(tc, dtype, B, T, H, Hkv, D, S, torch.arange(start, start + T, device="cuda"))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+def test_attention_prefill_unordered_positions(tc, dtype):
+    """Positions need not be sorted: each query row gets its own causal limit."""
+    T, S = 150, 400
+    positions = torch.randperm(S, device="cuda")[:T]
+    _run_attention(tc, dtype, 1, T, 8, 2, 128, S, positions, poison=False)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_attention_fp32_prefill(tc):
+    _run_attention(tc, torch.float32, 1, 100, 8, 2, 64, 300, torch.arange(50, 150, device="cuda"))
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_attention_strided_q(tc):
+    """q as a view of the fused projection (strided heads) gives the same result as a contiguous copy."""
+    B, T, H, Hkv, D, S = 1, 33, 8, 2, 128, 100
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, device="cuda", dtype=torch.float16)
+    q = qkv[:, :, :H]
+    k = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    pos = torch.arange(T, device="cuda")
+    for t in (T, 1):
+        assert torch.equal(tc.attention(q[:, :t], k, v, pos[:t], 0.1), tc.attention(q[:, :t].contiguous(), k, v,
+                                                                                    pos[:t], 0.1))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", LOW)
+def test_decode_step_cuda_graph(tc, dtype):
+    """rope_kv_write + decode attention captured once in a CUDA graph, replayed with new positions and inputs in
+    static buffers: the same results as eager calls."""
+    dev, B, H, Hkv, D, S = "cuda", 1, 32, 8, 128, 4096
+    cos_sin = _cos_sin(S, D, dev)
+    k = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+    v = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+    qkv = torch.randn(B, 1, H + 2 * Hkv, D, device=dev).to(dtype)
+    pos = torch.zeros(1, dtype=torch.long, device=dev)
+    scale = D ** -0.5
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        tc.attention(tc.rope_kv_write(qkv, pos, cos_sin, k, v), k, v, pos, scale)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tc.attention(tc.rope_kv_write(qkv, pos, cos_sin, k, v), k, v, pos, scale)
+    for p in (0, 1, 99, 1000, 4095, 17):
+        qkv.copy_(torch.randn_like(qkv))
+        pos.fill_(p)
+        k_eager, v_eager = k.clone(), v.clone()
+        graph.replay()
+        q_e = tc.rope_kv_write(qkv, pos, cos_sin, k_eager, v_eager)
+        expected = tc.attention(q_e, k_eager, v_eager, pos, scale)
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected), p
+        assert torch.equal(k, k_eager) and torch.equal(v, v_eager)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_errors(tc):
+    dev = "cuda"
+    q = torch.randn(1, 2, 8, 64, device=dev, dtype=torch.float16)
+    k = torch.randn(1, 2, 16, 64, device=dev, dtype=torch.float16)
+    pos = torch.arange(2, device=dev)
+    with pytest.raises(RuntimeError, match="dtype"):
+        tc.attention(q, k.bfloat16(), k.bfloat16(), pos, 1.0)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        q96, k96 = torch.randn(1, 2, 8, 96, device=dev).half(), torch.randn(1, 2, 16, 96, device=dev).half()
+        tc.attention(q96, k96, k96, pos, 1.0)
+    with pytest.raises(RuntimeError, match="multiple"):
+        k3 = torch.randn(1, 3, 16, 64, device=dev).half()
+        tc.attention(q, k3, k3, pos, 1.0)
+    with pytest.raises(RuntimeError, match="int64"):
+        tc.attention(q, k, k, pos.int(), 1.0)
+    with pytest.raises(RuntimeError):
+        tc.attention(q, k, k, pos.cpu(), 1.0)  # mismatched devices
+    with pytest.raises(RuntimeError):
+        tc.attention(q, k, k[:, :, :8], pos, 1.0)  # v's shape differs
+    with pytest.raises(RuntimeError):
+        tc.attention(q[0], k, k, pos, 1.0)  # 3-d q
+    with pytest.raises(RuntimeError):
+        tc.attention(q.to(torch.int32), k, k, pos, 1.0)
+
+    qkv = torch.randn(1, 2, 8 + 4, 64, device=dev, dtype=torch.float16)
+    cs = _cos_sin(16, 64, dev)
+    with pytest.raises(RuntimeError):
+        tc.rope_kv_write(qkv, pos, cs, k.float(), k.float())  # cache dtype
+    with pytest.raises(RuntimeError):
+        tc.rope_kv_write(qkv, pos, cs.half(), k.clone(), k.clone())  # cos_sin dtype
+    with pytest.raises(RuntimeError):
+        tc.rope_kv_write(qkv[:, :, :11], pos, cs, k.clone(), k.clone())  # heads != H + 2 Hkv with H % Hkv == 0
+    with pytest.raises(RuntimeError):
+        tc.rope_kv_write(qkv, pos.cpu(), cs, k.clone(), k.clone())
+
+    with pytest.raises(RuntimeError, match="even"):
+        tc.silu_and_mul(torch.randn(3, 7, device=dev))
+    with pytest.raises(RuntimeError):
+        tc.silu_and_mul(torch.ones(3, 8, device=dev, dtype=torch.int32))
