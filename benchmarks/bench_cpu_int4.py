@@ -3,13 +3,16 @@
     python benchmarks/bench_cpu_int4.py --threads 2 --out benchmarks/results/cpu_int4_smollm2.json
 
 Two tables:
-* kernels: int4_linear GEMV (M = 1) at SmolLM2-135M and Llama-2-7B shapes on each instruction-set path, in GB/s
+* kernels: int4_linear GEMV (M = 1) at SmolLM2-135M and Llama-2-7B shapes on each instruction-set path (avx512_vnni
+  rounds x to int8), in GB/s
   of weight bytes (4-bit values + fp32 scales and zeros), next to the machine's read bandwidth measured in the same
   run (a large tensor summed with the same threads) and to fp32 / bf16 torch matmuls of the same shape;
 * models: the same 128-token prompt (token ids from tinychat's tokenizer of the GGUF) and 128 new greedy tokens (no stop) through tinychat int4 (AWQ g64, the
   chat's default model), tinychat fp32, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF and a Q4_0
-  requantization of it) and transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS. Each engine runs in
-  a fresh subprocess (peak RSS is per process); one warm-up run, then the median of --repeats.
+  requantization of it) and transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS; for tinychat also the
+  bytes a decode step reads (decoder linears, output projection, KV cache at the mean context) and the share of the
+  read bandwidth that decoding reaches. Each engine runs in a fresh subprocess (peak RSS is per process); one
+  warm-up run, then the median of --repeats.
 
 llama-cpp-python is optional (its rows are skipped with a note when it is missing). Build it for this CPU with
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON
@@ -57,7 +60,7 @@ def kernel_rows(threads: int, repeats: int) -> list[dict]:
 
     torch.set_num_threads(threads)
     best = torch.ops.tinychat.cpu_isa()
-    isas = ["avx512", "avx2", "scalar"]
+    isas = ["avx512_vnni", "avx512", "avx2", "scalar"]
     isas = isas[isas.index(best):]
     rows = []
     for model, shapes in SHAPES.items():
@@ -90,12 +93,26 @@ def kernel_rows(threads: int, repeats: int) -> list[dict]:
 # ---- whole models, one engine per subprocess ----
 
 
+def bytes_per_token(model, context: float) -> int:
+    """What a decode step reads: the decoder linears, the output projection, and the KV cache up to `context`."""
+    from tinychat.bench import weight_bytes
+
+    cfg, head = model.config, model.lm_head
+    head_bytes = sum(t.numel() * t.element_size() for t in [*head.parameters(), *head.buffers()])
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * model.embed.weight.element_size()
+    return int(weight_bytes(model)["linear_bytes"] + head_bytes + kv_bytes)
+
+
 def run_tinychat(spec: dict) -> dict:
     from tinychat.api import load
 
+    if spec.get("isa"):
+        os.environ["TINYCHAT_CPU_ISA"] = spec["isa"]
     llm = load(spec.get("path"), quant=spec["quant"], dtype="float32")
     prefill, decode = time_generation(llm.engine, spec["prompt"], spec["new_tokens"], spec["repeats"])
-    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "model": llm.name}
+    nbytes = bytes_per_token(llm.engine.model, len(spec["prompt"]) + spec["new_tokens"] / 2)
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "model": llm.name,
+            "cpu_isa": torch.ops.tinychat.cpu_isa(), "MB_per_token": nbytes / 1e6}
 
 
 def run_llama_cpp(spec: dict) -> dict:
@@ -191,6 +208,9 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
         ("tinychat", "int4 AWQ g64", {"quant": "awq", "path": gguf}),
         ("tinychat", "fp32", {"quant": "none", "path": gguf}),
     ]
+    if torch.ops.tinychat.cpu_isa() == "avx512_vnni":  # the default rounds activations to int8: the fp32 path too
+        configs.insert(1, ("tinychat", "int4 AWQ g64, fp32 activations", {"quant": "awq", "path": gguf,
+                                                                           "isa": "avx512"}))
     notes = []
     try:
         import llama_cpp  # noqa: F401
@@ -209,6 +229,9 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
     for engine, label, extra in configs:
         print(f"running {engine} {label} ...", file=sys.stderr, flush=True)
         rows.append({"engine": engine, "weights": label, **in_subprocess({**base, **extra, "engine": engine})})
+    for r in rows:
+        if "MB_per_token" in r:  # the share of the memory-bandwidth bound that decoding reaches
+            r["bandwidth_use"] = r["decode_tok_s"] * r["MB_per_token"] * 1e6 / (args.bandwidth * 1e9)
     by = {(r["engine"], r["weights"]): r for r in rows}
     ref = by.get(("llama.cpp", "Q4_0"))
     if ref and "error" not in ref:
@@ -239,11 +262,11 @@ def main():
         return
     import tinychat.ops  # noqa: F401  (loads the kernels)
 
-    bandwidth = read_bandwidth(args.threads)
+    bandwidth = args.bandwidth = read_bandwidth(args.threads)
     kernels = kernel_rows(args.threads, args.kernel_repeats)
     for r in kernels:
         r["best_vs_bandwidth"] = max(v for k, v in r.items() if k.endswith("_GBs") and k[:-4] in
-                                     ("avx512", "avx2", "scalar")) / bandwidth
+                                     ("avx512_vnni", "avx512", "avx2", "scalar")) / bandwidth
     models, notes = ([], []) if args.no_models else model_rows(args)
     result = {
         "benchmark": "cpu_int4",
@@ -258,10 +281,10 @@ def main():
         "rows": models,
     }
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)")
-    emit({"rows": kernels}, ["model", "linear", "N", "K", "int4_MB", "avx512_GBs", "avx2_GBs", "scalar_GBs",
-                             "fp32_GBs", "bf16_GBs", "best_vs_bandwidth"], None)
+    emit({"rows": kernels}, ["model", "linear", "N", "K", "int4_MB", "avx512_vnni_GBs", "avx512_GBs", "avx2_GBs",
+                             "scalar_GBs", "fp32_GBs", "bf16_GBs", "best_vs_bandwidth"], None)
     emit(result, ["engine", "weights", "prefill_tok_s", "decode_tok_s", "peak_rss_MB", "prefill_vs_llama_q4_0",
-                  "decode_vs_llama_q4_0", "error"], args.out)
+                  "decode_vs_llama_q4_0", "MB_per_token", "bandwidth_use", "error"], args.out)
 
 
 if __name__ == "__main__":

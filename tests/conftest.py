@@ -30,7 +30,19 @@ def _seed():
     torch.manual_seed(0)
 
 
-CPU_ISAS = ("avx512", "avx2", "scalar")  # the CPU kernels' paths, best first
+CPU_ISAS = ("avx512_vnni", "avx512", "avx2", "scalar")  # the CPU kernels' paths, best first
+
+
+@pytest.fixture(autouse=True)
+def _exact_cpu_kernels(monkeypatch):
+    """Most tests hold the CPU kernels to fp32 tolerances, so the avx512_vnni level (int4_linear with activations
+    rounded to int8) is off unless a test asks for it: its own tests check it against its error bound, kernel by
+    kernel (test_int4_linear.py) and on the 4-bit SmolLM2."""
+    from tinychat import ops
+
+    if ops.EXTENSION_AVAILABLE and "TINYCHAT_CPU_ISA" not in os.environ:
+        if torch.ops.tinychat.cpu_isa() == "avx512_vnni":
+            monkeypatch.setenv("TINYCHAT_CPU_ISA", "avx512")
 
 
 @pytest.fixture(params=CPU_ISAS)

@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU and CUDA launchers of the norm, rotary/KV-cache and attention ops.
+// Argument checks shared by the CPU and CUDA launchers of the ops.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -129,6 +129,39 @@ inline void check_silu_and_mul_args(const at::Tensor& x, c10::DeviceType type) {
   TORCH_CHECK(x.size(-1) % 2 == 0, op, ": x's last dimension must be even ([gate | up]), got ", x.size(-1));
   TORCH_CHECK(x.stride(-1) == 1 || x.size(-1) <= 2, op, ": x must be contiguous in its last dimension, got strides ",
               x.strides());
+}
+
+// int4_linear: x [..., K] (K % 32 == 0), qweight uint8 [N, K/2] contiguous, scales and zeros fp32 [N, K/G]
+// contiguous, G % 32 == 0, K % G == 0.
+inline void check_int4_linear_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                   const at::Tensor& zeros, int64_t group_size, c10::DeviceType type) {
+  const char* op = "int4_linear";
+  check_device(x, x, type, op, "x");
+  check_device(qweight, x, type, op, "qweight");
+  check_device(scales, x, type, op, "scales");
+  check_device(zeros, x, type, op, "zeros");
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K > 0 && K % 32 == 0, op, ": x's last dimension K (in_features) must be a positive multiple of 32, got ",
+              K);
+  TORCH_CHECK(group_size > 0, op, ": group_size must be > 0, got ", group_size);
+  TORCH_CHECK(K % group_size == 0, op, ": group_size ", group_size, " must divide x's last dimension K = ", K);
+  TORCH_CHECK(group_size % 32 == 0, op, ": group_size must be a multiple of 32, got ", group_size);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte, op,
+              ": qweight must be uint8 (two 4-bit weights per byte), got ", qweight.scalar_type());
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) * 2 == K, op, ": qweight must have shape [N, K/2] = [N, ",
+              K / 2, "] for x's K = ", K, ", got ", qweight.sizes());
+  TORCH_CHECK(qweight.is_contiguous(), op, ": qweight must be contiguous");
+  const int64_t N = qweight.size(0);
+  const int64_t n_groups = K / group_size;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scales", scales},
+                                std::pair<const char*, const at::Tensor&>{"zeros", zeros}}) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == n_groups, op, ": ", name,
+                " must have shape [N, K/group_size] = [", N, ", ", n_groups, "], got ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  }
 }
 
 }  // namespace tinychat

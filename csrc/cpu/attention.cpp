@@ -104,11 +104,11 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, Scratch&
       }
       for (int64_t d = 0; d < D; ++d) std::fill(w.kt.data() + d * kKeys + n, w.kt.data() + (d + 1) * kKeys, 0.f);
       for (int64_t r = 0; r < rows; ++r) {
-        float* s = w.s.data() + r * kKeys;
+        float* __restrict s = w.s.data() + r * kKeys;
         std::fill(s, s + kKeys, 0.f);
         for (int64_t d = 0; d < D; ++d) {
           const float qd = w.q[r * D + d];
-          const float* kt = w.kt.data() + d * kKeys;
+          const float* __restrict kt = w.kt.data() + d * kKeys;
           for (int64_t j = 0; j < kKeys; ++j) s[j] += qd * kt[j];
         }
       }
@@ -116,16 +116,10 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, Scratch&
     for (int64_t r = 0; r < rows; ++r) {  // online softmax over the keys row r sees in this block
       float* s = w.s.data() + r * kKeys;
       const int64_t seen = std::clamp<int64_t>(w.limit[r] - j0, 0, n);
-      float block_max = -1e30f;
-      for (int64_t j = 0; j < seen; ++j) block_max = std::max(block_max, s[j]);
-      const float new_max = std::max(w.m[r], block_max);
+      const float new_max = seen > 0 ? std::max(w.m[r], max_of(s, seen)) : w.m[r];
       const float correction = exp_approx(w.m[r] - new_max);
-      float sum = 0.f;
-      for (int64_t j = 0; j < seen; ++j) {
-        s[j] = exp_approx(s[j] - new_max);
-        sum += s[j];
-      }
-      for (int64_t j = seen; j < n; ++j) s[j] = 0.f;
+      const float sum = exp_shifted_sum(s, seen, new_max);
+      std::fill(s + seen, s + n, 0.f);
       w.l[r] = w.l[r] * correction + sum;
       w.m[r] = new_max;
       float* a = w.acc.data() + r * D;
@@ -133,13 +127,24 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, Scratch&
     }
     int64_t vstride;
     const float* vb = block_rows(v + j0 * p.vs[2], p.vs[2], n, D, w.kv.data(), vstride);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* a = w.acc.data() + r * D;
+    for (int64_t r = 0; r < rows; ++r) {  // acc[r] += p @ v, kDotLanes columns at a time held in registers
       const float* s = w.s.data() + r * kKeys;
-      for (int64_t j = 0; j < n; ++j) {
-        const float pj = s[j];
-        const float* vr = vb + j * vstride;
-        for (int64_t d = 0; d < D; ++d) a[d] += pj * vr[d];
+      for (int64_t d0 = 0; d0 < D; d0 += kDotLanes) {
+        const int64_t width = std::min<int64_t>(kDotLanes, D - d0);
+        float* a = w.acc.data() + r * D + d0;
+        if (width == kDotLanes) {
+          float lanes[kDotLanes];
+          for (int l = 0; l < kDotLanes; ++l) lanes[l] = a[l];
+          for (int64_t j = 0; j < n; ++j) {
+            const float* vr = vb + j * vstride + d0;
+            for (int l = 0; l < kDotLanes; ++l) lanes[l] += s[j] * vr[l];
+          }
+          for (int l = 0; l < kDotLanes; ++l) a[l] = lanes[l];
+        } else {
+          for (int64_t j = 0; j < n; ++j) {
+            for (int64_t l = 0; l < width; ++l) a[l] += s[j] * vb[j * vstride + d0 + l];
+          }
+        }
       }
     }
   }
@@ -172,7 +177,7 @@ template <typename scalar_t>
 void run_attention(const AttnProblem& p, Isa isa) {
   auto items_fn = attention_items_scalar<scalar_t>;
 #ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512) items_fn = attention_items_avx512<scalar_t>;
+  if (isa >= Isa::kAvx512) items_fn = attention_items_avx512<scalar_t>;
   if (isa == Isa::kAvx2) items_fn = attention_items_avx2<scalar_t>;
 #endif
   const int64_t items = p.B * p.Hkv * p.n_tiles;

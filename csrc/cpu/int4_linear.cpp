@@ -24,6 +24,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <vector>
 
 #include "../common/checks.h"
@@ -39,37 +41,19 @@ constexpr int kMaxMB = 4;                 // rows of x a GEMV pass handles toget
 constexpr int64_t kGemmMinRows = 16;      // from this M on, dequantize + GEMM
 constexpr int64_t kGemmChunkBytes = 8 << 20;  // fp32 weights dequantized at a time on the GEMM path
 
-// Every argument of int4_linear; shared by any device's launcher (pass its device type).
-void check_int4_linear_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                            const at::Tensor& zeros, int64_t group_size, c10::DeviceType type) {
-  const char* op = "int4_linear";
-  check_device(x, x, type, op, "x");
-  check_device(qweight, x, type, op, "qweight");
-  check_device(scales, x, type, op, "scales");
-  check_device(zeros, x, type, op, "zeros");
-  check_float_dtype(x, op, "x");
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
-  const int64_t K = x.size(-1);
-  TORCH_CHECK(K > 0 && K % kBlock == 0, op, ": x's last dimension K (in_features) must be a positive multiple of ",
-              kBlock, ", got ", K);
-  TORCH_CHECK(group_size > 0, op, ": group_size must be > 0, got ", group_size);
-  TORCH_CHECK(K % group_size == 0, op, ": group_size ", group_size, " must divide x's last dimension K = ", K);
-  TORCH_CHECK(group_size % kBlock == 0, op, ": group_size must be a multiple of ", kBlock, ", got ", group_size);
-  TORCH_CHECK(qweight.scalar_type() == at::kByte, op,
-              ": qweight must be uint8 (two 4-bit weights per byte), got ", qweight.scalar_type());
-  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) * 2 == K, op, ": qweight must have shape [N, K/2] = [N, ",
-              K / 2, "] for x's K = ", K, ", got ", qweight.sizes());
-  TORCH_CHECK(qweight.is_contiguous(), op, ": qweight must be contiguous");
-  const int64_t N = qweight.size(0);
-  const int64_t n_groups = K / group_size;
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scales", scales},
-                                std::pair<const char*, const at::Tensor&>{"zeros", zeros}}) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == n_groups, op, ": ", name,
-                " must have shape [N, K/group_size] = [", N, ", ", n_groups, "], got ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  }
-}
+// x rounded to int8 per block of 32 channels, in the order the VNNI kernel multiplies it with a row's bytes: a
+// 64-byte load of qweight holds 4 blocks, whose low nibbles are channels 32b + j and high nibbles 32b + 16 + j, so
+// lo[m] lists x[m, 32b + j] and hi[m] x[m, 32b + 16 + j] for each block b in turn (16 bytes a block, each row padded
+// with zeros to whole chunks of 4 blocks). lane_scales [M, chunks, 16]: the scale of the block each int32 lane of a
+// chunk's dot products covers (lanes 4i..4i+3: block 4c + i), 0 past the last block.
+struct Int8Activations {
+  std::vector<int8_t> lo, hi;     // [M, chunks * 64]
+  std::vector<float> lane_scales;  // [M, chunks, 16]
+  std::vector<float> group_sums;   // [M, K/G]: the sum of the rounded x over each group (for the zero term)
+  int64_t chunks;
+  std::vector<uint8_t> group_mask;  // [chunks]: which of the 4 scales loaded from the chunk's first group are real
+  std::array<int32_t, 16> lane_group;  // the group of lane l's block, from the chunk's first group
+};
 
 // The problem, as raw pointers. x fp32 [M, K] (rows contiguous); xsum fp32 [M, K/G] (sum of x over each group).
 struct Problem {
@@ -80,6 +64,9 @@ struct Problem {
   const float* zeros;     // [N, K/G]
   float* y;               // fp32 [M, N]
   int64_t M, N, K, G;
+  int64_t ng;                 // K / G
+  const int32_t* block_group;  // [K/32]: the group of each block of 32 channels (kernels never divide by G)
+  const Int8Activations* xq;  // the VNNI path's x, rounded to int8 (else nullptr)
 };
 
 // ---- portable path ----
@@ -88,7 +75,7 @@ struct Problem {
 template <int MB>
 void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* qrow = p.q + n * (p.K / 2);
-  const int64_t ng = p.K / p.G;
+  const int64_t ng = p.ng;
   float acc[MB] = {};
   for (int64_t g = 0; g < ng; ++g) {
     float gacc[MB] = {};
@@ -111,12 +98,12 @@ void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
 
 // Rows n0..n0+rows of W in fp32 into w [rows, K].
 void dequantize_scalar(const Problem& p, int64_t n0, int64_t rows, float* w) {
-  const int64_t ng = p.K / p.G;
+  const int64_t ng = p.ng;
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* qrow = p.q + (n0 + r) * (p.K / 2);
     float* wr = w + r * p.K;
     for (int64_t b = 0; b < p.K; b += kBlock) {
-      const int64_t g = (n0 + r) * ng + b / p.G;
+      const int64_t g = (n0 + r) * ng + p.block_group[b / kBlock];
       const float sc = p.scales[g], z = p.zeros[g];
       for (int j = 0; j < 16; ++j) {
         wr[b + j] = (static_cast<float>(qrow[b / 2 + j] & 0xF) - z) * sc;
@@ -133,7 +120,7 @@ void dequantize_scalar(const Problem& p, int64_t n0, int64_t rows, float* w) {
 template <int MB>
 TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* qrow = p.q + n * (p.K / 2);
-  const int64_t ng = p.K / p.G;
+  const int64_t ng = p.ng;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   __m256 acc[MB];
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_setzero_ps();
@@ -168,13 +155,13 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
 }
 
 TINYCHAT_AVX2 void dequantize_avx2(const Problem& p, int64_t n0, int64_t rows, float* w) {
-  const int64_t ng = p.K / p.G;
+  const int64_t ng = p.ng;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* qrow = p.q + (n0 + r) * (p.K / 2);
     float* wr = w + r * p.K;
     for (int64_t b = 0; b < p.K; b += kBlock) {
-      const int64_t g = (n0 + r) * ng + b / p.G;
+      const int64_t g = (n0 + r) * ng + p.block_group[b / kBlock];
       const __m256 vs = _mm256_set1_ps(p.scales[g]);
       const __m256 vz = _mm256_set1_ps(-p.zeros[g] * p.scales[g]);
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + b / 2));
@@ -200,7 +187,7 @@ TINYCHAT_AVX2 void dequantize_avx2(const Problem& p, int64_t n0, int64_t rows, f
 template <int MB>
 TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* qrow = p.q + n * (p.K / 2);
-  const int64_t ng = p.K / p.G;
+  const int64_t ng = p.ng;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   __m512 acc[MB];
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
@@ -229,13 +216,13 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
 }
 
 TINYCHAT_AVX512 void dequantize_avx512(const Problem& p, int64_t n0, int64_t rows, float* w) {
-  const int64_t ng = p.K / p.G;
+  const int64_t ng = p.ng;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* qrow = p.q + (n0 + r) * (p.K / 2);
     float* wr = w + r * p.K;
     for (int64_t b = 0; b < p.K; b += kBlock) {
-      const int64_t g = (n0 + r) * ng + b / p.G;
+      const int64_t g = (n0 + r) * ng + p.block_group[b / kBlock];
       const __m512 vs = _mm512_set1_ps(p.scales[g]);
       const __m512 vz = _mm512_set1_ps(-p.zeros[g] * p.scales[g]);
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + b / 2));
@@ -251,6 +238,103 @@ TINYCHAT_AVX512 void dequantize_avx512(const Problem& p, int64_t n0, int64_t row
 
 #endif  // TINYCHAT_X86
 
+// ---- AVX-512 VNNI: int8 activations ----
+//
+// x is rounded to int8 per block of 32 channels (scale = absmax / 127), once per call. Per row of W and chunk of
+// 4 blocks (64 bytes of qweight, 128 weights): two vpdpbusd multiply the unsigned 4-bit weights (low and high
+// nibbles) with the signed int8 activations and sum them exactly in int32 lanes, 4 lanes per block; the lanes are
+// then scaled by (weight scale of the lane's group) x (activation scale of its block) and accumulated in fp32. The
+// zero term s * z * sum(x) sums the rounded x too, so the result is x_rounded @ W.T: the only error next to the fp32
+// path is the rounding of x, |error| <= sum_k |W[n, k]| * (x's block scale) / 2. Group sizes must divide 128 or be
+// multiples of it.
+
+constexpr int64_t kChunkBytes = 64;  // 4 blocks of qweight
+
+bool vnni_supports(int64_t G) { return 128 % G == 0 || G % 128 == 0; }
+
+Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64_t G) {
+  Int8Activations a;
+  const int64_t blocks = K / kBlock, ng = K / G;
+  a.chunks = (blocks + 3) / 4;
+  const int64_t row_bytes = a.chunks * kChunkBytes;
+  a.lo.assign(M * row_bytes, 0);
+  a.hi.assign(M * row_bytes, 0);
+  a.lane_scales.assign(M * a.chunks * 16, 0.f);
+  a.group_sums.assign(M * ng, 0.f);
+  const int64_t groups_per_chunk = std::max<int64_t>(1, 128 / G);
+  for (int64_t c = 0; c < a.chunks; ++c) {
+    const int64_t g0 = c * 128 / G;
+    a.group_mask.push_back(static_cast<uint8_t>((1u << std::min(groups_per_chunk, ng - g0)) - 1));
+  }
+  for (int l = 0; l < 16; ++l) a.lane_group[l] = static_cast<int32_t>((l / 4) * kBlock / G);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      float absmax = 0.f;
+      for (int64_t j = 0; j < kBlock; ++j) absmax = std::max(absmax, std::abs(xb[j]));
+      const float inv = absmax > 0.f ? 127.f / absmax : 0.f;
+      int8_t* lo = a.lo.data() + m * row_bytes + b * 16;
+      int8_t* hi = a.hi.data() + m * row_bytes + b * 16;
+      int32_t qsum = 0;
+      for (int64_t j = 0; j < 16; ++j) {  // round to nearest: |x * inv| <= 127, so +-0.5 then truncation
+        const float l = xb[j] * inv, h = xb[16 + j] * inv;
+        lo[j] = static_cast<int8_t>(l + (l >= 0.f ? 0.5f : -0.5f));
+        hi[j] = static_cast<int8_t>(h + (h >= 0.f ? 0.5f : -0.5f));
+        qsum += lo[j] + hi[j];
+      }
+      const float scale = absmax / 127.f;
+      for (int l = 0; l < 4; ++l) a.lane_scales[(m * a.chunks + b / 4) * 16 + (b % 4) * 4 + l] = scale;
+      a.group_sums[m * ng + b * kBlock / G] += scale * static_cast<float>(qsum);
+    }
+  }
+  return a;
+}
+
+#ifdef TINYCHAT_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+template <int MB>
+TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0) {
+  const Int8Activations& a = *p.xq;
+  const int64_t half = p.K / 2, ng = p.ng, row_bytes = a.chunks * kChunkBytes;
+  const uint8_t* qrow = p.q + n * half;
+  const float* sw = p.scales + n * ng;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i lane_group = _mm512_loadu_si512(a.lane_group.data());
+  __m512 acc[MB];
+  for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < a.chunks; ++c) {
+    const int64_t left = half - c * kChunkBytes;  // qweight bytes of this row from this chunk on
+    const __m512i bytes = left >= kChunkBytes ? _mm512_loadu_si512(qrow + c * kChunkBytes)  // (masked: slow)
+                                               : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, qrow + c * kChunkBytes);
+    const __m512i lo = _mm512_and_si512(bytes, low4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+    // up to 4 scales from the chunk's first group; masked loads only near the row's end (they are slow)
+    const int64_t g0 = p.block_group[4 * c];
+    const __m128 s4 = g0 + 4 <= ng ? _mm_loadu_ps(sw + g0) : _mm_maskz_loadu_ps(a.group_mask[c], sw + g0);
+    const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
+    for (int mb = 0; mb < MB; ++mb) {
+      const int64_t off = (m0 + mb) * row_bytes + c * kChunkBytes;
+      __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a.lo.data() + off));
+      dots = _mm512_dpbusd_epi32(dots, hi, _mm512_loadu_si512(a.hi.data() + off));
+      const __m512 xscale = _mm512_loadu_ps(a.lane_scales.data() + ((m0 + mb) * a.chunks + c) * 16);
+      acc[mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xscale), acc[mb]);
+    }
+  }
+  const float* zw = p.zeros + n * ng;
+  for (int mb = 0; mb < MB; ++mb) {
+    const float* xs = a.group_sums.data() + (m0 + mb) * ng;
+    float zterm = 0.f;
+    for (int64_t g = 0; g < ng; ++g) zterm += sw[g] * zw[g] * xs[g];
+    p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) - zterm;
+  }
+}
+
+#pragma GCC diagnostic pop
+#endif  // TINYCHAT_X86
+
 // ---- dispatch ----
 
 using GemvRowFn = void (*)(const Problem&, int64_t, int64_t);
@@ -260,7 +344,8 @@ using DequantFn = void (*)(const Problem&, int64_t, int64_t, float*);
 template <int MB>
 GemvRowFn gemv_row_for(Isa isa) {
 #ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512) return gemv_row_avx512<MB>;
+  if (isa == Isa::kAvx512Vnni) return gemv_row_vnni<MB>;
+  if (isa >= Isa::kAvx512) return gemv_row_avx512<MB>;
   if (isa == Isa::kAvx2) return gemv_row_avx2<MB>;
 #endif
   return gemv_row_scalar<MB>;
@@ -278,7 +363,7 @@ GemvRowFn gemv_row_fn(Isa isa, int mb) {
 
 DequantFn dequant_fn(Isa isa) {
 #ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512) return dequantize_avx512;
+  if (isa >= Isa::kAvx512) return dequantize_avx512;
   if (isa == Isa::kAvx2) return dequantize_avx2;
 #endif
   return dequantize_scalar;
@@ -328,9 +413,14 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());  // fp32 [M, N]
+    std::vector<int32_t> block_group(K / kBlock);
+  for (int64_t b = 0; b < K / kBlock; ++b) block_group[b] = static_cast<int32_t>(b * kBlock / group_size);
   Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
-            zeros.const_data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size};
-  if (M >= kGemmMinRows) {
+            zeros.const_data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size, K / group_size,
+            block_group.data(), nullptr};
+  Isa gemv_isa = isa;
+  if (isa == Isa::kAvx512Vnni && !vnni_supports(group_size)) gemv_isa = Isa::kAvx512;
+  if (M >= kGemmMinRows && gemv_isa != Isa::kAvx512Vnni) {
     run_gemm(p, isa, xf, y);
   } else {
     const int64_t ng = K / group_size;
@@ -342,7 +432,12 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
       xsum[i] = s;
     }
     p.xsum = xsum.data();
-    run_gemv(p, isa);
+    Int8Activations xq;
+    if (gemv_isa == Isa::kAvx512Vnni) {
+      xq = quantize_activations(p.x, M, K, group_size);
+      p.xq = &xq;
+    }
+    run_gemv(p, gemv_isa);
   }
   return y.to(x.scalar_type()).view(out_shape);
 }

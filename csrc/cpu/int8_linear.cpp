@@ -111,7 +111,7 @@ using GemvFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
 template <int MB>
 GemvFn gemv_for(Isa isa) {
 #ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512) return gemv_avx512<MB>;
+  if (isa >= Isa::kAvx512) return gemv_avx512<MB>;
   if (isa == Isa::kAvx2) return gemv_avx2<MB>;
 #endif
   return gemv_scalar<MB>;

@@ -157,9 +157,9 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
     scalar_t* out_p = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* gate = xp + r * 2 * I;
-        const scalar_t* up = gate + I;
-        scalar_t* o = out_p + r * I;
+        const scalar_t* __restrict gate = xp + r * 2 * I;
+        const scalar_t* __restrict up = gate + I;
+        scalar_t* __restrict o = out_p + r * I;
         for (int64_t i = 0; i < I; ++i) {
           const float g = static_cast<float>(gate[i]);
           o[i] = static_cast<scalar_t>(g / (1.f + exp_approx(-g)) * static_cast<float>(up[i]));

@@ -3,6 +3,7 @@
 // (isa.h), they vectorize for that instruction set.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -19,16 +20,20 @@ inline __attribute__((always_inline)) float dot(const float* a, const float* b, 
   for (; i + kDotLanes <= n; i += kDotLanes) {
     for (int j = 0; j < kDotLanes; ++j) acc[j] += a[i + j] * b[i + j];
   }
-  float s = 0.f;
+  static_assert(kDotLanes == 16, "dot sums its lanes as a tree of 16");
+  float h8[8], h4[4];  // halves added to halves: vector adds, not a chain of 16 scalar ones
+  for (int j = 0; j < 8; ++j) h8[j] = acc[j] + acc[j + 8];
+  for (int j = 0; j < 4; ++j) h4[j] = h8[j] + h8[j + 4];
+  float s = (h4[0] + h4[2]) + (h4[1] + h4[3]);
   for (; i < n; ++i) s += a[i] * b[i];
-  for (int j = 0; j < kDotLanes; ++j) s += acc[j];
   return s;
 }
 
-// exp(x) within a few ulp of std::exp for x in [-87, 88] (clamped there: exp(-inf) gives ~1e-38, not 0).
+// exp(x) within a few ulp of std::exp for x in [-87, 88] (clamped there: exp(-inf) gives ~1e-38, not 0). Loops
+// calling it vectorize (min/max, no branches) when their pointers are __restrict.
 // Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, and the Cephes expf polynomial for exp(r).
 inline __attribute__((always_inline)) float exp_approx(float x) {
-  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  x = std::min(std::max(x, -87.f), 88.f);
   const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round(x / ln2): 12582912 = 1.5 * 2^23
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.12194440e-4
   float p = 1.9875691500e-4f;
@@ -42,6 +47,39 @@ inline __attribute__((always_inline)) float exp_approx(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
+}
+
+// max(a[i]) over n >= 1 values, in kDotLanes independent lanes (vectorizes without -ffast-math).
+inline __attribute__((always_inline)) float max_of(const float* a, int64_t n) {
+  float lanes[kDotLanes];
+  for (int j = 0; j < kDotLanes; ++j) lanes[j] = a[0];
+  int64_t i = 0;
+  for (; i + kDotLanes <= n; i += kDotLanes) {
+    for (int j = 0; j < kDotLanes; ++j) lanes[j] = std::max(lanes[j], a[i + j]);
+  }
+  float m = lanes[0];
+  for (int j = 1; j < kDotLanes; ++j) m = std::max(m, lanes[j]);
+  for (; i < n; ++i) m = std::max(m, a[i]);
+  return m;
+}
+
+// a[i] = exp_approx(a[i] - shift) for i < n; returns the sum of the new values (in kDotLanes lanes).
+inline __attribute__((always_inline)) float exp_shifted_sum(float* __restrict a, int64_t n, float shift) {
+  float lanes[kDotLanes] = {};
+  int64_t i = 0;
+  for (; i + kDotLanes <= n; i += kDotLanes) {
+    for (int j = 0; j < kDotLanes; ++j) {
+      a[i + j] = exp_approx(a[i + j] - shift);
+      lanes[j] += a[i + j];
+    }
+  }
+  float s = 0.f;
+  for (; i < n; ++i) {
+    a[i] = exp_approx(a[i] - shift);
+    s += a[i];
+  }
+  for (int j = 0; j < kDotLanes; ++j) s += lanes[j];
+  return s;
 }
 
 #ifdef TINYCHAT_X86
