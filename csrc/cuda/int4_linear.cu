@@ -1,0 +1,700 @@
+// CUDA kernels of int4_linear (schema in csrc/ops.cpp; weight layout in tinychat/quant/pack.py, index and bit
+// helpers in csrc/common/int4_layout.h). The layout and schema are the CPU ones: no device-specific repacking.
+//
+// y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G]; fp32 accumulation, each
+// output rounded once to x's dtype. x [M, K] (after flattening) fp16 / bf16 (fp32 accepted, GEMV path only),
+// qweight uint8 [N, K/2], scales and zeros fp32 [N, K/G]. sm_80 or newer.
+//
+// Two paths, picked per call from M (TINYCHAT_INT4_CUDA_PATH=gemv|gemm forces one; tests use it):
+//
+//  * GEMV (M <= 8, and every fp32 x): 4 warps per block, 4 output channels per warp. x (up to 8 rows) is staged in
+//    shared memory as fp32, in chunks of K that fit 48 KB, with the sum of x over every 32-channel block. Each lane
+//    walks the 32-channel blocks lane, lane + 32, ... of its warp's 4 weight rows: one 16-byte load per row and
+//    block (the next block's loads are issued before the current one is used). Each nibble pair becomes two fp16
+//    1 + q/16 with one shift and one mask-or (exact; q4::unit_pair_bits), widened to fp32; sum (1 + q/16) x
+//    accumulates in fp32 over the block, which then adds s * (16 * that - (16 + z) * sum x) = s * sum (q - z) x.
+//    A warp-shuffle reduction ends each output. All math fp32 (removing the offset costs a few bits: ~2^-21 rel.).
+//
+//  * GEMM (M > 8): mma.sync m16n8k16 (fp16 or bf16 in, fp32 accumulate). A block computes a BM x BN tile of y over
+//    k tiles of BK = 32 (one 16-byte block of every weight row, always inside one quantization group), fed by a
+//    cp.async pipeline of STAGES tiles in shared memory: x [BM, 32] (16-byte chunks XOR-swizzled so ldmatrix is
+//    conflict-free), qweight [BN, 16 bytes] as stored, and at the first k tile of each group the group's scales and
+//    zeros [BN] (fp32). Warps are laid out WM x WN; each owns MT x NT mma tiles (16 x 8). The B fragment of a quad
+//    lane t is bytes 2t, 2t+1, 2t+8, 2t+9 of its weight row's block: the low nibbles are k step 0, the high
+//    nibbles k step 1 (int4_layout.h). They become fp16/bf16 pairs in registers: magic-number conversion (exact q),
+//    minus the zero, times the scale (both rounded to the activation dtype once per group), so W is rounded twice
+//    (scale, product) where a dequantize-then-matmul rounds it once. Tile shapes by M: 16 x 128, 64 x 128,
+//    128 x 128. When the M x N tiles cannot fill the GPU, K is split over blockIdx.z: each split writes fp32
+//    partial sums to a workspace and a second kernel adds them in a fixed order (deterministic) and rounds.
+//
+// Every N >= 1 is supported (loads past N read zeros, stores are masked); K % 32 == 0, G % 32 == 0, K % G == 0.
+// No host synchronization and no allocation outside the caching allocator: the op is CUDA-graph safe.
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/int4_layout.h"
+
+namespace tinychat {
+
+namespace {
+
+using q4::kBlock;
+using q4::kBlockBytes;
+
+constexpr int kWarp = 32;
+
+// ---- conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__: use the intrinsics) ----
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename To, typename From>
+__device__ __forceinline__ To bit_cast(From v) {  // by value: constexpr constants stay usable on the device
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To out;
+  memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+// Two q (0..15) at bits 6..9 and 22..25 (q4::unit_pair_bits) -> float2 {1 + q0/16, 1 + q1/16}, exactly.
+__device__ __forceinline__ float2 unit_pair_to_float2(uint32_t pair) {
+  return __half22float2(bit_cast<__half2>(pair | q4::kUnitMagic));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// 8 consecutive elements of x (16-byte aligned) as fp32.
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+template <typename T>  // __half or __nv_bfloat16
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f;
+    if constexpr (std::is_same_v<T, __half>) {
+      f = __half22float2(bit_cast<__half2>(words[i]));
+    } else {
+      f = __bfloat1622float2(bit_cast<__nv_bfloat162>(words[i]));
+    }
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+// ================================================================================================================
+// GEMV path
+// ================================================================================================================
+
+constexpr int kGemvWarps = 4;               // warps per block
+constexpr int kGemvRows = 4;                // output channels (weight rows) per warp
+constexpr int kGemvMaxM = 8;                // rows of x per block; larger M runs ceil(M / 8) blocks along y
+constexpr int kGemvSmemBytes = 48 * 1024;   // x chunk + block sums (no opt-in needed below 48 KB)
+constexpr int kGemvRowsPerBlock = kGemvWarps * kGemvRows;
+
+// Channels of x per chunk for MB rows: fp32 x [MB, chunk] plus its block sums [MB, chunk / 32] within the budget.
+int gemv_chunk(int MB, int K) {
+  const int max_chunk = kGemvSmemBytes / (MB * 4 * (kBlock + 1)) * kBlock;
+  return std::min(K, max_chunk);
+}
+
+int gemv_smem_bytes(int MB, int chunk) { return MB * 4 * (kBlock + 1) * (chunk / kBlock); }
+
+// y [M, N] for rows m0 = blockIdx.y * MB .. of x and rows n0 = (blockIdx.x * kGemvWarps + warp) * kGemvRows .. of W.
+// Dynamic shared memory: xs fp32 [MB, chunk], xsum fp32 [MB, chunk / 32] (rows of x past M hold zeros).
+template <typename T, int MB>
+__global__ void __launch_bounds__(kGemvWarps * kWarp)
+    int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const float* __restrict__ scales,
+                     const float* __restrict__ zeros, T* __restrict__ y, int M, int N, int K, int G, int chunk) {
+  extern __shared__ float4 gemv_smem[];
+  float* xs = reinterpret_cast<float*>(gemv_smem);  // [MB, chunk]
+  float* xsum = xs + MB * chunk;                      // [MB, chunk / 32]
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int m0 = blockIdx.y * MB;
+  const int rows_m = min(MB, M - m0);
+  const int n0 = (blockIdx.x * kGemvWarps + warp) * kGemvRows;
+  const int n_groups = K / G;
+  const int chunk_blocks = chunk / kBlock;
+
+  const uint8_t* qrow[kGemvRows];  // weight rows (clamped to row 0 past N; their loads are skipped)
+  bool row_ok[kGemvRows];
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r) {
+    row_ok[r] = n0 + r < N;
+    qrow[r] = qweight + static_cast<int64_t>(row_ok[r] ? n0 + r : 0) * (K / 2);
+  }
+
+  float acc[kGemvRows][MB];
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+    for (int m = 0; m < MB; ++m) acc[r][m] = 0.f;
+
+  for (int c0 = 0; c0 < K; c0 += chunk) {
+    const int kc = min(chunk, K - c0);  // channels in this chunk (a multiple of 32)
+    const int n_blk = kc / kBlock;
+
+    // Stage x[m0 : m0 + MB, c0 : c0 + kc] as fp32, 8 channels per lane; a quad of lanes covers one 32-channel block
+    // and adds up its sum with two shuffles. Every lane of a warp runs the same iterations (the shuffles need it).
+    __syncthreads();  // the previous chunk is no longer read
+    const int units_per_row = kc / 8;
+    const int units = MB * units_per_row;
+    for (int base = warp * kWarp; base < units; base += kGemvWarps * kWarp) {
+      const int u = base + lane;
+      const int m = u / units_per_row;
+      const int k = (u % units_per_row) * 8;
+      float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (u < units && m < rows_m) load8(x + static_cast<int64_t>(m0 + m) * K + c0 + k, v);
+      if (u < units) {
+        float4* dst = reinterpret_cast<float4*>(xs + m * chunk + k);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
+      float s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      if (u < units && lane % 4 == 0) xsum[m * chunk_blocks + k / kBlock] = s;
+    }
+    __syncthreads();
+
+    // Lane walks blocks blk = lane, lane + 32, ... of the chunk; block b = c0 / 32 + blk of the row.
+    uint4 w[kGemvRows];
+    float sc[kGemvRows], zr[kGemvRows];
+    auto load_block = [&](int blk, uint4 (&w_out)[kGemvRows], float (&s_out)[kGemvRows], float (&z_out)[kGemvRows]) {
+      const int b = c0 / kBlock + blk;
+      const int g = b * kBlock / G;
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) {
+        if (row_ok[r]) {
+          w_out[r] = __ldcs(reinterpret_cast<const uint4*>(qrow[r] + static_cast<int64_t>(b) * kBlockBytes));
+          s_out[r] = __ldg(scales + static_cast<int64_t>(n0 + r) * n_groups + g);
+          z_out[r] = __ldg(zeros + static_cast<int64_t>(n0 + r) * n_groups + g);
+        } else {
+          w_out[r] = make_uint4(0, 0, 0, 0);
+          s_out[r] = z_out[r] = 0.f;
+        }
+      }
+    };
+    if (lane < n_blk) load_block(lane, w, sc, zr);
+    for (int blk = lane; blk < n_blk; blk += kWarp) {
+      uint4 w_next[kGemvRows];
+      float sc_next[kGemvRows], zr_next[kGemvRows];
+      if (blk + kWarp < n_blk) load_block(blk + kWarp, w_next, sc_next, zr_next);
+
+      const float* xb = xs + blk * kBlock;  // row m at xb + m * chunk
+      float part[kGemvRows][MB];            // sum over the block of (1 + q/16) * x
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+        for (int m = 0; m < MB; ++m) part[r][m] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // word i of the block: channels 4i..4i+3 (low nibbles), 16+4i.. (high)
+        // 1 + q/16 of the 8 channels (exact fp32), slot j: channel 4i + j (j < 4), 16 + 4i + j - 4 (j >= 4)
+        float qf[kGemvRows][8];
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r) {
+          const uint32_t word = i == 0 ? w[r].x : i == 1 ? w[r].y : i == 2 ? w[r].z : w[r].w;
+#pragma unroll
+          for (int shift = 0; shift < 16; shift += 4) {
+            const float2 f = unit_pair_to_float2(q4::unit_pair_bits(word, shift));
+            const int c0_ = q4::gemv_channel(i, shift, 0), c1_ = q4::gemv_channel(i, shift, 1);
+            qf[r][(c0_ >= 16 ? 4 : 0) + c0_ % 4] = f.x;
+            qf[r][(c1_ >= 16 ? 4 : 0) + c1_ % 4] = f.y;
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MB; ++m) {
+          const float4 lo = *reinterpret_cast<const float4*>(xb + m * chunk + 4 * i);
+          const float4 hi = *reinterpret_cast<const float4*>(xb + m * chunk + 16 + 4 * i);
+          const float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+          for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) part[r][m] = fmaf(qf[r][j], xv[j], part[r][m]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+        for (int m = 0; m < MB; ++m) {
+          // sum (q - z) x = 16 part - (16 + z) sum x
+          const float xs_blk = xsum[m * chunk_blocks + blk];
+          const float qzx = fmaf(q4::kUnitScale, part[r][m], -(q4::kUnitScale + zr[r]) * xs_blk);
+          acc[r][m] = fmaf(sc[r], qzx, acc[r][m]);
+        }
+
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) {
+        w[r] = w_next[r];
+        sc[r] = sc_next[r];
+        zr[r] = zr_next[r];
+      }
+    }
+  }
+
+  // Reduce over the warp; lane r * MB + m stores y[m0 + m, n0 + r].
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      const float v = warp_sum(acc[r][m]);
+      if (lane == r * MB + m && row_ok[r] && m < rows_m) {
+        y[static_cast<int64_t>(m0 + m) * N + n0 + r] = from_float<T>(v);
+      }
+    }
+}
+
+template <typename T, int MB>
+void launch_gemv(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
+                 cudaStream_t stream) {
+  static_assert(kGemvRows * MB <= kWarp, "one lane stores each output of a warp");
+  const int chunk = gemv_chunk(MB, K);
+  const dim3 grid((N + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock, (M + MB - 1) / MB);
+  TORCH_CHECK(grid.y <= 65535, "int4_linear: too many rows of x for the GEMV path: M = ", M);
+  int4_gemv_kernel<T, MB>
+      <<<grid, kGemvWarps * kWarp, gemv_smem_bytes(MB, chunk), stream>>>(x, q, s, z, y, M, N, K, G, chunk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void run_gemv(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
+              cudaStream_t stream) {
+  switch (std::min(M, kGemvMaxM)) {
+    case 1: return launch_gemv<T, 1>(x, q, s, z, y, M, N, K, G, stream);
+    case 2: return launch_gemv<T, 2>(x, q, s, z, y, M, N, K, G, stream);
+    case 3: return launch_gemv<T, 3>(x, q, s, z, y, M, N, K, G, stream);
+    case 4: return launch_gemv<T, 4>(x, q, s, z, y, M, N, K, G, stream);
+    case 5: return launch_gemv<T, 5>(x, q, s, z, y, M, N, K, G, stream);
+    case 6: return launch_gemv<T, 6>(x, q, s, z, y, M, N, K, G, stream);
+    case 7: return launch_gemv<T, 7>(x, q, s, z, y, M, N, K, G, stream);
+    default: return launch_gemv<T, 8>(x, q, s, z, y, M, N, K, G, stream);
+  }
+}
+
+// ================================================================================================================
+// GEMM path (tensor cores)
+// ================================================================================================================
+
+constexpr int kBK = 32;  // k per pipeline tile: one 16-byte block of each weight row
+static_assert(kBK == kBlock, "a k tile is one block of the layout");
+
+// ---- PTX wrappers ----
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; zero-filled when !ok (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// Per activation dtype: the 16-bit pair type, the magic number of the nibble conversion, and the mma.
+template <typename T>
+struct MmaType;
+
+template <>
+struct MmaType<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic = q4::kFp16Magic;
+  __device__ static T2 splat(float v) { return __float2half2_rn(v); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct MmaType<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = q4::kBf16Magic;
+  __device__ static T2 splat(float v) { return __float2bfloat162_rn(v); }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+// A pair of nibbles (q4::pair_bits) -> two weights (q - zero) * scale in T, as one mma register. magic + q and
+// magic - magic are exact, so q - zero is exact for integer zeros; the product is rounded once.
+template <typename T>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t pair, typename MmaType<T>::T2 zero,
+                                                 typename MmaType<T>::T2 scale) {
+  using T2 = typename MmaType<T>::T2;
+  const T2 biased = bit_cast<T2>(pair | MmaType<T>::kMagic);
+  const T2 q = __hsub2(biased, bit_cast<T2>(MmaType<T>::kMagic));
+  return bit_cast<uint32_t>(__hmul2(__hsub2(q, zero), scale));
+}
+
+// Tile shapes: warps WM x WN, each with MT x NT mma tiles of 16 x 8; STAGES tiles of k in flight.
+template <int WM_, int WN_, int MT_, int NT_, int STAGES_>
+struct GemmConfig {
+  static constexpr int WM = WM_, WN = WN_, MT = MT_, NT = NT_, STAGES = STAGES_;
+  static constexpr int kThreads = WM * WN * kWarp;
+  static constexpr int BM = WM * MT * 16;
+  static constexpr int BN = WN * NT * 8;
+  // One pipeline stage in shared memory:
+  static constexpr int kABytes = BM * kBK * 2;         // x [BM, 32] fp16/bf16, rows of 4 swizzled 16-byte chunks
+  static constexpr int kBBytes = BN * kBlockBytes;     // qweight [BN, 16 bytes], as stored
+  static constexpr int kSZBytes = 2 * BN * 4;          // scales [BN], zeros [BN] fp32 (group-start tiles only)
+  static constexpr int kStageBytes = kABytes + kBBytes + kSZBytes;
+  static constexpr int kSmemBytes = STAGES * kStageBytes;
+  static_assert(kSmemBytes <= 48 * 1024, "keep the pipeline under 48 KB (no opt-in attribute needed)");
+  static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
+};
+
+using GemmSmall = GemmConfig<1, 4, 1, 4, 8>;   // 16 x 128 tile, 128 threads: M <= 16
+using GemmMedium = GemmConfig<2, 2, 2, 8, 6>;  // 64 x 128 tile, 128 threads: M <= 64
+using GemmLarge = GemmConfig<2, 4, 4, 4, 4>;   // 128 x 128 tile, 256 threads
+
+// 16-byte chunk `chunk` (0..3) of row `row` of an x tile sits at chunk ^ ((row / 2) % 4): the 8 rows one ldmatrix
+// phase reads (same logical chunk) then fall in 8 different 16-byte bank groups.
+__device__ __forceinline__ int a_chunk(int row, int chunk) { return chunk ^ ((row >> 1) & 3); }
+
+// Block (blockIdx.x, blockIdx.y, blockIdx.z) computes y[m0 : m0 + BM, n0 : n0 + BN] over k tiles
+// [z * tiles_per_split, (z + 1) * tiles_per_split). With partial != nullptr it writes fp32 partial sums
+// partial[z, m, n] (fp32 [splits, M, N]) instead of y.
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    int4_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const float* __restrict__ scales,
+                     const float* __restrict__ zeros, T* __restrict__ y, float* __restrict__ partial, int M, int N,
+                     int K, int G, int tiles_per_split) {
+  using Mma = MmaType<T>;
+  using T2 = typename Mma::T2;
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, MT = Cfg::MT, NT = Cfg::NT, STAGES = Cfg::STAGES;
+  extern __shared__ float4 gemm_smem[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(gemm_smem);
+
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarp;
+  const int warp = tid / kWarp;
+  const int warp_m = warp / Cfg::WN;
+  const int warp_n = warp % Cfg::WN;
+  const int m0 = blockIdx.y * BM;
+  const int n0 = blockIdx.x * BN;
+  const int n_groups = K / G;
+  const int tiles_per_group = G / kBK;
+  const int kt_begin = blockIdx.z * tiles_per_split;
+  const int kt_end = min(K / kBK, kt_begin + tiles_per_split);
+  // Scales and zeros are (re)loaded at the first tile of each group and of the split.
+  auto starts_group = [&](int kt) { return kt == kt_begin || kt % tiles_per_group == 0; };
+
+  auto load_stage = [&](int stage, int kt) {
+    uint8_t* st = smem + stage * Cfg::kStageBytes;
+    for (int i = tid; i < BM * 4; i += Cfg::kThreads) {
+      const int row = i / 4, chunk = i % 4;
+      const bool ok = m0 + row < M;
+      const T* src = x + static_cast<int64_t>(ok ? m0 + row : 0) * K + kt * kBK + chunk * 8;
+      cp_async16(st + row * 64 + a_chunk(row, chunk) * 16, src, ok);
+    }
+    for (int i = tid; i < BN; i += Cfg::kThreads) {
+      const bool ok = n0 + i < N;
+      const uint8_t* src = qweight + static_cast<int64_t>(ok ? n0 + i : 0) * (K / 2) + kt * kBlockBytes;
+      cp_async16(st + Cfg::kABytes + i * kBlockBytes, src, ok);
+    }
+    if (starts_group(kt)) {
+      float* sz = reinterpret_cast<float*>(st + Cfg::kABytes + Cfg::kBBytes);
+      const int g = kt * kBK / G;
+      for (int i = tid; i < BN; i += Cfg::kThreads) {
+        const bool ok = n0 + i < N;
+        const int64_t off = static_cast<int64_t>(ok ? n0 + i : 0) * n_groups + g;
+        cp_async4(sz + i, scales + off, ok);
+        cp_async4(sz + BN + i, zeros + off, ok);
+      }
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+
+  // Prologue: tiles kt_begin .. kt_begin + STAGES - 2 in flight (one commit group per tile, empty past the end).
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (kt_begin + s < kt_end) load_stage(s, kt_begin + s);
+    cp_async_commit();
+  }
+
+  T2 scale2[NT], zero2[NT];  // the current group's scale and zero of each n8 tile's column, splatted
+  const int quad = lane / 4;  // mma groupID: row of A / C, column (output channel) of B
+  const int t = lane % 4;     // mma thread in group
+  for (int kt = kt_begin; kt < kt_end; ++kt) {
+    const int i = kt - kt_begin;
+    cp_async_wait<STAGES - 2>();  // tile kt has landed (for this thread) ...
+    __syncthreads();              // ... for every thread; and tile kt - 1's stage is free to refill
+    if (kt + STAGES - 1 < kt_end) load_stage((i + STAGES - 1) % STAGES, kt + STAGES - 1);
+    cp_async_commit();
+
+    const uint8_t* st = smem + (i % STAGES) * Cfg::kStageBytes;
+    const uint8_t* b_tile = st + Cfg::kABytes;
+    if (starts_group(kt)) {
+      const float* sz = reinterpret_cast<const float*>(b_tile + Cfg::kBBytes);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int col = (warp_n * NT + nt) * 8 + quad;
+        scale2[nt] = Mma::splat(sz[col]);
+        zero2[nt] = Mma::splat(sz[BN + col]);
+      }
+    }
+    // Bytes 2t, 2t+1, 2t+8, 2t+9 of each of the warp's weight rows: both k steps of B.
+    uint32_t b_word[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint8_t* row = b_tile + ((warp_n * NT + nt) * 8 + quad) * kBlockBytes;
+      const uint32_t lo = *reinterpret_cast<const uint16_t*>(row + 2 * t);
+      const uint32_t hi = *reinterpret_cast<const uint16_t*>(row + 2 * t + 8);
+      b_word[nt] = q4::mma_b_word(lo, hi);
+    }
+#pragma unroll
+    for (int step = 0; step < 2; ++step) {  // k 0..15, 16..31 of the tile
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        // ldmatrix.x4: lanes 0-15 address rows 0-15 at k 0..7 of the step, lanes 16-31 the same rows at k 8..15
+        const int row = (warp_m * MT + mt) * 16 + lane % 16;
+        ldmatrix_x4(a[mt], st + row * 64 + a_chunk(row, 2 * step + lane / 16) * 16);
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t b[2] = {
+            dequant_pair<T>(q4::pair_bits(b_word[nt], q4::mma_b_shift(step, 0)), zero2[nt], scale2[nt]),
+            dequant_pair<T>(q4::pair_bits(b_word[nt], q4::mma_b_shift(step, 1)), zero2[nt], scale2[nt])};
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) Mma::mma(acc[mt][nt], a[mt], b);
+      }
+    }
+  }
+  cp_async_wait<0>();  // nothing real is left in flight; retire the empty groups before exit
+
+  // Epilogue: accumulator e of tile (mt, nt) is row quad + 8 * (e / 2), column 2t + e % 2.
+  const bool pairs = N % 2 == 0;  // then (row * N + even column) is even: 2-element stores are aligned
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = m0 + (warp_m * MT + mt) * 16 + quad + 8 * h;
+        const int n = n0 + (warp_n * NT + nt) * 8 + 2 * t;
+        if (m >= M || n >= N) continue;
+        const float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+        if (partial != nullptr) {
+          float* dst = partial + (static_cast<int64_t>(blockIdx.z) * M + m) * N + n;
+          if (pairs) {
+            *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+          } else {
+            dst[0] = v0;
+            if (n + 1 < N) dst[1] = v1;
+          }
+        } else {
+          T* dst = y + static_cast<int64_t>(m) * N + n;
+          if (pairs) {
+            *reinterpret_cast<T2*>(dst) = T2{from_float<T>(v0), from_float<T>(v1)};
+          } else {
+            dst[0] = from_float<T>(v0);
+            if (n + 1 < N) dst[1] = from_float<T>(v1);
+          }
+        }
+      }
+}
+
+// y[i] = sum over splits of partial[s, i], in split order, rounded once. partial fp32 [splits, M * N].
+template <typename T>
+__global__ void splitk_reduce_kernel(const float* __restrict__ partial, T* __restrict__ y, int64_t count,
+                                     int splits) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int z = 0; z < splits; ++z) s += partial[z * count + i];
+    y[i] = from_float<T>(s);
+  }
+}
+
+constexpr int kMaxSplits = 16;
+constexpr int kMinTilesPerSplit = 8;  // k tiles (of 32) per split: enough to fill the pipeline
+
+template <typename T, typename Cfg>
+void launch_gemm(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
+                 const at::TensorOptions& float_options, cudaStream_t stream) {
+  const int tiles_m = (M + Cfg::BM - 1) / Cfg::BM;
+  const int tiles_n = (N + Cfg::BN - 1) / Cfg::BN;
+  TORCH_CHECK(tiles_m <= 65535, "int4_linear: too many rows of x: M = ", M);
+  const int k_tiles = K / kBK;
+  // Split K when the output tiles leave the GPU underused: aim at two blocks per SM.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int splits = 1;
+  if (tiles_m * tiles_n < sms) {
+    const int wanted = (2 * sms + tiles_m * tiles_n - 1) / (tiles_m * tiles_n);
+    splits = std::max(1, std::min({wanted, kMaxSplits, k_tiles / kMinTilesPerSplit}));
+  }
+  const int tiles_per_split = (k_tiles + splits - 1) / splits;
+  splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // no empty split
+
+  at::Tensor partial;  // fp32 [splits, M, N], from the caching allocator (graph-safe)
+  if (splits > 1) partial = at::empty({splits, M, N}, float_options);
+  const dim3 grid(tiles_n, tiles_m, splits);
+  int4_gemm_kernel<T, Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+      x, q, s, z, y, splits > 1 ? partial.data_ptr<float>() : nullptr, M, N, K, G, tiles_per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t count = static_cast<int64_t>(M) * N;
+    const int threads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>((count + threads - 1) / threads, 4 * sms));
+    splitk_reduce_kernel<T><<<blocks, threads, 0, stream>>>(partial.const_data_ptr<float>(), y, count, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void run_gemm(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
+              const at::TensorOptions& float_options, cudaStream_t stream) {
+  if (M <= GemmSmall::BM) return launch_gemm<T, GemmSmall>(x, q, s, z, y, M, N, K, G, float_options, stream);
+  if (M <= GemmMedium::BM) return launch_gemm<T, GemmMedium>(x, q, s, z, y, M, N, K, G, float_options, stream);
+  launch_gemm<T, GemmLarge>(x, q, s, z, y, M, N, K, G, float_options, stream);
+}
+
+// ================================================================================================================
+// Launcher
+// ================================================================================================================
+
+enum class Path { kAuto, kGemv, kGemm };
+
+// TINYCHAT_INT4_CUDA_PATH: unset / "" / auto, gemv or gemm (read per call, so tests can switch it).
+Path requested_path() {
+  const char* env = std::getenv("TINYCHAT_INT4_CUDA_PATH");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return Path::kAuto;
+  if (std::strcmp(env, "gemv") == 0) return Path::kGemv;
+  if (std::strcmp(env, "gemm") == 0) return Path::kGemm;
+  TORCH_CHECK(false, "TINYCHAT_INT4_CUDA_PATH must be auto, gemv or gemm, got '", env, "'");
+}
+
+// Every argument of int4_linear on CUDA: the CPU kernel's rules (checks.h), plus alignment and 32-bit sizes.
+void check_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                int64_t group_size) {
+  const char* op = "int4_linear";
+  check_int4_linear_args(x, qweight, scales, zeros, group_size, c10::DeviceType::CUDA);
+  TORCH_CHECK(x.size(-1) <= INT32_MAX / 2, op, ": K too large: ", x.size(-1));
+  TORCH_CHECK(qweight.size(0) <= INT32_MAX, op, ": N too large: ", qweight.size(0));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.const_data_ptr()) % 16 == 0, op,
+              ": qweight's data must be 16-byte aligned (the CUDA kernels load 16 bytes at a time)");
+}
+
+at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t group_size) {
+  check_args(x, qweight, scales, zeros, group_size);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(props->major >= 8, "int4_linear: the CUDA kernels need compute capability 8.0 (Ampere) or newer; ",
+              props->name, " has ", props->major, ".", props->minor);
+  const int64_t K = x.size(-1);
+  const int64_t N = qweight.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  if (x.numel() == 0 || N == 0) return at::zeros(out_shape, x.options());
+
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();  // [M, K]: a view when x is contiguous
+  if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0) x2 = x2.clone();  // 16-byte loads of x rows
+  const int64_t M = x2.size(0);
+  TORCH_CHECK(M <= INT32_MAX, "int4_linear: too many rows of x: ", M);
+  at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
+
+  const Path wanted = requested_path();
+  const bool is_fp32 = x.scalar_type() == at::kFloat;
+  TORCH_CHECK(!(is_fp32 && wanted == Path::kGemm),
+              "int4_linear: TINYCHAT_INT4_CUDA_PATH=gemm needs fp16 or bf16 x (the tensor-core path); x is float32");
+  const bool gemv = is_fp32 || wanted == Path::kGemv || (wanted == Path::kAuto && M <= kGemvMaxM);
+
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K), g = static_cast<int>(group_size);
+  const uint8_t* qp = qweight.const_data_ptr<uint8_t>();
+  const float* sp = scales.const_data_ptr<float>();
+  const float* zp = zeros.const_data_ptr<float>();
+  const auto float_options = x.options().dtype(at::kFloat);
+  switch (x.scalar_type()) {
+    case at::kHalf: {
+      const auto* xp = reinterpret_cast<const __half*>(x2.const_data_ptr<at::Half>());
+      auto* yp = reinterpret_cast<__half*>(y.data_ptr<at::Half>());
+      if (gemv) {
+        run_gemv(xp, qp, sp, zp, yp, m, n, k, g, stream);
+      } else {
+        run_gemm(xp, qp, sp, zp, yp, m, n, k, g, float_options, stream);
+      }
+      break;
+    }
+    case at::kBFloat16: {
+      const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x2.const_data_ptr<at::BFloat16>());
+      auto* yp = reinterpret_cast<__nv_bfloat16*>(y.data_ptr<at::BFloat16>());
+      if (gemv) {
+        run_gemv(xp, qp, sp, zp, yp, m, n, k, g, stream);
+      } else {
+        run_gemm(xp, qp, sp, zp, yp, m, n, k, g, float_options, stream);
+      }
+      break;
+    }
+    default:  // float32 (check_args allows nothing else)
+      run_gemv(x2.const_data_ptr<float>(), qp, sp, zp, y.data_ptr<float>(), m, n, k, g, stream);
+  }
+  return y.view(out_shape);
+}
+
+}  // namespace
+}  // namespace tinychat
+
+TORCH_LIBRARY_IMPL(tinychat, CUDA, m) {
+  m.impl("int4_linear", &tinychat::int4_linear_cuda);
+}
