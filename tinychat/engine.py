@@ -3,11 +3,17 @@
 The engine owns the model's KV cache and remembers which tokens it holds, so a new prompt that starts with the
 previous conversation (multi-turn chat) prefills only its new tokens. Per decoded token the host waits for exactly
 one thing: the sampled token id, which it needs to stream text and check stop tokens.
+
+On a CUDA device a decode step (the forward of one token and the sampling of the next) is captured once per sampling
+setting as a CUDA graph and replayed for every token (`_GraphStep`); `Engine(..., cuda_graphs=False)` or
+TINYCHAT_CUDA_GRAPHS=0 decodes eagerly instead. The prefill, and everything on a CPU, runs eagerly.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +22,9 @@ import torch
 from tinychat.errors import GenerationError
 from tinychat.model import Transformer
 from tinychat.tokenizer import StreamDecoder, Tokenizer
+
+GRAPHS_ENV = "TINYCHAT_CUDA_GRAPHS"  # "0" (or "false", "off", "no"): decode eagerly on CUDA too
+MAX_GRAPHS = 8  # captured decode steps an engine keeps, one per sampling setting; the least recently used goes
 
 
 @dataclass(frozen=True)
@@ -65,25 +74,51 @@ class GenerationStats:
 
 
 class Sampler:
-    """Turns last-position logits [V] into a token id (0-d tensor on the logits' device) without host syncs."""
+    """Turns last-position logits [V] into a token id (0-d tensor on the logits' device) without host syncs.
+
+    A sampled token is argmax(probs / noise) with noise [V] ~ Exp(1) from the sampler's generator: what
+    torch.multinomial does for one sample, so a seed gives the tokens it gave with multinomial. It is done in two
+    parts so that a CUDA graph can capture `pick` while `draw` runs outside it, and the buffers (noise, seen) are made
+    once and refilled by `restart`, so that one captured graph serves every generation with the same settings.
+    """
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device, context: Sequence[int]):
         """vocab_size: sample among ids [0, vocab_size) only (a model's embedding may be padded past its tokenizer)."""
         self.vocab_size = vocab_size
         self.params = params
         self.generator = torch.Generator(device=device)
-        if params.seed is None:
+        self.noise = None  # [V] fp32 Exp(1) draws, when sampling
+        if params.temperature > 0:
+            self.noise = torch.empty(vocab_size, dtype=torch.float32, device=device)
+        self.seen = None  # [V] bool: tokens in the context, when penalized
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.restart(params.seed, context)
+
+    def restart(self, seed: int | None, context: Sequence[int]) -> None:
+        """Start a generation: seed the generator (None: at random) and mark the context's tokens as seen."""
+        if seed is None:
             self.generator.seed()
         else:
-            self.generator.manual_seed(params.seed)
-        self.seen = None
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # [V]
-            context_ids = torch.tensor([i for i in context if i < vocab_size], dtype=torch.long, device=device)
+            self.generator.manual_seed(seed)
+        if self.seen is not None:
+            context_ids = torch.tensor([i for i in context if i < self.vocab_size], dtype=torch.long,
+                                       device=self.seen.device)
+            self.seen.zero_()
             self.seen[context_ids] = True
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        self.draw()
+        return self.pick(logits)
+
+    def draw(self) -> None:
+        """The random part of a step: fill the noise buffer from the generator (nothing when greedy)."""
+        if self.noise is not None:
+            self.noise.exponential_(generator=self.generator)
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The token for logits [V] and the noise drawn last (0-d); marks it seen. No random draws, no host syncs."""
         p = self.params
         logits = logits[: self.vocab_size].float()  # [V]
         if self.seen is not None:
@@ -102,16 +137,76 @@ class Sampler:
                 mass_before = probs.cumsum(-1) - probs  # probability of strictly better tokens
                 drop = (mass_before > p.top_p).scatter(0, order, mass_before > p.top_p)
                 logits = logits.masked_fill(drop, float("-inf"))
-            token = torch.multinomial(logits.softmax(-1), 1, generator=self.generator)[0]
+            token = (logits.softmax(-1) / self.noise).argmax()  # torch.multinomial(probs, 1) on these draws
         if self.seen is not None:
-            self.seen[token] = True
+            self.seen.index_fill_(0, token.view(1), True)
         return token
+
+
+def graph_key(params: SamplingParams) -> tuple:
+    """What a captured decode step bakes in: the sampling settings (kernel arguments of the graph), not the seed or the
+    token budget. Greedy decoding ignores top-k and top-p."""
+    if params.temperature == 0:
+        return (0.0, 0, 1.0, params.repetition_penalty)
+    return (params.temperature, params.top_k, params.top_p, params.repetition_penalty)
+
+
+class _GraphStep:
+    """One decode step, the forward of one token and the sampling of the next, as a CUDA graph.
+
+    Static buffers: token [1, 1] and position [1] in (batch 1, the engine's only batch size), the sampler's noise and
+    seen [V], the sampled token (0-d) out; the model's KV caches are written in place at row `position`. The graph
+    reads every input from device memory, so one capture serves every position and every generation. It also holds
+    the addresses of the model's weights as they were at capture: a model is not changed once an engine decodes with it.
+    """
+
+    def __init__(self, model: Transformer, sampler: Sampler):
+        self.model, self.sampler = model, sampler
+        self.kv_cache = model.layers[0].attn.kv_cache  # the caches the graph writes (setup_kv_cache replaces them)
+        device = sampler.generator.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)  # [B, T]
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # [T]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None  # 0-d: the token the graph samples
+
+    def _step(self) -> torch.Tensor:
+        logits = self.model(self.token, self.position, last_only=True)[0, -1]  # [V]
+        return self.sampler.pick(logits)
+
+    def load(self, token: torch.Tensor, position: int) -> None:
+        """Set the inputs of the next step: token (0-d, on the device) at `position`, and fresh noise."""
+        self.token.copy_(token.view(1, 1))
+        self.position.fill_(position)
+        self.sampler.draw()
+
+    def warm_up(self) -> torch.Tensor:
+        """Run the step eagerly on a side stream (as torch asks before a capture); returns its token (0-d)."""
+        side = torch.cuda.Stream(self.token.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            token = self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        return token
+
+    def capture(self, pool) -> None:
+        """Record the step (nothing runs): a warm-up must come first, and `replay` then runs it."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = self._step()
+        self.graph, self.out = graph, out
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
 
 
 class Engine:
     """Generates with one model and one KV cache; one generation at a time."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
+                 cuda_graphs: bool | None = None):
+        """cuda_graphs: decode through CUDA graphs on a CUDA device (None: unless TINYCHAT_CUDA_GRAPHS=0); never on a
+        CPU."""
         self.model, self.tokenizer = model, tokenizer
         ctx = model.config.context_length
         self.max_seq_len = min(max_seq_len or ctx, ctx)
@@ -119,6 +214,13 @@ class Engine:
         self.device = model.embed.weight.device
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order
         self.last_stats = GenerationStats()
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"  # turned off for good if a capture fails
+        self.graph_captures = 0  # decode steps captured so far
+        self.graph_error: str | None = None  # why a capture failed
+        self._graphs: dict[tuple, _GraphStep] = {}  # graph_key -> its step, least recently used first
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # shared: never run at once
 
     def reset(self) -> None:
         self.cached = []
@@ -128,6 +230,45 @@ class Engine:
         """tokens [1, T] at positions start.. -> last-position logits [V]."""
         positions = torch.arange(start, start + tokens.shape[1], device=self.device)  # [T]
         return self.model(tokens, positions, last_only=True)[0, -1]
+
+    def _sampler(self, params: SamplingParams, vocab: int, prompt: list[int]) -> tuple[Sampler, _GraphStep | None]:
+        """The generation's sampler and, with CUDA graphs, the decode step it belongs to (made, or reused and its
+        sampler restarted, for these settings)."""
+        if not self.cuda_graphs:
+            return Sampler(params, vocab, self.device, prompt), None
+        if self._graphs and next(iter(self._graphs.values())).kv_cache is not self.model.layers[0].attn.kv_cache:
+            self._graphs.clear()  # the model's caches were set up again (by another engine): recapture
+        key = graph_key(params)
+        step = self._graphs.pop(key, None)
+        if step is None:
+            step = _GraphStep(self.model, Sampler(params, vocab, self.device, prompt))
+        else:
+            step.sampler.restart(params.seed, prompt)
+        self._graphs[key] = step  # now the most recently used
+        if len(self._graphs) > MAX_GRAPHS:
+            del self._graphs[next(iter(self._graphs))]
+        return step.sampler, step
+
+    @torch.inference_mode()
+    def _decode(self, token: torch.Tensor, position: int, sampler: Sampler, step: _GraphStep | None) -> torch.Tensor:
+        """One decode step: token (0-d) at `position` -> the next token (0-d), by replaying `step`'s graph when there
+        is one. A step's first call runs it eagerly and captures it; a capture that fails turns graphs off."""
+        if step is None or not self.cuda_graphs:
+            return sampler(self._forward(token.view(1, 1), position))
+        with torch.cuda.device(self.device):  # graphs capture and replay on the current device's streams
+            step.load(token, position)
+            if step.graph is not None:
+                return step.replay()
+            out = step.warm_up()
+            try:
+                step.capture(self._graph_pool)
+                self.graph_captures += 1
+            except RuntimeError as e:  # e.g. an op that syncs with the host or has no CUDA kernel
+                self.cuda_graphs, self.graph_error = False, f"{type(e).__name__}: {e}".strip().splitlines()[0]
+                self._graphs.clear()
+                warnings.warn(f"tinychat: decoding without CUDA graphs, the capture failed ({self.graph_error})",
+                              stacklevel=3)
+            return out
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
         """Run the part of the prompt not already cached; return the last logits [V]."""
@@ -162,10 +303,10 @@ class Engine:
         # no inference_mode around this generator body: it would stay on in the caller's code between yields
         t0 = time.perf_counter()
         logits = self._prefill(prompt)
-        sampler = Sampler(params, vocab, self.device, prompt)
+        sampler, step = self._sampler(params, vocab, prompt)
+        token_t = sampler(logits)  # 0-d tensor: the first token, from the prefill's logits
         t_first = None
         for i in range(budget):
-            token_t = sampler(logits)  # 0-d tensor
             token = int(token_t)  # the one host sync per token
             if t_first is None:
                 t_first = time.perf_counter()
@@ -180,7 +321,7 @@ class Engine:
             if i == budget - 1:
                 stats.finish_reason = "length"
                 return
-            logits = self._forward(token_t.view(1, 1), len(self.cached))
+            token_t = self._decode(token_t, len(self.cached), sampler, step)
             self.cached.append(token)
             stats.decode_steps += 1
 
