@@ -15,33 +15,16 @@ import argparse
 import datetime
 import os
 import re
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_problem, cuda_time_us, emit, machine_info  # noqa: E402
 
 MODELS = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # name -> (H, Hkv, D)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def cuda_time_us(fn, repeats: int, inner: int) -> float:
-    """Median over `repeats` of the mean time of `inner` back-to-back calls of fn(), by CUDA events (microseconds)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / inner)
-    return statistics.median(times)
 
 
 def sdpa_call(q, k, v, causal: bool):
@@ -78,9 +61,9 @@ def bench_decode(model, ctx, dtype, repeats):
     v = torch.randn(1, Hkv, ctx, D, device=dev, dtype=dtype)
     pos = torch.tensor([ctx - 1], device=dev)
     scale = D ** -0.5
-    ours = cuda_time_us(lambda: torch.ops.tinychat.attention(q, k, v, pos, scale), repeats, 50)
+    ours = cuda_time_us([lambda: torch.ops.tinychat.attention(q, k, v, pos, scale)], repeats, 50)
     call, backend = sdpa_call(q, k, v, causal=False)  # one query at the end: it sees every row
-    theirs = cuda_time_us(call, repeats, 50)
+    theirs = cuda_time_us([call], repeats, 50)
     diff = (torch.ops.tinychat.attention(q, k, v, pos, scale) - call().transpose(1, 2)).abs().max().item()
     gb = 2 * Hkv * ctx * D * q.element_size() / 1e9
     return {"kind": "decode", "model": model, "len": ctx, "tinychat_us": round(ours, 2),
@@ -98,9 +81,9 @@ def bench_prefill(model, T, dtype, repeats):
     pos = torch.arange(T, device=dev)
     scale = D ** -0.5
     inner = max(1, 4096 // T)
-    ours = cuda_time_us(lambda: torch.ops.tinychat.attention(q, k, v, pos, scale), repeats, inner)
+    ours = cuda_time_us([lambda: torch.ops.tinychat.attention(q, k, v, pos, scale)], repeats, inner)
     call, backend = sdpa_call(q, k, v, causal=True)
-    theirs = cuda_time_us(call, repeats, inner)
+    theirs = cuda_time_us([call], repeats, inner)
     diff = (torch.ops.tinychat.attention(q, k, v, pos, scale) - call().transpose(1, 2)).abs().max().item()
     tflop = 4 * H * T * T * D / 2 / 1e12
     return {"kind": "prefill", "model": model, "len": T, "tinychat_us": round(ours, 2),
@@ -120,24 +103,10 @@ def main(argv=None):
                     help="JSON output (default benchmarks/results/cuda_attention_<gpu>.json); '-' for none")
     args = ap.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_cuda_attention: no CUDA GPU here (torch.cuda.is_available() is False); this benchmark "
-              "times the CUDA kernels and needs one.", file=sys.stderr)
+    problem = cuda_problem("bench_cuda_attention")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
-    from tinychat import ops
-
-    if not ops.EXTENSION_AVAILABLE or not torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::attention",
-                                                                                         "CUDA"):
-        print("bench_cuda_attention: tinychat._C is not built with its CUDA kernels (TINYCHAT_CUDA=1 pip install "
-              "--no-build-isolation -e .)", file=sys.stderr)
-        return 2
-    import tinychat._C
-
-    if getattr(tinychat._C, "WITH_CUDA", 0) != 1:
-        print("bench_cuda_attention: tinychat._C was built CPU-only", file=sys.stderr)
-        return 2
-
-    from common import emit, machine_info
 
     dtype = DTYPES[args.dtype]
     models = [m for m in args.models.split(",") if m]

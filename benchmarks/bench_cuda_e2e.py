@@ -39,8 +39,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-
 from bench_cuda_int4 import device_info, gpu_slug, parse_ints
+from common import cuda_problem, emit, machine_info  # noqa: E402
 
 DEFAULT_SHAPES = ("llama-2-7b", "llama-3-8b")
 CTX_LENS = (4, 1024, 4096)
@@ -283,24 +283,16 @@ def main(argv=None) -> int:
     if args.decode_tokens < 2 or args.repeats < 1:
         ap.error("--decode-tokens must be >= 2 and --repeats >= 1")
 
-    if not torch.cuda.is_available():
-        print("bench_cuda_e2e: no CUDA GPU here (torch.cuda.is_available() is False); this benchmark needs one.",
-              file=sys.stderr)
+    problem = cuda_problem("bench_cuda_e2e")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
-    from tinychat import ops
     from tinychat.bench import SHAPES
 
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         ap.error(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
 
-    if not ops.EXTENSION_AVAILABLE or not torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::int4_linear",
-                                                                                         "CUDA"):
-        print("bench_cuda_e2e: tinychat._C is not built with its CUDA kernels (TINYCHAT_CUDA=1 pip install "
-              "--no-build-isolation -e .)", file=sys.stderr)
-        return 2
-
-    from common import emit, machine_info
 
     def log(row):
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, file=sys.stderr, flush=True)

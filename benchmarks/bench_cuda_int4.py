@@ -18,13 +18,13 @@ import argparse
 import datetime
 import os
 import re
-import statistics
 import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import cuda_problem, cuda_time_us, emit, machine_info  # noqa: E402
 
 # name -> (N, K): the fused qkv, o, fused gate|up and down projections
 SHAPES = {
@@ -118,24 +118,6 @@ def gpu_slug(name: str) -> str:
 
 
 # ---- measurement ----
-
-
-def cuda_time_us(calls, repeats: int, inner: int) -> float:
-    """Median over `repeats` of the mean time of `inner` back-to-back calls, cycling through `calls` (zero-argument
-    functions, one per weight copy), by CUDA events (microseconds)."""
-    for fn in calls[: min(len(calls), 3)]:
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(inner):
-            calls[i % len(calls)]()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / inner)
-    return statistics.median(times)
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -241,19 +223,11 @@ def main(argv=None):
         ap.error(str(e))
     ms = parse_ints(args.ms)
 
-    if not torch.cuda.is_available():
-        print("bench_cuda_int4: no CUDA GPU here (torch.cuda.is_available() is False); this benchmark times the "
-              "CUDA kernels and needs one.", file=sys.stderr)
-        return 2
-    from tinychat import ops
-
-    if not ops.EXTENSION_AVAILABLE or not torch._C._dispatch_has_kernel_for_dispatch_key("tinychat::int4_linear",
-                                                                                         "CUDA"):
-        print("bench_cuda_int4: tinychat._C is not built with its CUDA kernels (TINYCHAT_CUDA=1 pip install "
-              "--no-build-isolation -e .)", file=sys.stderr)
+    problem = cuda_problem("bench_cuda_int4")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
 
-    from common import emit, machine_info
 
     dtype = DTYPES[args.dtype]
     info = device_info()

@@ -23,6 +23,39 @@ PROMPT_TEXT = (
 )
 
 
+def cuda_problem(script: str) -> str | None:
+    """Why `script` cannot time tinychat's CUDA kernels on this machine (no GPU, or an extension built without
+    them), or None when it can."""
+    if not torch.cuda.is_available():
+        return f"{script}: no CUDA GPU here (torch.cuda.is_available() is False); this benchmark needs one."
+    import tinychat._C
+
+    from tinychat import ops
+
+    if not ops.EXTENSION_AVAILABLE or not tinychat._C.WITH_CUDA:
+        return (f"{script}: tinychat._C is not built with its CUDA kernels "
+                "(TINYCHAT_CUDA=1 pip install --no-build-isolation -e .)")
+    return None
+
+
+def cuda_time_us(calls, repeats: int, inner: int) -> float:
+    """Median over `repeats` of the mean time of `inner` back-to-back calls, cycling through `calls` (zero-argument
+    functions, one per weight copy), by CUDA events (microseconds)."""
+    for fn in calls[: min(len(calls), 3)]:
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(inner):
+            calls[i % len(calls)]()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / inner)
+    return statistics.median(times)
+
+
 def machine_info() -> dict:
     """CPU name, threads, torch and Python versions, and the GPU's name where one is used."""
     from tinychat.bench import machine_info as describe
