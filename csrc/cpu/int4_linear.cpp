@@ -38,17 +38,19 @@ namespace {
 
 constexpr int64_t kBlock = 32;            // input channels per 16 bytes of qweight
 constexpr int kMaxMB = 4;                 // rows of x a GEMV pass handles together
+constexpr int kMaxMBVnni = 8;             // the same on the VNNI path (its accumulators are fewer registers)
 constexpr int64_t kGemmMinRows = 16;      // from this M on, dequantize + GEMM
 constexpr int64_t kGemmChunkBytes = 8 << 20;  // fp32 weights dequantized at a time on the GEMM path
 
 // x rounded to int8 per block of 32 channels, in the order the VNNI kernel multiplies it with a row's bytes: a
-// 64-byte load of qweight holds 4 blocks, whose low nibbles are channels 32b + j and high nibbles 32b + 16 + j, so
-// lo[m] lists x[m, 32b + j] and hi[m] x[m, 32b + 16 + j] for each block b in turn (16 bytes a block, each row padded
-// with zeros to whole chunks of 4 blocks). lane_scales [M, chunks, 16]: the scale of the block each int32 lane of a
-// chunk's dot products covers (lanes 4i..4i+3: block 4c + i), 0 past the last block.
+// 64-byte load of qweight (a chunk) holds 4 blocks, whose low nibbles are channels 32b + j and high nibbles
+// 32b + 16 + j. So for chunk c and row m of x, q8[c, m] holds 64 bytes "lo" (x[m, 32b + j] for the chunk's blocks b
+// in turn, 16 bytes a block) then 64 bytes "hi" (x[m, 32b + 16 + j]); chunk-major, so that the rows of x a kernel
+// call multiplies sit at constant offsets. lane_scales [chunks, M, 16]: the scale of the block each int32 lane of a
+// chunk's dot products covers (lanes 4i..4i+3: block 4c + i); blocks past K are zeros with scale 0.
 struct Int8Activations {
-  std::vector<int8_t> lo, hi;     // [M, chunks * 64]
-  std::vector<float> lane_scales;  // [M, chunks, 16]
+  std::vector<int8_t> q8;          // [chunks, M, 2, 64]
+  std::vector<float> lane_scales;  // [chunks, M, 16]
   std::vector<float> group_sums;   // [M, K/G]: the sum of the rounded x over each group (for the zero term)
   int64_t chunks;
   std::vector<uint8_t> group_mask;  // [chunks]: which of the 4 scales loaded from the chunk's first group are real
@@ -81,6 +83,7 @@ void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
     float gacc[MB] = {};
     for (int64_t b = g * p.G; b < (g + 1) * p.G; b += kBlock) {
       const uint8_t* qb = qrow + b / 2;
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
         const float* xb = p.x + (m0 + mb) * p.K + b;
         float s = 0.f;
@@ -91,8 +94,10 @@ void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
       }
     }
     const float sc = p.scales[n * ng + g], sz = sc * p.zeros[n * ng + g];
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) acc[mb] += sc * gacc[mb] - sz * p.xsum[(m0 + mb) * ng + g];
   }
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = acc[mb];
 }
 
@@ -123,10 +128,12 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
   const int64_t ng = p.ng;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   __m256 acc[MB];
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_setzero_ps();
   float zterm[MB] = {};
   for (int64_t g = 0; g < ng; ++g) {
     __m256 gacc[MB];
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm256_setzero_ps();
     for (int64_t b = g * p.G; b < (g + 1) * p.G; b += kBlock) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + b / 2));
@@ -136,6 +143,7 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
       const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
       const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
       const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
         const float* xb = p.x + (m0 + mb) * p.K + b;
         gacc[mb] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), gacc[mb]);
@@ -146,11 +154,13 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
     }
     const float sc = p.scales[n * ng + g], sz = sc * p.zeros[n * ng + g];
     const __m256 vs = _mm256_set1_ps(sc);
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       acc[mb] = _mm256_fmadd_ps(vs, gacc[mb], acc[mb]);
       zterm[mb] += sz * p.xsum[(m0 + mb) * ng + g];
     }
   }
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) - zterm[mb];
 }
 
@@ -190,15 +200,18 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
   const int64_t ng = p.ng;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   __m512 acc[MB];
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
   float zterm[MB] = {};
   for (int64_t g = 0; g < ng; ++g) {
     __m512 gacc[MB];
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm512_setzero_ps();
     for (int64_t b = g * p.G; b < (g + 1) * p.G; b += kBlock) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + b / 2));
       const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4)));
       const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4)));
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
         const float* xb = p.x + (m0 + mb) * p.K + b;
         gacc[mb] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), gacc[mb]);
@@ -207,11 +220,13 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
     }
     const float sc = p.scales[n * ng + g], sz = sc * p.zeros[n * ng + g];
     const __m512 vs = _mm512_set1_ps(sc);
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       acc[mb] = _mm512_fmadd_ps(vs, gacc[mb], acc[mb]);
       zterm[mb] += sz * p.xsum[(m0 + mb) * ng + g];
     }
   }
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) - zterm[mb];
 }
 
@@ -256,10 +271,8 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
   Int8Activations a;
   const int64_t blocks = K / kBlock, ng = K / G;
   a.chunks = (blocks + 3) / 4;
-  const int64_t row_bytes = a.chunks * kChunkBytes;
-  a.lo.assign(M * row_bytes, 0);
-  a.hi.assign(M * row_bytes, 0);
-  a.lane_scales.assign(M * a.chunks * 16, 0.f);
+  a.q8.assign(a.chunks * M * 2 * kChunkBytes, 0);
+  a.lane_scales.assign(a.chunks * M * 16, 0.f);
   a.group_sums.assign(M * ng, 0.f);
   const int64_t groups_per_chunk = std::max<int64_t>(1, 128 / G);
   for (int64_t c = 0; c < a.chunks; ++c) {
@@ -267,14 +280,16 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
     a.group_mask.push_back(static_cast<uint8_t>((1u << std::min(groups_per_chunk, ng - g0)) - 1));
   }
   for (int l = 0; l < 16; ++l) a.lane_group[l] = static_cast<int32_t>((l / 4) * kBlock / G);
-  for (int64_t m = 0; m < M; ++m) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (8 * K));
+  at::parallel_for(0, M, grain, [&](int64_t m_begin, int64_t m_end) {
+  for (int64_t m = m_begin; m < m_end; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + m * K + b * kBlock;
       float absmax = 0.f;
       for (int64_t j = 0; j < kBlock; ++j) absmax = std::max(absmax, std::abs(xb[j]));
       const float inv = absmax > 0.f ? 127.f / absmax : 0.f;
-      int8_t* lo = a.lo.data() + m * row_bytes + b * 16;
-      int8_t* hi = a.hi.data() + m * row_bytes + b * 16;
+      int8_t* lo = a.q8.data() + ((b / 4) * M + m) * 2 * kChunkBytes + (b % 4) * 16;
+      int8_t* hi = lo + kChunkBytes;
       int32_t qsum = 0;
       for (int64_t j = 0; j < 16; ++j) {  // round to nearest: |x * inv| <= 127, so +-0.5 then truncation
         const float l = xb[j] * inv, h = xb[16 + j] * inv;
@@ -283,10 +298,11 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
         qsum += lo[j] + hi[j];
       }
       const float scale = absmax / 127.f;
-      for (int l = 0; l < 4; ++l) a.lane_scales[(m * a.chunks + b / 4) * 16 + (b % 4) * 4 + l] = scale;
+      for (int l = 0; l < 4; ++l) a.lane_scales[((b / 4) * M + m) * 16 + (b % 4) * 4 + l] = scale;
       a.group_sums[m * ng + b * kBlock / G] += scale * static_cast<float>(qsum);
     }
   }
+  });
   return a;
 }
 
@@ -298,12 +314,13 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
 template <int MB>
 TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0) {
   const Int8Activations& a = *p.xq;
-  const int64_t half = p.K / 2, ng = p.ng, row_bytes = a.chunks * kChunkBytes;
+  const int64_t half = p.K / 2, ng = p.ng;
   const uint8_t* qrow = p.q + n * half;
   const float* sw = p.scales + n * ng;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i lane_group = _mm512_loadu_si512(a.lane_group.data());
   __m512 acc[MB];
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
   for (int64_t c = 0; c < a.chunks; ++c) {
     const int64_t left = half - c * kChunkBytes;  // qweight bytes of this row from this chunk on
@@ -315,19 +332,22 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0)
     const int64_t g0 = p.block_group[4 * c];
     const __m128 s4 = g0 + 4 <= ng ? _mm_loadu_ps(sw + g0) : _mm_maskz_loadu_ps(a.group_mask[c], sw + g0);
     const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
+    const int8_t* xq = a.q8.data() + (c * p.M + m0) * 2 * kChunkBytes;  // rows m0.. of this chunk
+    const float* xs = a.lane_scales.data() + (c * p.M + m0) * 16;
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
-      const int64_t off = (m0 + mb) * row_bytes + c * kChunkBytes;
-      __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(a.lo.data() + off));
-      dots = _mm512_dpbusd_epi32(dots, hi, _mm512_loadu_si512(a.hi.data() + off));
-      const __m512 xscale = _mm512_loadu_ps(a.lane_scales.data() + ((m0 + mb) * a.chunks + c) * 16);
+      __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + mb * 2 * kChunkBytes));
+      dots = _mm512_dpbusd_epi32(dots, hi, _mm512_loadu_si512(xq + mb * 2 * kChunkBytes + kChunkBytes));
+      const __m512 xscale = _mm512_loadu_ps(xs + mb * 16);
       acc[mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xscale), acc[mb]);
     }
   }
   const float* zw = p.zeros + n * ng;
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) {
-    const float* xs = a.group_sums.data() + (m0 + mb) * ng;
+    const float* gs = a.group_sums.data() + (m0 + mb) * ng;
     float zterm = 0.f;
-    for (int64_t g = 0; g < ng; ++g) zterm += sw[g] * zw[g] * xs[g];
+    for (int64_t g = 0; g < ng; ++g) zterm += sw[g] * zw[g] * gs[g];
     p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) - zterm;
   }
 }
@@ -344,7 +364,6 @@ using DequantFn = void (*)(const Problem&, int64_t, int64_t, float*);
 template <int MB>
 GemvRowFn gemv_row_for(Isa isa) {
 #ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512Vnni) return gemv_row_vnni<MB>;
   if (isa >= Isa::kAvx512) return gemv_row_avx512<MB>;
   if (isa == Isa::kAvx2) return gemv_row_avx2<MB>;
 #endif
@@ -352,7 +371,21 @@ GemvRowFn gemv_row_for(Isa isa) {
 }
 
 GemvRowFn gemv_row_fn(Isa isa, int mb) {
-  static_assert(kMaxMB == 4, "gemv_row_fn instantiates MB = 1..4");
+  static_assert(kMaxMB == 4 && kMaxMBVnni == 8, "gemv_row_fn instantiates MB = 1..4 (1..8 on VNNI)");
+#ifdef TINYCHAT_X86
+  if (isa == Isa::kAvx512Vnni) {
+    switch (mb) {
+      case 1: return gemv_row_vnni<1>;
+      case 2: return gemv_row_vnni<2>;
+      case 3: return gemv_row_vnni<3>;
+      case 4: return gemv_row_vnni<4>;
+      case 5: return gemv_row_vnni<5>;
+      case 6: return gemv_row_vnni<6>;
+      case 7: return gemv_row_vnni<7>;
+      default: return gemv_row_vnni<8>;
+    }
+  }
+#endif
   switch (mb) {
     case 1: return gemv_row_for<1>(isa);
     case 2: return gemv_row_for<2>(isa);
@@ -374,8 +407,9 @@ DequantFn dequant_fn(Isa isa) {
 void run_gemv(const Problem& p, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (p.K * p.M));
   at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < p.M; m0 += kMaxMB) {
-      const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, p.M - m0));
+    const int64_t max_mb = isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB;
+    for (int64_t m0 = 0; m0 < p.M; m0 += max_mb) {
+      const int mb = static_cast<int>(std::min<int64_t>(max_mb, p.M - m0));
       const GemvRowFn row = gemv_row_fn(isa, mb);
       for (int64_t n = begin; n < end; ++n) row(p, n, m0);
     }
@@ -413,7 +447,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());  // fp32 [M, N]
-    std::vector<int32_t> block_group(K / kBlock);
+  std::vector<int32_t> block_group(K / kBlock);
   for (int64_t b = 0; b < K / kBlock; ++b) block_group[b] = static_cast<int32_t>(b * kBlock / group_size);
   Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
             zeros.const_data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size, K / group_size,
@@ -423,19 +457,20 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (M >= kGemmMinRows && gemv_isa != Isa::kAvx512Vnni) {
     run_gemm(p, isa, xf, y);
   } else {
-    const int64_t ng = K / group_size;
-    std::vector<float> xsum(M * ng);  // [M, K/G]: a plain loop, cheaper here than a torch op's dispatch
-    for (int64_t i = 0; i < M * ng; ++i) {
-      const float* xg = p.x + i * group_size;
-      float s = 0.f;
-      for (int64_t k = 0; k < group_size; ++k) s += xg[k];
-      xsum[i] = s;
-    }
-    p.xsum = xsum.data();
+    std::vector<float> xsum;  // [M, K/G], the fp32 paths' zero term: a plain loop, cheaper than a torch op here
     Int8Activations xq;
     if (gemv_isa == Isa::kAvx512Vnni) {
       xq = quantize_activations(p.x, M, K, group_size);
       p.xq = &xq;
+    } else {
+      xsum.resize(M * p.ng);
+      for (int64_t i = 0; i < M * p.ng; ++i) {
+        const float* xg = p.x + i * group_size;
+        float s = 0.f;
+        for (int64_t k = 0; k < group_size; ++k) s += xg[k];
+        xsum[i] = s;
+      }
+      p.xsum = xsum.data();
     }
     run_gemv(p, gemv_isa);
   }

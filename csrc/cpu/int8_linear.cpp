@@ -49,10 +49,12 @@ void gemv_scalar(const Problem& p, int64_t n_begin, int64_t n_end, int64_t m0) {
     const int8_t* q = p.q + n * K;
     float acc[MB][kDotLanes] = {};
     for (int64_t k = 0; k < k_main; k += kDotLanes) {
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
         for (int j = 0; j < kDotLanes; ++j) acc[mb][j] += static_cast<float>(q[k + j]) * x[mb * K + k + j];
       }
     }
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       float s = tail_dot(q, x + mb * K, k_main, K);
       for (int j = 0; j < kDotLanes; ++j) s += acc[mb][j];
@@ -69,12 +71,15 @@ TINYCHAT_AVX2 void gemv_avx2(const Problem& p, int64_t n_begin, int64_t n_end, i
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* q = p.q + n * K;
     __m256 acc[MB];
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_main; k += 8) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
       const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + mb * K + k), acc[mb]);
     }
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       p.y[(m0 + mb) * p.N + n] = (hsum_avx2(acc[mb]) + tail_dot(q, x + mb * K, k_main, K)) * p.scales[n];
     }
@@ -92,12 +97,15 @@ TINYCHAT_AVX512 void gemv_avx512(const Problem& p, int64_t n_begin, int64_t n_en
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* q = p.q + n * K;
     __m512 acc[MB];
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
     for (int64_t k = 0; k < k_main; k += 16) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
       const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mb * K + k), acc[mb]);
     }
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       p.y[(m0 + mb) * p.N + n] = (_mm512_reduce_add_ps(acc[mb]) + tail_dot(q, x + mb * K, k_main, K)) * p.scales[n];
     }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "isa.h"
 #include "vec.h"
 
 namespace tinychat {
@@ -142,6 +143,19 @@ at::Tensor rope_kv_write_cpu(const at::Tensor& qkv, const at::Tensor& positions,
   return q;
 }
 
+// o[i] = silu(g[i]) * u[i] for i < n, in fp32: one body, compiled per instruction set (isa.h).
+TINYCHAT_INLINE void silu_mul_body(const float* __restrict g, const float* __restrict u, float* __restrict o,
+                                   int64_t n) {
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
+}
+void silu_mul_scalar(const float* g, const float* u, float* o, int64_t n) { silu_mul_body(g, u, o, n); }
+#ifdef TINYCHAT_X86
+TINYCHAT_AVX2 void silu_mul_avx2(const float* g, const float* u, float* o, int64_t n) { silu_mul_body(g, u, o, n); }
+TINYCHAT_AVX512 void silu_mul_avx512(const float* g, const float* u, float* o, int64_t n) {
+  silu_mul_body(g, u, o, n);
+}
+#endif
+
 at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   check_silu_and_mul_args(x, c10::DeviceType::CPU);
   const int64_t I = x.size(-1) / 2;
@@ -149,24 +163,22 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   out_shape.back() = I;
   at::Tensor out = at::empty(out_shape, x.options());
   if (out.numel() == 0) return out;
-  const at::Tensor x2 = x.reshape({-1, 2 * I}).contiguous();  // [rows, 2I]
-  const int64_t rows = x2.size(0);
+  // fp32 rows: gate | up; other dtypes are widened once (the activation reads each value once anyway)
+  const at::Tensor x2 = x.reshape({-1, 2 * I}).to(at::kFloat).contiguous();  // [rows, 2I]
+  at::Tensor out2 = out.scalar_type() == at::kFloat ? out.view({-1, I}) : at::empty({x2.size(0), I}, x2.options());
+  auto row_fn = silu_mul_scalar;
+#ifdef TINYCHAT_X86
+  const Isa isa = current_isa();
+  if (isa >= Isa::kAvx512) row_fn = silu_mul_avx512;
+  if (isa == Isa::kAvx2) row_fn = silu_mul_avx2;
+#endif
+  const float* xp = x2.const_data_ptr<float>();
+  float* op = out2.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (4 * I));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tinychat_silu_and_mul_cpu", [&] {
-    const scalar_t* xp = x2.const_data_ptr<scalar_t>();
-    scalar_t* out_p = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* __restrict gate = xp + r * 2 * I;
-        const scalar_t* __restrict up = gate + I;
-        scalar_t* __restrict o = out_p + r * I;
-        for (int64_t i = 0; i < I; ++i) {
-          const float g = static_cast<float>(gate[i]);
-          o[i] = static_cast<scalar_t>(g / (1.f + exp_approx(-g)) * static_cast<float>(up[i]));
-        }
-      }
-    });
+  at::parallel_for(0, x2.size(0), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row_fn(xp + r * 2 * I, xp + r * 2 * I + I, op + r * I, I);
   });
+  if (out2.data_ptr() != out.data_ptr()) out.view({-1, I}).copy_(out2);
   return out;
 }
 
