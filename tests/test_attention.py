@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from tinychat import ops
 
 # (B, T, H, Hkv, S, start, D): decode (T = 1) and prefill; one head, GQA groups of 3, 4 and 8, MHA; contexts of 1,
-# odd lengths, one past a key block, the full cache; prefill fresh (start 0) and a chunk over a cache (start > 0)
+# odd lengths, one past a key block, the full cache; prefill fresh (start 0) and a chunk over a cache (start > 0);
+# decode whose kv heads do not spread evenly over the threads (its keys are split, and merged)
 SHAPES = [(1, 1, 1, 1, 8, 0, 64), (1, 1, 9, 3, 100, 36, 64), (2, 1, 8, 2, 300, 64, 128), (3, 1, 4, 4, 64, 63, 16),
           (1, 1, 32, 8, 1030, 1028, 128), (1, 2, 9, 3, 40, 11, 64), (1, 17, 9, 3, 17, 0, 64),
-          (2, 64, 8, 2, 200, 70, 64), (1, 300, 4, 1, 300, 0, 32), (1, 33, 32, 4, 100, 67, 128), (1, 5, 3, 3, 5, 0, 8)]
+          (2, 64, 8, 2, 200, 70, 64), (1, 300, 4, 1, 300, 0, 32), (1, 33, 32, 4, 100, 67, 128), (1, 5, 3, 3, 5, 0, 8),
+          (1, 1, 9, 3, 300, 250, 64), (1, 1, 4, 1, 1030, 1000, 64)]  # decode with keys split over 2 threads
 
 
 def tc():

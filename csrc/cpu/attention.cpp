@@ -3,7 +3,8 @@
 //
 // out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / rep, j], j <= positions[t]) @ v[b, h / rep, :]
 //
-// Work items are (b, kv head, tile of query tokens), split over threads. An item holds every query head that reads
+// Work items are (b, kv head, tile of query tokens), split over threads (a decode step whose items do not spread
+// evenly over the threads also cuts each item's keys into one run per thread, merged at the end). An item holds every query head that reads
 // its kv head (the rep = H / Hkv heads of a grouped-query group) for up to kTileRows / rep tokens, so each key and
 // value row is read once for the whole tile. Keys are taken kKeys at a time with an online softmax: the running max
 // and sum of each query row rescale its fp32 accumulator, so one pass over the cache suffices. Scores come from dot
@@ -41,6 +42,10 @@ struct AttnProblem {
   int64_t qs[3], ks[3], vs[3];  // strides of dims 0..2 (the last is 1)
   int64_t B, T, H, Hkv, D, rep, tile_tokens, n_tiles;
   float scale;
+  // Decode with fewer (batch, kv head) items than threads can use: each item's keys are cut into `splits` runs of
+  // split_keys (a multiple of kKeys), whose partial softmax state goes to `partial` and is merged at the end.
+  int64_t splits, split_keys;
+  float* partial;  // [items, splits, tile_tokens * rep, 2 + D]: running max, running sum, accumulator
 };
 
 // Per-thread fp32 scratch of one work item.
@@ -71,7 +76,8 @@ TINYCHAT_INLINE const float* block_rows(const scalar_t* src, int64_t stride, int
 }
 
 template <typename scalar_t>
-TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, Scratch& w) {
+TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch& w) {
+  const int64_t item = unit / p.splits, split = unit % p.splits;
   const int64_t D = p.D, rep = p.rep;
   const int64_t tile = item % p.n_tiles, hk = (item / p.n_tiles) % p.Hkv, b = item / (p.n_tiles * p.Hkv);
   const int64_t t0 = tile * p.tile_tokens, tokens = std::min(p.tile_tokens, p.T - t0), rows = tokens * rep;
@@ -89,7 +95,8 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, Scratch&
     w.l[r] = 0.f;
   }
   std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.f);
-  for (int64_t j0 = 0; j0 < kv_len; j0 += kKeys) {
+  kv_len = std::min(kv_len, (split + 1) * p.split_keys);
+  for (int64_t j0 = split * p.split_keys; j0 < kv_len; j0 += kKeys) {
     const int64_t n = std::min(kKeys, kv_len - j0);
     if (rows < kDotRows) {  // few rows: one dot product per (row, key) along D
       int64_t kstride;
@@ -148,6 +155,15 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, Scratch&
       }
     }
   }
+  if (p.splits > 1) {  // this run of keys' state, merged by merge_splits
+    float* part = p.partial + unit * p.tile_tokens * rep * (2 + D);
+    for (int64_t r = 0; r < rows; ++r) {
+      part[r * (2 + D)] = w.m[r];
+      part[r * (2 + D) + 1] = w.l[r];
+      std::copy(w.acc.begin() + r * D, w.acc.begin() + (r + 1) * D, part + r * (2 + D) + 2);
+    }
+    return;
+  }
   auto* out = static_cast<scalar_t*>(p.out) + ((b * p.T + t0) * p.H + hk * rep) * D;
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = 1.f / w.l[r];
@@ -156,20 +172,49 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, Scratch&
   }
 }
 
+// out = the softmax-weighted merge of each item's splits: every split's sum and accumulator rescaled to the largest
+// running max (a split that saw no key of a row has max -1e30, sum 0: weight 0).
+template <typename scalar_t>
+void merge_splits(const AttnProblem& p) {
+  const int64_t D = p.D, rows = p.tile_tokens * p.rep, items = p.B * p.Hkv * p.n_tiles;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t tile = item % p.n_tiles, hk = (item / p.n_tiles) % p.Hkv, b = item / (p.n_tiles * p.Hkv);
+      const int64_t t0 = tile * p.tile_tokens, tokens = std::min(p.tile_tokens, p.T - t0);
+      const float* part = p.partial + item * p.splits * rows * (2 + D);
+      for (int64_t r = 0; r < tokens * p.rep; ++r) {
+        float m = -1e30f;
+        for (int64_t s = 0; s < p.splits; ++s) m = std::max(m, part[(s * rows + r) * (2 + D)]);
+        float l = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t s = 0; s < p.splits; ++s) {
+          const float* ps = part + (s * rows + r) * (2 + D);
+          const float weight = exp_approx(ps[0] - m);
+          l += weight * ps[1];
+          for (int64_t d = 0; d < D; ++d) acc[d] += weight * ps[2 + d];
+        }
+        scalar_t* o = static_cast<scalar_t*>(p.out) + ((b * p.T + t0 + r / p.rep) * p.H + hk * p.rep + r % p.rep) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] / l);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void attention_items_scalar(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t i = begin; i < end; ++i) attention_item<scalar_t>(p, i, w);
+  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t>(p, u, w);
 }
 
 #ifdef TINYCHAT_X86
 template <typename scalar_t>
 TINYCHAT_AVX2 void attention_items_avx2(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t i = begin; i < end; ++i) attention_item<scalar_t>(p, i, w);
+  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t>(p, u, w);
 }
 
 template <typename scalar_t>
 TINYCHAT_AVX512 void attention_items_avx512(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t i = begin; i < end; ++i) attention_item<scalar_t>(p, i, w);
+  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t>(p, u, w);
 }
 #endif
 
@@ -180,11 +225,12 @@ void run_attention(const AttnProblem& p, Isa isa) {
   if (isa >= Isa::kAvx512) items_fn = attention_items_avx512<scalar_t>;
   if (isa == Isa::kAvx2) items_fn = attention_items_avx2<scalar_t>;
 #endif
-  const int64_t items = p.B * p.Hkv * p.n_tiles;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  const int64_t units = p.B * p.Hkv * p.n_tiles * p.splits;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     Scratch w(p.tile_tokens * p.rep, p.D);
     items_fn(p, begin, end, w);
   });
+  if (p.splits > 1) merge_splits<scalar_t>(p);
 }
 
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -214,6 +260,21 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   p.tile_tokens = std::max<int64_t>(1, kTileRows / p.rep);
   p.n_tiles = (p.T + p.tile_tokens - 1) / p.tile_tokens;
   p.scale = static_cast<float>(scale);
+  // decode items that do not spread evenly over the threads: cut their keys into one run per thread
+  const int64_t items = p.B * p.Hkv * p.n_tiles, threads = at::get_num_threads();
+  const int64_t keys = *std::max_element(pos, pos + p.T) + 1;
+  p.splits = 1;
+  p.split_keys = keys;
+  if (p.T == 1 && threads > 1 && items % threads != 0 && keys >= 2 * kKeys) {
+    p.splits = std::min(threads, keys / kKeys);
+    p.split_keys = (keys + p.splits * kKeys - 1) / (p.splits * kKeys) * kKeys;
+    p.splits = (keys + p.split_keys - 1) / p.split_keys;  // no empty run
+  }
+  at::Tensor partial;
+  if (p.splits > 1) {
+    partial = at::empty({items * p.splits * p.tile_tokens * p.rep * (2 + p.D)}, q.options().dtype(at::kFloat));
+    p.partial = partial.data_ptr<float>();
+  }
   const Isa isa = current_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tinychat_attention_cpu",
                                   [&] { run_attention<scalar_t>(p, isa); });
