@@ -12,7 +12,8 @@ Two tables:
   requantization of it) and transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS; for tinychat also the
   bytes a decode step reads (decoder linears, output projection, KV cache at the mean context) and the share of the
   read bandwidth that decoding reaches. Each engine runs in a fresh subprocess (peak RSS is per process); one
-  warm-up run, then the median of --repeats.
+  warm-up run, then the median of --repeats; all engines run --rounds times in alternating order and each row keeps
+  its best round (the machine's speed drifts over minutes; every round is in the JSON).
 
 llama-cpp-python is optional (its rows are skipped with a note when it is missing). Build it for this CPU with
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON
@@ -225,10 +226,23 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
     if not args.no_transformers:
         configs += [("transformers", "fp32", {"path": gguf, "dtype": "float32"}),
                     ("transformers", "bf16", {"path": gguf, "dtype": "bfloat16"})]
+    # each engine runs once per round, the order reversed every other round: a machine whose speed drifts over the
+    # minutes of a run then favours no engine; each row keeps its best round (the least disturbed one)
+    runs = {i: [] for i in range(len(configs))}
+    for round_ in range(args.rounds):
+        order = range(len(configs)) if round_ % 2 == 0 else reversed(range(len(configs)))
+        for i in order:
+            engine, label, extra = configs[i]
+            print(f"round {round_ + 1}/{args.rounds}: {engine} {label} ...", file=sys.stderr, flush=True)
+            runs[i].append(in_subprocess({**base, **extra, "engine": engine}))
     rows = []
-    for engine, label, extra in configs:
-        print(f"running {engine} {label} ...", file=sys.stderr, flush=True)
-        rows.append({"engine": engine, "weights": label, **in_subprocess({**base, **extra, "engine": engine})})
+    for i, (engine, label, _) in enumerate(configs):
+        ok = [r for r in runs[i] if "error" not in r]
+        best = max(ok, key=lambda r: r["decode_tok_s"]) if ok else runs[i][-1]
+        if ok:
+            best = {**best, "prefill_tok_s": max(r["prefill_tok_s"] for r in ok)}
+        rows.append({"engine": engine, "weights": label, **best,
+                     "rounds": [{k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "error")} for r in runs[i]]})
     for r in rows:
         if "MB_per_token" in r:  # the share of the memory-bandwidth bound that decoding reaches
             r["bandwidth_use"] = r["decode_tok_s"] * r["MB_per_token"] * 1e6 / (args.bandwidth * 1e9)
@@ -250,6 +264,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="runs of every engine, in alternating order (best kept)")
     ap.add_argument("--kernel-repeats", type=int, default=50)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-models", action="store_true", help="the kernel table only")
