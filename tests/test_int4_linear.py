@@ -76,6 +76,17 @@ def int8_rounding_bound(x, w):
     return (step / 2) @ w.abs().t() * (1 + 1e-4) + 1e-4
 
 
+def test_nan_and_inf_in_x_reach_the_output(isa):
+    """Every path: a row of x with a NaN or an infinity gives a row of non-finite outputs (the int8 rounding of the
+    VNNI path must not turn them into numbers), and leaves the other rows alone."""
+    (qweight, scales, zeros), _ = make_weights(24, 192, 64)
+    x = torch.randn(3, 192)
+    x[0, 5], x[1, 100] = float("nan"), float("inf")
+    out = tc().int4_linear(x, qweight, scales, zeros, 64)
+    assert not torch.isfinite(out[:2]).any() and torch.isfinite(out[2]).all()
+    assert torch.isnan(out[0]).all()
+
+
 def test_unknown_isa_is_refused(monkeypatch):
     (qweight, scales, zeros), _ = make_weights(8, 64, 32)
     monkeypatch.setenv("TINYCHAT_CPU_ISA", "avx9")

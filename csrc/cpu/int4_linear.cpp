@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -286,8 +287,13 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + m * K + b * kBlock;
       float absmax = 0.f;
-      for (int64_t j = 0; j < kBlock; ++j) absmax = std::max(absmax, std::abs(xb[j]));
-      const float inv = absmax > 0.f ? 127.f / absmax : 0.f;
+      bool finite = true;  // a NaN or infinity in x must reach y: such a block gets the scale NaN
+      for (int64_t j = 0; j < kBlock; ++j) {
+        absmax = std::max(absmax, std::abs(xb[j]));
+        finite = finite && std::abs(xb[j]) <= std::numeric_limits<float>::max();
+      }
+      if (!finite) absmax = std::numeric_limits<float>::quiet_NaN();
+      const float inv = finite && absmax > 0.f ? 127.f / absmax : 0.f;
       int8_t* lo = a.q8.data() + ((b / 4) * M + m) * 2 * kChunkBytes + (b % 4) * 16;
       int8_t* hi = lo + kChunkBytes;
       int32_t qsum = 0;
