@@ -57,7 +57,8 @@ def test_matches_reference(M, isa, threads):
         # the reference means what quantize.dequantize means
         torch.testing.assert_close(ref, x @ dequantize(q, s, z, G).t(), atol=1e-4, rtol=1e-4)
         xb = x.bfloat16()
-        out_b, ref_b = tc().int4_linear(xb, qweight, scales, zeros, G), ops.int4_linear_ref(xb, qweight, scales, zeros, G)
+        out_b = tc().int4_linear(xb, qweight, scales, zeros, G)
+        ref_b = ops.int4_linear_ref(xb, qweight, scales, zeros, G)
         if isa == "avx512_vnni":  # x rounded to int8 per block of 32: within that rounding's bound
             for xi, o, r in ((x, out, ref), (xb, out_b, ref_b)):
                 bound = int8_rounding_bound(xi, dequantize(q, s, z, G))
@@ -90,7 +91,8 @@ def test_nan_and_inf_in_x_reach_the_output(isa):
 def test_unknown_isa_is_refused(monkeypatch):
     (qweight, scales, zeros), _ = make_weights(8, 64, 32)
     monkeypatch.setenv("TINYCHAT_CPU_ISA", "avx9")
-    with pytest.raises(RuntimeError, match="TINYCHAT_CPU_ISA must be native, avx512_vnni, avx512, avx2 or scalar, got 'avx9'"):
+    with pytest.raises(RuntimeError,
+                       match="TINYCHAT_CPU_ISA must be native, avx512_vnni, avx512, avx2 or scalar, got 'avx9'"):
         tc().int4_linear(torch.randn(1, 64), qweight, scales, zeros, 32)
 
 

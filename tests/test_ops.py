@@ -213,7 +213,8 @@ def test_references_match_transformers_llama():
     torch.testing.assert_close(rotate(k, positions, cos_sin), k_hf)
 
     gate_up = torch.randn(B, T, 2 * 96)
-    torch.testing.assert_close(tc().silu_and_mul(gate_up), torch.nn.functional.silu(gate_up[..., :96]) * gate_up[..., 96:])
+    expected = torch.nn.functional.silu(gate_up[..., :96]) * gate_up[..., 96:]
+    torch.testing.assert_close(tc().silu_and_mul(gate_up), expected)
 
 
 # ---- silu_and_mul ----

@@ -118,7 +118,8 @@ class Transformer(nn.Module):
         cache = self.layers[0].attn.kv_cache if self.layers else None
         return cache.max_seq_len if cache is not None else None
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions [T] (int64, on the tokens' device) -> logits [B, T, V] ([B, 1, V] with last_only).
 
         With KV caches set up, token t's key and value go to cache row positions[t] and it attends to rows

@@ -1,8 +1,8 @@
 """tinychat's fused ops: the compiled kernels (torch.ops.tinychat.*) and their PyTorch references.
 
 The model calls only the public wrappers (rms_norm, add_rms_norm, rope_kv_write, attention, silu_and_mul,
-int4_linear). They run the compiled kernels when the tinychat._C extension is built, else the *_ref functions
-below, which define the semantics: fp32 math, each result cast once to the input dtype.
+int4_linear, int8_linear). They run the compiled kernels when the tinychat._C extension is built, else the *_ref
+functions below, which define the semantics: fp32 math, each result cast once to the input dtype.
 """
 
 from __future__ import annotations

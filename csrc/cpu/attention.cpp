@@ -4,13 +4,14 @@
 // out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / rep, j], j <= positions[t]) @ v[b, h / rep, :]
 //
 // Work items are (b, kv head, tile of query tokens), split over threads (a decode step whose items do not spread
-// evenly over the threads also cuts each item's keys into one run per thread, merged at the end). An item holds every query head that reads
-// its kv head (the rep = H / Hkv heads of a grouped-query group) for up to kTileRows / rep tokens, so each key and
-// value row is read once for the whole tile. Keys are taken kKeys at a time with an online softmax: the running max
-// and sum of each query row rescale its fp32 accumulator, so one pass over the cache suffices. Scores come from dot
-// products along the head dim for a few rows (decode), or from a transposed key block and a vector loop over keys
-// for many (prefill), where each loaded key element serves kTileRows queries. Rows past their causal limit inside a
-// block get probability 0. The body is written once and compiled per instruction set (isa.h).
+// evenly over the threads also cuts each item's keys into one run per thread, merged at the end). An item holds every
+// query head that reads its kv head (the rep = H / Hkv heads of a grouped-query group) for up to kTileRows / rep
+// tokens, so each key and value row is read once for the whole tile. Keys are taken kKeys at a time with an online
+// softmax: the running max and sum of each query row rescale its fp32 accumulator, so one pass over the cache
+// suffices. Scores come from dot products along the head dim for a few rows (decode), or from a transposed key block
+// and a vector loop over keys for many (prefill), where each loaded key element serves kTileRows queries. Rows past
+// their causal limit inside a block get probability 0. The body is written once and compiled per instruction set
+// (isa.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

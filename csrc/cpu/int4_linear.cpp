@@ -12,11 +12,12 @@
 //    sum_k q[k] * x[m, k] in SIMD registers for up to kMaxMB rows of x at once, then applies the group's scale;
 //    the zero term s * z * sum_{k in g} x[m, k] uses per-group sums of x computed once per call. Each weight byte
 //    is read from memory once; x stays in L1.
-//  * large M (prefill): W is dequantized to fp32 in chunks of rows and multiplied with torch's own GEMM (oneDNN /
-//    MKL), whose blocking no hand-written loop here would beat; the dequantization is amortized over M rows.
+//  * large M (prefill): W is dequantized to fp32 in chunks of rows and multiplied with torch's own GEMM
+//    (dequantized_gemm, linear.h).
 //
-// Instruction sets: AVX-512 (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can;
-// NEON on ARM through that path), picked at run time (isa.h).
+// Instruction sets: AVX-512 with VNNI (x rounded to int8, every M through the GEMV kernel, 8 rows of x a pass; see
+// "AVX-512 VNNI" below), AVX-512 (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it
+// can; NEON on ARM through that path), picked at run time (isa.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -31,6 +32,7 @@
 
 #include "../common/checks.h"
 #include "isa.h"
+#include "linear.h"
 #include "vec.h"
 
 namespace tinychat {
@@ -40,8 +42,6 @@ namespace {
 constexpr int64_t kBlock = 32;            // input channels per 16 bytes of qweight
 constexpr int kMaxMB = 4;                 // rows of x a GEMV pass handles together
 constexpr int kMaxMBVnni = 8;             // the same on the VNNI path (its accumulators are fewer registers)
-constexpr int64_t kGemmMinRows = 16;      // from this M on, dequantize + GEMM
-constexpr int64_t kGemmChunkBytes = 8 << 20;  // fp32 weights dequantized at a time on the GEMM path
 
 // x rounded to int8 per block of 32 channels, in the order the VNNI kernel multiplies it with a row's bytes: a
 // 64-byte load of qweight (a chunk) holds 4 blocks, whose low nibbles are channels 32b + j and high nibbles
@@ -194,7 +194,6 @@ TINYCHAT_AVX2 void dequantize_avx2(const Problem& p, int64_t n0, int64_t rows, f
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-
 template <int MB>
 TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
   const uint8_t* qrow = p.q + n * (p.K / 2);
@@ -283,31 +282,31 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
   for (int l = 0; l < 16; ++l) a.lane_group[l] = static_cast<int32_t>((l / 4) * kBlock / G);
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (8 * K));
   at::parallel_for(0, M, grain, [&](int64_t m_begin, int64_t m_end) {
-  for (int64_t m = m_begin; m < m_end; ++m) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + m * K + b * kBlock;
-      float absmax = 0.f;
-      bool finite = true;  // a NaN or infinity in x must reach y: such a block gets the scale NaN
-      for (int64_t j = 0; j < kBlock; ++j) {
-        absmax = std::max(absmax, std::abs(xb[j]));
-        finite = finite && std::abs(xb[j]) <= std::numeric_limits<float>::max();
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* xb = x + m * K + b * kBlock;
+        float absmax = 0.f;
+        bool finite = true;  // a NaN or infinity in x must reach y: such a block gets the scale NaN
+        for (int64_t j = 0; j < kBlock; ++j) {
+          absmax = std::max(absmax, std::abs(xb[j]));
+          finite = finite && std::abs(xb[j]) <= std::numeric_limits<float>::max();
+        }
+        if (!finite) absmax = std::numeric_limits<float>::quiet_NaN();
+        const float inv = finite && absmax > 0.f ? 127.f / absmax : 0.f;
+        int8_t* lo = a.q8.data() + ((b / 4) * M + m) * 2 * kChunkBytes + (b % 4) * 16;
+        int8_t* hi = lo + kChunkBytes;
+        int32_t qsum = 0;
+        for (int64_t j = 0; j < 16; ++j) {  // round to nearest: |x * inv| <= 127, so +-0.5 then truncation
+          const float l = xb[j] * inv, h = xb[16 + j] * inv;
+          lo[j] = static_cast<int8_t>(l + (l >= 0.f ? 0.5f : -0.5f));
+          hi[j] = static_cast<int8_t>(h + (h >= 0.f ? 0.5f : -0.5f));
+          qsum += lo[j] + hi[j];
+        }
+        const float scale = absmax / 127.f;
+        for (int l = 0; l < 4; ++l) a.lane_scales[((b / 4) * M + m) * 16 + (b % 4) * 4 + l] = scale;
+        a.group_sums[m * ng + b * kBlock / G] += scale * static_cast<float>(qsum);
       }
-      if (!finite) absmax = std::numeric_limits<float>::quiet_NaN();
-      const float inv = finite && absmax > 0.f ? 127.f / absmax : 0.f;
-      int8_t* lo = a.q8.data() + ((b / 4) * M + m) * 2 * kChunkBytes + (b % 4) * 16;
-      int8_t* hi = lo + kChunkBytes;
-      int32_t qsum = 0;
-      for (int64_t j = 0; j < 16; ++j) {  // round to nearest: |x * inv| <= 127, so +-0.5 then truncation
-        const float l = xb[j] * inv, h = xb[16 + j] * inv;
-        lo[j] = static_cast<int8_t>(l + (l >= 0.f ? 0.5f : -0.5f));
-        hi[j] = static_cast<int8_t>(h + (h >= 0.f ? 0.5f : -0.5f));
-        qsum += lo[j] + hi[j];
-      }
-      const float scale = absmax / 127.f;
-      for (int l = 0; l < 4; ++l) a.lane_scales[((b / 4) * M + m) * 16 + (b % 4) * 4 + l] = scale;
-      a.group_sums[m * ng + b * kBlock / G] += scale * static_cast<float>(qsum);
     }
-  }
   });
   return a;
 }
@@ -330,8 +329,9 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0)
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
   for (int64_t c = 0; c < a.chunks; ++c) {
     const int64_t left = half - c * kChunkBytes;  // qweight bytes of this row from this chunk on
-    const __m512i bytes = left >= kChunkBytes ? _mm512_loadu_si512(qrow + c * kChunkBytes)  // (masked: slow)
-                                               : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, qrow + c * kChunkBytes);
+    const uint8_t* qc = qrow + c * kChunkBytes;
+    const __m512i bytes = left >= kChunkBytes ? _mm512_loadu_si512(qc)  // a masked load only at the row's end (slow)
+                                               : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, qc);
     const __m512i lo = _mm512_and_si512(bytes, low4);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
     // up to 4 scales from the chunk's first group; masked loads only near the row's end (they are slow)
@@ -422,35 +422,15 @@ void run_gemv(const Problem& p, Isa isa) {
   });
 }
 
-// Large M: dequantize chunks of W's rows to fp32 (in parallel), multiply each with torch's GEMM.
-void run_gemm(const Problem& p, Isa isa, const at::Tensor& x2d, at::Tensor& y2d) {
-  const DequantFn dequant = dequant_fn(isa);
-  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(p.N, kGemmChunkBytes / (4 * p.K)));
-  at::Tensor w = at::empty({chunk, p.K}, x2d.options());  // fp32 [chunk, K]
-  at::Tensor part = at::empty({p.M, chunk}, x2d.options());
-  for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
-    const int64_t rows = std::min(chunk, p.N - n0);
-    float* wp = w.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      dequant(p, n0 + begin, end - begin, wp + begin * p.K);
-    });
-    at::Tensor out_rows = part.narrow(1, 0, rows);
-    at::mm_out(out_rows, x2d, w.narrow(0, 0, rows).t());
-    y2d.narrow(1, n0, rows).copy_(out_rows);
-  }
-}
-
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t group_size) {
   check_int4_linear_args(x, qweight, scales, zeros, group_size, c10::DeviceType::CPU);
   const Isa isa = current_isa();
   const int64_t K = x.size(-1);
   const int64_t N = qweight.size(0);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
+  const std::vector<int64_t> out_shape = linear_out_shape(x, N);
   if (x.numel() == 0 || N == 0) return at::zeros(out_shape, x.options());
-  // x in fp32, rows contiguous (no copy for a contiguous fp32 x): M x K floats, small next to the weights.
-  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
+  const at::Tensor xf = float_rows(x);  // [M, K]
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());  // fp32 [M, N]
   std::vector<int32_t> block_group(K / kBlock);
@@ -461,7 +441,8 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   Isa gemv_isa = isa;
   if (isa == Isa::kAvx512Vnni && !vnni_supports(group_size)) gemv_isa = Isa::kAvx512;
   if (M >= kGemmMinRows && gemv_isa != Isa::kAvx512Vnni) {
-    run_gemm(p, isa, xf, y);
+    const DequantFn dequant = dequant_fn(isa);
+    dequantized_gemm(xf, y, N, [&](int64_t n0, int64_t rows, float* w) { dequant(p, n0, rows, w); });
   } else {
     std::vector<float> xsum;  // [M, K/G], the fp32 paths' zero term: a plain loop, cheaper than a torch op here
     Int8Activations xq;

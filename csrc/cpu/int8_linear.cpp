@@ -15,6 +15,7 @@
 
 #include "../common/checks.h"
 #include "isa.h"
+#include "linear.h"
 #include "vec.h"
 
 namespace tinychat {
@@ -22,8 +23,6 @@ namespace tinychat {
 namespace {
 
 constexpr int kMaxMB = 4;                     // rows of x a GEMV pass handles together
-constexpr int64_t kGemmMinRows = 16;          // from this M on, dequantize + GEMM
-constexpr int64_t kGemmChunkBytes = 8 << 20;  // fp32 weights dequantized at a time on the GEMM path
 
 struct Problem {
   const float* x;       // [M, K], rows contiguous
@@ -145,27 +144,6 @@ void run_gemv(const Problem& p, Isa isa) {
   });
 }
 
-// Large M: dequantize chunks of W's rows to fp32 (in parallel), multiply each with torch's GEMM.
-void run_gemm(const Problem& p, const at::Tensor& x2d, at::Tensor& y2d) {
-  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(p.N, kGemmChunkBytes / (4 * p.K)));
-  at::Tensor w = at::empty({chunk, p.K}, x2d.options());  // fp32 [chunk, K]
-  at::Tensor part = at::empty({p.M, chunk}, x2d.options());
-  for (int64_t n0 = 0; n0 < p.N; n0 += chunk) {
-    const int64_t rows = std::min(chunk, p.N - n0);
-    float* wp = w.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int8_t* q = p.q + (n0 + r) * p.K;
-        const float s = p.scales[n0 + r];
-        for (int64_t k = 0; k < p.K; ++k) wp[r * p.K + k] = static_cast<float>(q[k]) * s;
-      }
-    });
-    at::Tensor out_rows = part.narrow(1, 0, rows);
-    at::mm_out(out_rows, x2d, w.narrow(0, 0, rows).t());
-    y2d.narrow(1, n0, rows).copy_(out_rows);
-  }
-}
-
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   const char* op = "int8_linear";
   check_device(x, x, c10::DeviceType::CPU, op, "x");
@@ -182,16 +160,21 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
                   scales.is_contiguous(),
               op, ": scales must be a contiguous float32 [N] = [", N, "] tensor, got ", scales.scalar_type(), " ",
               scales.sizes());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
+  const std::vector<int64_t> out_shape = linear_out_shape(x, N);
   if (x.numel() == 0 || N == 0) return at::zeros(out_shape, x.options());
-  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();  // [M, K]
+  const at::Tensor xf = float_rows(x);  // [M, K]
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());  // fp32 [M, N]
   const Problem p{xf.const_data_ptr<float>(), qweight.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(),
                   y.data_ptr<float>(), M, N, K};
   if (M >= kGemmMinRows) {
-    run_gemm(p, xf, y);
+    dequantized_gemm(xf, y, N, [&](int64_t n0, int64_t rows, float* w) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* q = p.q + (n0 + r) * K;
+        const float s = p.scales[n0 + r];
+        for (int64_t k = 0; k < K; ++k) w[r * K + k] = static_cast<float>(q[k]) * s;
+      }
+    });
   } else {
     run_gemv(p, current_isa());
   }

@@ -26,13 +26,29 @@ def layer_linear_names(num_layers: int) -> list[str]:
     return [f"layers.{i}.{name}" for i in range(num_layers) for name in LAYER_LINEARS]
 
 
-class WQLinear(nn.Module):
+class _Fp32Buffers(nn.Module):
+    """A module whose buffers named in FP32_BUFFERS stay fp32: device moves apply to every buffer, dtype casts
+    (`.to(dtype)`, `.half()`) leave these alone, since the ops compute in fp32 from them."""
+
+    FP32_BUFFERS: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name) for name in self.FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, t in kept.items():
+            setattr(self, name, t.to(getattr(self, name).device))
+        return self
+
+
+class WQLinear(_Fp32Buffers):
     """y = x @ W.T (+ bias) with W [out_features, in_features] stored as 4-bit integers, group-wise scales and zeros.
 
     Buffers: qweight uint8 [N, K/2], scales fp32 [N, K/G], zeros fp32 [N, K/G], bias [N] (or None).
     Moving the module (`.to(device)`) moves every buffer; casting it (`.to(dtype)`, `.half()`) casts only the bias:
     scales and zeros stay fp32, the precision the op computes in.
     """
+
+    FP32_BUFFERS = ("scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  device=None, dtype: torch.dtype = torch.float32):
@@ -74,26 +90,20 @@ class WQLinear(nn.Module):
         y = ops.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size)  # [..., N]
         return y if self.bias is None else y + self.bias
 
-    def _apply(self, fn, recurse=True):
-        # Device moves apply to everything; dtype casts must not touch the fp32 scales and zeros.
-        scales, zeros = self.scales, self.zeros
-        super()._apply(fn, recurse)
-        device = self.scales.device
-        self.scales, self.zeros = scales.to(device), zeros.to(device)
-        return self
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"bias={self.bias is not None}")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_Fp32Buffers):
     """y = x @ W.T with W [out_features, in_features] stored as int8 with one fp32 scale per row (absmax / 127),
     run by the `tinychat::int8_linear` op. Buffers: qweight int8 [N, K], scales fp32 [N]. No bias.
 
     The CPU backend keeps a 4-bit model's output projection this way (`int8_lm_head`), as llama.cpp keeps it in 8
     bits (Q8_0) or 6 (Q6_K): a quarter of the bytes of fp32 for the largest matrix of a small model.
     """
+
+    FP32_BUFFERS = ("scales",)
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
@@ -113,13 +123,6 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x, self.qweight, self.scales)  # [..., N]
-
-    def _apply(self, fn, recurse=True):
-        # Device moves apply to everything; dtype casts must not touch the fp32 scales.
-        scales = self.scales
-        super()._apply(fn, recurse)
-        self.scales = scales.to(self.scales.device)
-        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,45 @@
+// Pieces shared by the CPU kernels of the quantized linears (int4_linear.cpp, int8_linear.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace tinychat {
+
+// From this many rows of x on, a linear whose GEMV kernel works in fp32 dequantizes W and uses torch's GEMM.
+constexpr int64_t kGemmMinRows = 16;
+
+// x [..., K] as fp32 rows [M, K], rows contiguous (no copy for a contiguous fp32 x): small next to the weights.
+inline at::Tensor float_rows(const at::Tensor& x) { return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous(); }
+
+// The shape of y for x [..., K] and N outputs: [..., N].
+inline std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+// y2d [M, N] = x2d [M, K] @ W.T (fp32): W dequantized to fp32 a chunk of rows at a time, in parallel, by
+// dequant(n0, rows, w) writing rows n0 .. n0+rows of W into w [rows, K]; each chunk multiplied with torch's GEMM
+// (oneDNN / MKL), whose blocking no hand-written loop here would beat; the dequantization is amortized over M rows.
+template <typename Dequant>
+void dequantized_gemm(const at::Tensor& x2d, at::Tensor& y2d, int64_t N, const Dequant& dequant) {
+  constexpr int64_t kChunkBytes = 8 << 20;  // fp32 weights dequantized at a time
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  const int64_t chunk = std::max<int64_t>(16, std::min<int64_t>(N, kChunkBytes / (4 * K)));
+  at::Tensor w = at::empty({chunk, K}, x2d.options());  // fp32 [chunk, K]
+  at::Tensor part = at::empty({M, chunk}, x2d.options());
+  float* wp = w.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t rows = std::min(chunk, N - n0);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) { dequant(n0 + begin, end - begin, wp + begin * K); });
+    at::Tensor out_rows = part.narrow(1, 0, rows);
+    at::mm_out(out_rows, x2d, w.narrow(0, 0, rows).t());
+    y2d.narrow(1, n0, rows).copy_(out_rows);
+  }
+}
+
+}  // namespace tinychat
