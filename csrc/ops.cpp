@@ -33,11 +33,11 @@ TORCH_LIBRARY(tinychat, m) {
   // x [..., K] (fp32/bf16/fp16, any strides; K % 32 == 0); qweight uint8 [N, K/2] in blocks of 32 input channels
   // (byte j of block b: low nibble = channel 32b + j, high nibble = channel 32b + 16 + j); scales, zeros fp32
   // [N, K/G]; W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G]; G % 32 == 0, K % G == 0.
-  // Layout: tinychat/quant/pack.py. Returns a new contiguous [..., N] tensor.
+  // Layout: tinychat/int4_layout.py. Returns a new contiguous [..., N] tensor.
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   // y = x @ W.T with 8-bit weights, W[n, k] = qweight[n, k] * scales[n], fp32 accumulation, cast once to x.dtype.
   // x [..., K] (fp32/bf16/fp16, any strides); qweight int8 [N, K] contiguous; scales fp32 [N]. Returns a new
-  // contiguous [..., N] tensor. The CPU backend's output projection (tinychat/quant/linear.py, Int8Linear).
+  // contiguous [..., N] tensor. The CPU backend's output projection (tinychat/linear.py, Int8Linear).
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   // The instruction set the CPU kernels use: the best this CPU has ("avx512", "avx2", "scalar"), or the lower
   // one the environment variable TINYCHAT_CPU_ISA names.

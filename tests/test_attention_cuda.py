@@ -1,4 +1,4 @@
-"""The CUDA kernels of rope_kv_write, attention and silu_and_mul (csrc/cuda/attention.cu, csrc/cuda/rope_silu.cu)
+"""The CUDA kernels of rope_kv_write, attention and silu_and_mul (csrc/cuda/attention.cu, rope.cu, activation.cu)
 against the references in tinychat.ops, and CPU checks of their shared index math.
 
 The CPU tests compile csrc/common/attention_plan.h with g++ (torch.utils.cpp_extension.load_inline, no CUDA, not

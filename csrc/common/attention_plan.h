@@ -1,4 +1,4 @@
-// Index math of the CUDA attention and rope_kv_write kernels (csrc/cuda/attention.cu, csrc/cuda/rope_silu.cu),
+// Index math of the CUDA attention and rope_kv_write kernels (csrc/cuda/attention.cu, csrc/cuda/rope.cu),
 // kept free of CUDA and ATen so that tests/test_attention_cuda.py can compile it with g++ alone and check it on the
 // CPU: how decode splits the cache, which key tiles prefill visits and masks, and the mma.sync / ldmatrix fragment
 // coordinates of the prefill kernel.

@@ -1,4 +1,4 @@
-// Index and bit helpers of the int4 op layout (tinychat/quant/pack.py, "The int4 op layout"), shared by the CUDA
+// Index and bit helpers of the int4 op layout (tinychat/int4_layout.py, "The op layout"), shared by the CUDA
 // kernels (csrc/cuda/int4_linear.cu) and a CPU test (tests/test_int4_linear_cuda.py) that holds them against
 // pack_int4_op / unpack_int4_op. Plain C++ (no torch, no CUDA headers): every function is __host__ __device__ under
 // nvcc and a plain inline function under a host compiler.

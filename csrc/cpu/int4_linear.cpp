@@ -1,4 +1,4 @@
-// CPU kernels of int4_linear (schema in csrc/ops.cpp; weight layout in tinychat/quant/pack.py).
+// CPU kernels of int4_linear (schema in csrc/ops.cpp; weight layout in tinychat/int4_layout.py).
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G], fp32 math, each output
 // rounded to x's dtype once.

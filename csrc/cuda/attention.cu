@@ -36,6 +36,7 @@
 
 #include "../common/attention_plan.h"
 #include "../common/checks.h"
+#include "helpers.cuh"
 
 namespace tinychat {
 
@@ -62,17 +63,6 @@ template <>
 struct CudaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return x;
-  }
-}
 
 // The 16 / sizeof(T) elements of a 16-byte vector, as floats.
 template <typename T>
@@ -351,46 +341,12 @@ struct PrefillParams {
   float scale_log2;
 };
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool fill) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = fill ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+// cp.async, ldmatrix.x4 and mma.sync m16n8k16 wrappers: helpers.cuh. The transposed ldmatrix (V as the B operand)
+// is this file's alone.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
-// c (16 x 8, fp32) += a (16 x 16) * b (16 x 8).
-template <typename T>
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
+               : "r"(smem_addr(p)));
 }
 
 template <typename T>
@@ -498,7 +454,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
     if (tile == 0) {
 #pragma unroll
       for (int ks = 0; ks < KS_Q; ++ks)
-        ldsm_x4(qa[ks], sQ + smem_offset(warp * 16 + ldsm_a_row(lane), ks * 16 + ldsm_a_col(lane), D));
+        ldmatrix_x4(qa[ks], sQ + smem_offset(warp * 16 + ldsm_a_row(lane), ks * 16 + ldsm_a_col(lane), D));
     }
     if (!prefill_warp_skips_tile(tile, wmax)) {
       const T* tk = sK + st * kPrefillKeys * LD;
@@ -511,9 +467,9 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
 #pragma unroll
         for (int np = 0; np < NT_S / 2; ++np) {
           uint32_t kb[4];
-          ldsm_x4(kb, tk + smem_offset(np * 16 + ldsm_k_row(lane), ks * 16 + ldsm_k_col(lane), D));
-          mma16816<T>(s[2 * np], qa[ks], kb[0], kb[1]);
-          mma16816<T>(s[2 * np + 1], qa[ks], kb[2], kb[3]);
+          ldmatrix_x4(kb, tk + smem_offset(np * 16 + ldsm_k_row(lane), ks * 16 + ldsm_k_col(lane), D));
+          mma_m16n8k16<T>(s[2 * np], qa[ks], kb[0], kb[1]);
+          mma_m16n8k16<T>(s[2 * np + 1], qa[ks], kb[2], kb[3]);
         }
       }
       const bool mask = prefill_tile_needs_mask(tile, wmin);
@@ -570,9 +526,9 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
 #pragma unroll
         for (int dp = 0; dp < NT_O / 2; ++dp) {
           uint32_t vb[4];
-          ldsm_x4_trans(vb, tv + smem_offset(kk * 16 + ldsm_v_row(lane), dp * 16 + ldsm_v_col(lane), D));
-          mma16816<T>(o[2 * dp], pa, vb[0], vb[1]);
-          mma16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+          ldmatrix_x4_trans(vb, tv + smem_offset(kk * 16 + ldsm_v_row(lane), dp * 16 + ldsm_v_col(lane), D));
+          mma_m16n8k16<T>(o[2 * dp], pa, vb[0], vb[1]);
+          mma_m16n8k16<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
         }
       }
     }
@@ -625,12 +581,6 @@ bool rows_aligned16(const at::Tensor& t) {
   for (int i = 0; i < t.dim() - 1; ++i)
     if (t.size(i) > 1 && t.stride(i) % vec != 0) return false;
   return t.size(-1) % vec == 0;
-}
-
-void check_sm80(const char* op) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, op, ": the CUDA kernels need compute capability 8.0 (Ampere) or newer; ",
-              prop->name, " is ", prop->major, ".", prop->minor);
 }
 
 at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,

@@ -1,4 +1,4 @@
-// CUDA kernels of int4_linear (schema in csrc/ops.cpp; weight layout in tinychat/quant/pack.py, index and bit
+// CUDA kernels of int4_linear (schema in csrc/ops.cpp; weight layout in tinychat/int4_layout.py, index and bit
 // helpers in csrc/common/int4_layout.h). The layout and schema are the CPU ones: no device-specific repacking.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G]; fp32 accumulation, each
@@ -45,6 +45,7 @@
 
 #include "../common/checks.h"
 #include "../common/int4_layout.h"
+#include "helpers.cuh"
 
 namespace tinychat {
 
@@ -53,18 +54,7 @@ namespace {
 using q4::kBlock;
 using q4::kBlockBytes;
 
-constexpr int kWarp = 32;
-
-// ---- conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__: use the intrinsics) ----
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// ---- conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__: use the intrinsics; from_float: helpers.cuh) ----
 
 template <typename To, typename From>
 __device__ __forceinline__ To bit_cast(From v) {  // by value: constexpr constants stay usable on the device
@@ -77,12 +67,6 @@ __device__ __forceinline__ To bit_cast(From v) {  // by value: constexpr constan
 // Two q (0..15) at bits 6..9 and 22..25 (q4::unit_pair_bits) -> float2 {1 + q0/16, 1 + q1/16}, exactly.
 __device__ __forceinline__ float2 unit_pair_to_float2(uint32_t pair) {
   return __half22float2(bit_cast<__half2>(pair | q4::kUnitMagic));
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // 8 consecutive elements of x (16-byte aligned) as fp32.
@@ -305,36 +289,14 @@ void run_gemv(const T* x, const uint8_t* q, const float* s, const float* z, T* y
 constexpr int kBK = 32;  // k per pipeline tile: one 16-byte block of each weight row
 static_assert(kBK == kBlock, "a k tile is one block of the layout");
 
-// ---- PTX wrappers ----
+// ---- PTX wrappers (cp_async16, cp_async_commit, cp_async_wait, ldmatrix_x4, mma_m16n8k16: helpers.cuh) ----
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; zero-filled when !ok (src must still be a valid address).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(ok ? 16 : 0));
-}
-
+// 4 bytes global -> shared, asynchronously; zero-filled when !ok (src must still be a valid address).
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0));
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// Per activation dtype: the 16-bit pair type, the magic number of the nibble conversion, and the mma.
+// Per activation dtype: the 16-bit pair type and the magic number of the nibble conversion.
 template <typename T>
 struct MmaType;
 
@@ -343,13 +305,6 @@ struct MmaType<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = q4::kFp16Magic;
   __device__ static T2 splat(float v) { return __float2half2_rn(v); }
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
 };
 
 template <>
@@ -357,13 +312,6 @@ struct MmaType<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = q4::kBf16Magic;
   __device__ static T2 splat(float v) { return __float2bfloat162_rn(v); }
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
 };
 
 // A pair of nibbles (q4::pair_bits) -> two weights (q - zero) * scale in T, as one mma register. magic + q and
@@ -515,7 +463,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             dequant_pair<T>(q4::pair_bits(b_word[nt], q4::mma_b_shift(step, 0)), zero2[nt], scale2[nt]),
             dequant_pair<T>(q4::pair_bits(b_word[nt], q4::mma_b_shift(step, 1)), zero2[nt], scale2[nt])};
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) Mma::mma(acc[mt][nt], a[mt], b);
+        for (int mt = 0; mt < MT; ++mt) mma_m16n8k16<T>(acc[mt][nt], a[mt], b[0], b[1]);
       }
     }
   }
@@ -638,9 +586,7 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
                             const at::Tensor& zeros, int64_t group_size) {
   check_args(x, qweight, scales, zeros, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(props->major >= 8, "int4_linear: the CUDA kernels need compute capability 8.0 (Ampere) or newer; ",
-              props->name, " has ", props->major, ".", props->minor);
+  check_sm80("int4_linear");
   const int64_t K = x.size(-1);
   const int64_t N = qweight.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());

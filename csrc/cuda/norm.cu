@@ -1,5 +1,4 @@
-// CUDA kernels for rms_norm and add_rms_norm (schemas in csrc/ops.cpp). The rotary embedding lives in
-// rope_silu.cu (rope_kv_write, fused with the KV-cache write).
+// CUDA kernels of rms_norm and add_rms_norm (schemas in csrc/ops.cpp; the CPU twin is csrc/cpu/norm.cpp).
 //
 // Norms: one block per row; each thread strides over the row, a warp-shuffle block
 // reduction gives the sum of squares. Math is fp32 (no fast-math), each output rounded to
@@ -13,18 +12,11 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "helpers.cuh"
 
 namespace tinychat {
 
 namespace {
-
-constexpr int kWarp = 32;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // Sum of v over the block, returned to every thread. blockDim.x: a multiple of 32, <= 1024.
 // Call at most once per kernel (it reuses one shared buffer).

@@ -1,13 +1,11 @@
-// CUDA kernels of rope_kv_write and silu_and_mul (schemas in csrc/ops.cpp): the elementwise ops around attention
-// and the MLP. fp32 math, each result rounded to the input dtype once.
+// CUDA kernel of rope_kv_write (schema in csrc/ops.cpp; the CPU twin is csrc/cpu/rope.cpp): the rotary embedding of
+// q and k fused with the KV-cache write. fp32 math, each result rounded to the input dtype once.
 //
-// rope_kv_write: one launch for q, k and v; one thread per (token, head, pair (i, i + D/2)) of qkv
-// [B, T, H + 2 Hkv, D]. Query heads are rotated into the new [B, T, H, D] output, key heads rotated into
-// k_cache[b, :, positions[t]], value heads copied into v_cache[b, :, positions[t]]. Positions are never read on
-// the host (no device sync): a token whose position is outside [0, min(S, max_pos)) writes no cache row and gets NaN
-// queries (so the mistake shows instead of reading out of bounds).
-//
-// silu_and_mul: one thread per 16-byte vector of the output (scalar fallback for odd sizes or misaligned rows).
+// One launch for q, k and v; one thread per (token, head, pair (i, i + D/2)) of qkv [B, T, H + 2 Hkv, D]. Query
+// heads are rotated into the new [B, T, H, D] output, key heads rotated into k_cache[b, :, positions[t]], value
+// heads copied into v_cache[b, :, positions[t]]. Positions are never read on the host (no device sync): a token whose
+// position is outside [0, min(S, max_pos)) writes no cache row and gets NaN queries (so the mistake shows instead of
+// reading out of bounds).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,26 +14,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "../common/attention_plan.h"
 #include "../common/checks.h"
+#include "helpers.cuh"
 
 namespace tinychat {
 
 namespace {
-
-void check_sm80(const char* op) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, op, ": the CUDA kernels need compute capability 8.0 (Ampere) or newer; ",
-              prop->name, " is ", prop->major, ".", prop->minor);
-}
-
-constexpr int kThreads = 256;
-
-// ---- rope_kv_write ----
 
 struct RopeParams {
   int64_t n_pairs;         // B * T * heads * half
@@ -85,11 +72,6 @@ __global__ void rope_kv_write_kernel(const scalar_t* __restrict__ qkv, const int
   }
 }
 
-int grid_for(int64_t n) {
-  const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks)));
-}
-
 at::Tensor rope_kv_write_cuda(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
                               at::Tensor& k_cache, at::Tensor& v_cache) {
   check_rope_kv_args(qkv, positions, cos_sin, k_cache, v_cache, c10::DeviceType::CUDA);
@@ -107,7 +89,7 @@ at::Tensor rope_kv_write_cuda(const at::Tensor& qkv, const at::Tensor& positions
   p.v0 = v_cache.stride(0), p.v1 = v_cache.stride(1), p.v2 = v_cache.stride(2);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "tinychat_rope_kv_write_cuda", [&] {
-    rope_kv_write_kernel<scalar_t><<<grid_for(p.n_pairs), kThreads, 0, stream>>>(
+    rope_kv_write_kernel<scalar_t><<<grid_for(p.n_pairs), kElementwiseThreads, 0, stream>>>(
         qkv.const_data_ptr<scalar_t>(), positions.const_data_ptr<int64_t>(), cos_sin.const_data_ptr<float>(),
         q_out.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -115,68 +97,9 @@ at::Tensor rope_kv_write_cuda(const at::Tensor& qkv, const at::Tensor& positions
   return q_out;
 }
 
-// ---- silu_and_mul ----
-
-template <typename scalar_t, int VEC>
-struct alignas(sizeof(scalar_t) * VEC) Pack {
-  scalar_t v[VEC];
-};
-
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + expf(-g)); }
-
-// x rows of stride x_stride: [gate (I) | up (I)]; out [rows, I] contiguous. One thread per VEC outputs.
-template <typename scalar_t, int VEC>
-__global__ void silu_and_mul_kernel(const scalar_t* __restrict__ x, int64_t x_stride, scalar_t* __restrict__ out,
-                                    int64_t rows, int64_t I) {
-  const int64_t per_row = I / VEC;
-  const int64_t n = rows * per_row;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = idx / per_row, c = (idx % per_row) * VEC;
-    const scalar_t* xr = x + r * x_stride + c;
-    const Pack<scalar_t, VEC> g = *reinterpret_cast<const Pack<scalar_t, VEC>*>(xr);
-    const Pack<scalar_t, VEC> u = *reinterpret_cast<const Pack<scalar_t, VEC>*>(xr + I);
-    Pack<scalar_t, VEC> o;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e)
-      o.v[e] = static_cast<scalar_t>(silu(static_cast<float>(g.v[e])) * static_cast<float>(u.v[e]));
-    *reinterpret_cast<Pack<scalar_t, VEC>*>(out + r * I + c) = o;
-  }
-}
-
-at::Tensor silu_and_mul_cuda(const at::Tensor& x) {
-  check_silu_and_mul_args(x, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_sm80("silu_and_mul");
-  const int64_t I = x.size(-1) / 2;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = I;
-  at::Tensor out = at::empty(out_shape, x.options());
-  if (out.numel() == 0) return out;
-  const at::Tensor x2 = x.reshape({-1, 2 * I});  // a view when rows are evenly strided, else a copy
-  const int64_t rows = x2.size(0);
-  const int64_t x_stride = x2.size(0) > 1 ? x2.stride(0) : 2 * I;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tinychat_silu_and_mul_cuda", [&] {
-    constexpr int VEC = 16 / sizeof(scalar_t);
-    const bool vec_ok = I % VEC == 0 && x_stride % VEC == 0 &&
-                        reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 == 0;
-    if (vec_ok) {
-      silu_and_mul_kernel<scalar_t, VEC><<<grid_for(rows * (I / VEC)), kThreads, 0, stream>>>(
-          x2.const_data_ptr<scalar_t>(), x_stride, out.data_ptr<scalar_t>(), rows, I);
-    } else {
-      silu_and_mul_kernel<scalar_t, 1><<<grid_for(rows * I), kThreads, 0, stream>>>(
-          x2.const_data_ptr<scalar_t>(), x_stride, out.data_ptr<scalar_t>(), rows, I);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CUDA, m) {
   m.impl("rope_kv_write", &tinychat::rope_kv_write_cuda);
-  m.impl("silu_and_mul", &tinychat::silu_and_mul_cuda);
 }
