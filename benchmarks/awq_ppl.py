@@ -34,11 +34,11 @@ CONFIG = re.compile(r"^(fp|(rtn|awq)-w(\d)-g(\d+)((?:-builtin|-duo|-qin|-noclip)
 
 
 def run_config(name: str, args, text: str) -> dict:
-    from tinychat.io.loader import load_model
+    from tinychat.pipeline.loader import load_model
+    from tinychat.pipeline.calib import load_calibration
     from tinychat.ppl import perplexity
-    from tinychat.quant.awq import apply_pseudo_quantized, quantize_model
-    from tinychat.quant.calib import load_calibration
-    from tinychat.quant.quantize import QuantConfig
+    from tinychat.quant.awq import quantize_model
+    from tinychat.quant.quantize import QuantConfig, apply_pseudo_quantized
 
     m = CONFIG.match(name)
     if not m:

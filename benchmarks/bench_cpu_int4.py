@@ -56,7 +56,7 @@ def read_bandwidth(threads: int) -> float:
 
 
 def kernel_rows(threads: int, repeats: int) -> list[dict]:
-    from tinychat.quant.pack import to_int4_op
+    from tinychat.int4_layout import to_int4_op
     from tinychat.quant.quantize import QuantConfig, quantize
 
     torch.set_num_threads(threads)
@@ -198,7 +198,7 @@ def requantize_q4_0(src: str, dst: str) -> None:
 
 
 def model_rows(args) -> tuple[list[dict], list[str]]:
-    from tinychat.io.loader import load_model, resolve_source
+    from tinychat.pipeline.loader import load_model, resolve_source
 
     gguf = str(resolve_source(args.model))
     _, tokenizer = load_model(gguf)

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,26 @@ def hf_smollm2(smollm2_gguf):
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """shared_data(name): the path of a file of the shared data folder, ../shared/data beside the clone (or
+    $TINYCHAT_DATA). Where it is missing the test is skipped (a fresh clone has no such folder), but under CI (CI
+    set, as CI services do), which has the folder, it fails: a skip there would hide lost coverage."""
+    folder = Path(os.environ.get("TINYCHAT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+    def path(name: str) -> Path:
+        file = folder / name
+        if not file.is_file():
+            missing = (f"{name} is missing from the shared data folder {folder} "
+                       "(set TINYCHAT_DATA to the folder that has it)")
+            if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+                pytest.fail(f"CI={os.environ['CI']} and {missing}", pytrace=False)
+            pytest.skip(missing)
+        return file
+
+    return path
 
 
 @pytest.fixture(scope="session")

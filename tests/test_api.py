@@ -108,3 +108,35 @@ def test_load_rejects_bad_arguments(tmp_path):
         tinychat.load(tmp_path, dtype="float8")
     with pytest.raises(tinychat.ModelLoadError, match="no such file"):
         tinychat.load(tmp_path / "missing.gguf")
+
+
+def test_the_terminal_chat_goes_through_the_model(llm):
+    """ChatSession streams through Model.chat: it waits for the model's lock, and its /stats come from Completion."""
+    from tinychat.chat import ChatSession, format_stats
+    from tinychat.engine import SamplingParams
+
+    session = ChatSession(llm, params=SamplingParams(max_new_tokens=8))
+    busy = llm.generate("Once upon a time", stream=True, max_new_tokens=4)
+    next(busy)  # holds the model
+    release = threading.Timer(0.3, busy.close)
+    release.start()
+    t0 = time.perf_counter()
+    answer = "".join(session.send("What is the capital of France?"))
+    assert time.perf_counter() - t0 >= 0.25  # it waited for the stream above to close
+    assert "Paris" in answer and session.last.completion_tokens <= 8
+    assert f"{session.last.completion_tokens} generated" in format_stats(session)
+    session.reset()
+    assert llm.engine.cached == []
+
+
+def test_sampling_defaults_live_in_one_place():
+    """The CLI's flags and the server state their defaults from tinychat.engine; the API's is greedy."""
+    from tinychat.cli import build_parser
+    from tinychat.engine import API_SAMPLING, CLI_SAMPLING, SamplingParams
+
+    assert API_SAMPLING == SamplingParams() and API_SAMPLING.temperature == 0
+    for command in ("chat", "generate"):
+        args = build_parser().parse_args([command] + (["hi"] if command == "generate" else []))
+        assert (args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.max_new_tokens) == (
+            CLI_SAMPLING.temperature, CLI_SAMPLING.top_k, CLI_SAMPLING.top_p, CLI_SAMPLING.repetition_penalty,
+            CLI_SAMPLING.max_new_tokens)

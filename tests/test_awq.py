@@ -3,22 +3,19 @@
 import copy
 import dataclasses
 import json
-import os
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
-from tinychat.model import DecoderLayer, Transformer
+from tinychat.model import DecoderLayer, Transformer, layer_linears, linear_names
+from tinychat.pipeline.calib import BUILTIN_CORPUS, load_calibration
 from tinychat.quant.awq import (
-    LINEARS,
     ScaleGroup,
     _spaced_blocks,
-    apply_pseudo_quantized,
     awq_scales,
     clip_weight,
     fold_scales,
@@ -27,11 +24,7 @@ from tinychat.quant.awq import (
     search_clip,
     search_scale,
 )
-from tinychat.quant.calib import BUILTIN_CORPUS, load_calibration
-from tinychat.quant.quantize import QuantConfig, pseudo_quantize, quantize
-
-DATA = Path(os.environ.get("TINYCHAT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-CALIB_FILE = DATA / "calib_mix_c4_wiki_tinystories.jsonl"
+from tinychat.quant.quantize import QuantConfig, apply_pseudo_quantized, pseudo_quantize, quantize
 
 MHA = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=4,
                   head_dim=16, max_position_embeddings=128)
@@ -67,7 +60,7 @@ def test_fold_scales_keeps_logits(cfg):
     x = tokens()
     ref = model(x)
     groups = scale_groups(cfg)
-    assert [g.linear for g in groups] == (list(LINEARS) if cfg.num_kv_heads == cfg.num_heads
+    assert [g.linear for g in groups] == ([spec.name for spec in layer_linears(cfg)] if cfg.num_kv_heads == cfg.num_heads
                                           else ["attn.wqkv", "mlp.w13", "mlp.w2"])  # o-with-v skipped under GQA
     for group in groups:
         for layer in model.layers:
@@ -182,7 +175,7 @@ def awq_and_rtn(cfg, **kwargs):
 @pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
 def test_quantize_model_shapes_and_error(cfg):
     model, calib, ref, (awq_model, awq), (rtn_model, rtn) = awq_and_rtn(cfg)
-    names = [f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in LINEARS]
+    names = linear_names(cfg)
     for result in (awq, rtn):
         assert list(result) == names
         for name, (q, scales, zeros) in result.items():
@@ -330,15 +323,18 @@ def test_builtin_corpus_is_small_and_gives_blocks():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_gguf):
-    from tinychat.io.loader import load_model
+    from tinychat.pipeline.loader import load_model
 
     return load_model(smollm2_gguf)[1]
 
 
-def test_shared_calibration_corpus(smollm2_tokenizer):
-    # CI checks out ../shared/data: a missing file is a failure, not a skip
-    assert CALIB_FILE.is_file(), f"{CALIB_FILE} is missing (set TINYCHAT_DATA to the shared data folder)"
-    blocks = load_calibration(CALIB_FILE, smollm2_tokenizer, n_samples=128, seqlen=512)
+@pytest.fixture(scope="module")
+def calib_file(shared_data):
+    return shared_data("calib_mix_c4_wiki_tinystories.jsonl")
+
+
+def test_shared_calibration_corpus(calib_file, smollm2_tokenizer):
+    blocks = load_calibration(calib_file, smollm2_tokenizer, n_samples=128, seqlen=512)
     assert blocks.shape == (128, 512) and blocks.dtype == torch.int64
     assert 0 <= int(blocks.min()) and int(blocks.max()) < smollm2_tokenizer.vocab_size
     default = load_calibration(None, smollm2_tokenizer, n_samples=128, seqlen=512)

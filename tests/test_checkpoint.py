@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinychat.errors import ModelLoadError, TinychatError
-from tinychat.io import checkpoint
-from tinychat.io.checkpoint import save_awq_checkpoint
-from tinychat.io.loader import load_model
-from tinychat.quant.linear import Int8Linear, WQLinear, int8_lm_head, layer_linear_names
-from tinychat.quant.pack import pack_awq_gemv, unpack_awq_gemm
+from tinychat.pipeline import checkpoint
+from tinychat.pipeline.checkpoint import save_awq_checkpoint
+from tinychat.pipeline.loader import load_model, open_source
+from tinychat.io.awq_format import pack_awq_gemv, unpack_awq_gemm
+from tinychat.linear import Int8Linear, WQLinear, int8_lm_head
+from tinychat.model import linear_names
 from tinychat.quant.quantize import QuantConfig, dequantize, quantize
 from tinychat.tokenizer import Tokenizer
 
@@ -26,11 +27,11 @@ PROMPT = "hello world, the quick brown fox"
 
 
 def quantized(src, G):
-    """load_model(src), then RTN-quantize every fused decoder linear: (model, tokenizer, qdict, qcfg, config)."""
-    model, tokenizer = load_model(src)
+    """Load src, then RTN-quantize every fused decoder linear: (the LoadedModel record, qdict, qcfg)."""
+    loaded = open_source(src).load()
     qcfg = QuantConfig(4, G)
-    qdict = {name: quantize(model.get_submodule(name).weight, qcfg) for name in layer_linear_names(2)}
-    return model, tokenizer, qdict, qcfg, json.loads((src / "config.json").read_text())
+    qdict = {name: quantize(loaded.model.get_submodule(name).weight, qcfg) for name in linear_names(loaded.model.config)}
+    return loaded, qdict, qcfg
 
 
 def fp16_reference(model, qdict, G):
@@ -50,9 +51,9 @@ def saved(request, tmp_path_factory, make_hf_dir):
     arch = request.param
     base = tmp_path_factory.mktemp(arch)
     src = make_hf_dir(base / "src", arch)
-    model, tokenizer, qdict, qcfg, config = quantized(src, GROUP[arch])
-    out = save_awq_checkpoint(model, tokenizer, qdict, qcfg, base / "awq", config)
-    return arch, src, out, fp16_reference(model, qdict, qcfg.group_size), tokenizer
+    loaded, qdict, qcfg = quantized(src, GROUP[arch])
+    out = save_awq_checkpoint(loaded, qdict, qcfg, base / "awq")
+    return arch, src, out, fp16_reference(loaded.model, qdict, qcfg.group_size), loaded.tokenizer
 
 
 def logits(model, tokenizer, text=PROMPT):
@@ -137,9 +138,9 @@ def test_gemv_checkpoint_loads_the_same(saved, tmp_path):
 
 def test_sharded_checkpoint(tmp_path, make_hf_dir):
     src = make_hf_dir(tmp_path / "src", "llama")
-    model, tokenizer, qdict, qcfg, config = quantized(src, 32)
-    single = save_awq_checkpoint(model, tokenizer, qdict, qcfg, tmp_path / "single", config)
-    sharded = save_awq_checkpoint(model, tokenizer, qdict, qcfg, tmp_path / "sharded", config,
+    loaded, qdict, qcfg = quantized(src, 32)
+    single = save_awq_checkpoint(loaded, qdict, qcfg, tmp_path / "single")
+    sharded = save_awq_checkpoint(loaded, qdict, qcfg, tmp_path / "sharded",
                                   max_shard_bytes=40_000)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -232,7 +233,7 @@ def quantized_llama(tmp_path, make_hf_dir):
 
 @pytest.mark.parametrize("writer,error", [("_write_json", KeyboardInterrupt), ("_write_safetensors", RuntimeError)])
 def test_interrupted_save_leaves_nothing(quantized_llama, tmp_path, monkeypatch, writer, error):
-    model, tokenizer, qdict, qcfg, config = quantized_llama
+    loaded, qdict, qcfg = quantized_llama
     out = tmp_path / "out"
     before = _entries(tmp_path)
     real = getattr(checkpoint, writer)
@@ -246,51 +247,49 @@ def test_interrupted_save_leaves_nothing(quantized_llama, tmp_path, monkeypatch,
 
     monkeypatch.setattr(checkpoint, writer, failing)
     with pytest.raises(error):
-        save_awq_checkpoint(model, tokenizer, qdict, qcfg, out, config, max_shard_bytes=40_000)
+        save_awq_checkpoint(loaded, qdict, qcfg, out, max_shard_bytes=40_000)
     assert len(calls) == 2
     assert not out.exists() and _entries(tmp_path) == before
 
 
 def test_existing_out_dir(quantized_llama, tmp_path, monkeypatch):
-    model, tokenizer, qdict, qcfg, config = quantized_llama
+    loaded, qdict, qcfg = quantized_llama
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(TinychatError, match=r"out: already exists \(pass overwrite=True"):
-        save_awq_checkpoint(model, tokenizer, qdict, qcfg, out, config)
+        save_awq_checkpoint(loaded, qdict, qcfg, out)
     # an interrupted overwrite keeps the old directory
     monkeypatch.setattr(checkpoint, "_write_json", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        save_awq_checkpoint(model, tokenizer, qdict, qcfg, out, config, overwrite=True)
+        save_awq_checkpoint(loaded, qdict, qcfg, out, overwrite=True)
     assert _entries(out) == ["old.txt"]
     monkeypatch.undo()
-    save_awq_checkpoint(model, tokenizer, qdict, qcfg, out, config, overwrite=True)
+    save_awq_checkpoint(loaded, qdict, qcfg, out, overwrite=True)
     assert "old.txt" not in _entries(out) and "model.safetensors" in _entries(out)
     assert _entries(tmp_path) == ["out", "src"]
     load_model(out)
 
 
 def test_unwritable_location(quantized_llama, tmp_path):
-    model, tokenizer, qdict, qcfg, config = quantized_llama
+    loaded, qdict, qcfg = quantized_llama
     (tmp_path / "a_file").write_text("")
     with pytest.raises(TinychatError, match=r"a_file/out: cannot write a checkpoint there"):
-        save_awq_checkpoint(model, tokenizer, qdict, qcfg, tmp_path / "a_file" / "out", config)
+        save_awq_checkpoint(loaded, qdict, qcfg, tmp_path / "a_file" / "out")
 
 
 def test_three_bit_cannot_be_saved(quantized_llama, tmp_path):
-    model, tokenizer, qdict, _, config = quantized_llama
+    loaded, qdict, _ = quantized_llama
     with pytest.raises(TinychatError, match=r"w_bit=3.*4-bit weights only.*w3 is evaluation-only fake quant"):
-        save_awq_checkpoint(model, tokenizer, qdict, QuantConfig(3, 32), tmp_path / "out", config)
+        save_awq_checkpoint(loaded, qdict, QuantConfig(3, 32), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def test_incomplete_qdict_and_wrong_config(quantized_llama, tmp_path):
-    model, tokenizer, qdict, qcfg, config = quantized_llama
+def test_incomplete_qdict(quantized_llama, tmp_path):
+    loaded, qdict, qcfg = quantized_llama
     partial = {k: v for k, v in qdict.items() if k != "layers.1.mlp.w2"}
     with pytest.raises(TinychatError, match=r"qdict lacks the quantization of 1 linear\(s\): layers\.1\.mlp\.w2"):
-        save_awq_checkpoint(model, tokenizer, partial, qcfg, tmp_path / "out", config)
-    with pytest.raises(TinychatError, match=r"source_config does not describe this model \(differs in: num_layers"):
-        save_awq_checkpoint(model, tokenizer, qdict, qcfg, tmp_path / "out", dict(config, num_hidden_layers=3))
+        save_awq_checkpoint(loaded, partial, qcfg, tmp_path / "out")
 
 
 # ---- bad quantized checkpoints ----

@@ -106,7 +106,7 @@ def _int4_cuda_kernel() -> bool:
 def smollm2_cuda(smollm2_gguf):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from tinychat.io.loader import load_model
+    from tinychat.pipeline.loader import load_model
 
     return load_model(smollm2_gguf, device="cuda", dtype="float16")
 
@@ -165,9 +165,13 @@ def test_smollm2_multi_turn_reuses_the_cache_with_graphs(smollm2_cuda):
     for graphs in (True, False):
         engine = Engine(model, tokenizer, 512, cuda_graphs=graphs)
         messages = [{"role": "user", "content": "What is the capital of France?"}]
-        first = "".join(engine.stream(tokenizer.encode_chat(messages), SamplingParams(max_new_tokens=48)))
+        def answer():
+            ids = engine.generate(tokenizer.encode_chat(messages), SamplingParams(max_new_tokens=48))
+            return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+        first = answer()
         messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And of Germany?"}]
-        second = "".join(engine.stream(tokenizer.encode_chat(messages), SamplingParams(max_new_tokens=48)))
+        second = answer()
         assert engine.last_stats.reused_tokens >= len(tokenizer.encode_chat(messages[:1]))
         answers[graphs] = (first, second)
         assert engine.graph_captures == (1 if graphs else 0)

@@ -8,8 +8,10 @@ import torch
 
 from tinychat import ops
 from tinychat.errors import TinychatError
-from tinychat.quant.linear import WQLinear, layer_linear_names, quantize_model_layers
-from tinychat.quant.pack import to_int4_op
+from tinychat.int4_layout import to_int4_op
+from tinychat.linear import WQLinear
+from tinychat.model import linear_names
+from tinychat.quant.quantize import quantize_model_layers
 from tinychat.quant.quantize import QuantConfig, dequantize, quantize
 
 
@@ -172,7 +174,7 @@ def test_torch_compile_fullgraph():
 def test_wqlinear_forward(bias):
     _, (q, s, z) = make_weights(24, 128, 32)
     b = torch.randn(24) if bias else None
-    layer = WQLinear.from_quantized(q, s, z, QuantConfig(4, 32), b)
+    layer = WQLinear.from_quantized(q, s, z, 32, b)
     x = torch.randn(2, 3, 128)
     expected = x @ dequantize(q, s, z, 32).t() + (b if bias else 0)
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
@@ -182,17 +184,11 @@ def test_wqlinear_forward(bias):
 
 def test_wqlinear_cast_keeps_fp32_scales():
     _, (q, s, z) = make_weights(8, 64, 32)
-    layer = WQLinear.from_quantized(q, s, z, QuantConfig(4, 32), torch.randn(8)).to(torch.bfloat16)
+    layer = WQLinear.from_quantized(q, s, z, 32, torch.randn(8)).to(torch.bfloat16)
     assert layer.scales.dtype == layer.zeros.dtype == torch.float32 and torch.equal(layer.scales, s)
     assert layer.bias.dtype == torch.bfloat16 and layer.qweight.dtype == torch.uint8
     x = torch.randn(3, 64).bfloat16()
     assert layer(x).dtype == torch.bfloat16
-
-
-def test_wqlinear_refuses_other_bit_widths():
-    _, (q, s, z) = make_weights(8, 64, 32)
-    with pytest.raises(TinychatError, match=r"4-bit weights only, not w_bit=3.*evaluation-only"):
-        WQLinear.from_quantized(q, s, z, QuantConfig(3, 32))
 
 
 def test_quantize_model_layers_matches_pseudo_quantized_model():
@@ -207,7 +203,7 @@ def test_quantize_model_layers_matches_pseudo_quantized_model():
         torch.nn.init.normal_(layer.attn.wqkv.bias)
     model.eval()
     qcfg = QuantConfig(4, 32)
-    qdict = {name: quantize(model.get_submodule(name).weight.detach(), qcfg) for name in layer_linear_names(2)}
+    qdict = {name: quantize(model.get_submodule(name).weight.detach(), qcfg) for name in linear_names(cfg)}
     tokens = torch.randint(0, 64, (1, 9))
     with torch.no_grad():
         for name, (q, s, z) in qdict.items():
@@ -216,5 +212,9 @@ def test_quantize_model_layers_matches_pseudo_quantized_model():
         quantize_model_layers(model, qdict, qcfg)
         assert isinstance(model.layers[1].mlp.w13, WQLinear) and model.layers[0].attn.wqkv.bias is not None
         torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
-    with pytest.raises(TinychatError, match=r"'layers\.0\.attn\.wo' is a WQLinear, not an nn\.Linear"):
+    with pytest.raises(TinychatError, match=r"'layers\.0\.attn\.wqkv' is a WQLinear, not an nn\.Linear"):
+        quantize_model_layers(model, qdict, qcfg)  # already swapped
+    with pytest.raises(TinychatError, match=r"qdict must hold every decoder linear; missing \['layers\.0\.attn\.wqkv'"):
         quantize_model_layers(model, {"layers.0.attn.wo": qdict["layers.0.attn.wo"]}, qcfg)
+    with pytest.raises(TinychatError, match=r"4-bit weights only, not w_bit=3.*evaluation-only"):
+        quantize_model_layers(model, qdict, QuantConfig(3, 32))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tinychat import ops
-from tinychat.quant.pack import pack_int4_op, to_int4_op, unpack_int4_op
+from tinychat.int4_layout import pack_int4_op, to_int4_op, unpack_int4_op
 from tinychat.quant.quantize import QuantConfig, quantize
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 
 from tinychat import ops
 from tinychat.errors import TinychatError
-from tinychat.quant.linear import Int8Linear, int8_lm_head
+from tinychat.linear import Int8Linear, int8_lm_head
 
 
 def tc():

@@ -1,12 +1,13 @@
-"""The 4-bit layouts of tinychat/quant/pack.py against packers and unpackers written here, from the format
-descriptions alone (plain bit shifts in numpy and Python), not from pack.py."""
+"""The 4-bit layouts of tinychat/io/awq_format.py and tinychat/int4_layout.py against packers and unpackers written here, from the format
+descriptions alone (plain bit shifts in numpy and Python), not from those modules."""
 
 import numpy as np
 import pytest
 import torch
 
 from tinychat.errors import TinychatError
-from tinychat.quant import pack
+from tinychat import int4_layout
+from tinychat.io import awq_format
 from tinychat.quant.quantize import QuantConfig, quantize
 
 GEMM_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ GEMM: nibble i of an int32 holds column 8j + GEMM_ORDER[i]
@@ -59,29 +60,29 @@ def gemv_pack_like_autoawq(q, scales, zeros, G):
 def test_gemm_known_words():
     # one input channel, 8 output channels with q[n] = n: nibble i holds channel GEMM_ORDER[i]
     q = torch.arange(8, dtype=torch.uint8)[:, None]  # [8, 1]
-    qweight, qzeros, scales = pack.pack_awq_gemm(q, torch.ones(8, 1), torch.full((8, 1), 15.0))
+    qweight, qzeros, scales = awq_format.pack_awq_gemm(q, torch.ones(8, 1), torch.full((8, 1), 15.0))
     assert qweight.dtype == torch.int32 and qweight.shape == (1, 1)
     assert qweight.item() == 0x75316420
     assert qzeros.numpy().view(np.uint32).item() == 0xFFFFFFFF  # the sign bit set: a negative int32
     assert scales.dtype == torch.float16 and scales.shape == (1, 8)
     q = 15 - q  # channel 7 (nibble 7) = 8: sign bit set
-    assert pack.pack_awq_gemm(q, torch.ones(8, 1), torch.zeros(8, 1))[0].numpy().view(np.uint32).item() == 0x8ACE9BDF
+    assert awq_format.pack_awq_gemm(q, torch.ones(8, 1), torch.zeros(8, 1))[0].numpy().view(np.uint32).item() == 0x8ACE9BDF
 
 
 @pytest.mark.parametrize("N,K,G", [(8, 32, 32), (24, 192, 64), (200, 576, 64), (64, 256, 128)])
 def test_gemm_round_trip(N, K, G):
     q, scales, zeros = plain_quant(N, K, G)
-    qweight, qzeros, scales16 = pack.pack_awq_gemm(q, scales, zeros)
+    qweight, qzeros, scales16 = awq_format.pack_awq_gemm(q, scales, zeros)
     assert qweight.shape == (K, N // 8) and qzeros.shape == (K // G, N // 8) and scales16.shape == (K // G, N)
     assert (qweight.dtype, qzeros.dtype, scales16.dtype) == (torch.int32, torch.int32, torch.float16)
-    assert pack.awq_gemm_shapes(N, K, G) == {"qweight": (K, N // 8), "qzeros": (K // G, N // 8),
+    assert awq_format.awq_gemm_shapes(N, K, G) == {"qweight": (K, N // 8), "qzeros": (K // G, N // 8),
                                              "scales": (K // G, N)}
     # the bits, decoded independently
     assert np.array_equal(nibbles_of(qweight, GEMM_ORDER), q.t().numpy())
     assert np.array_equal(nibbles_of(qzeros, GEMM_ORDER), zeros.t().numpy())
     assert torch.equal(scales16, scales.t().half())
-    # and pack.py's own unpacker
-    q2, s2, z2 = pack.unpack_awq_gemm(qweight, qzeros, scales16, G)
+    # and awq_format.py's own unpacker
+    q2, s2, z2 = awq_format.unpack_awq_gemm(qweight, qzeros, scales16, G)
     assert torch.equal(q2, q) and torch.equal(z2, zeros) and torch.equal(s2, scales.half().float())
     assert (q2.dtype, s2.dtype, z2.dtype) == (torch.uint8, torch.float32, torch.float32)
 
@@ -89,20 +90,20 @@ def test_gemm_round_trip(N, K, G):
 def test_gemm_from_quantize():
     w = torch.randn(16, 128)
     q, scales, zeros = quantize(w, QuantConfig(4, 64))
-    q2, s2, z2 = pack.unpack_awq_gemm(*pack.pack_awq_gemm(q, scales, zeros), 64)
+    q2, s2, z2 = awq_format.unpack_awq_gemm(*awq_format.pack_awq_gemm(q, scales, zeros), 64)
     assert torch.equal(q2, q) and torch.equal(z2, zeros)
 
 
 def test_gemm_rejects_n_not_multiple_of_8():
     q, scales, zeros = plain_quant(12, 64, 32)
     with pytest.raises(TinychatError, match=r"N = 12 must be a multiple of 8"):
-        pack.pack_awq_gemm(q, scales, zeros)
+        awq_format.pack_awq_gemm(q, scales, zeros)
 
 
 def test_gemm_unpack_shape_mismatch():
-    qweight, qzeros, scales = pack.pack_awq_gemm(*plain_quant(16, 64, 32))
+    qweight, qzeros, scales = awq_format.pack_awq_gemm(*plain_quant(16, 64, 32))
     with pytest.raises(TinychatError, match=r"qzeros has shape \(2, 2\), expected \(1, 2\)"):
-        pack.unpack_awq_gemm(qweight, qzeros, scales, 64)
+        awq_format.unpack_awq_gemm(qweight, qzeros, scales, 64)
 
 
 # ---- AutoAWQ GEMV ----
@@ -111,23 +112,23 @@ def test_gemm_unpack_shape_mismatch():
 @pytest.mark.parametrize("K,G,width", [(4096, 128, 4), (4096, 64, 8), (4096, 32, 16), (576, 64, 2), (192, 32, 4),
                                        (256, 256, 1)])
 def test_gemv_zeros_width(K, G, width):
-    assert pack.gemv_zeros_width(K, G) == width
-    assert pack.awq_gemv_shapes(8, K, G) == {"qweight": (8, K // 8), "qzeros": (8, width), "scales": (8, 8 * width)}
+    assert awq_format.gemv_zeros_width(K, G) == width
+    assert awq_format.awq_gemv_shapes(8, K, G) == {"qweight": (8, K // 8), "qzeros": (8, width), "scales": (8, 8 * width)}
 
 
 def test_gemv_unsupported_group_size():
     with pytest.raises(TinychatError, match=r"group sizes 32, 64 and >= 128, not 16"):
-        pack.gemv_zeros_width(64, 16)
+        awq_format.gemv_zeros_width(64, 16)
 
 
 @pytest.mark.parametrize("N,K,G", [(8, 64, 32), (24, 192, 64), (16, 576, 64), (8, 1024, 128)])
 def test_gemv_unpack_against_autoawq_packing(N, K, G):
     q, scales, zeros = plain_quant(N, K, G)
     qweight, qzeros, scales16 = gemv_pack_like_autoawq(q, scales, zeros, G)
-    q2, s2, z2 = pack.unpack_awq_gemv(qweight, qzeros, scales16, G)
+    q2, s2, z2 = awq_format.unpack_awq_gemv(qweight, qzeros, scales16, G)
     assert torch.equal(q2, q) and torch.equal(z2, zeros) and torch.equal(s2, scales.half().float())
-    # pack.py's GEMV packer writes the same bits
-    ours = pack.pack_awq_gemv(q, scales, zeros)
+    # awq_format.py's GEMV packer writes the same bits
+    ours = awq_format.pack_awq_gemv(q, scales, zeros)
     assert all(torch.equal(a, b) for a, b in zip(ours, (qweight, qzeros, scales16)))
 
 
@@ -137,7 +138,7 @@ def test_gemv_unpack_against_autoawq_packing(N, K, G):
 @pytest.mark.parametrize("N,K", [(1, 32), (8, 64), (200, 576)])
 def test_int4_op_layout(N, K):
     q = plain_quant(N, K, 32)[0]
-    packed = pack.pack_int4_op(q)
+    packed = int4_layout.pack_int4_op(q)
     assert packed.dtype == torch.uint8 and packed.shape == (N, K // 2)
     b = packed.numpy().astype(np.int64)
     decoded = np.zeros((N, K), dtype=np.int64)
@@ -147,17 +148,17 @@ def test_int4_op_layout(N, K):
             decoded[n, 32 * blk + j] = b[n, i] & 0xF
             decoded[n, 32 * blk + 16 + j] = b[n, i] >> 4
     assert np.array_equal(decoded, q.numpy())
-    assert torch.equal(pack.unpack_int4_op(packed), q)
+    assert torch.equal(int4_layout.unpack_int4_op(packed), q)
 
 
 @pytest.mark.parametrize("K", [2, 48, 100])
 def test_int4_op_layout_needs_whole_blocks(K):
     with pytest.raises(TinychatError, match=r"multiple of 32"):
-        pack.pack_int4_op(torch.zeros(4, K, dtype=torch.uint8))
+        int4_layout.pack_int4_op(torch.zeros(4, K, dtype=torch.uint8))
 
 
 def test_to_int4_op_from_gemm():
     q, scales, zeros = plain_quant(16, 128, 32)
-    qweight, s, z = pack.to_int4_op(*pack.unpack_awq_gemm(*pack.pack_awq_gemm(q, scales, zeros), 32))
-    assert torch.equal(pack.unpack_int4_op(qweight), q)
+    qweight, s, z = int4_layout.to_int4_op(*awq_format.unpack_awq_gemm(*awq_format.pack_awq_gemm(q, scales, zeros), 32))
+    assert torch.equal(int4_layout.unpack_int4_op(qweight), q)
     assert s.dtype == z.dtype == torch.float32 and torch.equal(z, zeros)

@@ -2,10 +2,8 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +13,6 @@ from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
 from tinychat.model import Transformer
 from tinychat.ppl import load_wikitext, perplexity, wikitext_rows
-
-DATA = Path(os.environ.get("TINYCHAT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-WIKI_RAW = DATA / "wikitext2_raw_test.txt"
-WIKI_ROWS = DATA / "wikitext2_raw_test_hf_rows.json"
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, max_position_embeddings=128)
@@ -103,28 +97,36 @@ def test_wikitext_rows_from_raw(tmp_path):
         load_wikitext(tmp_path / "missing.txt")
 
 
-def test_shared_wikitext_files_give_the_same_text():
-    # CI checks out ../shared/data: a missing file is a failure, not a skip
-    assert WIKI_RAW.is_file() and WIKI_ROWS.is_file(), f"WikiText-2 files missing under {DATA} (set TINYCHAT_DATA)"
-    from_raw, from_rows = load_wikitext(WIKI_RAW), load_wikitext(WIKI_ROWS)
-    assert from_raw == from_rows == "\n\n".join(json.loads(WIKI_ROWS.read_text(encoding="utf-8")))
+@pytest.fixture(scope="module")
+def wiki_raw(shared_data):
+    return shared_data("wikitext2_raw_test.txt")
+
+
+@pytest.fixture(scope="module")
+def wiki_rows(shared_data):
+    return shared_data("wikitext2_raw_test_hf_rows.json")
+
+
+def test_shared_wikitext_files_give_the_same_text(wiki_raw, wiki_rows):
+    from_raw, from_rows = load_wikitext(wiki_raw), load_wikitext(wiki_rows)
+    assert from_raw == from_rows == "\n\n".join(json.loads(wiki_rows.read_text(encoding="utf-8")))
     assert from_raw.startswith("\n\n = Robert Boulter = \n") and len(from_raw) == 1_294_336
 
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    from tinychat.io.loader import load_model
+    from tinychat.pipeline.loader import load_model
 
     return load_model(smollm2_gguf)
 
 
-def test_smollm2_wikitext2_ppl_and_cli(smollm2):
+def test_smollm2_wikitext2_ppl_and_cli(wiki_raw, smollm2):
     model, tokenizer = smollm2
-    result = perplexity(model, tokenizer, load_wikitext(WIKI_RAW), seqlen=512, max_windows=2, progress=False)
+    result = perplexity(model, tokenizer, load_wikitext(wiki_raw), seqlen=512, max_windows=2, progress=False)
     assert result.windows == 2 and result.tokens_evaluated == 2 * 511
     assert math.isfinite(result.ppl) and 5 < result.ppl < 60, result
 
-    out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(WIKI_RAW), "--seqlen", "512",
+    out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(wiki_raw), "--seqlen", "512",
                           "--max-windows", "2", "--quant", "none"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"perplexity: {result.ppl:.4f}" in out.stdout
@@ -135,7 +137,9 @@ def test_cli_errors_are_one_clear_line(smollm2_gguf, tmp_path):
     out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(tmp_path / "none.txt")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "no such file" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(WIKI_ROWS), "--seqlen", "100000",
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([" = Title = \n", " Some text . \n"] * 50))
+    out = subprocess.run([sys.executable, "-m", "tinychat", "ppl", "--data", str(rows), "--seqlen", "100000",
                           "--quant", "none"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "exceeds the model's context length" in out.stderr, out.stderr

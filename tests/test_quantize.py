@@ -11,16 +11,11 @@ import torch
 
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
-from tinychat.io.loader import load_model
-from tinychat.quant import pipeline
-from tinychat.quant.linear import WQLinear
-from tinychat.quant.pipeline import (
-    QuantizeOptions,
-    auto_group_size,
-    cached_quantized_model,
-    quantize_checkpoint,
-    search_dtype,
-)
+from tinychat.pipeline.loader import load_model, open_source
+from tinychat.linear import WQLinear
+from tinychat.pipeline import quantize as pipeline
+from tinychat.pipeline.quantize import QuantizeOptions, cached_quantized_model, quantize_checkpoint, search_dtype
+from tinychat.quant.quantize import auto_group_size
 
 PROMPT = "hello world, the quick brown fox"
 # small calibration text in the tiny tokenizer's alphabet: the byte-level BPE needs no particular words
@@ -132,7 +127,7 @@ def test_output_directory_errors_come_before_any_work(src, tmp_path, monkeypatch
     def no_load(*a, **k):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(pipeline, "load_model", no_load)
+    monkeypatch.setattr(pipeline, "open_source", no_load)
     existing = tmp_path / "existing"
     existing.mkdir()
     with pytest.raises(TinychatError, match="existing: already exists"):
@@ -164,8 +159,7 @@ def test_quantizing_a_quantized_checkpoint_is_refused(src, tmp_path):
 
 
 def test_auto_group_size(src):
-    model, _ = load_model(src)
-    assert auto_group_size(model) == 64  # in_features 64 and 128
+    assert auto_group_size(open_source(src).config) == 64  # in_features 64 and 128
 
 
 def test_cache_quantizes_once_per_model_and_options(src, tmp_path, monkeypatch):

@@ -180,3 +180,15 @@ def test_client_disconnect_cancels_the_generation(server, stream):
         watcher.join()
     assert True in seen, "the generation never started"
     assert wait_idle(server), "the generation went on after the client left"
+
+
+def test_unset_sampling_takes_the_server_defaults(client):
+    """A request that sets no sampling samples as tinychat.engine.SERVER_SAMPLING says (one place for defaults)."""
+    from tinychat.engine import SERVER_SAMPLING as d
+
+    def ask(**sampling):
+        return client.completions.create(model="m", prompt="Once upon a time", max_tokens=12, seed=3,
+                                         **sampling).choices[0].text
+
+    explicit = ask(temperature=d.temperature, top_p=d.top_p, extra_body={"top_k": d.top_k})
+    assert d.temperature > 0 and ask() == explicit != ask(temperature=0)

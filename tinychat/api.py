@@ -12,6 +12,7 @@ to end, or, with `timeout`, give up with `BusyError`. A stream holds the model u
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from tinychat.engine import Engine, GenerationStats, SamplingParams
+from tinychat.engine import API_SAMPLING, Engine, GenerationStats, SamplingParams
 from tinychat.errors import GenerationError, TinychatError
+from tinychat.pipeline.loader import ModelSource, open_source, resolve_dtype, resolve_source
 from tinychat.model import Transformer
 from tinychat.tokenizer import StreamDecoder, Tokenizer
 
@@ -134,6 +136,15 @@ class Model:
         """Tokens the KV cache holds: prompt plus answer must fit."""
         return self.engine.max_seq_len
 
+    def reset(self, timeout: float | None = None) -> None:
+        """Forget the conversation the KV cache holds (the next call prefills its whole prompt)."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise BusyError(f"{self.name} is busy with another generation")
+        try:
+            self.engine.reset()
+        finally:
+            self._lock.release()
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
@@ -151,7 +162,8 @@ class Model:
                  **sampling) -> Completion | TextStream:
         """Continue `prompt` (plain text, no chat template).
 
-        sampling: temperature (0 = greedy, the default), top_k, top_p, repetition_penalty, seed, max_new_tokens.
+        sampling: temperature, top_k, top_p, repetition_penalty, seed, max_new_tokens; each unset one takes its
+        value from `tinychat.engine.API_SAMPLING` (greedy: temperature 0).
         stop: strings that end the answer (not included in it). timeout: seconds to wait while another call runs
         (None: as long as it takes; 0: fail at once with BusyError).
         """
@@ -174,7 +186,7 @@ class Model:
         if unknown:
             raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}; "
                             f"known: {', '.join(sorted(SAMPLING_ARGS))}")
-        params = SamplingParams(**sampling)
+        params = dataclasses.replace(API_SAMPLING, **sampling)
         if isinstance(stop, str):
             stop = [stop]
         stop = [s for s in stop if s]
@@ -223,13 +235,14 @@ class Model:
                 decode_tok_s=stats.decode_tok_s, total_s=time.perf_counter() - t0, reused_tokens=stats.reused_tokens))
 
 
-def load(path_or_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", dtype="float32",
+def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: str | torch.device = "cpu", dtype="float32",
          quant: str = "auto", threads: int | None = None, max_seq_len: int | None = None,
          verbose: bool = False) -> Model:
     """Load a model for generation.
 
-    path_or_id: a GGUF file, a Hugging Face model directory (full precision or AWQ 4-bit) or a hub id; None: the
-    default model, SmolLM2-135M-Instruct. quant: "awq" runs a full-precision model in 4 bits (quantized on first
+    path_or_id: a GGUF file, a Hugging Face model directory (full precision or AWQ 4-bit), a hub id, or a
+    ModelSource already opened (`tinychat.pipeline.loader.open_source`); None: the default model,
+    SmolLM2-135M-Instruct. quant: "awq" runs a full-precision model in 4 bits (quantized on first
     use and cached), "none" runs it as given, "auto" means "awq" for the default model and "none" otherwise.
     threads: CPU threads (torch's setting is process-wide). max_seq_len: context to allocate (default: the
     model's own).
@@ -239,25 +252,25 @@ def load(path_or_id: str | os.PathLike | None = None, *, device: str | torch.dev
     return Model(model, tokenizer, name=path.name, max_seq_len=max_seq_len)
 
 
-def load_transformer(path_or_id: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+def load_transformer(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: str | torch.device = "cpu",
                      dtype="float32", quant: str = "auto", threads: int | None = None,
                      verbose: bool = False) -> tuple[Transformer, Tokenizer, Path]:
     """What `load` loads, without an engine (no KV cache is allocated): the decoder, its tokenizer and the path
     they came from (for `quant="awq"`, the cached 4-bit checkpoint). For whole-sequence work such as perplexity."""
-    from tinychat.io.loader import load_model, resolve_dtype, resolve_source
-
     if quant not in ("auto", "awq", "none"):
         raise ValueError(f"quant must be 'auto', 'awq' or 'none', got {quant!r}")
     resolve_dtype(dtype)  # a bad dtype fails before any work
     if threads:
         torch.set_num_threads(threads)
-    if quant == "awq" or (quant == "auto" and path_or_id is None):
-        from tinychat.quant.pipeline import QuantizeOptions, cached_quantized_model
+    src = path_or_id if isinstance(path_or_id, ModelSource) else None  # a source whose header was read already
+    path = src.path if src is not None else resolve_source(path_or_id)
+    if src is None and path.is_dir():  # a directory may be a 4-bit checkpoint already
+        src = open_source(path)
+    if (quant == "awq" or (quant == "auto" and path_or_id is None)) and not (src is not None and src.quantized):
+        from tinychat.pipeline.quantize import QuantizeOptions, cached_quantized_model
 
-        path = cached_quantized_model(path_or_id, QuantizeOptions(device=str(device)))
-    else:
-        path = resolve_source(path_or_id)
+        path, src = cached_quantized_model(src or path, QuantizeOptions(device=str(device))), None
     if verbose:
         print(f"loading {path} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(path, device=device, dtype=dtype)
-    return model, tokenizer, Path(path)
+    loaded = (src or open_source(path)).load(device=device, dtype=dtype)
+    return loaded.model, loaded.tokenizer, loaded.path

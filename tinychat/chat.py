@@ -1,15 +1,17 @@
-"""`tinychat chat`: a conversation over one engine (chat template, KV cache kept between turns, context policy)
-and the terminal loop around it (line editing and history, commands, Ctrl-C)."""
+"""`tinychat chat`: a conversation over one `tinychat.Model` (chat template, KV cache kept between turns, context
+policy) and the terminal loop around it (line editing and history, commands, Ctrl-C)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tinychat.engine import Engine, SamplingParams
+from tinychat.api import Completion, Model
+from tinychat.engine import CLI_SAMPLING, SamplingParams
 from tinychat.errors import GenerationError, TinychatError
 
 PROMPT = ">>> "
@@ -22,23 +24,26 @@ class ChatSession:
     system message) are dropped and the rest is prefilled again; this is said once on stderr.
     """
 
-    def __init__(self, engine: Engine, system: str | None = None, params: SamplingParams = SamplingParams()):
-        self.engine, self.params = engine, params
+    def __init__(self, llm: Model, system: str | None = None, params: SamplingParams = CLI_SAMPLING):
+        self.llm, self.params = llm, params
         self.system = system
         self.messages: list[dict] = []
         self.trimmed_notice_given = False
+        self.last: Completion | None = None  # the last answer's result (/stats)
 
     def reset(self, system: str | None = None) -> None:
         self.system = system if system is not None else self.system
         self.messages = []
-        self.engine.reset()
+        self.llm.reset()
 
-    def _prompt_ids(self) -> list[int]:
+    def _fitted_messages(self) -> list[dict]:
+        """The conversation to send (system message first), its oldest turns dropped until it fits."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        room = min(self.params.max_new_tokens, self.engine.max_seq_len // 2)
+        context = self.llm.context_length
+        room = min(self.params.max_new_tokens, context // 2)
         while True:
-            ids = self.engine.tokenizer.encode_chat(head + self.messages)
-            if len(ids) + room <= self.engine.max_seq_len or len(self.messages) <= 1:
+            ids = self.llm.chat_prompt_ids(head + self.messages)
+            if len(ids) + room <= context or len(self.messages) <= 1:
                 break
             # drop the oldest exchange: the first user message and everything up to the next user message
             drop = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
@@ -46,24 +51,26 @@ class ChatSession:
             if not self.trimmed_notice_given:
                 print("[context full: dropping the oldest turns]", file=sys.stderr)
                 self.trimmed_notice_given = True
-        if len(ids) >= self.engine.max_seq_len:
+        if len(ids) >= context:
             self.messages.pop()
             raise GenerationError(
-                f"this message needs {len(ids)} tokens with the template; the context holds {self.engine.max_seq_len}"
+                f"this message needs {len(ids)} tokens with the template; the context holds {context}"
             )
-        return ids
+        return head + self.messages
 
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the answer; the answer is kept even when the caller stops early."""
         self.messages.append({"role": "user", "content": text})
-        ids = self._prompt_ids()
+        stream = self.llm.chat(self._fitted_messages(), stream=True, **dataclasses.asdict(self.params))
         answer: list[str] = []
         try:
-            for piece in self.engine.stream(ids, self.params):
-                answer.append(piece)
-                yield piece
+            with stream:
+                for piece in stream:
+                    answer.append(piece)
+                    yield piece
         finally:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
+            self.last = stream.completion
 
 
 HELP = """commands:
@@ -105,14 +112,14 @@ def _line_reader(interactive: bool) -> Callable[[], str]:
 
 
 def format_stats(session: ChatSession) -> str:
-    s = session.engine.last_stats
-    if not s.prompt_tokens:
+    c = session.last
+    if c is None or not c.prompt_tokens:
         return "no answer yet"
-    used, room = len(session.engine.cached), session.engine.max_seq_len
-    return (f"prompt {s.prompt_tokens} tokens ({s.reused_tokens} reused from the cache, "
-            f"{s.prompt_tokens - s.reused_tokens} prefilled at {s.prefill_tok_s:.1f} tok/s) | "
-            f"TTFT {s.ttft_s * 1000:.0f} ms | {s.generated_tokens} generated at {s.decode_tok_s:.1f} tok/s | "
-            f"finish: {s.finish_reason} | context {used}/{room}")
+    used, room = c.prompt_tokens + c.completion_tokens, session.llm.context_length
+    return (f"prompt {c.prompt_tokens} tokens ({c.reused_tokens} reused from the cache, "
+            f"{c.prompt_tokens - c.reused_tokens} prefilled at {c.prefill_tok_s:.1f} tok/s) | "
+            f"TTFT {c.ttft_s * 1000:.0f} ms | {c.completion_tokens} generated at {c.decode_tok_s:.1f} tok/s | "
+            f"finish: {c.finish_reason} | context {used}/{room}")
 
 
 def run_chat(session: ChatSession, interactive: bool, out=sys.stdout, err=sys.stderr) -> int:

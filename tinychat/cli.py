@@ -20,12 +20,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: 0.7)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    from tinychat.engine import CLI_SAMPLING as d
+
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 for greedy (default: {d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0: off (default: {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1: off (default: {d.top_p})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"1: off (default: {d.repetition_penalty})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"(default: {d.max_new_tokens})")
     p.add_argument("--ctx", type=int, default=None, help="context length to allocate (default: the model's)")
 
 
@@ -49,22 +52,27 @@ def cmd_chat(args) -> int:
 
     params = _sampling(args)
     llm = _load(args)
-    session = ChatSession(llm.engine, system=args.system, params=params)
+    session = ChatSession(llm, system=args.system, params=params)
     print(f"chatting with {llm.name}: /help lists the commands, /exit or Ctrl-D quits", file=sys.stderr)
     return run_chat(session, interactive=sys.stdin.isatty() and sys.stdout.isatty())
 
 
 def cmd_generate(args) -> int:
-    params = _sampling(args)
+    import dataclasses
+
+    sampling = dataclasses.asdict(_sampling(args))
     llm = _load(args)
-    engine, tokenizer = llm.engine, llm.tokenizer
-    ids = tokenizer.encode(args.prompt) if args.raw else tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    for piece in engine.stream(ids, params):
-        print(piece, end="", flush=True)
+    if args.raw:
+        stream = llm.generate(args.prompt, stream=True, **sampling)
+    else:
+        stream = llm.chat([{"role": "user", "content": args.prompt}], stream=True, **sampling)
+    with stream:
+        for piece in stream:
+            print(piece, end="", flush=True)
     print()
-    s = engine.last_stats
-    print(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, TTFT {s.ttft_s * 1000:.0f} ms, "
-          f"{s.decode_tok_s:.1f} tok/s, finish: {s.finish_reason}]", file=sys.stderr)
+    c = stream.completion
+    print(f"[{c.prompt_tokens} prompt tokens, {c.completion_tokens} generated, TTFT {c.ttft_s * 1000:.0f} ms, "
+          f"{c.decode_tok_s:.1f} tok/s, finish: {c.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -98,7 +106,7 @@ def cmd_ppl(args) -> int:
 def cmd_quantize(args) -> int:
     import torch
 
-    from tinychat.quant.pipeline import SEARCH_TOKENS, QuantizeOptions, quantize_checkpoint
+    from tinychat.pipeline.quantize import SEARCH_TOKENS, QuantizeOptions, quantize_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)

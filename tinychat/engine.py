@@ -1,4 +1,5 @@
-"""The decoding loop: prefill, decode, sampling, stop conditions, streaming text.
+"""The decoding loop: prefill, decode, sampling, stop tokens; token ids in, token ids out (text streaming, stop
+strings and the lock around a generation are `tinychat.api.Model`'s, the one front door to generation).
 
 The engine owns the model's KV cache and remembers which tokens it holds, so a new prompt that starts with the
 previous conversation (multi-turn chat) prefills only its new tokens. Per decoded token the host waits for exactly
@@ -21,7 +22,7 @@ import torch
 
 from tinychat.errors import GenerationError
 from tinychat.model import Transformer
-from tinychat.tokenizer import StreamDecoder, Tokenizer
+from tinychat.tokenizer import Tokenizer
 
 GRAPHS_ENV = "TINYCHAT_CUDA_GRAPHS"  # "0" (or "false", "off", "no"): decode eagerly on CUDA too
 MAX_GRAPHS = 8  # captured decode steps an engine keeps, one per sampling setting; the least recently used goes
@@ -47,6 +48,12 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+# The sampling defaults, in one place; each interface says which it uses, and a caller's settings override them.
+API_SAMPLING = SamplingParams()  # the Python API: greedy, reproducible
+CLI_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1)  # chat and generate
+SERVER_SAMPLING = SamplingParams(temperature=0.8, top_p=0.95)  # the HTTP server, as llama.cpp's server samples
 
 
 @dataclass
@@ -324,16 +331,3 @@ class Engine:
             token_t = self._decode(token_t, len(self.cached), sampler, step)
             self.cached.append(token)
             stats.decode_steps += 1
-
-    def stream(
-        self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] | None = None
-    ) -> Iterator[str]:
-        """Yield text pieces as they complete (multi-byte characters are never split)."""
-        decoder = StreamDecoder(self.tokenizer)
-        for token in self.generate(prompt, params, stop_ids):
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail

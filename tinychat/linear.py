@@ -1,29 +1,18 @@
-"""WQLinear: a linear layer with 4-bit weights, run by the `tinychat::int4_linear` op.
+"""The model's quantized linear layers: WQLinear (4-bit weights, `tinychat::int4_linear`) and Int8Linear (8-bit
+weights, `tinychat::int8_linear`).
 
-It holds the int4 op layout of tinychat/quant/pack.py (qweight uint8 [N, K/2] in blocks of 32 input channels,
-fp32 scales and zeros [N, K/G]) and an optional bias. `quantize_model_layers` swaps the decoder's float linears
-for WQLinear layers.
+WQLinear holds the int4 op layout of tinychat/int4_layout.py (qweight uint8 [N, K/2] in blocks of 32 input channels,
+fp32 scales and zeros [N, K/G]) and an optional bias. `Transformer.swap_linears` puts them in the decoder's place.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from tinychat import ops
 from tinychat.errors import TinychatError
-from tinychat.quant.pack import OP_BLOCK, to_int4_op
-from tinychat.quant.quantize import QuantConfig
-
-# The decoder's linears, per layer, as named in a Transformer (fused q/k/v and gate/up)
-LAYER_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
-
-
-def layer_linear_names(num_layers: int) -> list[str]:
-    """Every quantizable linear of a Transformer: "layers.{i}.attn.wqkv", ..."""
-    return [f"layers.{i}.{name}" for i in range(num_layers) for name in LAYER_LINEARS]
+from tinychat.int4_layout import OP_BLOCK, to_int4_op
 
 
 class _Fp32Buffers(nn.Module):
@@ -67,20 +56,16 @@ class WQLinear(_Fp32Buffers):
             self.bias = None
 
     @classmethod
-    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, qcfg: QuantConfig,
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                        bias: torch.Tensor | None = None) -> WQLinear:
-        """From the plain quantization (q uint8 [N, K], scales/zeros fp32 [N, K/G]) of tinychat.quant.quantize."""
-        if qcfg.w_bit != 4:
-            raise TinychatError(
-                f"WQLinear runs 4-bit weights only, not w_bit={qcfg.w_bit} (other widths are evaluation-only fake "
-                "quantization: use pseudo_quantize)"
-            )
+        """From the plain quantization (q uint8 [N, K] of 4-bit values, scales/zeros fp32 [N, K/G];
+        tinychat/int4_layout.py)."""
         N, K = q.shape
-        if tuple(scales.shape) != (N, K // qcfg.group_size):
+        if tuple(scales.shape) != (N, K // group_size):
             raise TinychatError(f"WQLinear: scales have shape {tuple(scales.shape)}, expected "
-                                f"{(N, K // qcfg.group_size)} for q {tuple(q.shape)} and group size {qcfg.group_size}")
+                                f"{(N, K // group_size)} for q {tuple(q.shape)} and group size {group_size}")
         qweight, scales32, zeros32 = to_int4_op(q, scales, zeros)
-        layer = cls(K, N, qcfg.group_size, bias=bias is not None, device="meta")
+        layer = cls(K, N, group_size, bias=bias is not None, device="meta")
         layer.qweight, layer.scales, layer.zeros = qweight, scales32, zeros32
         if bias is not None:
             layer.bias = bias.detach().clone()
@@ -135,25 +120,4 @@ def int8_lm_head(model: nn.Module) -> nn.Module:
     if not isinstance(head, nn.Linear) or head.bias is not None:
         raise TinychatError(f"int8_lm_head: the lm_head is a {type(head).__name__}, not an nn.Linear without bias")
     model.lm_head = Int8Linear.from_float(head.weight).to(head.weight.device)
-    return model
-
-
-def quantize_model_layers(
-    model: nn.Module, qdict: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], qcfg: QuantConfig
-) -> nn.Module:
-    """Replace each nn.Linear named in qdict ("layers.{i}.attn.wqkv", ...: (q, scales, zeros) of its fused weight)
-    by a WQLinear on the same device, keeping its bias. Returns the model (changed in place)."""
-    for name, (q, scales, zeros) in qdict.items():
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise TinychatError(f"quantize_model_layers: the model has no module {name!r}") from None
-        if not isinstance(linear, nn.Linear):
-            raise TinychatError(f"quantize_model_layers: {name!r} is a {type(linear).__name__}, not an nn.Linear")
-        if tuple(q.shape) != tuple(linear.weight.shape):
-            raise TinychatError(f"quantize_model_layers: {name!r}: q has shape {tuple(q.shape)}, but the weight is "
-                                f"{tuple(linear.weight.shape)}")
-        layer = WQLinear.from_quantized(q, scales, zeros, qcfg, linear.bias).to(linear.weight.device)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
     return model

@@ -1,18 +1,78 @@
 """One Llama-family decoder for every supported architecture, driven by ModelConfig.
 
-q/k/v and gate/up are fused into single projections at load time. Norms, the rotary embedding with the KV-cache
-write, attention and the MLP's activation go through `tinychat.ops` (compiled kernels when built, PyTorch references
-otherwise); the model never asks which device it is on: the dispatcher picks the kernel. Positions are a tensor,
-never a Python number, so that a decode step replays as a CUDA graph with its positions in a static buffer.
+q/k/v and gate/up are fused into single projections at load time; `layer_linears` declares each linear of a decoder
+layer and its row blocks, once, for every module that loads, quantizes, saves or swaps them. Norms, the rotary
+embedding with the KV-cache write, attention and the MLP's activation go through `tinychat.ops` (compiled kernels
+when built, PyTorch references otherwise); the model never asks which device it is on: the dispatcher picks the
+kernel. Positions are a tensor, never a Python number, so that a decode step replays as a CUDA graph with its
+positions in a static buffer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from tinychat import ops
 from tinychat.config import ModelConfig, rope_inv_freq
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One linear of a decoder layer: where it lives, its input width, its bias, and its output rows as named
+    blocks in row order (a fused linear has several: wqkv = q | k | v; the name map of a checkpoint format says
+    which tensor each block comes from)."""
+
+    name: str  # module path within a DecoderLayer, e.g. "attn.wqkv"
+    in_features: int
+    parts: tuple[tuple[str, int], ...]  # (block, rows) in row order, e.g. (("q", H*D), ("k", Hkv*D), ("v", Hkv*D))
+    bias: bool
+
+    @property
+    def out_features(self) -> int:
+        return sum(rows for _, rows in self.parts)
+
+    def rows(self, part: str) -> slice:
+        """The output rows of block `part`."""
+        start = 0
+        for name, n in self.parts:
+            if name == part:
+                return slice(start, start + n)
+            start += n
+        raise KeyError(f"{self.name} has no row block {part!r} (it has {', '.join(n for n, _ in self.parts)})")
+
+
+def layer_linears(cfg: ModelConfig) -> tuple[LinearSpec, ...]:
+    """The linears of each decoder layer, in execution order: the one place that says how they are fused."""
+    C, I = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return (
+        LinearSpec("attn.wqkv", C, (("q", q), ("k", kv), ("v", kv)), cfg.qkv_bias),
+        LinearSpec("attn.wo", q, (("o", C),), cfg.o_bias),
+        LinearSpec("mlp.w13", C, (("gate", I), ("up", I)), cfg.mlp_bias),
+        LinearSpec("mlp.w2", I, (("down", C),), cfg.mlp_bias),
+    )
+
+
+def linear_names(cfg: ModelConfig) -> list[str]:
+    """Every decoder linear of a Transformer: "layers.{i}.attn.wqkv", ..."""
+    return [f"layers.{i}.{spec.name}" for i in range(cfg.num_layers) for spec in layer_linears(cfg)]
+
+
+def linear_spec(cfg: ModelConfig, name: str) -> LinearSpec:
+    """The LinearSpec of the decoder linear `name` ("attn.wqkv", ...)."""
+    for spec in layer_linears(cfg):
+        if spec.name == name:
+            return spec
+    raise KeyError(f"a decoder layer has no linear {name!r}")
+
+
+def _linear(cfg: ModelConfig, name: str) -> nn.Linear:
+    spec = linear_spec(cfg, name)
+    return nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
 
 
 class KVCache(nn.Module):
@@ -33,9 +93,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.wqkv = _linear(cfg, "attn.wqkv")  # q | k | v
+        self.wo = _linear(cfg, "attn.wo")
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -55,8 +114,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate; up
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.w13 = _linear(cfg, "mlp.w13")  # gate | up
+        self.w2 = _linear(cfg, "mlp.w2")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(ops.silu_and_mul(self.w13(x)))  # w13: [B, T, 2I] = gate | up
@@ -100,6 +159,14 @@ class Transformer(nn.Module):
             inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, rope_freq_factors)  # [D/2]
             cos_sin = ops.rope_cos_sin(inv_freq, cfg.context_length)  # [context_length, D] fp32
         self.register_buffer("cos_sin", cos_sin, persistent=False)
+
+    def swap_linears(self, make: Callable[[str, nn.Module], nn.Module]) -> Transformer:
+        """Replace every decoder linear by make(name, linear) ("layers.{i}.attn.wqkv", ...): how float linears
+        become 4-bit ones, at load and after quantization. Returns the model (changed in place)."""
+        for name in linear_names(self.config):
+            parent, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(parent), attr, make(name, self.get_submodule(name)))
+        return self
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinychat.quant.pack import unpack_int4_op
+from tinychat.int4_layout import unpack_int4_op
 
 # ---- pure-PyTorch references ----
 
@@ -90,7 +90,7 @@ def rope_cos_sin(inv_freq: Tensor, max_pos: int) -> Tensor:
 
 
 def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
-    """x @ W.T with W the 4-bit weights in the int4 op layout (tinychat/quant/pack.py), dequantized to fp32.
+    """x @ W.T with W the 4-bit weights in the int4 op layout (tinychat/int4_layout.py), dequantized to fp32.
 
     x [..., K] (fp32/bf16/fp16, K % 32 == 0); qweight uint8 [N, K/2] (byte j of each 32-channel block b: low nibble
     = channel 32b + j, high nibble = 32b + 16 + j); scales, zeros fp32 [N, K/G];
@@ -141,19 +141,6 @@ def _int8_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _register_fakes() -> None:
-    """Shape/dtype-only implementations, so torch.compile can trace the compiled ops."""
-    fakes = {"rms_norm": _rms_norm_fake, "add_rms_norm": _add_rms_norm_fake, "rope_kv_write": _rope_kv_write_fake,
-             "attention": _attention_fake, "silu_and_mul": _silu_and_mul_fake, "int4_linear": _int4_linear_fake,
-             "int8_linear": _int8_linear_fake}
-    for name, fake in fakes.items():
-        try:
-            torch.library.register_fake(f"tinychat::{name}", fake)
-        except RuntimeError as e:  # registered before, e.g. when this module was reloaded
-            if "already has" not in str(e):
-                raise
-
-
 def _load_extension() -> bool:
     """Load tinychat._C (which registers torch.ops.tinychat.*); warn once and return False if it is missing."""
     try:
@@ -166,19 +153,7 @@ def _load_extension() -> bool:
             stacklevel=2,
         )
         return False
-    _register_fakes()
-    _register_cuda_stand_ins()
     return True
-
-
-def _register_cuda_stand_ins() -> None:
-    """An op built without a CUDA kernel runs its reference on CUDA tensors, so a model still runs there (slowly);
-    int4_linear has no stand-in: a 4-bit model on CUDA needs the real kernel."""
-    stand_ins = {"rope_kv_write": rope_kv_write_ref, "attention": attention_ref, "silu_and_mul": silu_and_mul_ref,
-                 "int8_linear": int8_linear_ref}
-    for name, reference in stand_ins.items():
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tinychat::{name}", "CUDA"):
-            torch.library.impl(f"tinychat::{name}", "CUDA")(reference)
 
 
 # Decided once, at import: each public op below is either the compiled op or its reference, so a call pays
@@ -186,29 +161,42 @@ def _register_cuda_stand_ins() -> None:
 EXTENSION_AVAILABLE = _load_extension()
 
 
-def _pick(name: str, reference):
-    return getattr(torch.ops.tinychat, name).default if EXTENSION_AVAILABLE else reference
+def _op(name: str, reference, fake, cuda_stand_in: bool = False):
+    """One op of the list below: the compiled `tinychat::{name}` with its fake (shape/dtype only, so torch.compile
+    can trace it) registered, or `reference` when the extension is missing. cuda_stand_in: where the extension was
+    built without a CUDA kernel for it, the reference runs on CUDA tensors, so a model still runs there (slowly)."""
+    if not EXTENSION_AVAILABLE:
+        return reference
+    qualified = f"tinychat::{name}"
+    try:
+        torch.library.register_fake(qualified, fake)
+    except RuntimeError as e:  # registered before, e.g. when this module was reloaded
+        if "already has" not in str(e):
+            raise
+    if cuda_stand_in and not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA"):
+        torch.library.impl(qualified, "CUDA")(reference)
+    return getattr(torch.ops.tinychat, name).default
 
 
-# ---- public ops (what the model calls) ----
+# ---- public ops (what the model calls): the op list, once ----
 
 # x [..., H], weight [H] -> [..., H]; see rms_norm_ref
-rms_norm = _pick("rms_norm", rms_norm_ref)
+rms_norm = _op("rms_norm", rms_norm_ref, _rms_norm_fake)
 # x, residual [..., H], weight [H] -> (normed [..., H], x + residual [..., H]); see add_rms_norm_ref
-add_rms_norm = _pick("add_rms_norm", add_rms_norm_ref)
+add_rms_norm = _op("add_rms_norm", add_rms_norm_ref, _add_rms_norm_fake)
 # qkv [B, T, H + 2 Hkv, D], positions [T], cos_sin [max_pos, D], k_cache/v_cache [B, Hkv, S, D] (written in
 # place) -> rotated q [B, T, H, D]; see rope_kv_write_ref.
-rope_kv_write = _pick("rope_kv_write", rope_kv_write_ref)
+rope_kv_write = _op("rope_kv_write", rope_kv_write_ref, _rope_kv_write_fake, cuda_stand_in=True)
 # q [B, T, H, D], k_cache/v_cache [B, Hkv, S, D], positions [T], scale -> [B, T, H, D]; see attention_ref. CPU
 # kernel: online softmax, GQA groups share each key/value read; T = 1 (decode) and T > 1 (prefill) alike.
-attention = _pick("attention", attention_ref)
+attention = _op("attention", attention_ref, _attention_fake, cuda_stand_in=True)
 # x [..., 2I] -> silu(x[..., :I]) * x[..., I:] [..., I]; see silu_and_mul_ref.
-silu_and_mul = _pick("silu_and_mul", silu_and_mul_ref)
+silu_and_mul = _op("silu_and_mul", silu_and_mul_ref, _silu_and_mul_fake, cuda_stand_in=True)
 # x [..., K], qweight uint8 [N, K/2], scales/zeros fp32 [N, K/G], group_size -> [..., N] in x.dtype; see
 # int4_linear_ref. CPU kernels: AVX-512, AVX2 or portable, picked at run time (torch.ops.tinychat.cpu_isa() says
 # which); CUDA kernels (sm_80+): a GEMV for M <= 8 and a tensor-core GEMM above (csrc/cuda/int4_linear.cu).
-int4_linear = _pick("int4_linear", int4_linear_ref)
+int4_linear = _op("int4_linear", int4_linear_ref, _int4_linear_fake)
 # x [..., K], qweight int8 [N, K], scales fp32 [N] -> [..., N] in x.dtype; see int8_linear_ref. CPU kernels per
 # instruction set as int4_linear; on CUDA the reference stands in (the CUDA backend keeps the output projection in
-# half precision).
-int8_linear = _pick("int8_linear", int8_linear_ref)
+# half precision). int4_linear has no stand-in: a 4-bit model on CUDA needs the real kernel.
+int8_linear = _op("int8_linear", int8_linear_ref, _int8_linear_fake, cuda_stand_in=True)

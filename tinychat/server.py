@@ -21,11 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from tinychat.api import Completion, Model, TextStream
+from tinychat.engine import SERVER_SAMPLING
 from tinychat.errors import TinychatError
 
-# Sampling defaults where a request sets none (llama.cpp's server uses the same temperature)
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -138,9 +136,9 @@ def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"max_tokens={max_tokens} does not fit: the prompt has {prompt_tokens} tokens and "
                                 f"the context is {llm.context_length} (at most {room} new tokens)", "max_tokens")
-        return {"temperature": DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-                "top_p": DEFAULT_TOP_P if req.top_p is None else req.top_p, "top_k": req.top_k or 0,
-                "repetition_penalty": req.repetition_penalty or 1.0, "seed": req.seed,
+        given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+                 "repetition_penalty": req.repetition_penalty}  # where a request sets none: SERVER_SAMPLING's
+        return {**{k: getattr(SERVER_SAMPLING, k) if v is None else v for k, v in given.items()}, "seed": req.seed,
                 "max_new_tokens": max_tokens or room}
 
     async def run(request: Request, start, req: SamplingFields, chunk, final) -> StreamingResponse | dict:

@@ -1,7 +1,7 @@
-"""Bit layouts of 4-bit weights: the AutoAWQ checkpoint formats, and the layout tinychat's int4 op consumes.
+"""AutoAWQ's checkpoint formats of 4-bit linears: their bit layouts, and what a config.json must say to use them.
 
 Every function takes or returns the plain quantization of a linear layer with weight [N, K] (N output channels,
-K input channels) and group size G, as `tinychat.quant.quantize.quantize` makes it:
+K input channels) and group size G (tinychat/int4_layout.py), as `tinychat.quant.quantize.quantize` makes it:
 
     q       uint8 [N, K]    integers 0..15
     scales  fp32  [N, K/G]
@@ -20,23 +20,19 @@ AutoAWQ "GEMV" (`version: "gemv"`, read only: repacked at load)
     qzeros   int32 [N, Z]      int32 j packs the zeros of groups 8j..8j+7 (nibble i: group 8j + i); unused nibbles 0
     scales   fp16  [N, 8 Z]    columns past K/G are padding (zero)
     where Z = gemv_zeros_width(K, G) rounds ceil(K/G / 8) up to a multiple of 4 (G = 32), 2 (G = 64), 1 (G >= 128).
-
-The int4 op layout (what `tinychat::int4_linear` consumes; checkpoints are repacked into it at load)
-    qweight  uint8 [N, K/2]    each row in blocks of 32 input channels (16 bytes); byte j (0..15) of block b holds
-                               channel 32b + j in its low nibble and channel 32b + 16 + j in its high nibble
-    scales   fp32  [N, K/G]
-    zeros    fp32  [N, K/G]    integer-valued
-    K and G are multiples of 32. One 16-byte load gives a kernel 32 weights as two runs of 16 consecutive channels
-    (a mask and a shift), which widen to SIMD lanes in order, with no shuffle (csrc/cpu/int4_linear.cpp).
-    Scales and zeros stay fp32 whatever the activation dtype: the op does its math in fp32, and the fp16 scales of
-    a checkpoint convert to fp32 exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 
-from tinychat.errors import TinychatError
+from tinychat.config import ModelConfig
+from tinychat.errors import ModelLoadError, TinychatError
+from tinychat.int4_layout import check_plain
+from tinychat.io.names import hf_linear_modules
 
 PACK = 8  # 4-bit values per int32
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # GEMM: nibble i holds column 8j + AWQ_ORDER[i]
@@ -64,21 +60,6 @@ def _unpack_int32(packed: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     return nibbles[..., inverse].reshape(R, W * PACK).to(torch.uint8)
 
 
-def _check_plain(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[int, int, int]:
-    """Shapes of the plain quantization -> (N, K, K/G), with errors naming the mismatch."""
-    if q.dim() != 2:
-        raise TinychatError(f"q must be a 2-D [N, K] tensor, got shape {tuple(q.shape)}")
-    N, K = q.shape
-    if scales.dim() != 2 or scales.shape[0] != N or scales.shape != zeros.shape:
-        raise TinychatError(
-            f"scales and zeros must both be [N, K/G] = [{N}, K/G], got {tuple(scales.shape)} and {tuple(zeros.shape)}"
-        )
-    n_groups = scales.shape[1]
-    if n_groups == 0 or K % n_groups:
-        raise TinychatError(f"{n_groups} groups per row do not divide the K = {K} input channels")
-    return N, K, n_groups
-
-
 def _check_n(N: int, what: str) -> None:
     if N % PACK:
         raise TinychatError(
@@ -99,7 +80,7 @@ def pack_awq_gemm(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain quantization -> AutoAWQ GEMM (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales fp16 [K/G, N])."""
-    N, _, _ = _check_plain(q, scales, zeros)
+    N, _, _ = check_plain(q, scales, zeros)
     _check_n(N, "pack_awq_gemm")
     qweight = _pack_int32(q.t(), AWQ_ORDER)  # [K, N/8]
     qzeros = _pack_int32(zeros.round().t(), AWQ_ORDER)  # [K/G, N/8]
@@ -152,7 +133,7 @@ def pack_awq_gemv(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain quantization -> AutoAWQ GEMV (qweight int32 [N, K/8], qzeros int32 [N, Z], scales fp16 [N, 8 Z])."""
-    N, K, n_groups = _check_plain(q, scales, zeros)
+    N, K, n_groups = check_plain(q, scales, zeros)
     _check_n(N, "pack_awq_gemv")
     Z = gemv_zeros_width(K, K // n_groups)
     padded_zeros = torch.zeros(N, Z * PACK, dtype=torch.int64)
@@ -176,30 +157,67 @@ def unpack_awq_gemv(
     return q, scales[:, :n_groups].float().contiguous(), zeros
 
 
-# ---- the int4 op layout ----
+# ---- config.json's quantization_config ----
 
-OP_BLOCK = 32  # input channels per 16 bytes of the op layout
-
-
-def pack_int4_op(q: torch.Tensor) -> torch.Tensor:
-    """q uint8 [N, K] (0..15, K % 32 == 0) -> uint8 [N, K/2] in the op layout (blocks of 32 channels: byte j of
-    block b = channel 32b + j | channel 32b + 16 + j << 4)."""
-    if q.dim() != 2 or q.shape[1] % OP_BLOCK:
-        raise TinychatError(f"pack_int4_op: q must be [N, K] with K a multiple of {OP_BLOCK}, got shape "
-                            f"{tuple(q.shape)}")
-    blocks = q.to(torch.uint8).reshape(q.shape[0], -1, 2, OP_BLOCK // 2)  # [N, K/32, 2, 16]: halves of each block
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(q.shape[0], -1).contiguous()
+AWQ_VERSIONS = ("gemm", "gemv")
 
 
-def unpack_int4_op(qweight: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] in the op layout -> q uint8 [N, K] (the inverse of pack_int4_op)."""
-    blocks = qweight.reshape(qweight.shape[0], -1, OP_BLOCK // 2)  # [N, K/32, 16]
-    return torch.stack((blocks & 0xF, blocks >> 4), dim=2).reshape(qweight.shape[0], -1)
+@dataclass(frozen=True)
+class AwqFormat:
+    """The AutoAWQ layout of a quantized checkpoint's linears: 4-bit, zero point, GEMM or GEMV packing."""
+
+    version: str  # "gemm" or "gemv"
+    group_size: int
+
+    def shapes(self, N: int, K: int) -> dict[str, tuple[int, ...]]:
+        """Tensor suffix (qweight, qzeros, scales) -> shape, for a linear with weight [N, K]."""
+        return (awq_gemm_shapes if self.version == "gemm" else awq_gemv_shapes)(N, K, self.group_size)
+
+    def unpack(self, qweight, qzeros, scales) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> the plain quantization (q uint8 [N, K], scales fp32 [N, K/G], zeros fp32 [N, K/G])."""
+        return (unpack_awq_gemm if self.version == "gemm" else unpack_awq_gemv)(qweight, qzeros, scales,
+                                                                                self.group_size)
 
 
-def to_int4_op(
-    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain quantization -> the three tensors of the int4_linear op (qweight uint8 [N, K/2], fp32 scales, zeros)."""
-    _check_plain(q, scales, zeros)
-    return pack_int4_op(q), scales.float().contiguous(), zeros.float().contiguous()
+def awq_quantization_config(group_size: int) -> dict:
+    """config.json's `quantization_config` for an AutoAWQ GEMM checkpoint (zeros are always stored explicitly, so
+    symmetric quantization is written as zero_point true too)."""
+    return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size,
+            "zero_point": True, "modules_to_not_convert": None}
+
+
+def awq_format_from_hf(quant: object, cfg: ModelConfig, source: str) -> AwqFormat:
+    """config.json's `quantization_config` -> AwqFormat; ModelLoadError naming `source` for anything tinychat cannot
+    run. Reads what Hugging Face transformers (AwqConfig) and AutoAWQ write: quant_method, bits (or w_bit),
+    group_size (or q_group_size), zero_point, version (or format), modules_to_not_convert."""
+    if not isinstance(quant, Mapping):
+        raise ModelLoadError(f"{source}: quantization_config must be an object, found {type(quant).__name__}")
+    method = str(quant.get("quant_method", "")).lower()
+    if method != "awq":
+        raise ModelLoadError(f"{source}: quantization method {quant.get('quant_method')!r} is not supported "
+                             "(tinychat loads AWQ checkpoints: quant_method 'awq')")
+    bits = quant.get("bits", quant.get("w_bit"))
+    if bits != 4:
+        raise ModelLoadError(f"{source}: AWQ checkpoints with bits={bits!r} are not supported (only 4-bit)")
+    if quant.get("zero_point", True) is not True:
+        raise ModelLoadError(f"{source}: AWQ without zero point (zero_point={quant.get('zero_point')!r}) "
+                             "is not supported")
+    version = str(quant.get("version") or quant.get("format") or "gemm").lower()
+    if version not in AWQ_VERSIONS:
+        raise ModelLoadError(f"{source}: unknown AWQ version {version!r}; supported: {', '.join(AWQ_VERSIONS)}")
+    group_size = quant.get("group_size", quant.get("q_group_size"))
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ModelLoadError(f"{source}: AWQ group_size must be a positive integer, got {group_size!r}")
+    if version == "gemv" and not (group_size in (32, 64) or group_size >= 128):
+        raise ModelLoadError(f"{source}: AWQ gemv checkpoints have group size 32, 64 or >= 128, not {group_size}")
+    skipped = quant.get("modules_to_not_convert") or []
+    linears = hf_linear_modules(cfg)
+    kept_float = [m for m in skipped if any(str(m) in name for name, _ in linears)]
+    if kept_float:
+        raise ModelLoadError(f"{source}: modules_to_not_convert {kept_float} leaves decoder linears unquantized; "
+                             "tinychat loads AWQ checkpoints whose decoder linears are all quantized")
+    for name, shape in linears:
+        if shape[1] % group_size or shape[0] % PACK:
+            raise ModelLoadError(f"{source}: {name} with weight {shape} cannot be AWQ-packed with group size "
+                                 f"{group_size} (needs in_features % group_size == 0, out_features % 8 == 0)")
+    return AwqFormat(version, group_size)

@@ -24,7 +24,7 @@ from tinychat.errors import ModelLoadError
 from tinychat.io.hf import TensorRef
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES",
+    "GGUF_ARCHITECTURES",
     "SUPPORTED_TENSOR_TYPES",
     "dequantize_tensor",
     "field",
@@ -34,8 +34,9 @@ __all__ = [
     "read_gguf",
 ]
 
-# general.architecture -> (Hugging Face class name, Hugging Face model_type)
-SUPPORTED_ARCHITECTURES: dict[str, tuple[str, str]] = {
+# general.architecture -> (Hugging Face class name, Hugging Face model_type); the class must be one of
+# tinychat.config.SUPPORTED_ARCHITECTURES
+GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
 }
@@ -173,12 +174,12 @@ def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
     """Build a Hugging Face ``config.json`` style dict from a GGUF reader's metadata."""
     path = Path(path)
     arch = field(reader, "general.architecture", path)
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
             f"{path}: unsupported model architecture {arch!r} "
-            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+            f"(supported: {', '.join(sorted(GGUF_ARCHITECTURES))})"
         )
-    hf_class, model_type = SUPPORTED_ARCHITECTURES[arch]
+    hf_class, model_type = GGUF_ARCHITECTURES[arch]
 
     def key(name: str, default: Any = _MISSING) -> Any:
         return field(reader, f"{arch}.{name}", path, default)

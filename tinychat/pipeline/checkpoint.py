@@ -1,7 +1,7 @@
 """Save AWQ-quantized models as Hugging Face directories in AutoAWQ's GEMM format.
 
 The result loads in tinychat (`load_model`), Hugging Face transformers (`AutoModelForCausalLM` with an AWQ
-backend) and vLLM: Hugging Face tensor names, `qweight`/`qzeros`/`scales` per linear (tinychat/quant/pack.py),
+backend) and vLLM: Hugging Face tensor names, `qweight`/`qzeros`/`scales` per linear (tinychat/io/awq_format.py),
 everything else in float16, and a config.json with a `quantization_config`.
 
 A directory is written atomically: into a temporary directory beside `out_dir`, each file fsynced, then renamed
@@ -20,71 +20,59 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tinychat.config import ModelConfig
-from tinychat.errors import ModelLoadError, TinychatError
-from tinychat.io.loader import hf_fused_linears, hf_tensor_shapes
-from tinychat.quant.linear import layer_linear_names
-from tinychat.quant.pack import pack_awq_gemm
-from tinychat.quant.quantize import QuantConfig
+from tinychat.errors import TinychatError
+from tinychat.io.awq_format import awq_quantization_config, pack_awq_gemm
+from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules
+from tinychat.model import Transformer, layer_linears, linear_names
+from tinychat.pipeline.loader import LoadedModel
+from tinychat.quant.quantize import QuantConfig, QuantResult
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # one model.safetensors up to 2 GB, shards above
 
 
-def awq_quantization_config(qcfg: QuantConfig) -> dict:
-    """config.json's `quantization_config` for an AutoAWQ GEMM checkpoint (zeros are always stored explicitly, so
-    symmetric quantization is written as zero_point true too)."""
-    return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": qcfg.group_size,
-            "zero_point": True, "modules_to_not_convert": None}
-
-
 def save_awq_checkpoint(
-    model,
-    tokenizer,
-    qdict: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    loaded: LoadedModel,
+    qdict: QuantResult,
     qcfg: QuantConfig,
     out_dir: str | os.PathLike,
-    source_config: Mapping,
     *,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write `model` (a tinychat Transformer) with its decoder linears replaced by the AWQ quantization in `qdict`.
+    """Write the loaded model with its decoder linears replaced by the AWQ quantization in `qdict`.
 
     qdict: "layers.{i}.attn.wqkv" / "attn.wo" / "mlp.w13" / "mlp.w2" -> (q uint8 [N, K], scales fp32 [N, K/G],
     zeros fp32 [N, K/G]) of the fused weights (tinychat.quant.quantize.quantize); biases, norms and embeddings
-    come from `model`. source_config: the original config.json (Hugging Face spelling). `tokenizer` (or None)
-    writes its files with `save_pretrained`. Returns the directory.
+    come from the model. The record's source config becomes config.json (Hugging Face spelling) and its tokenizer
+    (or None) writes its files with `save_pretrained`. Returns the directory.
     """
     if qcfg.w_bit != 4:
         raise TinychatError(
             f"cannot save w_bit={qcfg.w_bit}: the AutoAWQ GEMM format holds 4-bit weights only "
             f"(w{qcfg.w_bit} is evaluation-only fake quantization)"
         )
-    config = _checkpoint_config(model.config, source_config)
-    config["quantization_config"] = awq_quantization_config(qcfg)
-    tensors = awq_state_dict(model, qdict, qcfg)
-    return _write_checkpoint(out_dir, tensors, config, tokenizer, source_config, overwrite, max_shard_bytes)
+    config = _checkpoint_config(loaded.source_config)
+    config["quantization_config"] = awq_quantization_config(qcfg.group_size)
+    tensors = awq_state_dict(loaded.model, qdict, qcfg)
+    return _write_checkpoint(out_dir, tensors, config, loaded, overwrite, max_shard_bytes)
 
 
 def save_fp16_checkpoint(
-    model,
-    tokenizer,
+    loaded: LoadedModel,
     out_dir: str | os.PathLike,
-    source_config: Mapping,
     *,
     note: Mapping | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write `model` as a plain float16 Hugging Face directory (fused linears split back), atomically as
+    """Write the loaded model as a plain float16 Hugging Face directory (fused linears split back), atomically as
     `save_awq_checkpoint`. This is how fake-quantized models (w3, dequantized weights) are saved for evaluation;
     `note` goes into config.json as `tinychat_fake_quant` to say so."""
-    config = _checkpoint_config(model.config, source_config)
+    config = _checkpoint_config(loaded.source_config)
     config.pop("quantization_config", None)
     if note is not None:
         config["tinychat_fake_quant"] = dict(note)
-    return _write_checkpoint(out_dir, fp16_state_dict(model), config, tokenizer, source_config, overwrite,
-                             max_shard_bytes)
+    return _write_checkpoint(out_dir, fp16_state_dict(loaded.model), config, loaded, overwrite, max_shard_bytes)
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -104,12 +92,13 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
     return out
 
 
-def _write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config: dict, tokenizer, source_config: Mapping,
+def _write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config: dict, loaded: LoadedModel,
                       overwrite: bool, max_shard_bytes: int) -> Path:
     """Weights, config.json, generation_config.json and tokenizer files into a temporary directory beside
     out_dir, fsynced, then renamed into place; on any error or interrupt nothing is left behind."""
     out = check_output_dir(out_dir, overwrite)
-    generation = _generation_config(tokenizer, source_config)
+    tokenizer = loaded.tokenizer
+    generation = _generation_config(tokenizer, loaded.source_config)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
@@ -131,30 +120,28 @@ def _write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config: dict, t
     return out
 
 
-def awq_state_dict(model, qdict: Mapping, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+def awq_state_dict(model: Transformer, qdict: QuantResult, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
     """Hugging Face-named tensors of the checkpoint: fused linears split back into q/k/v and gate/up (rows split
     cleanly: quantization groups run along the input dimension), packed as AutoAWQ GEMM; the rest in float16."""
-    cfg: ModelConfig = model.config
-    missing = [n for n in layer_linear_names(cfg.num_layers) if n not in qdict]
+    missing = [n for n in linear_names(model.config) if n not in qdict]
     if missing:
         raise TinychatError(f"qdict lacks the quantization of {len(missing)} linear(s): {', '.join(missing[:5])}")
-    weight_shapes = hf_tensor_shapes(cfg)
     tensors = _unquantized_tensors(model)
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        for fused, (parts, has_bias) in hf_fused_linears(cfg).items():
-            name = f"layers.{i}.{fused}"
+        p = hf_layer_prefix(i)
+        for spec in layer_linears(model.config):
+            name = f"layers.{i}.{spec.name}"
             q, scales, zeros = (t.detach().cpu() for t in qdict[name])
-            rows = [weight_shapes[p + f"{x}.weight"][0] for x in parts]
-            K = weight_shapes[p + f"{parts[0]}.weight"][1]
-            if tuple(q.shape) != (sum(rows), K) or tuple(scales.shape) != (sum(rows), K // qcfg.group_size):
+            parts, rows = zip(*hf_modules(spec))
+            N, K = spec.out_features, spec.in_features
+            if tuple(q.shape) != (N, K) or tuple(scales.shape) != (N, K // qcfg.group_size):
                 raise TinychatError(
                     f"qdict[{name!r}]: q {tuple(q.shape)} and scales {tuple(scales.shape)} do not fit a "
-                    f"[{sum(rows)}, {K}] weight with group size {qcfg.group_size}"
+                    f"[{N}, {K}] weight with group size {qcfg.group_size}"
                 )
-            bias = layer.get_submodule(fused).bias
+            bias = layer.get_submodule(spec.name).bias
             splits = zip(parts, q.split(rows), scales.split(rows), zeros.split(rows),
-                         bias.detach().cpu().split(rows) if has_bias else [None] * len(parts))
+                         bias.detach().cpu().split(rows) if spec.bias else [None] * len(parts))
             for x, qx, sx, zx, bx in splits:
                 qweight, qzeros, scales16 = pack_awq_gemm(qx, sx, zx)
                 tensors.update({p + f"{x}.qweight": qweight, p + f"{x}.qzeros": qzeros, p + f"{x}.scales": scales16})
@@ -163,34 +150,29 @@ def awq_state_dict(model, qdict: Mapping, qcfg: QuantConfig) -> dict[str, torch.
     return tensors
 
 
-def fp16_state_dict(model) -> dict[str, torch.Tensor]:
+def fp16_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Hugging Face-named float16 tensors of a float model: fused linears split back into q/k/v and gate/up."""
-    cfg: ModelConfig = model.config
-    weight_shapes = hf_tensor_shapes(cfg)
     tensors = _unquantized_tensors(model)
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        for fused, (parts, has_bias) in hf_fused_linears(cfg).items():
-            linear = layer.get_submodule(fused)
-            rows = [weight_shapes[p + f"{x}.weight"][0] for x in parts]
+        p = hf_layer_prefix(i)
+        for spec in layer_linears(model.config):
+            linear = layer.get_submodule(spec.name)
+            parts, rows = zip(*hf_modules(spec))
             for x, w in zip(parts, linear.weight.split(rows)):
                 tensors[p + f"{x}.weight"] = _fp16(p + f"{x}.weight", w)
-            if has_bias:
+            if spec.bias:
                 for x, b in zip(parts, linear.bias.split(rows)):
                     tensors[p + f"{x}.bias"] = _fp16(p + f"{x}.bias", b)
     return tensors
 
 
-def _unquantized_tensors(model) -> dict[str, torch.Tensor]:
+def _unquantized_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Embeddings, norms and the untied lm_head, Hugging Face-named, in float16."""
-    tensors = {"model.embed_tokens.weight": _fp16("model.embed_tokens.weight", model.embed.weight),
-               "model.norm.weight": _fp16("model.norm.weight", model.norm)}
-    if not model.config.tie_word_embeddings:
-        tensors["lm_head.weight"] = _fp16("lm_head.weight", model.lm_head.weight)
+    tensors = {hf: _fp16(hf, model.get_parameter(name)) for name, hf in HF_GLOBALS.items()
+               if name != "lm_head.weight" or not model.config.tie_word_embeddings}
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        tensors[p + "input_layernorm.weight"] = _fp16(p + "input_layernorm.weight", layer.attn_norm)
-        tensors[p + "post_attention_layernorm.weight"] = _fp16(p + "post_attention_layernorm.weight", layer.mlp_norm)
+        p = hf_layer_prefix(i)
+        tensors.update({p + hf: _fp16(p + hf, layer.get_parameter(name)) for name, hf in HF_LAYER_NORMS.items()})
     return tensors
 
 
@@ -202,15 +184,9 @@ def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     return half
 
 
-def _checkpoint_config(cfg: ModelConfig, source_config: Mapping) -> dict:
-    config = json.loads(json.dumps(dict(source_config)))  # a deep, JSON-safe copy
-    try:
-        described = ModelConfig.from_hf(config, source="source_config")
-    except ModelLoadError as e:
-        raise TinychatError(f"source_config is not a usable config.json: {e}") from None
-    if described != cfg:
-        diff = [f for f in cfg.__dataclass_fields__ if getattr(described, f) != getattr(cfg, f)]
-        raise TinychatError(f"source_config does not describe this model (differs in: {', '.join(diff)})")
+def _checkpoint_config(source_config: Mapping) -> dict:
+    """config.json of the checkpoint: the source's config (a deep, JSON-safe copy) with the dtype it is saved in."""
+    config = json.loads(json.dumps(dict(source_config)))
     config["torch_dtype"] = "float16"
     if "dtype" in config:  # transformers v5 spelling
         config["dtype"] = "float16"

@@ -1,4 +1,9 @@
-"""Load a model from a GGUF file, a Hugging Face directory or hub id, or the default package."""
+"""Load a model from a GGUF file, a Hugging Face directory or hub id, or the default package.
+
+The journey goes one way: `open_source` reads a source's header once (config, tensor names and shapes, tokenizer;
+no weights) into a ModelSource; its `load` builds the model into a LoadedModel, the one record (model, tokenizer,
+path, source config) that the quantizer and the checkpoint writer take as it is.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,14 @@ from tqdm.auto import tqdm
 
 from tinychat.config import ModelConfig
 from tinychat.errors import ModelLoadError
+from tinychat.int4_layout import to_int4_op
+from tinychat.io.awq_format import AwqFormat, awq_format_from_hf
 from tinychat.io.default import default_model_path
 from tinychat.io.gguf import read_gguf
 from tinychat.io.hf import TensorRef, read_hf_dir, read_json, resolve_hub_id
-from tinychat.model import Transformer
-from tinychat.quant.linear import LAYER_LINEARS, WQLinear, int8_lm_head
-from tinychat.quant.pack import awq_gemm_shapes, awq_gemv_shapes, to_int4_op, unpack_awq_gemm, unpack_awq_gemv
+from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules, hf_tensor_shapes
+from tinychat.linear import WQLinear, int8_lm_head
+from tinychat.model import Transformer, layer_linears
 from tinychat.tokenizer import Tokenizer
 
 # Tensors of Hugging Face checkpoints that carry no weights (recomputed at load)
@@ -53,148 +60,78 @@ def _require_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model directory")
 
 
-def read_source_config(path: Path) -> dict:
-    """The Hugging Face-spelled config of a GGUF file (from its metadata) or a model directory (config.json)."""
+@dataclass(frozen=True)
+class ModelSource:
+    """A model source whose header has been read, once: no weight is loaded yet.
+
+    source_config: the Hugging Face-spelled config (config.json, or the GGUF metadata spelled that way), which a
+    checkpoint written from this model carries on. awq: the AutoAWQ format of a quantized checkpoint, else None.
+    """
+
+    path: Path
+    source_config: dict
+    config: ModelConfig
+    tensors: Mapping[str, TensorRef]
+    tokenizer: Tokenizer
+    awq: AwqFormat | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.awq is not None
+
+    def load(self, *, device: str | torch.device = "cpu", dtype="float32", int8_head: bool | None = None
+             ) -> LoadedModel:
+        """Read the weights and build the model, in eval mode on `device` in `dtype`.
+
+        An AWQ checkpoint's decoder linears run in 4 bits. int8_head: run the output projection in 8 bits
+        (Int8Linear); None (the default) does so for an AWQ checkpoint on the CPU, as llama.cpp keeps it in 8 bits
+        for its 4-bit types.
+        """
+        model = build_model(self.config, self.tensors, resolve_dtype(dtype), awq=self.awq)
+        if int8_head or (int8_head is None and self.quantized and torch.device(device).type == "cpu"):
+            int8_lm_head(model)
+        model = model.to(device).eval().requires_grad_(False)
+        return LoadedModel(model, self.tokenizer, self.path, self.source_config)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model and where it came from: what generation, quantization and checkpoint writing take."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+    source_config: dict
+
+
+def open_source(source: str | os.PathLike | ModelSource | None = None) -> ModelSource:
+    """Read a model's header once: a GGUF file, a model directory, a hub id, or None for the default model."""
+    if isinstance(source, ModelSource):
+        return source
+    path = resolve_source(source)
     if path.is_file():
         _require_gguf(path)
-        return read_gguf(path)[0]
-    return read_json(path / "config.json")
+        cfg_dict, tensors, reader = read_gguf(path)
+        config = ModelConfig.from_hf(cfg_dict, source=str(path))
+        return ModelSource(path, cfg_dict, config, tensors, Tokenizer.from_gguf(reader, path), None)
+    cfg_dict, tensors = read_hf_dir(path)
+    where = str(path / "config.json")
+    config = ModelConfig.from_hf(cfg_dict, source=where)
+    quant = cfg_dict.get("quantization_config")
+    awq = awq_format_from_hf(quant, config, where) if quant is not None else None
+    gen_file = path / "generation_config.json"
+    eos = read_json(gen_file).get("eos_token_id") if gen_file.exists() else cfg_dict.get("eos_token_id")
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return ModelSource(path, cfg_dict, config, tensors, Tokenizer.from_dir(path, eos_token_ids=eos_ids), awq)
 
 
 def load_model(
     source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", dtype="float32",
     int8_head: bool | None = None,
 ) -> tuple[Transformer, Tokenizer]:
-    """Load weights, config and tokenizer; the model comes back in eval mode on `device` in `dtype`.
-
-    An AWQ checkpoint's decoder linears run in 4 bits. int8_head: run the output projection in 8 bits (Int8Linear);
-    None (the default) does so for an AWQ checkpoint on the CPU, as llama.cpp keeps it in 8 bits for its 4-bit types.
-    """
-    path = resolve_source(source)
-    dtype = resolve_dtype(dtype)
-    if path.is_file():
-        _require_gguf(path)
-        cfg_dict, tensors, reader = read_gguf(path)
-        config = ModelConfig.from_hf(cfg_dict, source=str(path))
-        tokenizer = Tokenizer.from_gguf(reader, path)
-        awq = None
-    else:
-        cfg_dict, tensors = read_hf_dir(path)
-        config = ModelConfig.from_hf(cfg_dict, source=str(path / "config.json"))
-        quant = cfg_dict.get("quantization_config")
-        awq = awq_format_from_hf(quant, config, str(path / "config.json")) if quant is not None else None
-        gen_file = path / "generation_config.json"
-        eos = read_json(gen_file).get("eos_token_id") if gen_file.exists() else cfg_dict.get("eos_token_id")
-        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        tokenizer = Tokenizer.from_dir(path, eos_token_ids=eos_ids)
-    model = build_model(config, tensors, dtype, awq=awq)
-    if int8_head or (int8_head is None and awq is not None and torch.device(device).type == "cpu"):
-        int8_lm_head(model)
-    return model.to(device).eval().requires_grad_(False), tokenizer
-
-
-@dataclass(frozen=True)
-class AwqFormat:
-    """The AutoAWQ layout of a quantized checkpoint's linears (tinychat/quant/pack.py): 4-bit, zero point."""
-
-    version: str  # "gemm" or "gemv"
-    group_size: int
-
-    def shapes(self, N: int, K: int) -> dict[str, tuple[int, ...]]:
-        """Tensor suffix (qweight, qzeros, scales) -> shape, for a linear with weight [N, K]."""
-        return (awq_gemm_shapes if self.version == "gemm" else awq_gemv_shapes)(N, K, self.group_size)
-
-    def unpack(self, qweight, qzeros, scales) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> the plain quantization (q uint8 [N, K], scales fp32 [N, K/G], zeros fp32 [N, K/G])."""
-        return (unpack_awq_gemm if self.version == "gemm" else unpack_awq_gemv)(qweight, qzeros, scales,
-                                                                                self.group_size)
-
-
-AWQ_VERSIONS = ("gemm", "gemv")
-
-
-def awq_format_from_hf(quant: object, cfg: ModelConfig, source: str) -> AwqFormat:
-    """config.json's `quantization_config` -> AwqFormat; ModelLoadError naming `source` for anything tinychat cannot
-    run. Reads what Hugging Face transformers (AwqConfig) and AutoAWQ write: quant_method, bits (or w_bit),
-    group_size (or q_group_size), zero_point, version (or format), modules_to_not_convert."""
-    if not isinstance(quant, Mapping):
-        raise ModelLoadError(f"{source}: quantization_config must be an object, found {type(quant).__name__}")
-    method = str(quant.get("quant_method", "")).lower()
-    if method != "awq":
-        raise ModelLoadError(f"{source}: quantization method {quant.get('quant_method')!r} is not supported "
-                             "(tinychat loads AWQ checkpoints: quant_method 'awq')")
-    bits = quant.get("bits", quant.get("w_bit"))
-    if bits != 4:
-        raise ModelLoadError(f"{source}: AWQ checkpoints with bits={bits!r} are not supported (only 4-bit)")
-    if quant.get("zero_point", True) is not True:
-        raise ModelLoadError(f"{source}: AWQ without zero point (zero_point={quant.get('zero_point')!r}) "
-                             "is not supported")
-    version = str(quant.get("version") or quant.get("format") or "gemm").lower()
-    if version not in AWQ_VERSIONS:
-        raise ModelLoadError(f"{source}: unknown AWQ version {version!r}; supported: {', '.join(AWQ_VERSIONS)}")
-    group_size = quant.get("group_size", quant.get("q_group_size"))
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ModelLoadError(f"{source}: AWQ group_size must be a positive integer, got {group_size!r}")
-    if version == "gemv" and not (group_size in (32, 64) or group_size >= 128):
-        raise ModelLoadError(f"{source}: AWQ gemv checkpoints have group size 32, 64 or >= 128, not {group_size}")
-    skipped = quant.get("modules_to_not_convert") or []
-    linears = [name[: -len(".weight")] for name in hf_tensor_shapes(cfg) if _is_linear_weight(name)]
-    kept_float = [m for m in skipped if any(str(m) in name for name in linears)]
-    if kept_float:
-        raise ModelLoadError(f"{source}: modules_to_not_convert {kept_float} leaves decoder linears unquantized; "
-                             "tinychat loads AWQ checkpoints whose decoder linears are all quantized")
-    for name, shape in hf_tensor_shapes(cfg).items():
-        if _is_linear_weight(name) and (shape[1] % group_size or shape[0] % 8):
-            raise ModelLoadError(f"{source}: {name[: -len('.weight')]} with weight {shape} cannot be AWQ-packed with "
-                                 f"group size {group_size} (needs in_features % group_size == 0, out_features % 8 == 0)")
-    return AwqFormat(version, group_size)
-
-
-def _is_linear_weight(name: str) -> bool:
-    return name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
-def hf_tensor_shapes(cfg: ModelConfig, awq: AwqFormat | None = None) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of a Hugging Face checkpoint of this config -> its shape.
-
-    With `awq`, each decoder linear's `weight` is replaced by its AWQ `qweight`, `qzeros` and `scales`.
-    """
-    C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, C)
-    linears = {  # weight shapes [out_features, in_features]
-        "self_attn.q_proj": (q, C), "self_attn.k_proj": (kv, C), "self_attn.v_proj": (kv, C),
-        "self_attn.o_proj": (C, q),
-        "mlp.gate_proj": (I, C), "mlp.up_proj": (I, C), "mlp.down_proj": (C, I),
-    }
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        layer: dict[str, tuple[int, ...]] = {"input_layernorm.weight": (C,), "post_attention_layernorm.weight": (C,)}
-        for name, (n, k) in linears.items():
-            if awq is None:
-                layer[f"{name}.weight"] = (n, k)
-            else:
-                layer.update({f"{name}.{suffix}": shape for suffix, shape in awq.shapes(n, k).items()})
-        if cfg.qkv_bias:
-            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-        if cfg.o_bias:
-            layer["self_attn.o_proj.bias"] = (C,)
-        if cfg.mlp_bias:
-            layer.update({"mlp.gate_proj.bias": (I,), "mlp.up_proj.bias": (I,), "mlp.down_proj.bias": (C,)})
-        shapes.update({p + k: v for k, v in layer.items()})
-    return shapes
-
-
-# fused module of a decoder layer -> (its Hugging Face linears, in row order; whether it has a bias)
-def hf_fused_linears(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
-    return {
-        "attn.wqkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), cfg.qkv_bias),
-        "attn.wo": (("self_attn.o_proj",), cfg.o_bias),
-        "mlp.w13": (("mlp.gate_proj", "mlp.up_proj"), cfg.mlp_bias),
-        "mlp.w2": (("mlp.down_proj",), cfg.mlp_bias),
-    }
+    """The model and tokenizer of `source` (`open_source(source).load(...)` without the record around them)."""
+    loaded = open_source(source).load(device=device, dtype=dtype, int8_head=int8_head)
+    return loaded.model, loaded.tokenizer
 
 
 def build_model(
@@ -206,7 +143,7 @@ def build_model(
     With `awq` the decoder linears are AWQ-quantized: each is unpacked, fused by concatenating rows of the plain
     quantization, and repacked into the int4 op's layout (a WQLinear); biases, norms and embeddings go to `dtype`.
     """
-    expected = hf_tensor_shapes(cfg, awq)
+    expected = hf_tensor_shapes(cfg, awq.shapes if awq is not None else None)
     if "rope_freqs" in tensors:
         expected["rope_freqs"] = (cfg.head_dim // 2,)
     extra = [n for n in tensors if n not in expected and not n.endswith(IGNORED_TENSOR_SUFFIXES)]
@@ -227,7 +164,8 @@ def build_model(
                 f"{tensors[name].file}: tensor {name!r} has shape {tensors[name].shape}, expected {shape}"
             )
 
-    bar = tqdm(total=len(expected) - ("rope_freqs" in expected), desc="loading weights", unit="tensor", disable=None, leave=False)
+    bar = tqdm(total=len(expected) - ("rope_freqs" in expected), desc="loading weights", unit="tensor", disable=None,
+               leave=False)
 
     def get(name: str) -> torch.Tensor:
         bar.update()
@@ -249,21 +187,14 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(cfg, freq_factors)
         if awq is not None:
-            for layer in model.layers:
-                for name in LAYER_LINEARS:
-                    parent, attr = name.split(".")
-                    linear = getattr(getattr(layer, parent), attr)
-                    setattr(getattr(layer, parent), attr, WQLinear(
-                        linear.in_features, linear.out_features, awq.group_size, linear.bias is not None, dtype=dtype
-                    ))
-    sd = {"embed.weight": get("model.embed_tokens.weight"), "norm": get("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = get("lm_head.weight")
+            model.swap_linears(lambda name, linear: WQLinear(linear.in_features, linear.out_features, awq.group_size,
+                                                             linear.bias is not None, dtype=dtype))
+    sd = {name: get(hf) for name, hf in HF_GLOBALS.items() if name != "lm_head.weight" or not cfg.tie_word_embeddings}
     for i in range(cfg.num_layers):
-        p, o = f"model.layers.{i}.", f"layers.{i}."
-        sd[o + "attn_norm"] = get(p + "input_layernorm.weight")
-        sd[o + "mlp_norm"] = get(p + "post_attention_layernorm.weight")
-        for fused, (parts, has_bias) in hf_fused_linears(cfg).items():
+        p, o = hf_layer_prefix(i), f"layers.{i}."
+        sd.update({o + name: get(p + hf) for name, hf in HF_LAYER_NORMS.items()})
+        for spec in layer_linears(cfg):
+            fused, parts, has_bias = spec.name, [module for module, _ in hf_modules(spec)], spec.bias
             if awq is None:
                 sd[o + fused + ".weight"] = cat([get(p + f"{x}.weight") for x in parts])
             else:

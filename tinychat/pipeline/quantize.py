@@ -18,17 +18,16 @@ from pathlib import Path
 
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
-from tinychat.io.checkpoint import check_output_dir, save_awq_checkpoint, save_fp16_checkpoint
-from tinychat.io.loader import hf_tensor_shapes, load_model, read_source_config, resolve_source
-from tinychat.quant.awq import SEARCH_TOKENS, apply_pseudo_quantized, quantize_model
-from tinychat.quant.calib import load_calibration
-from tinychat.quant.linear import LAYER_LINEARS
-from tinychat.quant.quantize import QuantConfig
+from tinychat.pipeline.checkpoint import check_output_dir, save_awq_checkpoint, save_fp16_checkpoint
+from tinychat.pipeline.loader import ModelSource, open_source, resolve_source
+from tinychat.io.names import hf_tensor_shapes
+from tinychat.pipeline.calib import load_calibration
+from tinychat.quant.awq import SEARCH_TOKENS, quantize_model
+from tinychat.quant.quantize import QuantConfig, apply_pseudo_quantized, auto_group_size
 
-__all__ = ["GROUP_SIZES", "SEARCH_TOKENS", "QuantizeOptions", "auto_group_size", "cache_dir", "cached_quantized_model",
-           "quantize_checkpoint", "search_dtype"]
+__all__ = ["SEARCH_TOKENS", "QuantizeOptions", "cache_dir", "cached_quantized_model", "quantize_checkpoint",
+           "search_dtype"]
 
-GROUP_SIZES = (128, 64, 32)  # the automatic group size: the largest of these that divides every linear
 FLOAT32_MAX_BYTES = 8 * 1024**3  # larger models are held in bfloat16 during quantization (search_dtype)
 CACHE_FORMAT = 1  # bump when a change to the quantizer should invalidate cached checkpoints
 
@@ -64,18 +63,11 @@ def search_dtype(cfg: ModelConfig) -> str:
     return "float32" if 4 * n_params <= FLOAT32_MAX_BYTES else "bfloat16"
 
 
-def auto_group_size(model) -> int:
-    """The largest of 128, 64, 32 that divides the in_features of every decoder linear."""
-    features = {model.layers[0].get_submodule(name).in_features for name in LAYER_LINEARS}
-    for g in GROUP_SIZES:
-        if all(k % g == 0 for k in features):
-            return g
-    raise TinychatError(f"no group size among {GROUP_SIZES} divides the linears' in_features {sorted(features)}")
-
-
-def quantize_checkpoint(source, out_dir, opts: QuantizeOptions = QuantizeOptions(), *, overwrite: bool = False,
-                        progress: bool = True, log=None) -> Path:
-    """Quantize the model at `source` (None: the default model) and write it to `out_dir` atomically.
+def quantize_checkpoint(source: str | os.PathLike | ModelSource | None, out_dir,
+                        opts: QuantizeOptions = QuantizeOptions(), *, overwrite: bool = False, progress: bool = True,
+                        log=None) -> Path:
+    """Quantize the model at `source` (a path, a hub id, an opened ModelSource; None: the default model) and write
+    it to `out_dir` atomically.
 
     An unwritable or existing out_dir fails before the model loads; a bad calibration source and a group size
     that does not divide a linear (named) fail before the search starts. Nothing is left under out_dir unless
@@ -83,20 +75,20 @@ def quantize_checkpoint(source, out_dir, opts: QuantizeOptions = QuantizeOptions
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = check_output_dir(out_dir, overwrite)
-    path = resolve_source(source)
-    source_config = read_source_config(path)
-    if source_config.get("quantization_config") is not None:
-        raise TinychatError(f"{path}: the model is already quantized ({source_config['quantization_config']}); "
+    src = open_source(source)
+    if src.quantized:
+        raise TinychatError(f"{src.path}: the model is already quantized ({src.source_config['quantization_config']}); "
                             "quantize a full-precision model")
-    dtype = search_dtype(ModelConfig.from_hf(source_config, source=str(path)))
-    log(f"loading {path} ({dtype}; the search itself runs in float32, one layer at a time) ...")
-    model, tokenizer = load_model(path, dtype=dtype)
-    group_size = opts.group_size or auto_group_size(model)
+    dtype = search_dtype(src.config)
+    log(f"loading {src.path} ({dtype}; the search itself runs in float32, one layer at a time) ...")
+    loaded = src.load(dtype=dtype)
+    model = loaded.model
+    group_size = opts.group_size or auto_group_size(src.config)
     qcfg = QuantConfig(opts.w_bit, group_size)
     calib = None
     if opts.method == "awq":
-        seqlen = opts.seqlen or min(512, model.config.context_length)
-        calib = load_calibration(opts.calib, tokenizer, opts.n_samples, seqlen, seed=opts.seed)
+        seqlen = opts.seqlen or min(512, src.config.context_length)
+        calib = load_calibration(opts.calib, loaded.tokenizer, opts.n_samples, seqlen, seed=opts.seed)
         where = opts.calib or "the built-in corpus"
         log(f"calibration: {calib.shape[0]} blocks of {calib.shape[1]} tokens from {where}")
     log(f"quantizing: {opts.method.upper()} w{opts.w_bit} g{group_size} on {opts.device}")
@@ -106,11 +98,11 @@ def quantize_checkpoint(source, out_dir, opts: QuantizeOptions = QuantizeOptions
                            quantized_inputs=opts.quantized_inputs)
     log(f"quantized in {time.perf_counter() - t0:.1f} s; writing {out}")
     if opts.w_bit == 4:
-        return save_awq_checkpoint(model, tokenizer, qdict, qcfg, out, source_config, overwrite=overwrite)
+        return save_awq_checkpoint(loaded, qdict, qcfg, out, overwrite=overwrite)
     apply_pseudo_quantized(model, qdict, qcfg)
     note = {"method": opts.method, "bits": opts.w_bit, "group_size": group_size,
             "about": "weights are dequantized fake-quantized values, stored in float16 for evaluation"}
-    return save_fp16_checkpoint(model, tokenizer, out, source_config, note=note, overwrite=overwrite)
+    return save_fp16_checkpoint(loaded, out, note=note, overwrite=overwrite)
 
 
 def cache_dir() -> Path:
@@ -122,10 +114,10 @@ def cache_dir() -> Path:
     return base / "tinychat"
 
 
-def cached_quantized_model(source=None, opts: QuantizeOptions = QuantizeOptions(), *, progress: bool = True,
-                           log=None) -> Path:
+def cached_quantized_model(source: str | os.PathLike | ModelSource | None = None,
+                           opts: QuantizeOptions = QuantizeOptions(), *, progress: bool = True, log=None) -> Path:
     """The 4-bit AWQ checkpoint of `source` in the cache, made on first use (later calls return it at once);
-    a source that is already quantized is returned as it is.
+    a source that is already quantized is returned as it is. `source` may be a ModelSource already opened.
 
     The cache key covers the source file or directory (path, size, modification time), the options and the
     quantizer's format version; a changed model or option gets a new entry. Writing is atomic, so an interrupted
@@ -134,9 +126,13 @@ def cached_quantized_model(source=None, opts: QuantizeOptions = QuantizeOptions(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if opts.w_bit != 4:
         raise TinychatError("the cache holds runnable 4-bit checkpoints only")
-    path = resolve_source(source).resolve()
-    if path.is_dir() and read_source_config(path).get("quantization_config") is not None:
-        return path  # already a quantized checkpoint (a GGUF file never is one)
+    src = source if isinstance(source, ModelSource) else None
+    path = src.path if src is not None else resolve_source(source)
+    if path.is_dir():  # a directory may already hold a quantized checkpoint (a GGUF file never is one)
+        src = src or open_source(path)
+        if src.quantized:
+            return path
+    path = path.resolve()
     stat = path.stat() if path.is_file() else (path / "config.json").stat()
     settings = sorted((k, v) for k, v in asdict(opts).items() if k != "device")  # same result on any device
     key = repr((CACHE_FORMAT, str(path), stat.st_size, stat.st_mtime_ns, settings))
@@ -147,7 +143,7 @@ def cached_quantized_model(source=None, opts: QuantizeOptions = QuantizeOptions(
     log(f"first use of {path.name} in 4 bits: quantizing it once with {opts.method.upper()} "
         f"(cached in {out}; pass --quant none for full precision)")
     try:
-        return quantize_checkpoint(path, out, opts, progress=progress, log=log)
+        return quantize_checkpoint(src or path, out, opts, progress=progress, log=log)
     except TinychatError:
         if (out / "config.json").exists():  # another process finished the same entry first
             return out

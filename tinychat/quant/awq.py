@@ -39,20 +39,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tinychat.errors import TinychatError
-from tinychat.model import DecoderLayer, Transformer
-from tinychat.quant.quantize import QuantConfig, check_group_size, dequantize, pseudo_quantize, quantize
+from tinychat.model import DecoderLayer, Transformer, layer_linears, linear_spec
+from tinychat.quant.quantize import QuantConfig, QuantResult, check_group_size, pseudo_quantize, quantize
 
-__all__ = ["LINEARS", "ScaleGroup", "apply_pseudo_quantized", "awq_scales", "clip_weight", "fold_scales",
-           "quantize_model", "scale_groups", "search_clip", "search_scale"]
+__all__ = ["ScaleGroup", "awq_scales", "clip_weight", "fold_scales", "quantize_model", "scale_groups", "search_clip",
+           "search_scale"]
 
-LINEARS = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
 CHUNK_TOKENS = 8192  # calibration tokens per forward chunk (bounds activation memory)
 CLIP_TOKENS = 512  # tokens the clip search samples (AutoAWQ's n_sample_token)
 SEARCH_TOKENS = 8192  # tokens (whole blocks) on which a grid point's module output error is measured
 CLIP_ROW_BATCH = 64  # output channels per clip-search batch (AutoAWQ's oc_batch_size)
-
-QuantResult = dict[str, tuple[Tensor, Tensor, Tensor]]  # module name -> (q uint8, scales fp32, zeros fp32)
-
 
 # ---- scale groups and folding ----
 
@@ -77,13 +73,6 @@ def scale_groups(cfg) -> list[ScaleGroup]:
     return groups
 
 
-def _rows(cfg, which: str) -> slice:
-    """Output rows of the fused linears: wqkv = [q (H*D); k (Hkv*D); v (Hkv*D)], w13 = [gate (I); up (I)]."""
-    H, Hkv, D, I = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    return {"qk": slice(0, (H + Hkv) * D), "v": slice((H + Hkv) * D, (H + 2 * Hkv) * D),
-            "gate": slice(0, I), "up": slice(I, 2 * I)}[which]
-
-
 @torch.no_grad()
 def fold_scales(layer: DecoderLayer, group: ScaleGroup, s: Tensor, cfg) -> None:
     """Multiply the input channels of group.linear by s [K] and divide what produces them by s, in place.
@@ -97,7 +86,7 @@ def fold_scales(layer: DecoderLayer, group: ScaleGroup, s: Tensor, cfg) -> None:
     if group.prev_rows is None:  # a norm weight [K]
         _set(prev, prev.float() / s)
     else:  # rows of a linear: weight [K, C] and bias [K]
-        rows = _rows(cfg, group.prev_rows)
+        rows = linear_spec(cfg, group.prev).rows(group.prev_rows)
         prev.weight[rows] = (prev.weight[rows].float() / s[:, None]).to(prev.weight.dtype)
         if prev.bias is not None:
             prev.bias[rows] = (prev.bias[rows].float() / s).to(prev.bias.dtype)
@@ -132,12 +121,12 @@ def _module_forward(layer: DecoderLayer, name: str, x: Tensor, rope: _Rope) -> T
 
 def _layer_outputs(layer: DecoderLayer, h: Tensor, rope: _Rope, capture: dict[str, list] | None = None) -> Tensor:
     """Residual stream after `layer` for the stream h [n, T, C] (stored in h's dtype); optionally capture the
-    input of every linear into `capture` (name -> list of [b, T, K] chunks)."""
+    input of each linear named in `capture` (name -> a list that receives its [b, T, K] chunks)."""
     hooks = []
     if capture is not None:
-        for name in LINEARS:
+        for name in capture:
             def hook(mod, args, out, name=name):
-                capture.setdefault(name, []).append(args[0].detach().to(h.dtype))
+                capture[name].append(args[0].detach().to(h.dtype))
             hooks.append(layer.get_submodule(name).register_forward_hook(hook))
     try:
         out = []
@@ -306,9 +295,10 @@ def clip_weight(w: Tensor, lo: Tensor, hi: Tensor, group_size: int) -> Tensor:
 def _clip_layer(layer: DecoderLayer, inputs: dict[str, Tensor], qcfg: QuantConfig, cfg, n_grid: int,
                 max_shrink: float) -> None:
     """Clip every linear of the fp32 layer in place, except the q and k rows of wqkv (AutoAWQ skips q/k)."""
-    for name in LINEARS:
+    for spec in layer_linears(cfg):
+        name = spec.name
         weight = layer.get_submodule(name).weight
-        rows = _rows(cfg, "v") if name == "attn.wqkv" else slice(None)
+        rows = spec.rows("v") if name == "attn.wqkv" else slice(None)
         w = weight[rows]
         lo, hi = search_clip(w, inputs[name], qcfg, n_grid, max_shrink)
         weight[rows] = clip_weight(w, lo, hi, qcfg.group_size)
@@ -344,12 +334,13 @@ def quantize_model(
     if method not in ("awq", "rtn"):
         raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
     cfg = model.config
+    names = [spec.name for spec in layer_linears(cfg)]
     for i, layer in enumerate(model.layers):  # fail before any work
-        for name in LINEARS:
+        for name in names:
             check_group_size(layer.get_submodule(name).in_features, qcfg, f"layers.{i}.{name}")
     if method == "rtn":
         return {f"layers.{i}.{name}": tuple(t.cpu() for t in quantize(layer.get_submodule(name).weight, qcfg))
-                for i, layer in enumerate(model.layers) for name in LINEARS}
+                for i, layer in enumerate(model.layers) for name in names}
 
     if calib is None or calib.dim() != 2 or calib.dtype != torch.int64 or calib.numel() == 0:
         got = "None" if calib is None else f"{tuple(calib.shape)} {calib.dtype}"
@@ -363,7 +354,7 @@ def quantize_model(
     bar = tqdm(model.layers, desc=f"AWQ w{qcfg.w_bit} g{qcfg.group_size}", unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
         work = _working_copy(layer, device)  # fp32 copy on `device`
-        captured: dict[str, list] = {}
+        captured: dict[str, list] = {name: [] for name in names}
         h_next = _layer_outputs(work, h, rope, captured)  # full-precision outputs: the next layer's inputs
         inputs = {name: torch.cat(chunks) for name, chunks in captured.items()}  # name -> [n, T, K]
         del captured
@@ -377,12 +368,12 @@ def quantize_model(
         if clip:
             _clip_layer(work, inputs, qcfg, cfg, n_grid, max_shrink)
         del inputs
-        for name in LINEARS:
+        for name in names:
             result[f"layers.{i}.{name}"] = tuple(t.cpu() for t in quantize(work.get_submodule(name).weight, qcfg))
         _copy_back(work, layer)
 
         if quantized_inputs:
-            for name in LINEARS:
+            for name in names:
                 w = work.get_submodule(name).weight
                 w.copy_(pseudo_quantize(w, qcfg))
             h_next = _layer_outputs(work, h, rope)
@@ -414,12 +405,3 @@ def _copy_back(work: DecoderLayer, layer: DecoderLayer) -> None:
     params = dict(layer.named_parameters())
     for name, p in work.named_parameters():
         params[name].copy_(p)
-
-
-@torch.no_grad()
-def apply_pseudo_quantized(model: Transformer, qdict: QuantResult, qcfg: QuantConfig) -> None:
-    """Set each quantized linear's weight to dequantize(q, scales, zeros): the model then computes what the int4
-    kernels would. For AWQ, apply it to the model quantize_model folded the scales into."""
-    for name, (q, scales, zeros) in qdict.items():
-        weight = model.get_submodule(name).weight
-        weight.copy_(dequantize(q, scales, zeros, qcfg.group_size).to(weight.device, weight.dtype))

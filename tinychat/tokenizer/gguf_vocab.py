@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tinychat.errors import ModelLoadError
 from tinychat.io.gguf import field
-from tinychat.tokenizer import SPIECE_SPACE, set_post_processor
+from tinychat.tokenizer.backends import set_post_processor
+from tinychat.tokenizer.tokens import SPIECE_SPACE
 
 if TYPE_CHECKING:  # pragma: no cover
     import gguf
