@@ -34,7 +34,7 @@ CONFIG = re.compile(r"^(fp|(rtn|awq)-w(\d)-g(\d+)((?:-builtin|-duo|-qin|-noclip)
 
 
 def run_config(name: str, args, text: str) -> dict:
-    from tinychat.pipeline.loader import load_model
+    from tinychat.io.loader import load_model
     from tinychat.pipeline.calib import load_calibration
     from tinychat.ppl import perplexity
     from tinychat.quant.awq import quantize_model

@@ -20,7 +20,7 @@ from common import emit, machine_info, median_time, prompt_ids, time_generation 
 
 def bench_tinychat(path, dtype, prompt, new_tokens, repeats):
     from tinychat.engine import Engine
-    from tinychat.pipeline.loader import load_model
+    from tinychat.io.loader import load_model
 
     model, tokenizer = load_model(path, dtype=dtype)
     engine = Engine(model, tokenizer, max_seq_len=len(prompt) + new_tokens + 8)
@@ -66,7 +66,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tinychat.pipeline.loader import load_model, resolve_source
+    from tinychat.io.loader import load_model, resolve_source
 
     path = resolve_source(args.model)
     _, tokenizer = load_model(path)

@@ -198,7 +198,7 @@ def requantize_q4_0(src: str, dst: str) -> None:
 
 
 def model_rows(args) -> tuple[list[dict], list[str]]:
-    from tinychat.pipeline.loader import load_model, resolve_source
+    from tinychat.io.loader import load_model, resolve_source
 
     gguf = str(resolve_source(args.model))
     _, tokenizer = load_model(gguf)

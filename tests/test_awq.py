@@ -323,7 +323,7 @@ def test_builtin_corpus_is_small_and_gives_blocks():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_gguf):
-    from tinychat.pipeline.loader import load_model
+    from tinychat.io.loader import load_model
 
     return load_model(smollm2_gguf)[1]
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinychat.errors import ModelLoadError, TinychatError
-from tinychat.pipeline import checkpoint
-from tinychat.pipeline.checkpoint import save_awq_checkpoint
-from tinychat.pipeline.loader import load_model, open_source
+from tinychat.io import checkpoint
 from tinychat.io.awq_format import pack_awq_gemv, unpack_awq_gemm
+from tinychat.io.checkpoint import save_awq_checkpoint
+from tinychat.io.loader import load_model, open_source
 from tinychat.linear import Int8Linear, WQLinear, int8_lm_head
 from tinychat.model import linear_names
 from tinychat.quant.quantize import QuantConfig, dequantize, quantize

@@ -106,7 +106,7 @@ def _int4_cuda_kernel() -> bool:
 def smollm2_cuda(smollm2_gguf):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from tinychat.pipeline.loader import load_model
+    from tinychat.io.loader import load_model
 
     return load_model(smollm2_gguf, device="cuda", dtype="float16")
 

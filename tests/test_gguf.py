@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from tinychat.config import ModelConfig
 from tinychat.errors import ModelLoadError
 from tinychat.io.default import DEFAULT_MODEL_FILE, default_model_path
-from tinychat.config import ModelConfig
 from tinychat.io.gguf import dequantize_tensor, open_gguf, read_gguf
-from tinychat.pipeline.loader import build_model
+from tinychat.io.loader import build_model
 
 
 def read_all(path):

@@ -11,8 +11,7 @@ from tinychat.errors import TinychatError
 from tinychat.int4_layout import to_int4_op
 from tinychat.linear import WQLinear
 from tinychat.model import linear_names
-from tinychat.quant.quantize import quantize_model_layers
-from tinychat.quant.quantize import QuantConfig, dequantize, quantize
+from tinychat.quant.quantize import QuantConfig, dequantize, quantize, quantize_model_layers
 
 
 def tc():

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tinychat"
 
 # lowest first; each entry: a module or a folder (all of its modules)
 LAYERS = [
-    ("errors", ["tinychat.errors"]),
+    ("errors", ["tinychat.errors", "tinychat.files"]),
     ("ops", ["tinychat._C", "tinychat.ops", "tinychat.int4_layout"]),
     ("model", ["tinychat.config", "tinychat.model", "tinychat.linear"]),
     ("quantization", ["tinychat.quant"]),
@@ -23,11 +23,6 @@ LAYERS = [
     ("interfaces", ["tinychat.api", "tinychat.chat", "tinychat.server", "tinychat.bench"]),
     ("cli", ["tinychat.cli", "tinychat.__main__", "tinychat"]),  # tinychat/__init__.py re-exports the API
 ]
-
-
-# deprecated aliases of moved modules -> their new home: the only modules allowed to import upward (lazily, with a
-# DeprecationWarning), left out of the layer and cycle checks
-DEPRECATED_ALIASES = {"tinychat.io.loader": "tinychat.pipeline.loader"}
 
 
 def module_name(path: Path) -> str:
@@ -65,7 +60,7 @@ def imports_of(module: str) -> set[str]:
     return {m for m in found if m == "tinychat" or m.startswith("tinychat.")} - {module}
 
 
-GRAPH = {module: imports_of(module) for module in MODULES if module not in DEPRECATED_ALIASES}
+GRAPH = {module: imports_of(module) for module in MODULES}
 
 
 def unit(module: str) -> str:
@@ -98,16 +93,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_every_module_has_a_layer():
     for module in GRAPH:
         layer_of(module)
-
-
-@pytest.mark.parametrize("alias,target", DEPRECATED_ALIASES.items())
-def test_deprecated_aliases_warn_and_resolve(alias, target):
-    import importlib
-
-    assert imports_of(alias) == {target}
-    old, new = importlib.import_module(alias), importlib.import_module(target)
-    with pytest.warns(DeprecationWarning, match=f"moved to {target}"):
-        assert old.load_model is new.load_model
 
 
 def test_imports_run_down_the_layers():

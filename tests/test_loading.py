@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinychat.errors import ModelLoadError
-from tinychat.pipeline.loader import load_model
+from tinychat.io.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 from tinychat.config import ModelConfig  # noqa: E402
 from tinychat.io.hf import read_hf_dir  # noqa: E402
-from tinychat.pipeline.loader import build_model  # noqa: E402
+from tinychat.io.loader import build_model  # noqa: E402
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=211,
             max_position_embeddings=256)

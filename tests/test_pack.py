@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tinychat.errors import TinychatError
 from tinychat import int4_layout
+from tinychat.errors import TinychatError
 from tinychat.io import awq_format
 from tinychat.quant.quantize import QuantConfig, quantize
 

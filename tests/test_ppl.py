@@ -115,7 +115,7 @@ def test_shared_wikitext_files_give_the_same_text(wiki_raw, wiki_rows):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    from tinychat.pipeline.loader import load_model
+    from tinychat.io.loader import load_model
 
     return load_model(smollm2_gguf)
 

@@ -11,7 +11,7 @@ import torch
 
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
-from tinychat.pipeline.loader import load_model, open_source
+from tinychat.io.loader import load_model, open_source
 from tinychat.linear import WQLinear
 from tinychat.pipeline import quantize as pipeline
 from tinychat.pipeline.quantize import QuantizeOptions, cached_quantized_model, quantize_checkpoint, search_dtype
@@ -218,3 +218,21 @@ def test_large_models_are_held_in_bfloat16_while_quantized():
                           num_kv_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True)
     assert search_dtype(llama2_7b) == "bfloat16"  # 6.7e9 params: 27 GB in float32 would not fit 24 GiB
     assert search_dtype(smollm2) == "float32"
+
+
+def test_each_file_is_opened_once(src, tmp_path, monkeypatch):
+    """Quantizing on first use reads the source's header once and keeps it (no second parse to load the weights);
+    loading then opens the source and the cached checkpoint once each."""
+    import tinychat
+    from tinychat.io import loader
+
+    opened = []
+    real = loader.read_hf_dir
+    monkeypatch.setattr(loader, "read_hf_dir", lambda path: opened.append(path.resolve()) or real(path))
+    monkeypatch.setenv("TINYCHAT_CACHE", str(tmp_path / "cache"))
+    out = cached_quantized_model(src, QuantizeOptions(method="rtn"), log=lambda m: None)
+    assert opened == [src.resolve()]
+    opened.clear()
+    monkeypatch.setattr(pipeline, "QuantizeOptions", lambda **k: QuantizeOptions(method="rtn", **k))
+    llm = tinychat.load(src, quant="awq", max_seq_len=32)
+    assert opened == [src.resolve(), out.resolve()] and llm.name == out.name

@@ -5,7 +5,7 @@ import torch
 
 from tinychat.api import Model
 from tinychat.engine import Engine, SamplingParams
-from tinychat.pipeline.loader import load_model
+from tinychat.io.loader import load_model
 
 PROMPTS = [
     "Write a short poem about the sea.",

@@ -25,7 +25,7 @@ import torch
 
 from tinychat.engine import API_SAMPLING, Engine, GenerationStats, SamplingParams
 from tinychat.errors import GenerationError, TinychatError
-from tinychat.pipeline.loader import ModelSource, open_source, resolve_dtype, resolve_source
+from tinychat.io.loader import ModelSource, open_source, resolve_dtype, resolve_source
 from tinychat.model import Transformer
 from tinychat.tokenizer import StreamDecoder, Tokenizer
 
@@ -241,7 +241,7 @@ def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: s
     """Load a model for generation.
 
     path_or_id: a GGUF file, a Hugging Face model directory (full precision or AWQ 4-bit), a hub id, or a
-    ModelSource already opened (`tinychat.pipeline.loader.open_source`); None: the default model,
+    ModelSource already opened (`tinychat.io.loader.open_source`); None: the default model,
     SmolLM2-135M-Instruct. quant: "awq" runs a full-precision model in 4 bits (quantized on first
     use and cached), "none" runs it as given, "auto" means "awq" for the default model and "none" otherwise.
     threads: CPU threads (torch's setting is process-wide). max_seq_len: context to allocate (default: the

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tinychat.errors import TinychatError
-from tinychat.io.files import read_text
+from tinychat.files import read_text
 
 __all__ = ["PplResult", "load_wikitext", "perplexity", "wikitext_rows"]
 

@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
+from tinychat.api import load
 from tinychat.bench.measure import (machine_info, measure_decode, measure_prefill, peak_memory, peak_rss_bytes,
                                     weight_bytes)
 from tinychat.bench.random_model import FLOAT_DTYPES, random_model
 from tinychat.bench.report import _matplotlib, format_report, write_plot
-from tinychat.api import load
 from tinychat.bench.shapes import SHAPES, shape_config
 from tinychat.config import ModelConfig
 from tinychat.engine import Engine
 from tinychat.errors import TinychatError
+from tinychat.io.loader import ModelSource, open_source
 from tinychat.linear import WQLinear
-from tinychat.pipeline.loader import ModelSource, open_source
 from tinychat.quant.awq import quantize_model
 from tinychat.quant.quantize import QuantConfig, auto_group_size, quantize_model_layers
 

@@ -1,2 +1,2 @@
-"""File formats: Hugging Face directories, GGUF files, AutoAWQ layouts, and the tensor name map between them and the
-model."""
+"""Models on disk: the formats (Hugging Face directories, GGUF files, AutoAWQ layouts, the tensor name map between
+them and the model), the loader (one header read per source, a LoadedModel record) and the checkpoint writer."""

@@ -21,13 +21,13 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFReader
 
 from tinychat.errors import ModelLoadError
+from tinychat.files import MISSING, gguf_field
 from tinychat.io.hf import TensorRef
 
 __all__ = [
     "GGUF_ARCHITECTURES",
     "SUPPORTED_TENSOR_TYPES",
     "dequantize_tensor",
-    "field",
     "gguf_config",
     "hf_tensor_name",
     "open_gguf",
@@ -83,7 +83,6 @@ _LAYER_PARTS: dict[str, tuple[str, tuple[str, ...]]] = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.([A-Za-z0-9_]+)\.(weight|bias)")
 
 _GGUF_MAGIC = b"GGUF"
-_MISSING = object()
 
 
 class _FastGGUFReader(GGUFReader):
@@ -148,22 +147,6 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
     return reader
 
 
-def field(reader: GGUFReader, key: str, path: str | os.PathLike, default: Any = _MISSING) -> Any:
-    """The value of metadata ``key``; ``default`` when it is absent (ModelLoadError when no default is given).
-
-    A value that cannot be decoded is a ModelLoadError naming ``path`` and the key.
-    """
-    entry = reader.fields.get(key)
-    if entry is None:
-        if default is _MISSING:
-            raise ModelLoadError(f"{path}: the GGUF metadata lacks the required key {key!r}")
-        return default
-    try:
-        return entry.contents()
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot decode GGUF metadata key {key!r}: {exc}") from exc
-
-
 def _positive_int(value: Any, key: str, path: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
         raise ModelLoadError(f"{path}: GGUF metadata {key!r} must be a positive integer, got {value!r}")
@@ -173,7 +156,7 @@ def _positive_int(value: Any, key: str, path: Path) -> int:
 def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
     """Build a Hugging Face ``config.json`` style dict from a GGUF reader's metadata."""
     path = Path(path)
-    arch = field(reader, "general.architecture", path)
+    arch = gguf_field(reader, "general.architecture", path)
     if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(
             f"{path}: unsupported model architecture {arch!r} "
@@ -181,10 +164,10 @@ def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
         )
     hf_class, model_type = GGUF_ARCHITECTURES[arch]
 
-    def key(name: str, default: Any = _MISSING) -> Any:
-        return field(reader, f"{arch}.{name}", path, default)
+    def key(name: str, default: Any = MISSING) -> Any:
+        return gguf_field(reader, f"{arch}.{name}", path, default)
 
-    def int_key(name: str, default: Any = _MISSING) -> Any:
+    def int_key(name: str, default: Any = MISSING) -> Any:
         value = key(name, default)
         if value is None:
             return None
@@ -265,8 +248,8 @@ def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
         "max_position_embeddings": context,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": any(n.endswith(".attn_q.bias") for n in tensor_names),
-        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id", path, None),
-        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id", path, None),
+        "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id", path, None),
+        "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id", path, None),
         "torch_dtype": "float32",
     }
 

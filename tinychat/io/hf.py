@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tinychat.errors import ModelLoadError
-
+from tinychat.files import read_json
 
 
 @dataclass(frozen=True)
@@ -22,22 +21,6 @@ class TensorRef:
     file: Path
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
-
-
-def read_json(path: Path) -> dict:
-    """The JSON object in ``path``; ModelLoadError naming the file when it is missing, unreadable or not an object."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: file not found") from None
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read the file ({e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def read_hf_dir(path: Path) -> tuple[dict, dict[str, TensorRef]]:

@@ -1,14 +1,214 @@
-"""Deprecated alias: model loading moved to `tinychat.pipeline.loader` (the load -> quantize -> save journey).
+"""Load a model from a GGUF file, a Hugging Face directory or hub id, or the default package.
 
-Every name is looked up there on use, with a DeprecationWarning; this module imports nothing at import time.
+The journey goes one way: `open_source` reads a source's header once (config, tensor names and shapes, tokenizer;
+no weights) into a ModelSource; its `load` builds the model into a LoadedModel, the one record (model, tokenizer,
+path, source config) that the quantizer and the checkpoint writer take as it is.
 """
 
-import warnings
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tinychat.config import ModelConfig
+from tinychat.errors import ModelLoadError
+from tinychat.files import read_json
+from tinychat.int4_layout import to_int4_op
+from tinychat.io.awq_format import AwqFormat, awq_format_from_hf
+from tinychat.io.default import default_model_path
+from tinychat.io.gguf import read_gguf
+from tinychat.io.hf import TensorRef, read_hf_dir, resolve_hub_id
+from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules, hf_tensor_shapes
+from tinychat.linear import WQLinear, int8_lm_head
+from tinychat.model import Transformer, layer_linears
+from tinychat.tokenizer import Tokenizer
+
+# Tensors of Hugging Face checkpoints that carry no weights (recomputed at load)
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
-def __getattr__(name: str):
-    from tinychat.pipeline import loader  # the one upward import of the package: a deprecated alias's target
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
 
-    warnings.warn(f"tinychat.io.loader.{name} moved to tinychat.pipeline.loader.{name}", DeprecationWarning,
-                  stacklevel=2)
-    return getattr(loader, name)
+
+def resolve_source(source: str | os.PathLike | None) -> Path:
+    """A model argument -> a local GGUF file or model directory (downloading a hub id if needed)."""
+    if source is None:
+        return default_model_path()
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):
+        return resolve_hub_id(text)
+    raise ModelLoadError(f"{path}: no such file or directory")
+
+
+def _require_gguf(path: Path) -> None:
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: a model file must be GGUF (.gguf); otherwise pass the model directory")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model source whose header has been read, once: no weight is loaded yet.
+
+    source_config: the Hugging Face-spelled config (config.json, or the GGUF metadata spelled that way), which a
+    checkpoint written from this model carries on. awq: the AutoAWQ format of a quantized checkpoint, else None.
+    """
+
+    path: Path
+    source_config: dict
+    config: ModelConfig
+    tensors: Mapping[str, TensorRef]
+    tokenizer: Tokenizer
+    awq: AwqFormat | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.awq is not None
+
+    def load(self, *, device: str | torch.device = "cpu", dtype="float32", int8_head: bool | None = None
+             ) -> LoadedModel:
+        """Read the weights and build the model, in eval mode on `device` in `dtype`.
+
+        An AWQ checkpoint's decoder linears run in 4 bits. int8_head: run the output projection in 8 bits
+        (Int8Linear); None (the default) does so for an AWQ checkpoint on the CPU, as llama.cpp keeps it in 8 bits
+        for its 4-bit types.
+        """
+        model = build_model(self.config, self.tensors, resolve_dtype(dtype), awq=self.awq)
+        if int8_head or (int8_head is None and self.quantized and torch.device(device).type == "cpu"):
+            int8_lm_head(model)
+        model = model.to(device).eval().requires_grad_(False)
+        return LoadedModel(model, self.tokenizer, self.path, self.source_config)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded model and where it came from: what generation, quantization and checkpoint writing take."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+    source_config: dict
+
+
+def open_source(source: str | os.PathLike | ModelSource | None = None) -> ModelSource:
+    """Read a model's header once: a GGUF file, a model directory, a hub id, or None for the default model."""
+    if isinstance(source, ModelSource):
+        return source
+    path = resolve_source(source)
+    if path.is_file():
+        _require_gguf(path)
+        cfg_dict, tensors, reader = read_gguf(path)
+        config = ModelConfig.from_hf(cfg_dict, source=str(path))
+        return ModelSource(path, cfg_dict, config, tensors, Tokenizer.from_gguf(reader, path), None)
+    cfg_dict, tensors = read_hf_dir(path)
+    where = str(path / "config.json")
+    config = ModelConfig.from_hf(cfg_dict, source=where)
+    quant = cfg_dict.get("quantization_config")
+    awq = awq_format_from_hf(quant, config, where) if quant is not None else None
+    gen_file = path / "generation_config.json"
+    eos = read_json(gen_file).get("eos_token_id") if gen_file.exists() else cfg_dict.get("eos_token_id")
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return ModelSource(path, cfg_dict, config, tensors, Tokenizer.from_dir(path, eos_token_ids=eos_ids), awq)
+
+
+def load_model(
+    source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu", dtype="float32",
+    int8_head: bool | None = None,
+) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer of `source` (`open_source(source).load(...)` without the record around them)."""
+    loaded = open_source(source).load(device=device, dtype=dtype, int8_head=int8_head)
+    return loaded.model, loaded.tokenizer
+
+
+def build_model(
+    cfg: ModelConfig, tensors: Mapping[str, TensorRef], dtype: torch.dtype, awq: AwqFormat | None = None
+) -> Transformer:
+    """Check names and shapes of Hugging Face-named tensors, then load them one at a time (converted to `dtype`),
+    fuse q/k/v and gate/up, and build the model on the CPU.
+
+    With `awq` the decoder linears are AWQ-quantized: each is unpacked, fused by concatenating rows of the plain
+    quantization, and repacked into the int4 op's layout (a WQLinear); biases, norms and embeddings go to `dtype`.
+    """
+    expected = hf_tensor_shapes(cfg, awq.shapes if awq is not None else None)
+    if "rope_freqs" in tensors:
+        expected["rope_freqs"] = (cfg.head_dim // 2,)
+    extra = [n for n in tensors if n not in expected and not n.endswith(IGNORED_TENSOR_SUFFIXES)]
+    if extra:
+        quantized = " (AWQ-quantized)" if awq is not None else ""
+        raise ModelLoadError(
+            f"{tensors[extra[0]].file}: unexpected tensor(s) {', '.join(extra[:5])} for a {cfg.architecture}"
+            f"{quantized} config"
+        )
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        where = next(iter(tensors.values())).file if tensors else "checkpoint"
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ModelLoadError(f"{where}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise ModelLoadError(
+                f"{tensors[name].file}: tensor {name!r} has shape {tensors[name].shape}, expected {shape}"
+            )
+
+    bar = tqdm(total=len(expected) - ("rope_freqs" in expected), desc="loading weights", unit="tensor", disable=None,
+               leave=False)
+
+    def get(name: str) -> torch.Tensor:
+        bar.update()
+        return tensors[name].load().to(dtype)
+
+    def get_packed(name: str) -> torch.Tensor:  # an AWQ tensor, as stored (int32 or fp16 scales)
+        bar.update()
+        t = tensors[name].load()
+        scales = name.endswith(".scales")
+        if not (t.is_floating_point() if scales else t.dtype == torch.int32):
+            want = "a floating-point type" if scales else "int32"
+            raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} has dtype {t.dtype}, expected {want}")
+        return t
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    freq_factors = tensors["rope_freqs"].load().float() if "rope_freqs" in tensors else None
+    with torch.device("meta"):
+        model = Transformer(cfg, freq_factors)
+        if awq is not None:
+            model.swap_linears(lambda name, linear: WQLinear(linear.in_features, linear.out_features, awq.group_size,
+                                                             linear.bias is not None, dtype=dtype))
+    sd = {name: get(hf) for name, hf in HF_GLOBALS.items() if name != "lm_head.weight" or not cfg.tie_word_embeddings}
+    for i in range(cfg.num_layers):
+        p, o = hf_layer_prefix(i), f"layers.{i}."
+        sd.update({o + name: get(p + hf) for name, hf in HF_LAYER_NORMS.items()})
+        for spec in layer_linears(cfg):
+            fused, parts, has_bias = spec.name, [module for module, _ in hf_modules(spec)], spec.bias
+            if awq is None:
+                sd[o + fused + ".weight"] = cat([get(p + f"{x}.weight") for x in parts])
+            else:
+                plain = [awq.unpack(*(get_packed(p + f"{x}.{s}") for s in ("qweight", "qzeros", "scales")))
+                         for x in parts]
+                q, scales, zeros = (cat(list(t)) for t in zip(*plain))  # rows concatenated: groups run along K
+                qweight, scales, zeros = to_int4_op(q, scales, zeros)
+                sd.update({o + fused + ".qweight": qweight, o + fused + ".scales": scales, o + fused + ".zeros": zeros})
+            if has_bias:
+                sd[o + fused + ".bias"] = cat([get(p + f"{x}.bias") for x in parts])
+    bar.close()
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    unexpected_missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    assert not unexpected_missing and not result.unexpected_keys, result
+    model.tie_weights()
+    return model

@@ -1,3 +1,3 @@
-"""The load -> quantize -> save journey, one way: `loader` opens a model source once and builds the model into a
-LoadedModel record; `quantize` (with its calibration text, `calib`) quantizes it, `checkpoint` writes it; `quantize`
-also holds the cache that runs a full-precision model in 4 bits on first use."""
+"""From a full-precision model to a quantized checkpoint on disk: calibration text (`calib`), and `quantize`, which
+runs the load -> quantize -> save journey one way (tinychat.io.loader's LoadedModel record in,
+tinychat.io.checkpoint out) for `tinychat quantize` and for the cache that runs a model in 4 bits on first use."""

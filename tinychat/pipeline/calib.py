@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from tinychat.errors import TinychatError
-from tinychat.io.files import read_text
+from tinychat.files import read_text
 
 __all__ = ["AWQ_DEFAULT_DATASET", "BUILTIN_CORPUS", "load_calibration", "read_documents"]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
-from tinychat.pipeline.checkpoint import check_output_dir, save_awq_checkpoint, save_fp16_checkpoint
-from tinychat.pipeline.loader import ModelSource, open_source, resolve_source
+from tinychat.io.checkpoint import check_output_dir, save_awq_checkpoint, save_fp16_checkpoint
+from tinychat.io.loader import ModelSource, open_source, resolve_source
 from tinychat.io.names import hf_tensor_shapes
 from tinychat.pipeline.calib import load_calibration
 from tinychat.quant.awq import SEARCH_TOKENS, quantize_model

@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tinychat.errors import ModelLoadError
-from tinychat.io.gguf import field
+from tinychat.files import gguf_field
 from tinychat.tokenizer.backends import set_post_processor
 from tinychat.tokenizer.tokens import SPIECE_SPACE
 
@@ -79,7 +79,7 @@ def build_gguf_tokenizer(reader: gguf.GGUFReader, path: str | os.PathLike) -> tu
     where = str(path)
 
     def get(key: str, default: Any = None) -> Any:
-        return field(reader, key, where, default)
+        return gguf_field(reader, key, where, default)
 
     model = get("tokenizer.ggml.model")
     if model is None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tinychat.io.hf import read_json
+from tinychat.files import read_json
 
 #: Tokens that end a turn in the chat formats we know of. One of them is a stop token when the vocabulary holds it as a
 #: single token and it is either a special token or written by the chat template.

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 
 from tinychat.errors import TinychatError
 from tinychat.io.awq_format import awq_quantization_config, pack_awq_gemm
+from tinychat.io.loader import LoadedModel
 from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules
 from tinychat.model import Transformer, layer_linears, linear_names
-from tinychat.pipeline.loader import LoadedModel
 from tinychat.quant.quantize import QuantConfig, QuantResult
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # one model.safetensors up to 2 GB, shards above
