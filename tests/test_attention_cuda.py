@@ -483,6 +483,38 @@ def test_attention_strided_q(tc):
                                                                                     pos[:t], 0.1))
 
 
+def _misaligned(t):
+    """A contiguous copy of t whose data starts one element past a 16-byte boundary (as a view carved out of a
+    larger buffer would): contiguous() leaves such a view as it is, so 16-byte loads would fault on it."""
+    flat = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("T", [1, 33])
+@pytest.mark.parametrize("which", ["q", "k", "v", "all"])
+def test_attention_misaligned_views(tc, dtype, T, which):
+    """Contiguous views starting off a 16-byte boundary are copied to aligned buffers: same output as aligned
+    inputs (on every path that does 16-byte loads), and the CUDA context survives."""
+    B, H, Hkv, D, S = 1, 8, 2, 128, 100
+    q = torch.randn(B, T, H, D, device="cuda").to(dtype)
+    k = torch.randn(B, Hkv, S, D, device="cuda").to(dtype)
+    v = torch.randn_like(k)
+    pos = torch.arange(S - T, S, device="cuda")
+    want = tc.attention(q, k, v, pos, 0.1)
+    args = {"q": q, "k": k, "v": v}
+    for name in ("q", "k", "v") if which == "all" else (which,):
+        args[name] = _misaligned(args[name])
+    got = tc.attention(args["q"], args["k"], args["v"], pos, 0.1)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", LOW)

@@ -83,6 +83,7 @@ def test_half_precision_error_is_like_transformers(tmp_path, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("family", ["llama3-gqa-tied-ropescaling", "qwen2-bias-tied"])
 def test_cuda_logits_match_transformers(tmp_path, family):
     hf = make_hf_model(tmp_path, family)

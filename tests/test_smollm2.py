@@ -72,6 +72,7 @@ def test_sampling_is_seeded_and_respects_limits(smollm2):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_greedy_tokens_match_cpu(smollm2, smollm2_gguf):
     model, tokenizer = smollm2
     cuda_model, _ = load_model(smollm2_gguf, device="cuda")

@@ -540,6 +540,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
     l0 += __shfl_xor_sync(0xffffffffu, l0, off);
     l1 += __shfl_xor_sync(0xffffffffu, l1, off);
   }
+  // One 4-byte store per pair of columns (col is even and out is contiguous: every pair is 4-byte aligned).
   T* out = static_cast<T*>(p.out);
   const int col = 2 * (lane & 3);
   if (tr0 < p.T) {
@@ -547,8 +548,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
     T* orow = out + ((static_cast<int64_t>(b) * p.T + tr0) * p.H + h) * D + col;
 #pragma unroll
     for (int i = 0; i < NT_O; ++i) {
-      const uint32_t w = pack2<T>(o[i][0] * inv, o[i][1] * inv);
-      memcpy(orow + i * 8, &w, 4);
+      *reinterpret_cast<uint32_t*>(orow + i * 8) = pack2<T>(o[i][0] * inv, o[i][1] * inv);
     }
   }
   if (tr1 < p.T) {
@@ -556,8 +556,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
     T* orow = out + ((static_cast<int64_t>(b) * p.T + tr1) * p.H + h) * D + col;
 #pragma unroll
     for (int i = 0; i < NT_O; ++i) {
-      const uint32_t w = pack2<T>(o[i][2] * inv, o[i][3] * inv);
-      memcpy(orow + i * 8, &w, 4);
+      *reinterpret_cast<uint32_t*>(orow + i * 8) = pack2<T>(o[i][2] * inv, o[i][3] * inv);
     }
   }
 }
@@ -574,15 +573,6 @@ void launch_prefill(const PrefillParams& p, int B, cudaStream_t stream) {
 
 // ---- host ----
 
-// 16-byte vector loads need 16-byte aligned rows: the pointer and every stride but the last a multiple of it.
-bool rows_aligned16(const at::Tensor& t) {
-  const int64_t vec = 16 / static_cast<int64_t>(t.element_size());
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int i = 0; i < t.dim() - 1; ++i)
-    if (t.size(i) > 1 && t.stride(i) % vec != 0) return false;
-  return t.size(-1) % vec == 0;
-}
-
 at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                           const at::Tensor& positions, double scale) {
   check_attention_args(q_in, k_in, v_in, positions, c10::DeviceType::CUDA);
@@ -596,10 +586,10 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
               "attention: shapes too large for the CUDA kernels: q ", q_in.sizes(), ", caches ", k_in.sizes());
   at::Tensor out = at::empty({B, T, H, D}, q_in.options());
   if (out.numel() == 0) return out;
-  // Misaligned views (never the model's own tensors) are copied rather than refused.
-  const at::Tensor q = rows_aligned16(q_in) ? q_in : q_in.contiguous();
-  const at::Tensor k = rows_aligned16(k_in) ? k_in : k_in.contiguous();
-  const at::Tensor v = rows_aligned16(v_in) ? v_in : v_in.contiguous();
+  // Misaligned views (never the model's own tensors) are copied to aligned buffers rather than refused.
+  const at::Tensor q = aligned_rows16(q_in);
+  const at::Tensor k = aligned_rows16(k_in);
+  const at::Tensor v = aligned_rows16(v_in);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto dtype = q.scalar_type();
   const int group = static_cast<int>(H / Hkv);

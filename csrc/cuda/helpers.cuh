@@ -1,7 +1,8 @@
 // Helpers shared by the CUDA kernel files (csrc/cuda/*.cu), kept here once instead of copied into each.
 //
 // Host: check_sm80 (the compute-capability check of every CUDA op), kElementwiseThreads and grid_for (the launch
-// shape of the grid-stride elementwise kernels of rope.cu and activation.cu).
+// shape of the grid-stride elementwise kernels of rope.cu and activation.cu), rows_aligned16 and aligned_rows16 (the
+// inputs of kernels that load 16 bytes at a time).
 // Device: from_float (fp32 -> the kernel's element type, round to nearest), kWarp and warp_sum (warp-shuffle sum),
 // and the sm_80 PTX wrappers of the tensor-core kernels (attention.cu, int4_linear.cu): smem_addr, cp_async16,
 // cp_async_commit, cp_async_wait, ldmatrix_x4, mma_m16n8k16.
@@ -35,6 +36,22 @@ inline int grid_for(int64_t n) {
   const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
   return static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>((n + kElementwiseThreads - 1) / kElementwiseThreads, max_blocks)));
+}
+
+// Whether t suits 16-byte vector loads of its rows: the data pointer 16-byte aligned, every stride but the last
+// (of a dimension longer than 1) and the row length multiples of 16 bytes.
+inline bool rows_aligned16(const at::Tensor& t) {
+  const int64_t vec = 16 / static_cast<int64_t>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 != 0) return false;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i)
+    if (t.size(i) > 1 && t.stride(i) % vec != 0) return false;
+  return t.size(-1) % vec == 0;
+}
+
+// t itself when rows_aligned16(t), else a contiguous copy in a fresh allocation (the caching allocator's blocks are
+// aligned far beyond 16 bytes). contiguous() alone is not enough: a contiguous view can start at any element.
+inline at::Tensor aligned_rows16(const at::Tensor& t) {
+  return rows_aligned16(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 // ---- device: conversions and reductions ----

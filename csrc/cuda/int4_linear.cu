@@ -593,8 +593,8 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   out_shape.back() = N;
   if (x.numel() == 0 || N == 0) return at::zeros(out_shape, x.options());
 
-  at::Tensor x2 = x.reshape({-1, K}).contiguous();  // [M, K]: a view when x is contiguous
-  if (reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16 != 0) x2 = x2.clone();  // 16-byte loads of x rows
+  // [M, K]: a view when x is contiguous and 16-byte aligned (its rows are loaded 16 bytes at a time), else a copy
+  const at::Tensor x2 = aligned_rows16(x.reshape({-1, K}).contiguous());
   const int64_t M = x2.size(0);
   TORCH_CHECK(M <= INT32_MAX, "int4_linear: too many rows of x: ", M);
   at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
