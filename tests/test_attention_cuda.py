@@ -47,6 +47,10 @@ bool warp_skips(int64_t tile, int64_t warp_max) { return prefill_warp_skips_tile
 std::vector<int64_t> constants() {
   return {kPrefillRows, kPrefillKeys, kPrefillWarps, kSmemPad, kDecodeKeyAlign, kDecodeMaxSplits};
 }
+std::vector<int64_t> prefill_smem(int64_t D) {  // rows of Q, of K and V per stage, and the bytes
+  return {prefill_q_row(), prefill_k_row(0), prefill_v_row(0), prefill_k_row(1), prefill_v_row(1),
+          prefill_smem_bytes(D)};
+}
 // Per lane: a_row, a_col, k_row, k_col, v_row, v_col, then c_row(i), c_col(i) for i = 0..3.
 std::vector<int64_t> lane_maps() {
   std::vector<int64_t> r;
@@ -60,7 +64,7 @@ std::vector<int64_t> lane_maps() {
 int64_t smem_off(int64_t row, int64_t col, int64_t D) { return smem_offset(row, col, D); }
 """
 _PLAN_FUNCS = ["plan", "visible", "clamp_pos", "rope_ok", "head_kind", "active_splits", "split_range", "key_tiles",
-               "needs_mask", "warp_skips", "constants", "lane_maps", "smem_off"]
+               "needs_mask", "warp_skips", "constants", "lane_maps", "smem_off", "prefill_smem"]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,8 @@ def test_decode_plan(hp, S):
                     assert splits * chunk >= S and (splits - 1) * chunk < S  # every split holds a cache row
                     if splits > 1:  # no more splits than needed to fill the GPU
                         assert rows * hkv * hb * (splits - 1) < 4 * sms
+                    if rows * hkv * hb * splits < sms:  # a grid that leaves SMs idle has one split per 64 keys
+                        assert chunk == 64 or splits == max_splits
     # graph stability: nothing depends on the runtime length; a length's chunks tile [0, n) exactly
     hpb, hb, splits, chunk = hp.plan(1, 8, 4, S, 132)
     for n in sorted({1, 2, S // 2 + 1, S}):
@@ -111,6 +117,21 @@ def test_decode_plan(hp, S):
             else:
                 assert b >= n  # the kernel's block exits at once
         assert covered == list(range(n))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_smem_layout(hp, D):
+    """The prefill block's shared memory: 4 disjoint K/V tiles (stage 0 and 1), Q inside stage 1's K slot (read into
+    registers before tile 1 is loaded there), 16-byte aligned rows, and for D = 128 small enough that two blocks fit
+    in an A100's 164 KB per SM (1 KB of it reserved per block)."""
+    rows, keys = hp.constants()[0], hp.constants()[1]
+    q, k0, v0, k1, v1, nbytes = hp.prefill_smem(D)
+    row_bytes = (D + hp.constants()[3]) * 2
+    assert row_bytes % 16 == 0
+    slots = sorted([k0, v0, k1, v1])
+    assert slots == [0, keys, 2 * keys, 3 * keys] and nbytes == 4 * keys * row_bytes
+    assert q == k1 and q + rows <= k1 + keys
+    assert 2 * (nbytes + 16 + 1024) <= 164 * 1024  # + the kernel's 16 bytes of static shared memory
 
 
 def _attention_exact(q, k, v, positions, scale):

@@ -124,6 +124,14 @@ torch::Tensor dequant_all(torch::Tensor qweight, torch::Tensor scales, torch::Te
       o[n][k] = dequant(nibble(qweight.data_ptr<uint8_t>() + n * K / 2, k), s[n][k / G], z[n][k / G]);
   return out;
 }
+
+// The GEMV's x tile: float4 word of (m, piece, blk), its size in bytes, and the blocks one tile holds.
+int64_t gemv_x_word_of(int64_t m, int64_t piece, int64_t blk, int64_t blocks) {
+  return gemv_x_word(m, piece, blk, blocks);
+}
+int64_t gemv_xsum_index_of(int64_t m, int64_t blk, int64_t blocks) { return gemv_xsum_index(m, blk, blocks); }
+int64_t gemv_smem_bytes_of(int64_t mb, int64_t blocks) { return gemv_smem_bytes(mb, blocks); }
+int64_t gemv_chunk_blocks_of(int64_t mb, int64_t K, int64_t budget) { return gemv_chunk_blocks(mb, K, budget); }
 """
 
 
@@ -139,7 +147,8 @@ def helpers():
     return load_inline(
         name="tinychat_int4_layout_test",
         cpp_sources=f"// int4_layout.h sha256 {header_hash}\n{_HELPERS_SRC}",
-        functions=["unpack_nibble", "unpack_gemv", "unpack_mma", "dequant_all"],
+        functions=["unpack_nibble", "unpack_gemv", "unpack_mma", "dequant_all", "gemv_x_word_of", "gemv_xsum_index_of",
+                   "gemv_smem_bytes_of", "gemv_chunk_blocks_of"],
         extra_include_paths=[str(LAYOUT_HEADER.parent)],
         extra_cflags=["-O1"],
         build_directory=build_dir,
@@ -187,6 +196,63 @@ def test_layout_helpers_dequant(helpers, G):
     zeros = torch.randint(0, 16, (N, K // G), generator=g).float()
     expected = ((q.float().reshape(N, K // G, G) - zeros[..., None]) * scales[..., None]).reshape(N, K)
     assert torch.equal(helpers.dequant_all(qweight, scales, zeros, G), expected)
+
+
+def wavefronts(byte_addresses, width):
+    """Shared-memory wavefronts of one warp-wide load or store of `width` bytes per lane at these addresses: 32
+    banks of 4 bytes, each wavefront serves one 4-byte word per bank (lanes reading the same word share it)."""
+    words_of_bank = {}
+    for a in byte_addresses:
+        for word in range(a // 4, (a + width) // 4):
+            words_of_bank.setdefault(word % 32, set()).add(word)
+    return max(len(w) for w in words_of_bank.values())
+
+
+GEMV_SMEM_BUDGET = 48 * 1024  # int4_linear.cu's kGemvSmemBytes
+
+
+@pytest.mark.parametrize("MB", [1, 2, 3, 8])
+@pytest.mark.parametrize("K", [128, 576, 1056, 4096, 11008, 14336])
+def test_gemv_x_tile_has_no_bank_conflicts(helpers, MB, K):
+    """The GEMV's x tile (q4::gemv_x_word): the 32 lanes of a warp read piece p of blocks lane, lane + 32, ...:
+    32 consecutive 16-byte words, 4 wavefronts per 128-bit load, the minimum (the block-major tile took 32). The
+    staging stores (a quad of lanes per block, pieces 2j and 2j + 1), 4 times rarer than the loads, take the
+    minimum too, except in a warp that straddles two rows of x. Each word of the tile
+    is written once, and the tile and its block sums fit the kernel's 48 KB."""
+    blocks = helpers.gemv_chunk_blocks_of(MB, K, GEMV_SMEM_BUDGET)
+    assert 1 <= blocks <= K // 32
+    assert helpers.gemv_smem_bytes_of(MB, blocks) <= GEMV_SMEM_BUDGET
+    if blocks < K // 32:  # a smaller tile only when the next larger one does not fit
+        assert helpers.gemv_smem_bytes_of(MB, blocks + 1) > GEMV_SMEM_BUDGET
+    words = {helpers.gemv_x_word_of(m, p, b, blocks) for m in range(MB) for p in range(8) for b in range(blocks)}
+    assert len(words) == MB * 8 * blocks  # no two pieces share a word
+    tile_bytes = 16 * (max(words) + 1)
+    sums = {helpers.gemv_xsum_index_of(m, b, blocks) for m in range(MB) for b in range(blocks)}
+    assert len(sums) == MB * blocks and tile_bytes + 4 * (max(sums) + 1) <= helpers.gemv_smem_bytes_of(MB, blocks)
+    for m in range(MB):
+        for p in range(8):
+            for first in range(0, blocks, 32):  # the lanes of one load: blocks first .. first + 31
+                lanes = range(first, min(first + 32, blocks))
+                loads = [16 * helpers.gemv_x_word_of(m, p, b, blocks) for b in lanes]
+                assert wavefronts(loads, 16) == -(-16 * len(lanes) // 128), (m, p, first)
+    units_per_row = blocks * 4  # staging: lane u takes row u // units_per_row, channels 8 (u % units_per_row) ..
+    for base in range(0, MB * units_per_row, 32):
+        units = [u for u in range(base, base + 32) if u < MB * units_per_row]
+        for half in range(2):  # the two 16-byte stores of a lane: pieces 2j, 2j + 1 of its block
+            stores = [16 * helpers.gemv_x_word_of(u // units_per_row, 2 * (u % 4) + half, (u % units_per_row) // 4,
+                                                  blocks) for u in units]
+            least = -(-16 * len(units) // 128)
+            one_row = units[0] // units_per_row == units[-1] // units_per_row
+            # a warp whose lanes straddle two rows of x may take up to twice the minimum there
+            assert wavefronts(stores, 16) <= (least if one_row else 2 * least), (base, half)
+
+
+def test_bank_model_counts_the_old_conflicts():
+    """The wavefront model itself: 32 lanes 128 bytes apart (the block-major tile) need 32 wavefronts; 32
+    consecutive 16-byte words need 4; 32 lanes reading one word need 1."""
+    assert wavefronts([128 * lane for lane in range(32)], 16) == 32
+    assert wavefronts([16 * lane for lane in range(32)], 16) == 4
+    assert wavefronts([64] * 32, 16) == 1
 
 
 # ---- the CUDA kernels ----

@@ -33,7 +33,8 @@ TC_HD int qkv_head_kind(int64_t hh, int64_t H, int64_t Hkv) { return hh < H ? 0 
 // ---- decode (split-KV, "flash-decoding") ----
 
 constexpr int kDecodeKeyAlign = 64;      // a split's chunk of keys is a multiple of this
-constexpr int kDecodeMinChunk = 256;     // and at least this many keys (a block's work must outweigh its setup)
+constexpr int kDecodeMinChunk = 64;      // and at least this many keys: one step of a block (a small model's
+                                         // few kv heads need the splits: SmolLM2, 3 kv heads, 2048 keys: 96 blocks)
 constexpr int kDecodeMaxSplits = 256;    // the combine kernel reads at most this many partials per row
 constexpr int kDecodeBlocksPerSm = 4;    // splits are added until the grid is about this many blocks per SM
 
@@ -105,6 +106,16 @@ TC_HD bool prefill_warp_skips_tile(int64_t tile, int64_t warp_max_visible) {
 
 // Element offset of (row, col) in a shared-memory tile of rows of D elements, padded to D + kSmemPad.
 TC_HD int smem_offset(int row, int col, int D) { return row * (D + kSmemPad) + col; }
+
+// The prefill block's shared memory, in rows of D + kSmemPad 16-bit elements: K of stage 0, V of stage 0, K of
+// stage 1, V of stage 1 (kPrefillKeys rows each). Q (kPrefillRows rows) is read into registers at the first tile
+// only, so it lives in stage 1's K slot, which the block fills with tile 1 after that read: 4 tiles instead of 5
+// (D = 128: 68 KB, so two blocks fit in an A100's 164 KB per SM).
+static_assert(kPrefillRows <= kPrefillKeys, "Q fits in one K/V tile's slot");
+TC_HD int prefill_k_row(int stage) { return 2 * stage * kPrefillKeys; }      // first row of stage's K tile
+TC_HD int prefill_v_row(int stage) { return (2 * stage + 1) * kPrefillKeys; }  // first row of stage's V tile
+TC_HD int prefill_q_row() { return prefill_k_row(1); }
+TC_HD int prefill_smem_bytes(int D) { return 4 * kPrefillKeys * (D + kSmemPad) * 2; }
 
 // mma.sync m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), for lane in [0, 32).
 // Accumulator C/D (16 x 8, fp32): element i in [0, 4) of a lane sits at row c_row, column c_col.

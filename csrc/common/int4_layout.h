@@ -1,7 +1,8 @@
-// Index and bit helpers of the int4 op layout (tinychat/int4_layout.py, "The op layout"), shared by the CUDA
-// kernels (csrc/cuda/int4_linear.cu) and a CPU test (tests/test_int4_linear_cuda.py) that holds them against
-// pack_int4_op / unpack_int4_op. Plain C++ (no torch, no CUDA headers): every function is __host__ __device__ under
-// nvcc and a plain inline function under a host compiler.
+// Index and bit helpers of the int4 op layout (tinychat/int4_layout.py, "The op layout") and of the GEMV's x tile in
+// shared memory, shared by the CUDA kernels (csrc/cuda/int4_linear.cu) and CPU tests (tests/test_int4_linear_cuda.py)
+// that hold them against pack_int4_op / unpack_int4_op and count the tile's shared-memory bank wavefronts. Plain
+// C++ (no torch, no CUDA headers): every function is __host__ __device__ under nvcc and a plain inline function
+// under a host compiler.
 //
 // Layout: qweight uint8 [N, K/2]; each row in blocks of 32 input channels (16 bytes). Byte j (0..15) of block b
 // holds channel 32b + j in its low nibble and channel 32b + 16 + j in its high nibble.
@@ -78,6 +79,31 @@ TC_HD uint32_t mma_b_word(uint32_t lo, uint32_t hi) {
 TC_HD int mma_b_shift(int step, int reg) { return 4 * step + 8 * reg; }
 // The input channel (0..31, within the block) of half h of register `reg` of k step `step`, for quad lane t.
 TC_HD int mma_b_channel(int t, int step, int reg, int half) { return 16 * step + 2 * t + 8 * reg + half; }
+
+// ---- GEMV: the x tile in shared memory ----
+//
+// The GEMV stages a chunk of x (MB rows, `blocks` 32-channel blocks) as fp32 and lane l of a warp reads blocks l,
+// l + 32, ...: in one load every lane reads the same 16-byte piece (channels 4p .. 4p + 3) of its own block. So the
+// tile is stored piece-major: word (m, piece, blk) at float4 index (m * 8 + piece) * stride + blk, and the lanes of a
+// warp read 32 consecutive 16-byte words (4 wavefronts, the minimum for a 128-bit load; a block-major tile, 128
+// bytes between lanes, takes 32). The stride is odd so that the staging stores, where the 4 lanes of a block write
+// pieces 2j and 2j + 1, fall in distinct banks too. After the tile: the sum of x over each block, fp32 [MB, blocks].
+constexpr int kGemvPieces = kBlock / 4;  // 16-byte (4-float) pieces of x per block
+TC_HD int gemv_x_stride(int blocks) { return blocks | 1; }
+TC_HD int gemv_x_word(int m, int piece, int blk, int blocks) {
+  return (m * kGemvPieces + piece) * gemv_x_stride(blocks) + blk;
+}
+TC_HD int gemv_xsum_index(int m, int blk, int blocks) { return m * blocks + blk; }  // floats after the tile
+TC_HD int gemv_smem_bytes(int MB, int blocks) {
+  return MB * kGemvPieces * gemv_x_stride(blocks) * 16 + MB * blocks * 4;
+}
+// The most blocks of K (K / 32 at most) whose tile for MB rows fits in `budget` bytes.
+TC_HD int gemv_chunk_blocks(int MB, int K, int budget) {
+  int blocks = (budget / MB - kGemvPieces * 16) / (kGemvPieces * 16 + 4);  // stride <= blocks + 1
+  if (blocks > K / kBlock) blocks = K / kBlock;
+  while (blocks > 1 && gemv_smem_bytes(MB, blocks) > budget) --blocks;
+  return blocks;
+}
 
 }  // namespace q4
 }  // namespace tinychat

@@ -14,7 +14,8 @@
 //   accumulator) per lane group, merged over the block at the end. Blocks whose chunk starts past the query's last
 //   visible key exit at once. A second kernel combines the partials (skipped when there is one split).
 // * prefill (fp16/bf16, T > kDecodeMaxT): FlashAttention-2 style on tensor cores. A block owns 64 query rows of one
-//   head (4 warps x 16 rows); K/V tiles of 64 keys go to shared memory by cp.async, double buffered; S = Q K^T and
+//   head (4 warps x 16 rows); K/V tiles of 64 keys go to shared memory by cp.async, double buffered (Q, read into
+//   registers at the first tile, shares stage 1's K slot: attention_plan.h, prefill_smem_bytes); S = Q K^T and
 //   O += P V by mma.sync m16n8k16 with fp32 accumulators, operands by ldmatrix (.trans for V); online softmax in
 //   registers, P reused from the S accumulators as the A operand. Causal skipping: a block loads only the tiles up
 //   to the largest visible key among its rows, a warp skips the math of tiles none of its rows sees, and only tiles
@@ -362,11 +363,6 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return r;
 }
 
-template <int D>
-constexpr int prefill_smem_bytes() {
-  return (kPrefillRows + 4 * kPrefillKeys) * (D + kSmemPad) * 2;  // Q, then K x 2 stages, V x 2 stages
-}
-
 // Grid (ceil(T / 64), H, B), 128 threads.
 template <typename T, int D>
 __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const PrefillParams p) {
@@ -379,10 +375,10 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
   constexpr int LD = D + kSmemPad;        // shared-memory row length (elements)
   constexpr int kThreads = kPrefillWarps * 32;
 
+  // Shared memory (prefill_smem_bytes): K and V tiles of stages 0 and 1, Q in stage 1's K slot until tile 0 is read.
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kPrefillRows * LD;     // [2][kPrefillKeys][LD]
-  T* sV = sK + 2 * kPrefillKeys * LD; // [2][kPrefillKeys][LD]
+  T* const smem = reinterpret_cast<T*>(smem_raw);
+  T* const sQ = smem + prefill_q_row() * LD;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t0 = blockIdx.x * kPrefillRows;
@@ -422,8 +418,8 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
   // K/V tile `tile` into stage `st`; keys past bmax zero-filled (never reading unwritten cache rows, whose
   // contents could be NaN and would poison P V through 0 * NaN).
   auto load_kv = [&](int tile, int st) {
-    T* dk = sK + st * kPrefillKeys * LD;
-    T* dv = sV + st * kPrefillKeys * LD;
+    T* dk = smem + prefill_k_row(st) * LD;
+    T* dv = smem + prefill_v_row(st) * LD;
     for (int c = tid; c < kPrefillKeys * CHUNKS; c += kThreads) {
       const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
       const int key = tile * kPrefillKeys + r;
@@ -443,22 +439,30 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int st = tile & 1;
-    if (tile + 1 < n_tiles) {
-      load_kv(tile + 1, st ^ 1);  // its stage was last read in iteration tile - 1, before the closing barrier
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
     if (tile == 0) {
+      cp_async_wait<0>();  // Q and tile 0
+      __syncthreads();
 #pragma unroll
       for (int ks = 0; ks < KS_Q; ++ks)
         ldmatrix_x4(qa[ks], sQ + smem_offset(warp * 16 + ldsm_a_row(lane), ks * 16 + ldsm_a_col(lane), D));
+      __syncthreads();  // every warp holds Q in registers: stage 1 (Q's slot) is free for tile 1
+      if (n_tiles > 1) {
+        load_kv(1, 1);
+        cp_async_commit();
+      }
+    } else {
+      if (tile + 1 < n_tiles) {
+        load_kv(tile + 1, st ^ 1);  // its stage was last read in iteration tile - 1, before the closing barrier
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
     }
     if (!prefill_warp_skips_tile(tile, wmax)) {
-      const T* tk = sK + st * kPrefillKeys * LD;
-      const T* tv = sV + st * kPrefillKeys * LD;
+      const T* tk = smem + prefill_k_row(st) * LD;
+      const T* tv = smem + prefill_v_row(st) * LD;
       float s[NT_S][4];
 #pragma unroll
       for (int i = 0; i < NT_S; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
@@ -563,7 +567,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
 
 template <typename T, int D>
 void launch_prefill(const PrefillParams& p, int B, cudaStream_t stream) {
-  constexpr int smem = prefill_smem_bytes<D>();
+  const int smem = prefill_smem_bytes(D);
   auto kernel = prefill_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid((p.T + kPrefillRows - 1) / kPrefillRows, p.H, B);

@@ -7,13 +7,15 @@
 //
 // Two paths, picked per call from M (TINYCHAT_INT4_CUDA_PATH=gemv|gemm forces one; tests use it):
 //
-//  * GEMV (M <= 8, and every fp32 x): 4 warps per block, 4 output channels per warp. x (up to 8 rows) is staged in
-//    shared memory as fp32, in chunks of K that fit 48 KB, with the sum of x over every 32-channel block. Each lane
-//    walks the 32-channel blocks lane, lane + 32, ... of its warp's 4 weight rows: one 16-byte load per row and
-//    block (the next block's loads are issued before the current one is used). Each nibble pair becomes two fp16
-//    1 + q/16 with one shift and one mask-or (exact; q4::unit_pair_bits), widened to fp32; sum (1 + q/16) x
-//    accumulates in fp32 over the block, which then adds s * (16 * that - (16 + z) * sum x) = s * sum (q - z) x.
-//    A warp-shuffle reduction ends each output. All math fp32 (removing the offset costs a few bits: ~2^-21 rel.).
+//  * GEMV (M <= 8, and every fp32 x): up to 4 warps per block (fewer when N is too small to fill the GPU), 4 output
+//    channels per warp. Each lane walks the 32-channel blocks lane, lane + 32, ... of its warp's 4 weight rows: one
+//    16-byte load per row and block, the first issued before x is staged and each next one before the current one
+//    is used. x (up to 8 rows) is staged in shared memory as fp32, in chunks of K that fit 48 KB, piece-major so
+//    that the 32 lanes read 32 consecutive 16-byte words (q4::gemv_x_word: no bank conflicts), with the sum of x
+//    over every block. Each nibble pair becomes two fp16 1 + q/16 with one shift and one mask-or (exact;
+//    q4::unit_pair_bits), widened to fp32; sum (1 + q/16) x accumulates in fp32 over the block, which then adds
+//    s * (16 * that - (16 + z) * sum x) = s * sum (q - z) x. A warp-shuffle reduction ends each output. All math
+//    fp32 (removing the offset costs a few bits: ~2^-21 rel.).
 //
 //  * GEMM (M > 8): mma.sync m16n8k16 (fp16 or bf16 in, fp32 accumulate). A block computes a BM x BN tile of y over
 //    k tiles of BK = 32 (one 16-byte block of every weight row, always inside one quantization group), fed by a
@@ -96,36 +98,29 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
 // GEMV path
 // ================================================================================================================
 
-constexpr int kGemvWarps = 4;               // warps per block
+constexpr int kGemvMaxWarps = 4;            // warps per block (fewer when N is too small to fill the GPU)
 constexpr int kGemvRows = 4;                // output channels (weight rows) per warp
 constexpr int kGemvMaxM = 8;                // rows of x per block; larger M runs ceil(M / 8) blocks along y
-constexpr int kGemvSmemBytes = 48 * 1024;   // x chunk + block sums (no opt-in needed below 48 KB)
-constexpr int kGemvRowsPerBlock = kGemvWarps * kGemvRows;
+constexpr int kGemvSmemBytes = 48 * 1024;   // x tile + block sums (no opt-in needed below 48 KB)
 
-// Channels of x per chunk for MB rows: fp32 x [MB, chunk] plus its block sums [MB, chunk / 32] within the budget.
-int gemv_chunk(int MB, int K) {
-  const int max_chunk = kGemvSmemBytes / (MB * 4 * (kBlock + 1)) * kBlock;
-  return std::min(K, max_chunk);
-}
-
-int gemv_smem_bytes(int MB, int chunk) { return MB * 4 * (kBlock + 1) * (chunk / kBlock); }
-
-// y [M, N] for rows m0 = blockIdx.y * MB .. of x and rows n0 = (blockIdx.x * kGemvWarps + warp) * kGemvRows .. of W.
-// Dynamic shared memory: xs fp32 [MB, chunk], xsum fp32 [MB, chunk / 32] (rows of x past M hold zeros).
+// y [M, N] for rows m0 = blockIdx.y * MB .. of x and rows n0 = (blockIdx.x * warps + warp) * kGemvRows .. of W,
+// warps = blockDim.x / 32. Dynamic shared memory: the x tile of `blocks` 32-channel blocks and its block sums
+// (q4::gemv_x_word, q4::gemv_xsum_index; rows of x past M hold zeros).
 template <typename T, int MB>
-__global__ void __launch_bounds__(kGemvWarps * kWarp)
+__global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
     int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const float* __restrict__ scales,
-                     const float* __restrict__ zeros, T* __restrict__ y, int M, int N, int K, int G, int chunk) {
+                     const float* __restrict__ zeros, T* __restrict__ y, int M, int N, int K, int G, int blocks) {
   extern __shared__ float4 gemv_smem[];
-  float* xs = reinterpret_cast<float*>(gemv_smem);  // [MB, chunk]
-  float* xsum = xs + MB * chunk;                      // [MB, chunk / 32]
+  const float4* xs = gemv_smem;                                            // the x tile, float4 words
+  float* xsum = reinterpret_cast<float*>(gemv_smem + MB * q4::kGemvPieces * q4::gemv_x_stride(blocks));
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
   const int m0 = blockIdx.y * MB;
   const int rows_m = min(MB, M - m0);
-  const int n0 = (blockIdx.x * kGemvWarps + warp) * kGemvRows;
+  const int n0 = (blockIdx.x * warps + warp) * kGemvRows;
   const int n_groups = K / G;
-  const int chunk_blocks = chunk / kBlock;
+  const int chunk = blocks * kBlock;  // channels per tile
 
   const uint8_t* qrow[kGemvRows];  // weight rows (clamped to row 0 past N; their loads are skipped)
   bool row_ok[kGemvRows];
@@ -141,36 +136,12 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp)
 #pragma unroll
     for (int m = 0; m < MB; ++m) acc[r][m] = 0.f;
 
+  uint4 w[kGemvRows];
+  float sc[kGemvRows], zr[kGemvRows];
   for (int c0 = 0; c0 < K; c0 += chunk) {
     const int kc = min(chunk, K - c0);  // channels in this chunk (a multiple of 32)
     const int n_blk = kc / kBlock;
-
-    // Stage x[m0 : m0 + MB, c0 : c0 + kc] as fp32, 8 channels per lane; a quad of lanes covers one 32-channel block
-    // and adds up its sum with two shuffles. Every lane of a warp runs the same iterations (the shuffles need it).
-    __syncthreads();  // the previous chunk is no longer read
-    const int units_per_row = kc / 8;
-    const int units = MB * units_per_row;
-    for (int base = warp * kWarp; base < units; base += kGemvWarps * kWarp) {
-      const int u = base + lane;
-      const int m = u / units_per_row;
-      const int k = (u % units_per_row) * 8;
-      float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (u < units && m < rows_m) load8(x + static_cast<int64_t>(m0 + m) * K + c0 + k, v);
-      if (u < units) {
-        float4* dst = reinterpret_cast<float4*>(xs + m * chunk + k);
-        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
-      }
-      float s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
-      if (u < units && lane % 4 == 0) xsum[m * chunk_blocks + k / kBlock] = s;
-    }
-    __syncthreads();
-
     // Lane walks blocks blk = lane, lane + 32, ... of the chunk; block b = c0 / 32 + blk of the row.
-    uint4 w[kGemvRows];
-    float sc[kGemvRows], zr[kGemvRows];
     auto load_block = [&](int blk, uint4 (&w_out)[kGemvRows], float (&s_out)[kGemvRows], float (&z_out)[kGemvRows]) {
       const int b = c0 / kBlock + blk;
       const int g = b * kBlock / G;
@@ -186,14 +157,41 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp)
         }
       }
     };
+    // The first weight loads go out before x is staged: the block does not wait a whole memory round trip after
+    // the barrier below.
     if (lane < n_blk) load_block(lane, w, sc, zr);
+
+    // Stage x[m0 : m0 + MB, c0 : c0 + kc] as fp32, 8 channels (pieces 2j, 2j + 1 of a block) per lane; a quad of
+    // lanes covers one block and adds up its sum with two shuffles. Every lane of a warp runs the same iterations
+    // (the shuffles need it).
+    __syncthreads();  // the previous chunk is no longer read
+    const int units_per_row = kc / 8;
+    const int units = MB * units_per_row;
+    float4* xs_w = gemv_smem;
+    for (int base = warp * kWarp; base < units; base += warps * kWarp) {
+      const int u = base + lane;
+      const int m = u / units_per_row;
+      const int k = (u % units_per_row) * 8;
+      const int blk = k / kBlock, piece = (k % kBlock) / 4;
+      float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (u < units && m < rows_m) load8(x + static_cast<int64_t>(m0 + m) * K + c0 + k, v);
+      if (u < units) {
+        xs_w[q4::gemv_x_word(m, piece, blk, blocks)] = make_float4(v[0], v[1], v[2], v[3]);
+        xs_w[q4::gemv_x_word(m, piece + 1, blk, blocks)] = make_float4(v[4], v[5], v[6], v[7]);
+      }
+      float s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      if (u < units && lane % 4 == 0) xsum[q4::gemv_xsum_index(m, blk, blocks)] = s;
+    }
+    __syncthreads();
+
     for (int blk = lane; blk < n_blk; blk += kWarp) {
       uint4 w_next[kGemvRows];
       float sc_next[kGemvRows], zr_next[kGemvRows];
       if (blk + kWarp < n_blk) load_block(blk + kWarp, w_next, sc_next, zr_next);
 
-      const float* xb = xs + blk * kBlock;  // row m at xb + m * chunk
-      float part[kGemvRows][MB];            // sum over the block of (1 + q/16) * x
+      float part[kGemvRows][MB];  // sum over the block of (1 + q/16) * x
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r)
 #pragma unroll
@@ -215,8 +213,8 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp)
         }
 #pragma unroll
         for (int m = 0; m < MB; ++m) {
-          const float4 lo = *reinterpret_cast<const float4*>(xb + m * chunk + 4 * i);
-          const float4 hi = *reinterpret_cast<const float4*>(xb + m * chunk + 16 + 4 * i);
+          const float4 lo = xs[q4::gemv_x_word(m, i, blk, blocks)];      // channels 4i .. 4i + 3
+          const float4 hi = xs[q4::gemv_x_word(m, 4 + i, blk, blocks)];  // channels 16 + 4i ..
           const float xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
           for (int r = 0; r < kGemvRows; ++r)
@@ -229,7 +227,7 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp)
 #pragma unroll
         for (int m = 0; m < MB; ++m) {
           // sum (q - z) x = 16 part - (16 + z) sum x
-          const float xs_blk = xsum[m * chunk_blocks + blk];
+          const float xs_blk = xsum[q4::gemv_xsum_index(m, blk, blocks)];
           const float qzx = fmaf(q4::kUnitScale, part[r][m], -(q4::kUnitScale + zr[r]) * xs_blk);
           acc[r][m] = fmaf(sc[r], qzx, acc[r][m]);
         }
@@ -255,15 +253,27 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp)
     }
 }
 
+// Warps per GEMV block: kGemvMaxWarps, halved while the grid would leave SMs idle (SmolLM2's 960-row qkv is 60
+// blocks of 4 warps on a 132-SM H100; 240 of 1 warp).
+int gemv_warps(int N, int grid_y, int sms) {
+  int warps = kGemvMaxWarps;
+  while (warps > 1 && static_cast<int64_t>((N + warps * kGemvRows - 1) / (warps * kGemvRows)) * grid_y < sms) {
+    warps /= 2;
+  }
+  return warps;
+}
+
 template <typename T, int MB>
 void launch_gemv(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
                  cudaStream_t stream) {
   static_assert(kGemvRows * MB <= kWarp, "one lane stores each output of a warp");
-  const int chunk = gemv_chunk(MB, K);
-  const dim3 grid((N + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock, (M + MB - 1) / MB);
-  TORCH_CHECK(grid.y <= 65535, "int4_linear: too many rows of x for the GEMV path: M = ", M);
+  const int blocks = q4::gemv_chunk_blocks(MB, K, kGemvSmemBytes);
+  const int grid_y = (M + MB - 1) / MB;
+  TORCH_CHECK(grid_y <= 65535, "int4_linear: too many rows of x for the GEMV path: M = ", M);
+  const int warps = gemv_warps(N, grid_y, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const dim3 grid((N + warps * kGemvRows - 1) / (warps * kGemvRows), grid_y);
   int4_gemv_kernel<T, MB>
-      <<<grid, kGemvWarps * kWarp, gemv_smem_bytes(MB, chunk), stream>>>(x, q, s, z, y, M, N, K, G, chunk);
+      <<<grid, warps * kWarp, q4::gemv_smem_bytes(MB, blocks), stream>>>(x, q, s, z, y, M, N, K, G, blocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -375,31 +385,67 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int tiles_per_group = G / kBK;
   const int kt_begin = blockIdx.z * tiles_per_split;
   const int kt_end = min(K / kBK, kt_begin + tiles_per_split);
-  // Scales and zeros are (re)loaded at the first tile of each group and of the split.
-  auto starts_group = [&](int kt) { return kt == kt_begin || kt % tiles_per_group == 0; };
 
-  auto load_stage = [&](int stage, int kt) {
+  // What this thread copies per stage, fixed over the k loop (row and column bases hoisted; each stage adds its k
+  // offset): A_ITERS 16-byte chunks of the x tile, B_ITERS weight rows with their scales and zeros.
+  constexpr int A_ITERS = (BM * 4 + Cfg::kThreads - 1) / Cfg::kThreads;
+  constexpr int B_ITERS = (BN + Cfg::kThreads - 1) / Cfg::kThreads;
+  const T* a_src[A_ITERS];  // x row (row 0 past M: a valid address, the copy zero-fills) at the chunk's column
+  uint32_t a_ok = 0;        // bit it: the chunk's row is inside x
+#pragma unroll
+  for (int it = 0; it < A_ITERS; ++it) {
+    const int i = tid + it * Cfg::kThreads;
+    const bool ok = m0 + i / 4 < M;
+    a_ok |= static_cast<uint32_t>(ok) << it;
+    a_src[it] = x + static_cast<int64_t>(ok ? m0 + i / 4 : 0) * K + (i % 4) * 8;
+  }
+  const uint8_t* b_src[B_ITERS];  // weight row (row 0 past N)
+  const float* s_src[B_ITERS];    // its scales; zeros at the same offset from `zeros`
+  bool b_ok[B_ITERS], b_live[B_ITERS];
+#pragma unroll
+  for (int it = 0; it < B_ITERS; ++it) {
+    const int i = tid + it * Cfg::kThreads;
+    b_live[it] = i < BN;
+    b_ok[it] = n0 + i < N;
+    const int64_t n = b_ok[it] ? n0 + i : 0;
+    b_src[it] = qweight + n * (K / 2);
+    s_src[it] = scales + n * n_groups;
+  }
+
+  // Tiles are loaded in order kt_begin, kt_begin + 1, ...: a running group counter instead of a division per tile.
+  // Scales and zeros are (re)loaded at the first tile of each group and of the split.
+  int load_kt = kt_begin;
+  int load_g = kt_begin / tiles_per_group;
+  int load_r = kt_begin - load_g * tiles_per_group;  // tile's index within its group
+  auto load_stage = [&](int stage) {
     uint8_t* st = smem + stage * Cfg::kStageBytes;
-    for (int i = tid; i < BM * 4; i += Cfg::kThreads) {
-      const int row = i / 4, chunk = i % 4;
-      const bool ok = m0 + row < M;
-      const T* src = x + static_cast<int64_t>(ok ? m0 + row : 0) * K + kt * kBK + chunk * 8;
-      cp_async16(st + row * 64 + a_chunk(row, chunk) * 16, src, ok);
+#pragma unroll
+    for (int it = 0; it < A_ITERS; ++it) {
+      const int i = tid + it * Cfg::kThreads;
+      if (i < BM * 4) cp_async16(st + (i / 4) * 64 + a_chunk(i / 4, i % 4) * 16, a_src[it] + load_kt * kBK,
+                                 (a_ok >> it) & 1u);
     }
-    for (int i = tid; i < BN; i += Cfg::kThreads) {
-      const bool ok = n0 + i < N;
-      const uint8_t* src = qweight + static_cast<int64_t>(ok ? n0 + i : 0) * (K / 2) + kt * kBlockBytes;
-      cp_async16(st + Cfg::kABytes + i * kBlockBytes, src, ok);
-    }
-    if (starts_group(kt)) {
-      float* sz = reinterpret_cast<float*>(st + Cfg::kABytes + Cfg::kBBytes);
-      const int g = kt * kBK / G;
-      for (int i = tid; i < BN; i += Cfg::kThreads) {
-        const bool ok = n0 + i < N;
-        const int64_t off = static_cast<int64_t>(ok ? n0 + i : 0) * n_groups + g;
-        cp_async4(sz + i, scales + off, ok);
-        cp_async4(sz + BN + i, zeros + off, ok);
+#pragma unroll
+    for (int it = 0; it < B_ITERS; ++it)
+      if (b_live[it]) {
+        const int i = tid + it * Cfg::kThreads;
+        cp_async16(st + Cfg::kABytes + i * kBlockBytes, b_src[it] + load_kt * kBlockBytes, b_ok[it]);
       }
+    if (load_kt == kt_begin || load_r == 0) {
+      float* sz = reinterpret_cast<float*>(st + Cfg::kABytes + Cfg::kBBytes);
+#pragma unroll
+      for (int it = 0; it < B_ITERS; ++it)
+        if (b_live[it]) {
+          const int i = tid + it * Cfg::kThreads;
+          const float* sp = s_src[it] + load_g;
+          cp_async4(sz + i, sp, b_ok[it]);
+          cp_async4(sz + BN + i, zeros + (sp - scales), b_ok[it]);
+        }
+    }
+    ++load_kt;
+    if (++load_r == tiles_per_group) {
+      load_r = 0;
+      ++load_g;
     }
   };
 
@@ -414,23 +460,26 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // Prologue: tiles kt_begin .. kt_begin + STAGES - 2 in flight (one commit group per tile, empty past the end).
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (kt_begin + s < kt_end) load_stage(s, kt_begin + s);
+    if (kt_begin + s < kt_end) load_stage(s);
     cp_async_commit();
   }
 
   T2 scale2[NT], zero2[NT];  // the current group's scale and zero of each n8 tile's column, splatted
   const int quad = lane / 4;  // mma groupID: row of A / C, column (output channel) of B
   const int t = lane % 4;     // mma thread in group
+  int cur_r = kt_begin % tiles_per_group;  // tile kt's index within its group
   for (int kt = kt_begin; kt < kt_end; ++kt) {
     const int i = kt - kt_begin;
     cp_async_wait<STAGES - 2>();  // tile kt has landed (for this thread) ...
     __syncthreads();              // ... for every thread; and tile kt - 1's stage is free to refill
-    if (kt + STAGES - 1 < kt_end) load_stage((i + STAGES - 1) % STAGES, kt + STAGES - 1);
+    if (kt + STAGES - 1 < kt_end) load_stage((i + STAGES - 1) % STAGES);  // tile kt + STAGES - 1
     cp_async_commit();
 
     const uint8_t* st = smem + (i % STAGES) * Cfg::kStageBytes;
     const uint8_t* b_tile = st + Cfg::kABytes;
-    if (starts_group(kt)) {
+    const bool group_start = kt == kt_begin || cur_r == 0;
+    if (++cur_r == tiles_per_group) cur_r = 0;
+    if (group_start) {
       const float* sz = reinterpret_cast<const float*>(b_tile + Cfg::kBBytes);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
