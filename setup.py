@@ -226,6 +226,11 @@ class _BuildExtension(cpp_extension.BuildExtension):
         if self.editable_mode:  # setuptools would compile in a new temporary folder: every install from scratch
             self.build_temp = os.path.join(ROOT, "build", "editable-temp")
 
+    def run(self):
+        # setuptools clears `inplace` while it builds (then copies the extension into the sources): note it first.
+        self._into_sources = bool(self.inplace or self.editable_mode)
+        super().run()
+
     def build_extension(self, ext):
         cuda = any(s.endswith(".cu") for s in ext.sources)
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -237,7 +242,7 @@ class _BuildExtension(cpp_extension.BuildExtension):
         with _ninja_progress(resources):
             super().build_extension(ext)
         if cuda:  # beside the package's sources when built in place (editable), else into the build's package
-            package = os.path.join(ROOT, "tinychat") if self.inplace or self.editable_mode else os.path.dirname(
+            package = os.path.join(ROOT, "tinychat") if self._into_sources else os.path.dirname(
                 self.get_ext_fullpath(ext.name))
             resources.write(os.path.join(package, "cuda_resources.json"))
         _tell(f"tinychat: built {ext.name} in {time.monotonic() - start:.0f} s")

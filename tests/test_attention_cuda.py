@@ -476,6 +476,18 @@ def test_attention_prefill(tc, dtype, D, H, Hkv, T, start):
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("D", [16, 48, 96, 256])
+@pytest.mark.parametrize("T,start", [(1, 99), (3, 50), (37, 0), (37, 60)])
+def test_attention_other_head_dims(tc, dtype, D, T, start):
+    """Head dims without a tuned kernel (a small test model's 16, Gemma 3's 256) run the same function on the
+    device; unwritten cache rows (NaN) are never mixed in."""
+    S = start + T + 20
+    _run_attention(tc, dtype, 2, T, 6, 2, D, S, torch.arange(start, start + T, device="cuda"))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 def test_attention_prefill_unordered_positions(tc, dtype):
     """Positions need not be sorted: each query row gets its own causal limit."""
     T, S = 150, 400

@@ -21,7 +21,8 @@
 //   to the largest visible key among its rows, a warp skips the math of tiles none of its rows sees, and only tiles
 //   straddling a row's limit are masked. Works for a fresh prompt and for a chunk on top of an existing cache alike.
 //
-// Softmax runs in the log2 domain (scores scaled by scale * log2(e), exp2f). Head dims 64 and 128.
+// Softmax runs in the log2 domain (scores scaled by scale * log2(e), exp2f). Head dims 64 and 128; any other head dim
+// runs the same function by ATen ops on the device (attention_any_head_dim: correct, not tuned).
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -32,6 +33,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <type_traits>
 
@@ -577,6 +579,24 @@ void launch_prefill(const PrefillParams& p, int B, cudaStream_t stream) {
 
 // ---- host ----
 
+// Head dims without a tuned kernel (not 64 or 128; Gemma 3's 256, a test model's 16): the same function by ATen ops on
+// the device, in fp32, rounded once to q's dtype. Positions stay on the device (no host sync: graph-safe). Cache rows
+// past every query's position are zeroed before P V, as the kernels never read them (they may hold NaN).
+at::Tensor attention_any_head_dim(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& positions, double scale) {
+  const int64_t H = q.size(2), Hkv = k.size(1), S = k.size(2);
+  const at::Tensor last = positions.clamp(0, S - 1);                              // [T]
+  const at::Tensor keys = at::arange(S, positions.options());                     // [S]
+  const at::Tensor visible = keys.unsqueeze(0) <= last.unsqueeze(1);              // [T, S]
+  const at::Tensor unread = (keys > last.max()).view({1, 1, S, 1});               // [1, 1, S, 1]
+  const at::Tensor qf = q.transpose(1, 2).to(at::kFloat);                         // [B, H, T, D]
+  const at::Tensor kf = k.to(at::kFloat).masked_fill(unread, 0).repeat_interleave(H / Hkv, 1);  // [B, H, S, D]
+  const at::Tensor vf = v.to(at::kFloat).masked_fill(unread, 0).repeat_interleave(H / Hkv, 1);  // [B, H, S, D]
+  const at::Tensor scores = at::matmul(qf, kf.transpose(-1, -2)).mul_(scale).masked_fill_(
+      visible.logical_not(), -std::numeric_limits<float>::infinity());           // [B, H, T, S]
+  return at::matmul(at::softmax(scores, -1), vf).transpose(1, 2).to(q.scalar_type()).contiguous();  // [B, T, H, D]
+}
+
 at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                           const at::Tensor& positions, double scale) {
   check_attention_args(q_in, k_in, v_in, positions, c10::DeviceType::CUDA);
@@ -584,8 +604,8 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
   check_sm80("attention");
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), S = k_in.size(2);
-  TORCH_CHECK(D == 64 || D == 128, "attention: the CUDA kernels support head_dim 64 and 128, got ", D);
   TORCH_CHECK(std::isfinite(scale), "attention: scale must be finite, got ", scale);
+  if (D != 64 && D != 128) return attention_any_head_dim(q_in, k_in, v_in, positions, scale);
   TORCH_CHECK(S <= INT32_MAX / 2 && B * T <= INT32_MAX && H <= 65535 && B <= 65535,
               "attention: shapes too large for the CUDA kernels: q ", q_in.sizes(), ", caches ", k_in.sizes());
   at::Tensor out = at::empty({B, T, H, D}, q_in.options());

@@ -7,7 +7,7 @@
 //
 // Two paths, picked per call from M (TINYCHAT_INT4_CUDA_PATH=gemv|gemm forces one; tests use it):
 //
-//  * GEMV (M <= 8, and every fp32 x): up to 4 warps per block (fewer when N is too small to fill the GPU), 4 output
+//  * GEMV (M <= 4 by default, up to 8 per block when forced, and every fp32 x): up to 4 warps per block (fewer when N is too small to fill the GPU), 4 output
 //    channels per warp. Each lane walks the 32-channel blocks lane, lane + 32, ... of its warp's 4 weight rows: one
 //    16-byte load per row and block, the first issued before x is staged and each next one before the current one
 //    is used. x (up to 8 rows) is staged in shared memory as fp32, in chunks of K that fit 48 KB, piece-major so
@@ -17,7 +17,7 @@
 //    s * (16 * that - (16 + z) * sum x) = s * sum (q - z) x. A warp-shuffle reduction ends each output. All math
 //    fp32 (removing the offset costs a few bits: ~2^-21 rel.).
 //
-//  * GEMM (M > 8): mma.sync m16n8k16 (fp16 or bf16 in, fp32 accumulate). A block computes a BM x BN tile of y over
+//  * GEMM (M > 4): mma.sync m16n8k16 (fp16 or bf16 in, fp32 accumulate). A block computes a BM x BN tile of y over
 //    k tiles of BK = 32 (one 16-byte block of every weight row, always inside one quantization group), fed by a
 //    cp.async pipeline of STAGES tiles in shared memory: x [BM, 32] (16-byte chunks XOR-swizzled so ldmatrix is
 //    conflict-free), qweight [BN, 16 bytes] as stored, and at the first k tile of each group the group's scales and
@@ -101,6 +101,10 @@ __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
 constexpr int kGemvMaxWarps = 4;            // warps per block (fewer when N is too small to fill the GPU)
 constexpr int kGemvRows = 4;                // output channels (weight rows) per warp
 constexpr int kGemvMaxM = 8;                // rows of x per block; larger M runs ceil(M / 8) blocks along y
+// The automatic path takes the GEMV up to this M, the GEMM above. Measured on an H200 (fp16, Llama-2-7B shapes,
+// benchmarks/results/cuda_int4_nvidia_h200.json): the GEMV took 41-94 us at M = 4 and 80-199 us at M = 8, the GEMM
+// 42-98 us at M = 16 (the same 16-row tile serves M = 5..16).
+constexpr int kGemvAutoMaxM = 4;
 constexpr int kGemvSmemBytes = 48 * 1024;   // x tile + block sums (no opt-in needed below 48 KB)
 
 // y [M, N] for rows m0 = blockIdx.y * MB .. of x and rows n0 = (blockIdx.x * warps + warp) * kGemvRows .. of W,
@@ -652,7 +656,7 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const bool is_fp32 = x.scalar_type() == at::kFloat;
   TORCH_CHECK(!(is_fp32 && wanted == Path::kGemm),
               "int4_linear: TINYCHAT_INT4_CUDA_PATH=gemm needs fp16 or bf16 x (the tensor-core path); x is float32");
-  const bool gemv = is_fp32 || wanted == Path::kGemv || (wanted == Path::kAuto && M <= kGemvMaxM);
+  const bool gemv = is_fp32 || wanted == Path::kGemv || (wanted == Path::kAuto && M <= kGemvAutoMaxM);
 
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K), g = static_cast<int>(group_size);
