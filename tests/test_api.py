@@ -92,7 +92,7 @@ def test_a_stream_dropped_unread_frees_the_model(llm):
     (lambda m: m.chat([{"role": "user"}]), "'role' and 'content'"),
     (lambda m: m.generate(42), "prompt must be a str"),
     (lambda m: m.generate("x", temprature=0.5), "unknown sampling argument"),
-    (lambda m: m.generate("x", temperature=-1), "temperature must be >= 0"),
+    (lambda m: m.generate("x", temperature=-1), "temperature must be finite and >= 0"),
     (lambda m: m.generate("word " * 600), "context holds 512"),
 ])
 def test_bad_input(llm, call, error):

@@ -348,6 +348,8 @@ def test_float_checkpoint_with_awq_config(awq_dir, saved):
     ({"version": "gemv", "group_size": 16}, r"gemv checkpoints have group size 32, 64 or >= 128, not 16"),
     ({"quant_method": "gptq"}, r"quantization method 'gptq' is not supported"),
     ({"modules_to_not_convert": ["down_proj"]}, r"modules_to_not_convert \['down_proj'\] leaves decoder linears"),
+    ({"w_bit": 3}, r"says bits=4 and w_bit=3; the two names of one setting must agree"),
+    ({"q_group_size": 4096}, r"says group_size=\d+ and q_group_size=4096; the two names of one setting must agree"),
 ])
 def test_bad_quantization_config(awq_dir, changes, message):
     _edit_quant_config(awq_dir, **changes)

@@ -49,10 +49,32 @@ def test_generate_prints_stats(smollm2_gguf):
 
 @pytest.mark.parametrize("args, message", [
     (["chat", "/no/such/model.gguf"], "no such file"),
-    (["generate", "--temperature", "-1", "hi"], "temperature must be >= 0"),
+    (["generate", "--temperature", "-1", "hi"], "temperature must be finite and >= 0"),
     (["chat", "--dtype", "float8"], "unknown dtype"),
+    (["generate", "--threads", "-1", "hi"], "threads must be a whole number >= 1, got -1"),
+    (["generate", "--threads", "0", "hi"], "threads must be a whole number >= 1, got 0"),
+    (["generate", "--device", "tpu", "hi"], "unknown device 'tpu'"),
+    (["generate", "--device", "mps", "hi"], "tinychat runs on cpu or cuda"),
+    (["generate", "--device", "cuda:64", "hi"], "device 'cuda:64': "),  # no GPU, or not that many
+    (["generate", "--ctx", "1000000000", "hi"], "must be 1 .. 8192, this model's context length; got 1000000000"),
+    (["generate", "--ctx", "-5", "hi"], "got -5"),
+    (["quantize", "--threads", "0", "x", "--out", "y"], "threads must be a whole number >= 1"),
+    (["generate", "--repetition-penalty", "inf", "hi"], "repetition_penalty must be finite"),
 ])
 def test_bad_input_is_one_clear_line(args, message, smollm2_gguf):
     out = run_cli(*args)
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_on_a_port_in_use_fails_before_loading(smollm2_gguf):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = run_cli("serve", "--port", str(port))
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+    assert "loading" not in out.stderr  # refused before the model loads

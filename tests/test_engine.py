@@ -46,8 +46,10 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
     assert set(draws(SamplingParams(temperature=1.0, seed=0), logits, n=100, vocab=2)) <= {0, 1}
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(repetition_penalty=0.0), dict(max_new_tokens=0)])
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                 dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1),
+                                 dict(repetition_penalty=0.0), dict(repetition_penalty=float("inf")),
+                                 dict(repetition_penalty=float("nan")), dict(max_new_tokens=0)])
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)

@@ -113,6 +113,14 @@ def test_completion_with_stop_and_length(client):
     ({"messages": FRANCE, "max_tokens": CTX}, 400, "does not fit"),
     ({"messages": FRANCE, "n": 2}, 422, "n"),
     ({"messages": [{"role": "user", "content": "word " * CTX}]}, 400, "context"),
+    ({"messages": [{"role": "user", "content": "word " * CTX}], "stream": True}, 400, "context"),  # before any 200
+    ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 422, "lone UTF-16 surrogate"),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', 422, "surrogate"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     422, "'image_url' are not supported: this server reads text only"),
+    ({"messages": FRANCE, "seed": 2**70}, 422, "seed"),
+    ({"messages": FRANCE, "seed": 2**70, "stream": True}, 422, "seed"),
+    ({"messages": FRANCE, "stop": ["\ud800"]}, 422, "surrogate"),
 ])
 def test_malformed_chat_requests(server, body, status, words):
     r = post(server, "/v1/chat/completions", body)
@@ -125,6 +133,10 @@ def test_malformed_completion_requests(server):
     assert post(server, "/v1/completions", {"prompt": ""}).status_code == 400
     assert post(server, "/v1/completions", {"prompt": 7}).status_code == 422
     assert post(server, "/v1/completions", {}).status_code == 422
+    assert post(server, "/v1/completions", '{"prompt": "x\\ud800"}').status_code == 422
+    for stream in (False, True):  # too long: named `prompt`, and refused before a streamed 200 starts
+        r = post(server, "/v1/completions", {"prompt": "word " * CTX, "stream": stream})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
 
 
 def test_api_key_required(server):
@@ -132,6 +144,18 @@ def test_api_key_required(server):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{server}/v1/models").status_code == 401
     assert httpx.get(f"{server}/health").status_code == 200  # health needs no key
+    # the schema is behind the key too; the interactive docs (a browser sends no key) are off
+    assert httpx.get(f"{server}/openapi.json").status_code == 401
+    schema = httpx.get(f"{server}/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+    assert httpx.get(f"{server}/docs").status_code == 404 and httpx.get(f"{server}/redoc").status_code == 404
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", ["Infinity", "NaN"])
+def test_non_finite_sampling_values_are_refused(server, field, value):
+    r = post(server, "/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "hi"}}], "{field}": {value}}}')
+    assert r.status_code in (400, 422) and field in r.json()["error"]["message"]
 
 
 def test_concurrent_requests_are_queued_and_not_mixed(client):

@@ -25,7 +25,7 @@ import torch
 
 from tinychat.engine import API_SAMPLING, Engine, GenerationStats, SamplingParams
 from tinychat.errors import GenerationError, TinychatError
-from tinychat.io.loader import ModelSource, open_source, resolve_dtype, resolve_source
+from tinychat.io.loader import ModelSource, open_source, resolve_device, resolve_dtype, resolve_source, set_threads
 from tinychat.model import Transformer
 from tinychat.tokenizer import StreamDecoder, Tokenizer
 
@@ -259,9 +259,9 @@ def load_transformer(path_or_id: str | os.PathLike | ModelSource | None = None, 
     they came from (for `quant="awq"`, the cached 4-bit checkpoint). For whole-sequence work such as perplexity."""
     if quant not in ("auto", "awq", "none"):
         raise ValueError(f"quant must be 'auto', 'awq' or 'none', got {quant!r}")
-    resolve_dtype(dtype)  # a bad dtype fails before any work
-    if threads:
-        torch.set_num_threads(threads)
+    resolve_dtype(dtype)  # a bad dtype or device fails before any work
+    resolve_device(device)
+    set_threads(threads)
     src = path_or_id if isinstance(path_or_id, ModelSource) else None  # a source whose header was read already
     path = src.path if src is not None else resolve_source(path_or_id)
     if src is None and path.is_dir():  # a directory may be a 4-bit checkpoint already

@@ -77,11 +77,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tinychat.server import serve
+    from tinychat.server import listen, serve
 
-    llm = _load(args)
-    print(f"serving {llm.name} on http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)", file=sys.stderr)
-    serve(llm, host=args.host, port=args.port, api_key=args.api_key)
+    sock = listen(args.host, args.port)  # a port in use fails here, before minutes of loading
+    with sock:
+        llm = _load(args)
+        print(f"serving {llm.name} on http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)", file=sys.stderr)
+        serve(llm, sock, api_key=args.api_key)
     return 0
 
 
@@ -104,12 +106,10 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    import torch
-
+    from tinychat.io.loader import set_threads
     from tinychat.pipeline.quantize import SEARCH_TOKENS, QuantizeOptions, quantize_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     search_tokens = SEARCH_TOKENS if args.search_tokens is None else args.search_tokens or None  # 0: all
     opts = QuantizeOptions(w_bit=args.w_bit, group_size=args.group_size, method=args.method, calib=args.calib,
                            n_samples=args.n_samples, seqlen=args.seqlen, clip=not args.no_clip,

@@ -12,6 +12,7 @@ TINYCHAT_CUDA_GRAPHS=0 decodes eagerly instead. The prefill, and everything on a
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -39,10 +40,11 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 <= self.temperature < math.inf, f"temperature must be finite and >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (0 < self.repetition_penalty < math.inf,
+             f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}"),
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
         ]
         for ok, message in checks:
@@ -216,7 +218,10 @@ class Engine:
         CPU."""
         self.model, self.tokenizer = model, tokenizer
         ctx = model.config.context_length
-        self.max_seq_len = min(max_seq_len or ctx, ctx)
+        if max_seq_len is not None and not 1 <= max_seq_len <= ctx:
+            raise ValueError(f"the context to allocate (ctx) must be 1 .. {ctx}, this model's context length; "
+                             f"got {max_seq_len}")
+        self.max_seq_len = max_seq_len or ctx
         model.setup_kv_cache(self.max_seq_len)
         self.device = model.embed.weight.device
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order

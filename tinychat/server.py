@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,27 +18,47 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from tinychat.api import Completion, Model, TextStream
-from tinychat.engine import SERVER_SAMPLING
+from tinychat.engine import SERVER_SAMPLING, SamplingParams
 from tinychat.errors import TinychatError
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
+def _text(value: str) -> str:
+    """A string the tokenizer can encode: JSON may carry a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 holds."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone UTF-16 surrogate at character {e.start} (not valid Unicode text)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+
+
 class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+    type: str
+    text: Text | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported: this server reads text only")
+        if self.text is None:
+            raise ValueError("a text part needs its text")
+        return self
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -52,12 +73,12 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # extension (llama.cpp, vLLM)
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # extension (vLLM)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # extension (vLLM)
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch's generator takes
+    stop: Text | list[Text] | None = None
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -69,7 +90,7 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
 
 
 class APIError(Exception):
@@ -88,15 +109,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str | No
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, "the request body is not valid JSON", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # our own checks (lone surrogates, non-text parts) say more than a union's other branch ("should be a string")
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    # the field's path, without pydantic's names of union branches ("function-after[...]", "list[TextPart]")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not (isinstance(p, str) and "[" in p)]
     param = ".".join(loc) or None
     return 422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
 
 
 def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `llm`; with api_key, /v1/* require `Authorization: Bearer <api_key>`."""
-    app = FastAPI(title="tinychat", version="1")
+    """The FastAPI app serving `llm`; with api_key, /v1/* and the OpenAPI schema require `Authorization: Bearer
+    <api_key>`, and the interactive docs pages are off (a browser would not send the key)."""
+    open_docs = {} if api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tinychat", version="1", **open_docs)
     queue = asyncio.Lock()  # one generation at a time; waiters are served in arrival order
     created = int(time.time())
 
@@ -119,6 +144,11 @@ def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
+    if api_key is not None:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(check_key)])
+        async def openapi_schema():
+            return app.openapi()
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": llm.name, "generating": queue.locked()}
@@ -128,18 +158,24 @@ def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
         return {"object": "list", "data": [{"id": llm.name, "object": "model", "created": created,
                                             "owned_by": "tinychat", "max_model_len": llm.context_length}]}
 
-    def sampling(req: SamplingFields, prompt_tokens: int, max_tokens: int | None) -> dict:
+    def sampling(req: SamplingFields, prompt_tokens: int, max_tokens: int | None, prompt_param: str) -> dict:
+        """The generation settings, checked here, before a streamed response has started."""
         room = llm.context_length - prompt_tokens
         if room < 1:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens; this model's context is "
-                                f"{llm.context_length}", "messages")
+                                f"{llm.context_length}", prompt_param)
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"max_tokens={max_tokens} does not fit: the prompt has {prompt_tokens} tokens and "
                                 f"the context is {llm.context_length} (at most {room} new tokens)", "max_tokens")
         given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
                  "repetition_penalty": req.repetition_penalty}  # where a request sets none: SERVER_SAMPLING's
-        return {**{k: getattr(SERVER_SAMPLING, k) if v is None else v for k, v in given.items()}, "seed": req.seed,
-                "max_new_tokens": max_tokens or room}
+        params = {**{k: getattr(SERVER_SAMPLING, k) if v is None else v for k, v in given.items()}, "seed": req.seed,
+                  "max_new_tokens": max_tokens or room}
+        try:
+            SamplingParams(**params)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return params
 
     async def run(request: Request, start, req: SamplingFields, chunk, final) -> StreamingResponse | dict:
         """Queue, then generate. start(stops): a TextStream (called in a worker thread); chunk(piece, finish_reason)
@@ -197,7 +233,7 @@ def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
             ids = llm.chat_prompt_ids(messages)
         except TinychatError as e:
             raise APIError(400, str(e), "messages") from None
-        params = sampling(req, len(ids), req.max_completion_tokens or req.max_tokens)
+        params = sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         first = [True]
 
@@ -224,7 +260,7 @@ def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
             raise APIError(400, "prompt is empty", "prompt")
         n_prompt = llm.count_tokens(prompt)
         params = sampling(req, n_prompt, req.max_tokens or min(DEFAULT_COMPLETION_MAX_TOKENS,
-                                                               llm.context_length - n_prompt) or None)
+                                                               llm.context_length - n_prompt) or None, "prompt")
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(piece: str, finish: str | None) -> dict:
@@ -243,7 +279,28 @@ def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def serve(llm: Model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
+def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket on host:port, or TinychatError in one line (a port in use, an address not permitted):
+    `tinychat serve` calls this before it loads the model, and says it is serving only once the port is its own."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise TinychatError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise TinychatError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(llm: Model, sock: socket.socket, api_key: str | None = None) -> None:
+    """Serve `llm` on a socket from listen() until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(llm, api_key), host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn.Config(create_app(llm, api_key), log_level="info")).run(sockets=[sock])

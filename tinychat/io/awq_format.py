@@ -196,6 +196,10 @@ def awq_format_from_hf(quant: object, cfg: ModelConfig, source: str) -> AwqForma
     if method != "awq":
         raise ModelLoadError(f"{source}: quantization method {quant.get('quant_method')!r} is not supported "
                              "(tinychat loads AWQ checkpoints: quant_method 'awq')")
+    for new_name, old_name in (("bits", "w_bit"), ("group_size", "q_group_size")):  # transformers' and AutoAWQ's
+        if new_name in quant and old_name in quant and quant[new_name] != quant[old_name]:
+            raise ModelLoadError(f"{source}: quantization_config says {new_name}={quant[new_name]!r} and "
+                                 f"{old_name}={quant[old_name]!r}; the two names of one setting must agree")
     bits = quant.get("bits", quant.get("w_bit"))
     if bits != 4:
         raise ModelLoadError(f"{source}: AWQ checkpoints with bits={bits!r} are not supported (only 4-bit)")

@@ -43,6 +43,33 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A device argument -> torch.device, or ValueError saying why it cannot run here (checked before any work)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e}); use cpu or cuda") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: tinychat runs on cpu or cuda")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r}: {why} (torch {torch.__version__}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA GPUs (0 .. "
+                             f"{torch.cuda.device_count() - 1})")
+    return d
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads (process-wide); None leaves torch's choice."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
 def resolve_source(source: str | os.PathLike | None) -> Path:
     """A model argument -> a local GGUF file or model directory (downloading a hub id if needed)."""
     if source is None:
