@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,11 +136,16 @@ def test_output_directory_errors_come_before_any_work(src, tmp_path, monkeypatch
     (tmp_path / "a_file").write_text("")
     with pytest.raises(TinychatError, match="cannot write a checkpoint there"):
         quantize_checkpoint(src, tmp_path / "a_file" / "out", QuantizeOptions(method="rtn"))
-    if os.geteuid() != 0:  # root writes anywhere
+    # a folder nothing can be created in, whoever runs this (root passes permission checks, not /proc's)
+    with pytest.raises(TinychatError, match="/proc/tinychat-out: cannot write a checkpoint there .*not writable"):
+        quantize_checkpoint(src, "/proc/tinychat-out", QuantizeOptions(method="rtn"))
+    assert not list(Path("/proc").glob(".tinychat-out.probe-*"))
+    if os.geteuid() != 0:  # and a permission a user lacks
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         with pytest.raises(TinychatError, match="not writable"):
             quantize_checkpoint(src, locked / "out", QuantizeOptions(method="rtn"))
+    assert not [p for p in tmp_path.rglob("*probe*")]  # the probes leave nothing
 
 
 def test_interrupted_quantization_leaves_nothing(src, tmp_path, monkeypatch):

@@ -87,10 +87,22 @@ def _history_path() -> Path:
     return Path(state) / "tinychat" / "chat_history"
 
 
+def _plain_line_reader(stdin, prompt_to) -> Callable[[], str]:
+    def read() -> str:
+        if prompt_to is not None:
+            print(PROMPT, end="", flush=True, file=prompt_to)
+        line = stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    return read
+
+
 def _line_reader(interactive: bool) -> Callable[[], str]:
     """A function that returns the next input line (raises EOFError at the end, KeyboardInterrupt on Ctrl-C)."""
-    if not interactive:
-        return lambda: input(PROMPT)
+    if not interactive:  # piped: answers alone on stdout; a prompt only for a person typing, on stderr
+        return _plain_line_reader(sys.stdin, sys.stderr if sys.stdin.isatty() else None)
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory, InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
@@ -131,7 +143,8 @@ def run_chat(session: ChatSession, interactive: bool, out=sys.stdout, err=sys.st
         try:
             line = read_line()
         except EOFError:
-            print(file=out)
+            if interactive:
+                print(file=out)  # end the prompt's line
             return 0
         except KeyboardInterrupt:  # at the prompt: drop the line, keep the session
             continue

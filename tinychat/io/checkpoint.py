@@ -87,8 +87,11 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TinychatError(f"{out}: cannot write a checkpoint there (cannot create {out.parent}: {e})") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise TinychatError(f"{out}: cannot write a checkpoint there ({out.parent} is not writable)")
+    try:  # a real write, not os.access: root passes every permission check, and /proc or a read-only mount refuse
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
+    except OSError as e:
+        raise TinychatError(f"{out}: cannot write a checkpoint there ({out.parent} is not writable: "
+                            f"{e.strerror or e})") from None
     return out
 
 
