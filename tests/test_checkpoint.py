@@ -259,11 +259,14 @@ def test_existing_out_dir(quantized_llama, tmp_path, monkeypatch):
     (out / "old.txt").write_text("old")
     with pytest.raises(TinychatError, match=r"out: already exists \(pass overwrite=True"):
         save_awq_checkpoint(loaded, qdict, qcfg, out)
+    with pytest.raises(TinychatError, match="not a previous checkpoint"):  # overwrite replaces checkpoints only
+        save_awq_checkpoint(loaded, qdict, qcfg, out, overwrite=True)
+    (out / "config.json").write_text('{"quantization_config": {"quant_method": "awq"}}')  # an earlier one
     # an interrupted overwrite keeps the old directory
     monkeypatch.setattr(checkpoint, "_write_json", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         save_awq_checkpoint(loaded, qdict, qcfg, out, overwrite=True)
-    assert _entries(out) == ["old.txt"]
+    assert _entries(out) == ["config.json", "old.txt"]
     monkeypatch.undo()
     save_awq_checkpoint(loaded, qdict, qcfg, out, overwrite=True)
     assert "old.txt" not in _entries(out) and "model.safetensors" in _entries(out)

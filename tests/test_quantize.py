@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,54 @@ def test_ctrl_c_during_the_search_leaves_nothing(smollm2_gguf, tmp_path):
     assert proc.returncode == 130, "".join(lines) + err
     assert "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_the_search_leaves_nothing(smollm2_gguf, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "tinychat", "quantize", "--out", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # wait until the search has started
+        lines.append(line)
+        if line.startswith("quantizing:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_a_previous_checkpoint(src, tmp_path, monkeypatch):
+    """overwrite never deletes what it did not write: a folder that is not a checkpoint, the current directory or
+    one above it, the source or a folder holding it are refused before any work; a previous checkpoint is replaced,
+    with the usual permissions (umask), not mkdtemp's 0700."""
+    opts = QuantizeOptions(method="rtn")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    with pytest.raises(TinychatError, match="not a previous checkpoint"):
+        quantize_checkpoint(src, notes, opts, overwrite=True)
+    assert (notes / "keep.txt").read_text() == "mine"
+
+    out = quantize_checkpoint(src, tmp_path / "ckpt", opts, progress=False, log=lambda m: None)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~mask for f in out.iterdir())
+    again = quantize_checkpoint(src, out, opts, overwrite=True, progress=False, log=lambda m: None)
+    assert again == out and (out / "config.json").is_file()
+
+    monkeypatch.chdir(out)  # "." and its parents
+    for here in (".", out, out.parent):
+        with pytest.raises(TinychatError, match="refusing to replace the current directory"):
+            quantize_checkpoint(src, here, opts, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    inside = out / "source"  # a source inside the checkpoint it would replace
+    shutil.copytree(src, inside)
+    with pytest.raises(TinychatError, match="refusing to replace the model being quantized"):
+        quantize_checkpoint(inside, out, opts, overwrite=True)
+    assert (out / "config.json").is_file()
 
 
 def test_large_models_are_held_in_bfloat16_while_quantized():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from tinychat.errors import TinychatError
 
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the search runs, one layer at a time (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="calibration shuffle seed (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a previous checkpoint (never another folder, ., or the source)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="prefill/decode speed, memory and GB/s of a model or a known shape, per dtype",
@@ -211,8 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds as Ctrl-C does: half-written checkpoints and caches are removed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return args.func(args)
     except (TinychatError, ValueError) as e:
@@ -221,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # outside the chat's own handling: nothing half-written is left (atomic saves)
         print("\ntinychat: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from tinychat.errors import TinychatError
+from tinychat.files import read_json
 from tinychat.io.awq_format import awq_quantization_config, pack_awq_gemm
 from tinychat.io.loader import LoadedModel
 from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules
@@ -75,14 +76,35 @@ def save_fp16_checkpoint(
     return _write_checkpoint(out_dir, fp16_state_dict(loaded.model), config, loaded, overwrite, max_shard_bytes)
 
 
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def _is_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds a checkpoint that this writer or AutoAWQ wrote (what overwrite may replace)."""
+    try:
+        config = read_json(directory / "config.json")
+    except (OSError, ValueError, TinychatError):
+        return False
+    return isinstance(config, dict) and ("quantization_config" in config or "tinychat_fake_quant" in config)
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, source: Path | None = None) -> Path:
     """The absolute output directory, or TinychatError when it exists (and not `overwrite`), is not a directory,
-    or its parent cannot be created or written: checked before hours of work, not after."""
+    or its parent cannot be created or written: checked before hours of work, not after. overwrite replaces only
+    a previous checkpoint (config.json with quantization_config), never the current directory or one holding it,
+    nor `source` or a directory holding it."""
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise TinychatError(f"{out}: exists and is not a directory")
     if out.exists() and not overwrite:
         raise TinychatError(f"{out}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    if out.exists():
+        real, cwd = out.resolve(), Path.cwd().resolve()
+        if real == cwd or real in cwd.parents:
+            raise TinychatError(f"{out}: refusing to replace the current directory or one that holds it")
+        if source is not None and (real == source.resolve() or real in source.resolve().parents):
+            raise TinychatError(f"{out}: refusing to replace the model being quantized ({source}) or a directory "
+                                "that holds it")
+        if not _is_checkpoint(out):
+            raise TinychatError(f"{out}: not a previous checkpoint (no config.json with a quantization_config), so "
+                                "overwrite will not replace it; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -95,6 +117,12 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config: dict, loaded: LoadedModel,
                       overwrite: bool, max_shard_bytes: int) -> Path:
     """Weights, config.json, generation_config.json and tokenizer files into a temporary directory beside
@@ -104,6 +132,7 @@ def _write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config: dict, l
     generation = _generation_config(tokenizer, loaded.source_config)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would become the checkpoint's mode: the usual one instead
     except OSError as e:
         raise TinychatError(f"{out}: cannot write a checkpoint there ({e})") from None
     try:
@@ -221,6 +250,7 @@ def _write_json(obj: dict, path: Path) -> None:
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
+    path.chmod(0o666 & ~_umask())  # safetensors writes 0600; the checkpoint's other files get the usual mode
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:

@@ -76,6 +76,7 @@ def quantize_checkpoint(source: str | os.PathLike | ModelSource | None, out_dir,
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = check_output_dir(out_dir, overwrite)
     src = open_source(source)
+    check_output_dir(out, overwrite, source=src.path)  # and overwrite may not replace what it reads
     if src.quantized:
         raise TinychatError(f"{src.path}: the model is already quantized ({src.source_config['quantization_config']}); "
                             "quantize a full-precision model")
