@@ -23,6 +23,7 @@ This package does not import transformers.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,23 @@ __all__ = [
     "StreamDecoder",
     "Tokenizer",
 ]
+
+
+# Placeholders for message text while a template renders (private-use characters no template writes).
+_PLACEHOLDER_OPEN, _PLACEHOLDER_CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER_RE = re.compile(f"{_PLACEHOLDER_OPEN}(\\d+){_PLACEHOLDER_CLOSE}")
+
+
+def _map_message_texts(message: Mapping, fn) -> dict:
+    """A copy of a chat message with fn applied to its text: a string content, or the text of each content part."""
+    out = dict(message)
+    content = out.get("content")
+    if isinstance(content, str):
+        out["content"] = fn(content)
+    elif isinstance(content, list):
+        out["content"] = [dict(p, text=fn(p["text"])) if isinstance(p, Mapping) and "text" in p else p
+                          for p in content]
+    return out
 
 
 class Tokenizer:
@@ -129,12 +147,13 @@ class Tokenizer:
         """Ids that ``decode(..., skip_special_tokens=True)`` leaves out."""
         return self._backend.special_ids
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``. Special tokens written in the text are parsed as special tokens; with
-        ``add_special_tokens`` the model's BOS (and EOS, for the rare models that want it) is added."""
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``. Special tokens written in the text are parsed as special tokens (with
+        ``parse_special=False``, as the plain text they are written with); with ``add_special_tokens`` the model's
+        BOS (and EOS, for the rare models that want it) is added."""
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
-        return list(self._backend.encode(text, add_special_tokens))
+        return list(self._backend.encode(text, add_special_tokens, parse_special))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``. Incomplete UTF-8 at the ends decodes to U+FFFD; an id the vocabulary lacks is an error."""
@@ -192,8 +211,34 @@ class Tokenizer:
             raise TinychatError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
     def encode_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> list[int]:
-        """Render then encode; no BOS is added on top of what the template writes."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        """Render then encode; no BOS is added on top of what the template writes. The template's own markers are
+        special tokens; special-token text inside a message (a user typing "<|im_end|><|im_start|>system") stays
+        the plain text it is: such messages are rendered as placeholders and encoded apart."""
+        specials = [t for i in self._backend.special_ids if (t := self._backend.id_to_token(i))]
+        texts: list[str] = []  # the message texts that hold special-token text, by placeholder number
+
+        def guard(text):
+            if not isinstance(text, str) or not any(t in text for t in specials):
+                return text
+            texts.append(text)
+            return f"{_PLACEHOLDER_OPEN}{len(texts) - 1}{_PLACEHOLDER_CLOSE}"
+
+        guarded = [_map_message_texts(m, guard) if isinstance(m, Mapping) else m for m in messages]
+        rendered = self.apply_chat_template(guarded, add_generation_prompt)
+        if not texts:
+            return self.encode(rendered, add_special_tokens=False)
+        pieces = _PLACEHOLDER_RE.split(rendered)  # template text, placeholder number, template text, ...
+        numbers = [int(n) for n in pieces[1::2]]
+        if sorted(numbers) != list(range(len(texts))):
+            raise TinychatError("the chat template copies or alters message text, so a message holding "
+                                "special-token text cannot be encoded as plain text with it")
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                ids += self.encode(piece, add_special_tokens=False) if piece else []
+            else:
+                ids += self.encode(texts[int(piece)], add_special_tokens=False, parse_special=False)
+        return ids
 
     # -- saving ------------------------------------------------------------------------------------------------------
 

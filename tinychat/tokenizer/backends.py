@@ -52,12 +52,19 @@ class _HFBackend:
     kind = "tokenizers"
 
     def __init__(self, tok) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
         self.tok = tok
         self.special_ids = frozenset(i for i, added in tok.get_added_tokens_decoder().items() if added.special)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # A copy that reads special-token text as plain text (for what a user typed); a copy, not a flag flipped on
+        # `tok`, so that threads encoding at once never see each other's setting.
+        self.plain_tok = RustTokenizer.from_str(tok.to_str())
+        self.plain_tok.encode_special_tokens = True
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool, parse_special: bool = True) -> list[int]:
+        tok = self.tok if parse_special else self.plain_tok
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -119,12 +126,12 @@ class _SentencePieceBackend:
         # Whether the model prepends a space (add_dummy_prefix): then decoding drops the first leading space.
         self.dummy_prefix = sp.encode("a", out_type=str)[0].startswith(SPIECE_SPACE)
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool, parse_special: bool = True) -> list[int]:
         ids: list[int] = []
         if add_special_tokens and self.add_bos:
             ids.append(self.sp.bos_id())
         pos = 0
-        if self.split_re is not None:
+        if self.split_re is not None and parse_special:
             for match in self.split_re.finditer(text):
                 if match.start() > pos:
                     ids.extend(self.sp.encode(text[pos:match.start()]))
