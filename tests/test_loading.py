@@ -116,3 +116,40 @@ def test_missing_path_and_hub_id_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="someone/some-model"):
         load_model("someone/some-model")
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"num_hidden_layers": 10**8}, "num_layers must be a whole number in 1 .. 1024, got 100000000"),
+    ({"num_attention_heads": 0}, "num_heads must be a whole number in 1 .. 1024, got 0"),  # was a ZeroDivisionError
+    ({"max_position_embeddings": -5}, "max_position_embeddings must be a whole number in 1 .."),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be in"),
+    ({"rope_parameters": {"rope_theta": 0, "rope_type": "default"}}, "rope theta and factor must be finite and > 0"),
+    ({"vocab_size": 10**12}, "vocab_size must be a whole number"),
+    ({"hidden_size": 0}, "hidden_size must be a whole number"),
+    ({"head_dim": 7}, "head_dim must be even"),
+])
+def test_hostile_config_sizes_are_refused_before_allocating(model_dir, changes, field):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"config\.json: invalid value: " + field):
+        load_model(model_dir)
+
+
+def test_a_huge_context_is_not_allocated(model_dir):
+    """A model claiming a billion positions: the rotary table and the KV cache follow the context in use (the
+    engine's default, or what is asked), not the claim."""
+    from tinychat.engine import Engine, SamplingParams
+    from tinychat.model import DEFAULT_CONTEXT
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["max_position_embeddings"] = 10**9
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    model, tokenizer = load_model(model_dir)
+    assert model.config.context_length == 10**9 and model.cos_sin.shape[0] == DEFAULT_CONTEXT
+    engine = Engine(model, tokenizer)
+    assert engine.max_seq_len == DEFAULT_CONTEXT
+    engine = Engine(model, tokenizer, max_seq_len=5000)  # more than the first table: it grows to fit
+    assert model.cos_sin.shape[0] == 5000 and model.max_seq_len == 5000
+    tokens = list(engine.generate(tokenizer.encode("hello"), SamplingParams(max_new_tokens=3), stop_ids=()))
+    assert len(tokens) == 3

@@ -245,7 +245,7 @@ def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: s
     SmolLM2-135M-Instruct. quant: "awq" runs a full-precision model in 4 bits (quantized on first
     use and cached), "none" runs it as given, "auto" means "awq" for the default model and "none" otherwise.
     threads: CPU threads (torch's setting is process-wide). max_seq_len: context to allocate (default: the
-    model's own).
+    model's own, at most tinychat.model.DEFAULT_CONTEXT = 4096).
     """
     model, tokenizer, path = load_transformer(path_or_id, device=device, dtype=dtype, quant=quant, threads=threads,
                                               verbose=verbose)

@@ -21,6 +21,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "given; auto (default): awq for the default model, none for a model you name")
 
 
+def _add_ctx_arg(p: argparse.ArgumentParser) -> None:
+    from tinychat.engine import DEFAULT_CONTEXT
+
+    p.add_argument("--ctx", type=int, default=None,
+                   help=f"context length to allocate (default: the model's, at most {DEFAULT_CONTEXT})")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     from tinychat.engine import CLI_SAMPLING as d
 
@@ -31,7 +38,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help=f"1: off (default: {d.repetition_penalty})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"(default: {d.max_new_tokens})")
-    p.add_argument("--ctx", type=int, default=None, help="context length to allocate (default: the model's)")
+    _add_ctx_arg(p)
 
 
 def _sampling(args):
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: none)")
-    p.add_argument("--ctx", type=int, default=None, help="context length to allocate (default: the model's)")
+    _add_ctx_arg(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("ppl", help="perplexity on WikiText-2 (non-overlapping windows, as GPTQ/AWQ report it)")
     _add_model_args(p)

@@ -21,6 +21,18 @@ SUPPORTED_ARCHITECTURES: dict[str, dict] = {
     "Qwen2ForCausalLM": {"qkv_bias": True, "o_bias": False},
 }
 ROPE_TYPES = ("default", "linear", "llama3", "gguf_freqs")
+# Bounds of the sizes a config may give, far beyond any released model (the largest have ~256k vocabularies, 126
+# layers, 16k hidden); a value outside is a broken or hostile file, refused before anything is allocated.
+SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 24),
+    "hidden_size": (1, 1 << 17),
+    "intermediate_size": (1, 1 << 20),
+    "num_layers": (1, 1024),
+    "num_heads": (1, 1024),
+    "num_kv_heads": (1, 1024),
+    "head_dim": (2, 1024),
+    "max_position_embeddings": (1, (1 << 31) - 1),
+}
 
 
 @dataclass(frozen=True)
@@ -53,8 +65,27 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
 
     def __post_init__(self):
+        """ValueError naming the field for sizes no model has (checked before anything is allocated); merely large
+        context lengths are fine: tables and caches are sized to the context in use (Engine, setup_kv_cache)."""
+        for name, (low, high) in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be a whole number in {low} .. {high}, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary embedding pairs), got {self.head_dim}")
+        if not (0 < self.rms_norm_eps < 1):
+            raise ValueError(f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        r = self.rope
+        if not (0 < r.theta < math.inf) or not (0 < r.factor < math.inf):
+            raise ValueError(f"rope theta and factor must be finite and > 0, got theta={r.theta}, factor={r.factor}")
+        if r.type == "llama3" and not (0 < r.low_freq_factor < r.high_freq_factor < math.inf
+                                       and r.original_max_position_embeddings >= 1):
+            raise ValueError("llama3 rope needs 0 < low_freq_factor < high_freq_factor and "
+                             f"original_max_position_embeddings >= 1, got {r}")
 
     @property
     def context_length(self) -> int:
@@ -86,7 +117,7 @@ class ModelConfig:
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                head_dim=int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
                 rope=_rope_from_hf(cfg, source),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),

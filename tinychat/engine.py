@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tinychat.errors import GenerationError
-from tinychat.model import Transformer
+from tinychat.model import DEFAULT_CONTEXT, Transformer
 from tinychat.tokenizer import Tokenizer
 
 GRAPHS_ENV = "TINYCHAT_CUDA_GRAPHS"  # "0" (or "false", "off", "no"): decode eagerly on CUDA too
@@ -221,7 +221,7 @@ class Engine:
         if max_seq_len is not None and not 1 <= max_seq_len <= ctx:
             raise ValueError(f"the context to allocate (ctx) must be 1 .. {ctx}, this model's context length; "
                              f"got {max_seq_len}")
-        self.max_seq_len = max_seq_len or ctx
+        self.max_seq_len = max_seq_len or min(ctx, DEFAULT_CONTEXT)
         model.setup_kv_cache(self.max_seq_len)
         self.device = model.embed.weight.device
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order
@@ -307,6 +307,8 @@ class Engine:
             raise GenerationError(
                 f"the prompt has {len(prompt)} tokens but the context holds {self.max_seq_len}: "
                 "shorten it (at least one token must fit after it)"
+                + (f", or allocate more (--ctx, max_seq_len; this model's context is {ctx})"
+                   if (ctx := self.model.config.context_length) > self.max_seq_len else "")
             )
         stop = frozenset(self.tokenizer.stop_token_ids if stop_ids is None else stop_ids)
         budget = min(params.max_new_tokens, self.max_seq_len - len(prompt))

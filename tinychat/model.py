@@ -19,6 +19,10 @@ from torch import nn
 from tinychat import ops
 from tinychat.config import ModelConfig, rope_inv_freq
 
+# The context allocated when none is asked for (the KV cache of Engine, `--ctx`'s default), at most the model's own;
+# also the rotary table's first size (it grows with the context in use). llama.cpp's default context, too.
+DEFAULT_CONTEXT = 4096
+
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -156,9 +160,15 @@ class Transformer(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         with torch.device("cpu"):  # real values even when the loader builds the module on the meta device
-            inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, rope_freq_factors)  # [D/2]
-            cos_sin = ops.rope_cos_sin(inv_freq, cfg.context_length)  # [context_length, D] fp32
-        self.register_buffer("cos_sin", cos_sin, persistent=False)
+            self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, rope_freq_factors)  # [D/2], stays on the CPU
+            rows = min(cfg.context_length, DEFAULT_CONTEXT)
+            self.register_buffer("cos_sin", ops.rope_cos_sin(self._inv_freq, rows), persistent=False)  # [rows, D]
+
+    def _rope_rows(self, rows: int) -> None:
+        """Grow the rotary table to `rows` positions (built on the CPU, as at init): it follows the context in use,
+        never the model's maximum, which a config may set to a billion."""
+        if self.cos_sin.shape[0] < rows:
+            self.cos_sin = ops.rope_cos_sin(self._inv_freq, rows).to(self.cos_sin.device)
 
     def swap_linears(self, make: Callable[[str, nn.Module], nn.Module]) -> Transformer:
         """Replace every decoder linear by make(name, linear) ("layers.{i}.attn.wqkv", ...): how float linears
@@ -177,6 +187,7 @@ class Transformer(nn.Module):
         cfg, w = self.config, self.embed.weight
         if max_seq_len > cfg.context_length:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context length {cfg.context_length}")
+        self._rope_rows(max_seq_len)
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, w.dtype, w.device)
 
@@ -194,6 +205,8 @@ class Transformer(nn.Module):
         """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)  # [T]
+        if self.max_seq_len is None:  # no cache: positions are 0 .. T-1 (a shape, no sync)
+            self._rope_rows(tokens.shape[1])
         eps = self.config.rms_norm_eps
         x, residual = self.embed(tokens), None  # [B, T, C]
         for layer in self.layers:
