@@ -17,6 +17,9 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 CTX = 1024
 
 
+MAX_BODY = 1 << 20  # the test server's request size limit
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,7 +32,8 @@ def server(smollm2_gguf, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tinychat", "serve", str(smollm2_gguf), "--quant", "none",
-                                 "--ctx", str(CTX), "--port", str(port), "--api-key", KEY],
+                                 "--ctx", str(CTX), "--port", str(port), "--api-key", KEY,
+                                 "--max-request-bytes", str(MAX_BODY)],
                                 stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     base = f"http://127.0.0.1:{port}"
     try:
@@ -216,3 +220,33 @@ def test_unset_sampling_takes_the_server_defaults(client):
 
     explicit = ask(temperature=d.temperature, top_p=d.top_p, extra_body={"top_k": d.top_k})
     assert d.temperature > 0 and ask() == explicit != ask(temperature=0)
+
+
+def test_a_huge_body_is_refused_while_health_stays_quick(server):
+    """Bodies over --max-request-bytes get 413 before they are parsed: with Content-Length at once, without it
+    (chunked) as soon as the limit is passed; /health keeps answering meanwhile."""
+    url = f"{server}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = b'{"messages": [{"role": "user", "content": "' + b"x" * (2 * MAX_BODY) + b'"}]}'
+    results = {}
+
+    def send():
+        results["declared"] = httpx.post(url, content=big, headers=headers, timeout=60)
+        results["chunked"] = httpx.post(url, content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                                        headers=headers, timeout=60)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    waits = []
+    while thread.is_alive() or not waits:
+        t0 = time.perf_counter()
+        assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+        waits.append(time.perf_counter() - t0)
+    thread.join()
+    for kind in ("declared", "chunked"):
+        r = results[kind]
+        assert r.status_code == 413, (kind, r.text)
+        assert "larger than this server's limit" in r.json()["error"]["message"]
+    assert max(waits) < 0.5, waits
+    ok = post(server, "/v1/chat/completions", {"messages": FRANCE, "max_tokens": 2})  # still serving
+    assert ok.status_code == 200

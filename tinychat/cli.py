@@ -88,11 +88,14 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     from tinychat.server import listen, serve
 
+    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     sock = listen(args.host, args.port)  # a port in use fails here, before minutes of loading
     with sock:
         llm = _load(args)
         print(f"serving {llm.name} on http://{args.host}:{args.port}/v1 (OpenAI API; Ctrl-C stops)", file=sys.stderr)
-        serve(llm, sock, api_key=args.api_key)
+        limit = {} if args.max_request_bytes is None else {"max_request_bytes": args.max_request_bytes}
+        serve(llm, sock, api_key=args.api_key, **limit)
     return 0
 
 
@@ -156,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* (default: none)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="refuse request bodies larger than this with 413 (default: 8 MiB)")
     _add_ctx_arg(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("ppl", help="perplexity on WikiText-2 (non-overlapping windows, as GPTQ/AWQ report it)")

@@ -26,6 +26,8 @@ from tinychat.engine import SERVER_SAMPLING, SamplingParams
 from tinychat.errors import TinychatError
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20  # a request body beyond this is refused (413) before it is read
+IDLE_TIMEOUT_S = 5  # a keep-alive connection with no request for this long is closed
 
 
 def _text(value: str) -> str:
@@ -117,11 +119,55 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str | No
     return 422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
 
 
-def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
+class _BodyLimit:
+    """ASGI wrapper: a request body over `limit` bytes gets 413 in OpenAI's error shape before the app parses it: at
+    once when Content-Length says so (the server's HTTP layer holds the body to it), else (chunked) once the bytes
+    read pass the limit; such a body is read here, up to the limit, and handed on as read."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                return await _error_response(400, "invalid Content-Length header")(scope, receive, send)
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = _error_response(413, f"the request body is larger than this server's limit of {self.limit} "
+                                        "bytes (tinychat serve --max-request-bytes)")
+        await response(scope, receive, send)
+
+
+def create_app(llm: Model, api_key: str | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
     """The FastAPI app serving `llm`; with api_key, /v1/* and the OpenAPI schema require `Authorization: Bearer
     <api_key>`, and the interactive docs pages are off (a browser would not send the key)."""
     open_docs = {} if api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="tinychat", version="1", **open_docs)
+    app.add_middleware(_BodyLimit, limit=max_request_bytes)  # a pure ASGI wrapper: disconnects still reach us
     queue = asyncio.Lock()  # one generation at a time; waiters are served in arrival order
     created = int(time.time())
 
@@ -229,8 +275,8 @@ def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = llm.chat_prompt_ids(messages)
+        try:  # rendering and tokenizing a long conversation take time: off the event loop (/health stays quick)
+            ids = await run_in_threadpool(llm.chat_prompt_ids, messages)
         except TinychatError as e:
             raise APIError(400, str(e), "messages") from None
         params = sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
@@ -258,7 +304,7 @@ def create_app(llm: Model, api_key: str | None = None) -> FastAPI:
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         if not prompt:
             raise APIError(400, "prompt is empty", "prompt")
-        n_prompt = llm.count_tokens(prompt)
+        n_prompt = await run_in_threadpool(llm.count_tokens, prompt)
         params = sampling(req, n_prompt, req.max_tokens or min(DEFAULT_COMPLETION_MAX_TOKENS,
                                                                llm.context_length - n_prompt) or None, "prompt")
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -299,8 +345,10 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     return sock
 
 
-def serve(llm: Model, sock: socket.socket, api_key: str | None = None) -> None:
+def serve(llm: Model, sock: socket.socket, api_key: str | None = None,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Serve `llm` on a socket from listen() until interrupted."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(create_app(llm, api_key), log_level="info")).run(sockets=[sock])
+    app = create_app(llm, api_key, max_request_bytes)
+    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_keep_alive=IDLE_TIMEOUT_S)).run(sockets=[sock])
