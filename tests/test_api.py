@@ -116,13 +116,22 @@ def test_the_terminal_chat_goes_through_the_model(llm):
     from tinychat.engine import SamplingParams
 
     session = ChatSession(llm, params=SamplingParams(max_new_tokens=8))
-    busy = llm.generate("Once upon a time", stream=True, max_new_tokens=4)
-    next(busy)  # holds the model
-    release = threading.Timer(0.3, busy.close)
-    release.start()
+    holding = threading.Event()
+
+    def hold():  # another thread holds the model for 0.3 s (this thread's own open stream would be a BusyError)
+        busy = llm.generate("Once upon a time", stream=True, max_new_tokens=4)
+        next(busy)
+        holding.set()
+        time.sleep(0.3)
+        busy.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(60)
     t0 = time.perf_counter()
     answer = "".join(session.send("What is the capital of France?"))
     assert time.perf_counter() - t0 >= 0.25  # it waited for the stream above to close
+    holder.join(60)
     assert "Paris" in answer and session.last.completion_tokens <= 8
     assert f"{session.last.completion_tokens} generated" in format_stats(session)
     session.reset()
@@ -140,3 +149,61 @@ def test_sampling_defaults_live_in_one_place():
         assert (args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.max_new_tokens) == (
             CLI_SAMPLING.temperature, CLI_SAMPLING.top_k, CLI_SAMPLING.top_p, CLI_SAMPLING.repetition_penalty,
             CLI_SAMPLING.max_new_tokens)
+
+
+def test_closing_a_stream_from_another_thread_is_safe(llm):
+    """close() from another thread while a reader is mid-token: no 'generator already executing', the model is freed
+    only once the token in flight has ended, and the completion says "cancelled". Repeated: it is a race."""
+    for trial in range(12):
+        stream = llm.generate("Once upon a time", stream=True, temperature=0, max_new_tokens=200)
+        pieces, errors, first = [], [], threading.Event()
+
+        def read(stream=stream, pieces=pieces, errors=errors, first=first):
+            try:
+                for piece in stream:
+                    pieces.append(piece)
+                    first.set()
+            except BaseException as e:  # noqa: BLE001 - any error in the reader fails the test
+                errors.append(e)
+            first.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert first.wait(60)
+        time.sleep(0.001 * trial)  # close at different points of a token
+        stream.close()
+        assert stream.completion is not None and stream.completion.finish_reason == "cancelled"
+        assert llm.generate("Hi", max_new_tokens=2, timeout=0).completion_tokens > 0  # the model is free at once
+        reader.join(60)
+        assert not reader.is_alive() and errors == [], errors
+        assert len(pieces) < 200
+
+
+def test_a_call_while_this_thread_holds_an_open_stream_raises_instead_of_hanging(llm):
+    stream = llm.generate("Once upon a time", stream=True, max_new_tokens=50)
+    next(stream)
+    t0 = time.perf_counter()
+    with pytest.raises(BusyError, match="busy with an open stream of this same thread"):
+        llm.generate("Hi", max_new_tokens=2)  # without the check: a wait for ourselves, forever
+    assert time.perf_counter() - t0 < 1
+    other = []  # another thread still waits its turn, as before
+    waiter = threading.Thread(target=lambda: other.append(llm.generate("Hi", max_new_tokens=2)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()
+    stream.close()
+    waiter.join(60)
+    assert other and other[0].completion_tokens > 0
+
+
+def test_interleaved_engine_generators_raise(llm):
+    from tinychat.errors import GenerationError
+
+    engine, ids = llm.engine, llm.tokenizer.encode("Once upon a time")
+    first = engine.generate(ids)
+    next(first)
+    second = engine.generate(ids)
+    with pytest.raises(GenerationError, match="in the middle of another generate"):
+        next(second)
+    first.close()
+    assert len(list(engine.generate(ids, tinychat.engine.SamplingParams(max_new_tokens=3), stop_ids=()))) == 3

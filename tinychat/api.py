@@ -57,7 +57,8 @@ class TextStream(Iterator[str]):
     """Text pieces as they are generated; `completion` is set once the stream ends.
 
     The model stays busy until the stream is exhausted or closed (`close()`, `with`, or garbage collection), so a
-    caller that stops reading early should close it.
+    caller that stops reading early should close it. Any thread may close it, also while another thread reads it:
+    close() then waits for the token in flight, ends the generation there ("cancelled") and frees the model.
     """
 
     def __init__(self, pieces: Iterator[str], result: list[Completion], release) -> None:
@@ -67,6 +68,8 @@ class TextStream(Iterator[str]):
         self._pieces = pieces
         self._result = result
         self._release = release
+        self._step = threading.RLock()  # held while a token is produced: close() waits for it, never interrupts it
+        self._cancel = threading.Event()  # close() was called: a reader stops at its next step (no lock starvation)
 
     @property
     def completion(self) -> Completion | None:
@@ -74,16 +77,20 @@ class TextStream(Iterator[str]):
         return self._result[0] if self._result else None
 
     def __next__(self) -> str:
-        if self._release is None:
-            raise StopIteration
-        try:
-            return next(self._pieces)
-        except StopIteration:
-            self._finish()
-            raise
-        except BaseException:
-            self.close()
-            raise
+        with self._step:
+            if self._release is None:
+                raise StopIteration
+            if self._cancel.is_set():
+                self._close_now()
+                raise StopIteration
+            try:
+                return next(self._pieces)
+            except StopIteration:
+                self._finish()
+                raise
+            except BaseException:
+                self.close()
+                raise
 
     def _finish(self) -> None:
         release, self._release = self._release, None
@@ -92,6 +99,11 @@ class TextStream(Iterator[str]):
 
     def close(self) -> None:
         """Stop generating (finish_reason "cancelled") and free the model for the next caller."""
+        self._cancel.set()
+        with self._step:  # a reader in another thread finishes its token first
+            self._close_now()
+
+    def _close_now(self) -> None:  # with self._step held
         if self._release is None:
             return
         try:
@@ -130,20 +142,34 @@ class Model:
         self.tokenizer = tokenizer
         self.name = name
         self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread whose call holds the model (a stream it has not closed)
 
     @property
     def context_length(self) -> int:
         """Tokens the KV cache holds: prompt plus answer must fit."""
         return self.engine.max_seq_len
 
-    def reset(self, timeout: float | None = None) -> None:
-        """Forget the conversation the KV cache holds (the next call prefills its whole prompt)."""
+    def _acquire(self, timeout: float | None) -> None:
+        """Take the model for one call; BusyError when the wait times out, or at once when this thread itself holds
+        it through a stream it has not closed (waiting for that would wait forever)."""
+        if self._holder == threading.get_ident():
+            raise BusyError(f"{self.name} is busy with an open stream of this same thread: exhaust or close it "
+                            "(stream.close(), or `with stream:`) before the next call")
         if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
             raise BusyError(f"{self.name} is busy with another generation")
+        self._holder = threading.get_ident()
+
+    def _release(self) -> None:
+        self._holder = None
+        self._lock.release()
+
+    def reset(self, timeout: float | None = None) -> None:
+        """Forget the conversation the KV cache holds (the next call prefills its whole prompt)."""
+        self._acquire(timeout)
         try:
             self.engine.reset()
         finally:
-            self._lock.release()
+            self._release()
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
@@ -190,10 +216,9 @@ class Model:
         if isinstance(stop, str):
             stop = [stop]
         stop = [s for s in stop if s]
-        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise BusyError(f"{self.name} is busy with another generation")
+        self._acquire(timeout)
         result: list[Completion] = []
-        pieces = TextStream(self._pieces(ids, params, stop, result), result, self._lock.release)
+        pieces = TextStream(self._pieces(ids, params, stop, result), result, self._release)
         if stream:
             return pieces
         with pieces:

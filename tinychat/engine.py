@@ -225,6 +225,7 @@ class Engine:
         model.setup_kv_cache(self.max_seq_len)
         self.device = model.embed.weight.device
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order
+        self._generating = False  # a generate() is running (maybe suspended between tokens)
         self.last_stats = GenerationStats()
         if cuda_graphs is None:
             cuda_graphs = os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
@@ -299,7 +300,18 @@ class Engine:
     def generate(
         self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] | None = None
     ) -> Iterator[int]:
-        """Yield generated token ids (stop tokens excluded); `last_stats` is filled when the iterator ends."""
+        """Yield generated token ids (stop tokens excluded); `last_stats` is filled when the iterator ends. One at a
+        time per engine (one KV cache): a second one started while another is suspended raises GenerationError."""
+        if self._generating:
+            raise GenerationError("this engine is in the middle of another generate(): exhaust or close it first "
+                                  "(two interleaved generations would write the same KV cache)")
+        self._generating = True
+        try:
+            yield from self._generate(prompt, params, stop_ids)
+        finally:
+            self._generating = False
+
+    def _generate(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Iterable[int] | None) -> Iterator[int]:
         prompt = list(prompt)
         if not prompt:
             raise GenerationError("the prompt is empty")
