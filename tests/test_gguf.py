@@ -592,3 +592,16 @@ def test_smollm2_weights_match_transformers(smollm2, smollm2_transformers):
         assert ours.shape == theirs.shape, name
         torch.testing.assert_close(ours, theirs.to(torch.float32), rtol=1e-6, atol=1e-6, msg=name)
     torch.testing.assert_close(state["lm_head.weight"], weights["model.embed_tokens.weight"])
+
+
+def test_overlapping_tensor_data_is_refused(tmp_path):
+    """A header that points two tensors at the same bytes (corrupt or crafted) is refused by name."""
+    path = tmp_path / "overlap.gguf"
+    write_tiny_model(path)
+    reader = gguf.GGUFReader(path, "r+")
+    first, second = reader.tensors[0], reader.tensors[1]
+    second.field.parts[-1][0] = first.field.parts[-1][0]  # the second tensor's offset := the first's
+    reader.data.flush()
+    del reader
+    with pytest.raises(ModelLoadError, match=r"overlap in the file"):
+        open_gguf(path)

@@ -153,3 +153,35 @@ def test_a_huge_context_is_not_allocated(model_dir):
     assert model.cos_sin.shape[0] == 5000 and model.max_seq_len == 5000
     tokens = list(engine.generate(tokenizer.encode("hello"), SamplingParams(max_new_tokens=3), stop_ids=()))
     assert len(tokens) == 3
+
+
+def _edit_weights(model_dir, edit):
+    weights = load_file(model_dir / "model.safetensors")
+    edit(weights)
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name(model_dir, value):
+    _edit_weights(model_dir, lambda w: w["model.layers.1.mlp.down_proj.weight"].view(-1)[7:9].fill_(value))
+    with pytest.raises(ModelLoadError, match=r"tensor 'model.layers.1.mlp.down_proj.weight' holds 2 NaN or inf"):
+        load_model(model_dir)
+
+
+def test_an_integer_weight_is_refused(model_dir):
+    def to_int(w):
+        w["model.norm.weight"] = w["model.norm.weight"].to(torch.int32)
+
+    _edit_weights(model_dir, to_int)
+    with pytest.raises(ModelLoadError, match=r"'model.norm.weight' has dtype torch.int32, expected a floating"):
+        load_model(model_dir)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", ""])
+def test_shard_paths_stay_inside_the_model_directory(model_dir, shard):
+    names = list(load_file(model_dir / "model.safetensors"))
+    weight_map = {n: "model.safetensors" for n in names}
+    weight_map[names[0]] = shard
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelLoadError, match=r"is not a file inside"):
+        load_model(model_dir)

@@ -144,6 +144,12 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
                 f"{p}: the file is truncated: tensor {t.name!r} needs bytes up to offset {end} "
                 f"but the file has {file_size} bytes"
             )
+    # each tensor's bytes are its own: a crafted header could point two tensors at one region
+    spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ModelLoadError(f"{p}: tensors {name!r} and {other!r} overlap in the file (a corrupt or crafted "
+                                 "header)")
     return reader
 
 

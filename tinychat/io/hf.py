@@ -31,6 +31,10 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, TensorRef]]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index}: no 'weight_map' object")
+        root = path.resolve()
+        for f in set(weight_map.values()):  # shard names are files of this directory, nothing else
+            if not isinstance(f, str) or not f or os.path.isabs(f) or not (root / f).resolve().is_relative_to(root):
+                raise ModelLoadError(f"{index}: shard {f!r} is not a file inside {path}")
         files = sorted({path / f for f in weight_map.values()})
     elif (path / "model.safetensors").exists():
         files = [path / "model.safetensors"]

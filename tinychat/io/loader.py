@@ -195,9 +195,20 @@ def build_model(
     bar = tqdm(total=len(expected) - ("rope_freqs" in expected), desc="loading weights", unit="tensor", disable=None,
                leave=False)
 
+    def finite(name: str, t: torch.Tensor) -> torch.Tensor:
+        """t, checked as it is read (one pass): NaN or inf in a weight would turn every answer into garbage."""
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} holds {bad} NaN or infinite value(s)")
+        return t
+
     def get(name: str) -> torch.Tensor:
         bar.update()
-        return tensors[name].load().to(dtype)
+        t = tensors[name].load()
+        if not t.is_floating_point():
+            raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} has dtype {t.dtype}, expected a "
+                                 "floating-point type (a weight)")
+        return finite(name, t).to(dtype)
 
     def get_packed(name: str) -> torch.Tensor:  # an AWQ tensor, as stored (int32 or fp16 scales)
         bar.update()
@@ -206,12 +217,16 @@ def build_model(
         if not (t.is_floating_point() if scales else t.dtype == torch.int32):
             want = "a floating-point type" if scales else "int32"
             raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} has dtype {t.dtype}, expected {want}")
-        return t
+        return finite(name, t) if scales else t
 
     def cat(parts: list[torch.Tensor]) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    freq_factors = tensors["rope_freqs"].load().float() if "rope_freqs" in tensors else None
+    freq_factors = None
+    if "rope_freqs" in tensors:
+        freq_factors = finite("rope_freqs", tensors["rope_freqs"].load().float())
+        if not (freq_factors > 0).all():
+            raise ModelLoadError(f"{tensors['rope_freqs'].file}: rope_freqs must be positive")
     with torch.device("meta"):
         model = Transformer(cfg, freq_factors)
         if awq is not None:
