@@ -185,3 +185,22 @@ def test_shard_paths_stay_inside_the_model_directory(model_dir, shard):
     (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ModelLoadError, match=r"is not a file inside"):
         load_model(model_dir)
+
+
+def test_overlapping_safetensors_data_is_refused(model_dir):
+    """Two tensors pointed at the same bytes: the safetensors reader refuses the header, and the error names the
+    file."""
+    import struct
+
+    raw = (model_dir / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    a, b = names[0], next(k for k in names[1:] if header[k]["dtype"] == header[names[0]]["dtype"])
+    header[b]["data_offsets"] = [header[a]["data_offsets"][0], header[a]["data_offsets"][0] +
+                                 header[b]["data_offsets"][1] - header[b]["data_offsets"][0]]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (model_dir / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_model(model_dir)
