@@ -9,11 +9,11 @@ from tinychat import ops
 
 # (B, T, H, Hkv, S, start, D): decode (T = 1) and prefill; one head, GQA groups of 3, 4 and 8, MHA; contexts of 1,
 # odd lengths, one past a key block, the full cache; prefill fresh (start 0) and a chunk over a cache (start > 0);
-# decode whose kv heads do not spread evenly over the threads (its keys are split, and merged)
+# decode whose kv heads do not spread evenly over the threads (its query rows are split over them)
 SHAPES = [(1, 1, 1, 1, 8, 0, 64), (1, 1, 9, 3, 100, 36, 64), (2, 1, 8, 2, 300, 64, 128), (3, 1, 4, 4, 64, 63, 16),
           (1, 1, 32, 8, 1030, 1028, 128), (1, 2, 9, 3, 40, 11, 64), (1, 17, 9, 3, 17, 0, 64),
           (2, 64, 8, 2, 200, 70, 64), (1, 300, 4, 1, 300, 0, 32), (1, 33, 32, 4, 100, 67, 128), (1, 5, 3, 3, 5, 0, 8),
-          (1, 1, 9, 3, 300, 250, 64), (1, 1, 4, 1, 1030, 1000, 64)]  # decode with keys split over 2 threads
+          (1, 1, 9, 3, 300, 250, 64), (1, 1, 4, 1, 1030, 1000, 64)]  # decode with rows split over 2 threads
 
 
 def tc():
@@ -111,3 +111,46 @@ def test_model_cached_paths_match_full_forward():
         steps = [model(tokens[:, i : i + 1], torch.tensor([i]))[:, 0] for i in range(20, 70)]
     torch.testing.assert_close(torch.cat(chunks, 1), full[:, :20], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 20:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
+def test_each_row_is_the_same_whatever_the_chunk(H, Hkv, D, dtype, isa, threads):
+    """A query row's output does not depend on which other rows share its call: a prompt prefilled in chunks, or
+    token by token (decode), gives bit for bit the rows of one full prefill over the same cache. This is what makes
+    greedy output independent of how much of a prompt the KV cache reused."""
+    T = 150
+    q, k, v = inputs(1, T, H, Hkv, T, D, dtype, seed=H + D)
+    full = tc().attention(q, k, v, torch.arange(T), D**-0.5)
+    for bounds in ([0, 1, 2, 70, 71, 150], [0, 64, 65, 129, 150], [0, 17, 149, 150]):
+        for a, b in zip(bounds, bounds[1:]):
+            chunk = tc().attention(q[:, a:b], k, v, torch.arange(a, b), D**-0.5)
+            assert torch.equal(chunk, full[:, a:b]), (bounds, a, b)
+
+
+def test_prefix_reuse_gives_bit_identical_logits(isa, threads):
+    """The model on int4 linears: a prompt prefilled whole, or in two parts (a cached prefix, then the rest), gives
+    the same last logits, so greedy decoding does not depend on how much of a prompt the cache reused. Bit for bit
+    on the VNNI path (one kernel for every number of rows, x rounded to int8 per row). The fp32 paths switch
+    algorithms at 16 rows (a GEMV kernel below, W dequantized for torch's GEMM from there on): bit for bit where both
+    parts take the same one, within fp32 rounding (2e-6 of the largest logit) where they do not; they round no
+    activations, so nothing amplifies that difference."""
+    from tinychat.bench import random_model
+    from tinychat.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=6,
+                      num_kv_heads=2, head_dim=32, max_position_embeddings=256)
+    model = random_model(cfg, "int4")
+    tokens = torch.randint(0, 96, (1, 90), generator=torch.Generator().manual_seed(0))
+    gemm_rows = 16  # csrc/cpu/linear.h kGemmMinRows
+    with torch.no_grad():
+        model.setup_kv_cache(128)
+        whole = model(tokens, torch.arange(90), last_only=True)  # as the engine prefills: the head on the last row
+        for split in (1, 37, 74, 89):
+            model.setup_kv_cache(128)
+            model(tokens[:, :split], torch.arange(split))
+            rest = model(tokens[:, split:], torch.arange(split, 90), last_only=True)
+            if isa == "avx512_vnni" or min(split, 90 - split) >= gemm_rows:
+                assert torch.equal(rest, whole), split
+            else:
+                assert (rest - whole).abs().max() <= 2e-6 * whole.abs().max(), split
