@@ -117,3 +117,22 @@ def test_a_full_context_drops_the_oldest_turns_and_says_so_once(smollm2_gguf, tm
         assert "Lima" in said.split("capital of Peru")[-1]  # still answering after the trims
     finally:
         child.terminate(force=True)
+
+
+def test_typing_during_an_answer_is_held_for_the_next_prompt(chat):
+    """Lines typed or pasted while an answer streams neither land in the answer nor become messages of their own:
+    they wait in the next prompt, as one message, and Enter sends them."""
+    child, _ = chat
+    child.sendline("Write a very long story about a dragon who learns to read.")
+    child.expect_exact("\x1b[?2004l")  # the line editor is done with the terminal
+    child.expect(r"\w+ \w+ \w+ \w+ \w+")  # the answer is streaming
+    child.send("first typed line\rsecond typed line\r")
+    child.expect_exact("waits in the prompt")
+    child.expect(PROMPT)
+    answer = _plain(child.before)
+    assert "typed line" not in answer.split("[what you typed")[0]  # nothing was echoed into the answer
+    child.expect_exact("second typed line")  # the prompt shows the held text
+    child.send("\r")  # sent as one message: one answer, then one prompt with nothing waiting in it
+    child.expect(PROMPT)
+    assert "waits in the prompt" not in _plain(child.before)
+    assert "TTFT" in ask(child, "/stats")

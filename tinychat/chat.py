@@ -3,8 +3,11 @@ policy) and the terminal loop around it (line editing and history, commands, Ctr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
+import select
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -87,8 +90,8 @@ def _history_path() -> Path:
     return Path(state) / "tinychat" / "chat_history"
 
 
-def _plain_line_reader(stdin, prompt_to) -> Callable[[], str]:
-    def read() -> str:
+def _plain_line_reader(stdin, prompt_to) -> Callable[..., str]:
+    def read(default: str = "") -> str:  # piped input: nothing is typed during an answer, so default is always ""
         if prompt_to is not None:
             print(PROMPT, end="", flush=True, file=prompt_to)
         line = stdin.readline()
@@ -99,7 +102,7 @@ def _plain_line_reader(stdin, prompt_to) -> Callable[[], str]:
     return read
 
 
-def _line_reader(interactive: bool) -> Callable[[], str]:
+def _line_reader(interactive: bool) -> Callable[..., str]:
     """A function that returns the next input line (raises EOFError at the end, KeyboardInterrupt on Ctrl-C)."""
     if not interactive:  # piped: answers alone on stdout; a prompt only for a person typing, on stderr
         return _plain_line_reader(sys.stdin, sys.stderr if sys.stdin.isatty() else None)
@@ -120,7 +123,35 @@ def _line_reader(interactive: bool) -> Callable[[], str]:
     except OSError:
         history = InMemoryHistory()
     prompt = PromptSession(history=history, key_bindings=bindings, enable_history_search=True)
-    return lambda: prompt.prompt(PROMPT)
+    return lambda default="": prompt.prompt(PROMPT, default=default)
+
+
+@contextlib.contextmanager
+def _held_input(stdin, held: list[str]):
+    """While an answer streams to the terminal, what the user types or pastes is neither echoed into the answer nor
+    split into lines that would each become a message: the terminal's echo and line mode are off (Ctrl-C still
+    interrupts), and whatever arrived is appended to `held`, for the next prompt to show as one message."""
+    import termios
+
+    fd = stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)  # lflag: no echo, no line editing; ISIG stays (Ctrl-C)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        chunks = []
+        while select.select([fd], [], [], 0)[0]:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+        text = b"".join(chunks).decode("utf-8", errors="replace")
+        text = re.sub(r"\x1b\[20[01]~", "", text).replace("\r\n", "\n").replace("\r", "\n").strip("\n")
+        if text:
+            held.append(text)
 
 
 def format_stats(session: ChatSession) -> str:
@@ -139,9 +170,11 @@ def run_chat(session: ChatSession, interactive: bool, out=sys.stdout, err=sys.st
     if interactive:  # Ctrl-C must stop an answer even when we were started with SIGINT ignored (`cmd &`, nohup)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     read_line = _line_reader(interactive)
+    held: list[str] = []  # typed during the last answer: the next prompt starts with it, as one message
     while True:
         try:
-            line = read_line()
+            line = read_line("\n".join(held))
+            held.clear()
         except EOFError:
             if interactive:
                 print(file=out)  # end the prompt's line
@@ -170,11 +203,16 @@ def run_chat(session: ChatSession, interactive: bool, out=sys.stdout, err=sys.st
         elif command.startswith("/") and "\n" not in text and command[1:].isalpha():
             print(f"[unknown command {command}: /help lists them]", file=err)
         else:
+            quiet = _held_input(sys.stdin, held) if interactive else contextlib.nullcontext()
             try:
-                for piece in session.send(line):
-                    print(piece, end="", flush=True, file=out)
+                with quiet:
+                    for piece in session.send(line):
+                        print(piece, end="", flush=True, file=out)
             except KeyboardInterrupt:
                 print(" [stopped]", end="", file=out)
             except TinychatError as e:
                 print(f"error: {e}", file=err)
             print(flush=True, file=out)
+            if held:
+                print("[what you typed during the answer waits in the prompt: Enter sends it as one message]",
+                      file=err)
