@@ -7,17 +7,18 @@
 // its low nibble and channel 32b + 16 + j in its high nibble. One 16-byte load thus gives 32 weights as two
 // contiguous runs of 16 (mask, shift), which widen straight to fp32 lanes with no shuffle.
 //
-// Two paths, picked per call:
-//  * small M (decode, short prompts): a GEMV-style kernel over rows of W. Per row and group it accumulates
-//    sum_k q[k] * x[m, k] in SIMD registers for up to kMaxMB rows of x at once, then applies the group's scale;
-//    the zero term s * z * sum_{k in g} x[m, k] uses per-group sums of x computed once per call. Each weight byte
-//    is read from memory once; x stays in L1.
-//  * large M (prefill): W is dequantized to fp32 in chunks of rows and multiplied with torch's own GEMM
-//    (dequantized_gemm, linear.h).
+// One GEMV-style kernel over rows of W for every M (decode and prefill alike): per row and group it accumulates
+// sum_k q[k] * x[m, k] in SIMD registers for up to kMaxMB rows of x at once, then applies the group's scale; the
+// zero term s * z * sum_{k in g} x[m, k] uses per-group sums of x computed once per call. Each weight byte is read
+// from memory once per kMaxMB rows of x; x stays in L1. Each output row is computed the same way whatever M is
+// (batch-invariant), so a prompt prefilled in parts gives the logits of one whole prefill. (A dequantize + torch
+// GEMM path for M >= 16 was faster only from about 256 rows on, and broke that invariance: measured on an EPYC,
+// 2 threads, SmolLM2's MLP, the kernel took 0.61 / 2.39 / 7.61 ms at M = 16 / 64 / 256 against 1.16 / 2.17 /
+// 7.60 for the GEMM (AVX-512; AVX2 0.63 / 2.88 / 12.09 against 2.54 / 5.07 / 10.45).)
 //
-// Instruction sets: AVX-512 with VNNI (x rounded to int8, every M through the GEMV kernel, 8 rows of x a pass; see
-// "AVX-512 VNNI" below), AVX-512 (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it
-// can; NEON on ARM through that path), picked at run time (isa.h).
+// Instruction sets: AVX-512 with VNNI (x rounded to int8, 8 rows of x a pass; see "AVX-512 VNNI" below), AVX-512
+// (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can; NEON on ARM through that
+// path), picked at run time (isa.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -102,23 +103,6 @@ void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
   for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = acc[mb];
 }
 
-// Rows n0..n0+rows of W in fp32 into w [rows, K].
-void dequantize_scalar(const Problem& p, int64_t n0, int64_t rows, float* w) {
-  const int64_t ng = p.ng;
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* qrow = p.q + (n0 + r) * (p.K / 2);
-    float* wr = w + r * p.K;
-    for (int64_t b = 0; b < p.K; b += kBlock) {
-      const int64_t g = (n0 + r) * ng + p.block_group[b / kBlock];
-      const float sc = p.scales[g], z = p.zeros[g];
-      for (int j = 0; j < 16; ++j) {
-        wr[b + j] = (static_cast<float>(qrow[b / 2 + j] & 0xF) - z) * sc;
-        wr[b + 16 + j] = (static_cast<float>(qrow[b / 2 + j] >> 4) - z) * sc;
-      }
-    }
-  }
-}
-
 #ifdef TINYCHAT_X86
 
 // ---- AVX2 + FMA ----
@@ -165,28 +149,6 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
   for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) - zterm[mb];
 }
 
-TINYCHAT_AVX2 void dequantize_avx2(const Problem& p, int64_t n0, int64_t rows, float* w) {
-  const int64_t ng = p.ng;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* qrow = p.q + (n0 + r) * (p.K / 2);
-    float* wr = w + r * p.K;
-    for (int64_t b = 0; b < p.K; b += kBlock) {
-      const int64_t g = (n0 + r) * ng + p.block_group[b / kBlock];
-      const __m256 vs = _mm256_set1_ps(p.scales[g]);
-      const __m256 vz = _mm256_set1_ps(-p.zeros[g] * p.scales[g]);
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + b / 2));
-      const __m128i lo = _mm_and_si128(bytes, low4);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-      const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-      for (int i = 0; i < 4; ++i) {
-        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
-        _mm256_storeu_ps(wr + b + 8 * i, _mm256_fmadd_ps(q, vs, vz));
-      }
-    }
-  }
-}
-
 // ---- AVX-512 ----
 
 // gcc 12's AVX-512 intrinsics start from _mm512_undefined_*() and trip its own uninitialized-value warnings
@@ -228,25 +190,6 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
   }
   #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) - zterm[mb];
-}
-
-TINYCHAT_AVX512 void dequantize_avx512(const Problem& p, int64_t n0, int64_t rows, float* w) {
-  const int64_t ng = p.ng;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* qrow = p.q + (n0 + r) * (p.K / 2);
-    float* wr = w + r * p.K;
-    for (int64_t b = 0; b < p.K; b += kBlock) {
-      const int64_t g = (n0 + r) * ng + p.block_group[b / kBlock];
-      const __m512 vs = _mm512_set1_ps(p.scales[g]);
-      const __m512 vz = _mm512_set1_ps(-p.zeros[g] * p.scales[g]);
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + b / 2));
-      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4)));
-      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4)));
-      _mm512_storeu_ps(wr + b, _mm512_fmadd_ps(q0, vs, vz));
-      _mm512_storeu_ps(wr + b + 16, _mm512_fmadd_ps(q1, vs, vz));
-    }
-  }
 }
 
 #pragma GCC diagnostic pop
@@ -364,7 +307,6 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0)
 // ---- dispatch ----
 
 using GemvRowFn = void (*)(const Problem&, int64_t, int64_t);
-using DequantFn = void (*)(const Problem&, int64_t, int64_t, float*);
 
 // The GEMV kernel for `isa` and MB rows of x.
 template <int MB>
@@ -400,14 +342,6 @@ GemvRowFn gemv_row_fn(Isa isa, int mb) {
   }
 }
 
-DequantFn dequant_fn(Isa isa) {
-#ifdef TINYCHAT_X86
-  if (isa >= Isa::kAvx512) return dequantize_avx512;
-  if (isa == Isa::kAvx2) return dequantize_avx2;
-#endif
-  return dequantize_scalar;
-}
-
 // Small M: rows of W split over threads; every row of W is read once per chunk of kMaxMB rows of x (from cache
 // after the first).
 void run_gemv(const Problem& p, Isa isa) {
@@ -440,27 +374,22 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
             block_group.data(), nullptr};
   Isa gemv_isa = isa;
   if (isa == Isa::kAvx512Vnni && !vnni_supports(group_size)) gemv_isa = Isa::kAvx512;
-  if (M >= kGemmMinRows && gemv_isa != Isa::kAvx512Vnni) {
-    const DequantFn dequant = dequant_fn(isa);
-    dequantized_gemm(xf, y, N, [&](int64_t n0, int64_t rows, float* w) { dequant(p, n0, rows, w); });
+  std::vector<float> xsum;  // [M, K/G], the fp32 paths' zero term: a plain loop, cheaper than a torch op here
+  Int8Activations xq;
+  if (gemv_isa == Isa::kAvx512Vnni) {
+    xq = quantize_activations(p.x, M, K, group_size);
+    p.xq = &xq;
   } else {
-    std::vector<float> xsum;  // [M, K/G], the fp32 paths' zero term: a plain loop, cheaper than a torch op here
-    Int8Activations xq;
-    if (gemv_isa == Isa::kAvx512Vnni) {
-      xq = quantize_activations(p.x, M, K, group_size);
-      p.xq = &xq;
-    } else {
-      xsum.resize(M * p.ng);
-      for (int64_t i = 0; i < M * p.ng; ++i) {
-        const float* xg = p.x + i * group_size;
-        float s = 0.f;
-        for (int64_t k = 0; k < group_size; ++k) s += xg[k];
-        xsum[i] = s;
-      }
-      p.xsum = xsum.data();
+    xsum.resize(M * p.ng);
+    for (int64_t i = 0; i < M * p.ng; ++i) {
+      const float* xg = p.x + i * group_size;
+      float s = 0.f;
+      for (int64_t k = 0; k < group_size; ++k) s += xg[k];
+      xsum[i] = s;
     }
-    run_gemv(p, gemv_isa);
+    p.xsum = xsum.data();
   }
+  run_gemv(p, gemv_isa);
   return y.to(x.scalar_type()).view(out_shape);
 }
 

@@ -1,4 +1,4 @@
-// Pieces shared by the CPU kernels of the quantized linears (int4_linear.cpp, int8_linear.cpp).
+// Pieces of the CPU kernels of the quantized linears (int4_linear.cpp, int8_linear.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,7 +9,8 @@
 
 namespace tinychat {
 
-// From this many rows of x on, a linear whose GEMV kernel works in fp32 dequantizes W and uses torch's GEMM.
+// From this many rows of x on, int8_linear (the lm head, whose rows are never reused piecewise) dequantizes W and
+// uses torch's GEMM.
 constexpr int64_t kGemmMinRows = 16;
 
 // x [..., K] as fp32 rows [M, K], rows contiguous (no copy for a contiguous fp32 x): small next to the weights.
