@@ -60,7 +60,8 @@ def test_fold_scales_keeps_logits(cfg):
     x = tokens()
     ref = model(x)
     groups = scale_groups(cfg)
-    assert [g.linear for g in groups] == ([spec.name for spec in layer_linears(cfg)] if cfg.num_kv_heads == cfg.num_heads
+    every = [spec.name for spec in layer_linears(cfg)]
+    assert [g.linear for g in groups] == (every if cfg.num_kv_heads == cfg.num_heads
                                           else ["attn.wqkv", "mlp.w13", "mlp.w2"])  # o-with-v skipped under GQA
     for group in groups:
         for layer in model.layers:

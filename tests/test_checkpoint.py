@@ -30,7 +30,8 @@ def quantized(src, G):
     """Load src, then RTN-quantize every fused decoder linear: (the LoadedModel record, qdict, qcfg)."""
     loaded = open_source(src).load()
     qcfg = QuantConfig(4, G)
-    qdict = {name: quantize(loaded.model.get_submodule(name).weight, qcfg) for name in linear_names(loaded.model.config)}
+    qdict = {name: quantize(loaded.model.get_submodule(name).weight, qcfg)
+             for name in linear_names(loaded.model.config)}
     return loaded, qdict, qcfg
 
 

@@ -1,5 +1,5 @@
-"""The 4-bit layouts of tinychat/io/awq_format.py and tinychat/int4_layout.py against packers and unpackers written here, from the format
-descriptions alone (plain bit shifts in numpy and Python), not from those modules."""
+"""The 4-bit layouts of tinychat/io/awq_format.py and tinychat/int4_layout.py against packers and unpackers written
+here, from the format descriptions alone (plain bit shifts in numpy and Python), not from those modules."""
 
 import numpy as np
 import pytest
@@ -66,7 +66,8 @@ def test_gemm_known_words():
     assert qzeros.numpy().view(np.uint32).item() == 0xFFFFFFFF  # the sign bit set: a negative int32
     assert scales.dtype == torch.float16 and scales.shape == (1, 8)
     q = 15 - q  # channel 7 (nibble 7) = 8: sign bit set
-    assert awq_format.pack_awq_gemm(q, torch.ones(8, 1), torch.zeros(8, 1))[0].numpy().view(np.uint32).item() == 0x8ACE9BDF
+    packed = awq_format.pack_awq_gemm(q, torch.ones(8, 1), torch.zeros(8, 1))[0]
+    assert packed.numpy().view(np.uint32).item() == 0x8ACE9BDF
 
 
 @pytest.mark.parametrize("N,K,G", [(8, 32, 32), (24, 192, 64), (200, 576, 64), (64, 256, 128)])
@@ -113,7 +114,8 @@ def test_gemm_unpack_shape_mismatch():
                                        (256, 256, 1)])
 def test_gemv_zeros_width(K, G, width):
     assert awq_format.gemv_zeros_width(K, G) == width
-    assert awq_format.awq_gemv_shapes(8, K, G) == {"qweight": (8, K // 8), "qzeros": (8, width), "scales": (8, 8 * width)}
+    assert awq_format.awq_gemv_shapes(8, K, G) == {"qweight": (8, K // 8), "qzeros": (8, width),
+                                                   "scales": (8, 8 * width)}
 
 
 def test_gemv_unsupported_group_size():

@@ -158,7 +158,8 @@ def test_api_key_required(server):
 @pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
 @pytest.mark.parametrize("value", ["Infinity", "NaN"])
 def test_non_finite_sampling_values_are_refused(server, field, value):
-    r = post(server, "/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "hi"}}], "{field}": {value}}}')
+    body = f'{{"messages": [{{"role": "user", "content": "hi"}}], "{field}": {value}}}'
+    r = post(server, "/v1/chat/completions", body)
     assert r.status_code in (400, 422) and field in r.json()["error"]["message"]
 
 

@@ -260,8 +260,8 @@ class Model:
                 decode_tok_s=stats.decode_tok_s, total_s=time.perf_counter() - t0, reused_tokens=stats.reused_tokens))
 
 
-def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: str | torch.device = "cpu", dtype="float32",
-         quant: str = "auto", threads: int | None = None, max_seq_len: int | None = None,
+def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: str | torch.device = "cpu",
+         dtype="float32", quant: str = "auto", threads: int | None = None, max_seq_len: int | None = None,
          verbose: bool = False) -> Model:
     """Load a model for generation.
 

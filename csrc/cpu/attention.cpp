@@ -101,11 +101,9 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch&
     const int64_t n = std::min(kKeys, kv_len - j0);
     int64_t kstride, vstride;
     const float* kb = block_rows(k + j0 * p.ks[2], p.ks[2], n, D, w.kv.data(), kstride);
-    int64_t seen_any = 0;
     for (int64_t i = 0; i < rows; ++i) {  // scores and online softmax over the keys row i sees in this block
       const int64_t seen = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
       if (seen == 0) continue;  // a block past the row's limit leaves the row exactly as it was
-      seen_any = std::max(seen_any, seen);
       float* s = w.s.data() + i * kKeys;
       for (int64_t j = 0; j < seen; ++j) s[j] = dot(w.q.data() + i * D, kb + j * kstride, D);
       const float new_max = std::max(w.m[i], max_of(s, seen));
@@ -116,8 +114,8 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch&
       float* a = w.acc.data() + i * D;
       for (int64_t d = 0; d < D; ++d) a[d] *= correction;
     }
-    if (seen_any == 0) continue;
-    const float* vb = block_rows(v + j0 * p.vs[2], p.vs[2], seen_any, D, w.kv.data(), vstride);
+    // n keys: kv_len is the largest limit, so some row sees all of them
+    const float* vb = block_rows(v + j0 * p.vs[2], p.vs[2], n, D, w.kv.data(), vstride);
     for (int64_t i = 0; i < rows; ++i) {  // acc[i] += p @ v over the row's keys, kDotLanes columns in registers
       const int64_t seen = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
       const float* s = w.s.data() + i * kKeys;

@@ -342,8 +342,8 @@ GemvRowFn gemv_row_fn(Isa isa, int mb) {
   }
 }
 
-// Small M: rows of W split over threads; every row of W is read once per chunk of kMaxMB rows of x (from cache
-// after the first).
+// Rows of W split over threads; every row of W is read once per chunk of kMaxMB rows of x (from cache after the
+// first).
 void run_gemv(const Problem& p, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (p.K * p.M));
   at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {

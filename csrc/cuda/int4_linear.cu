@@ -7,15 +7,15 @@
 //
 // Two paths, picked per call from M (TINYCHAT_INT4_CUDA_PATH=gemv|gemm forces one; tests use it):
 //
-//  * GEMV (M <= 4 by default, up to 8 per block when forced, and every fp32 x): up to 4 warps per block (fewer when N is too small to fill the GPU), 4 output
-//    channels per warp. Each lane walks the 32-channel blocks lane, lane + 32, ... of its warp's 4 weight rows: one
-//    16-byte load per row and block, the first issued before x is staged and each next one before the current one
-//    is used. x (up to 8 rows) is staged in shared memory as fp32, in chunks of K that fit 48 KB, piece-major so
-//    that the 32 lanes read 32 consecutive 16-byte words (q4::gemv_x_word: no bank conflicts), with the sum of x
-//    over every block. Each nibble pair becomes two fp16 1 + q/16 with one shift and one mask-or (exact;
-//    q4::unit_pair_bits), widened to fp32; sum (1 + q/16) x accumulates in fp32 over the block, which then adds
-//    s * (16 * that - (16 + z) * sum x) = s * sum (q - z) x. A warp-shuffle reduction ends each output. All math
-//    fp32 (removing the offset costs a few bits: ~2^-21 rel.).
+//  * GEMV (M <= 4 by default, up to 8 per block when forced, and every fp32 x): up to 4 warps per block (fewer when N
+//    is too small to fill the GPU), 4 output channels per warp. Each lane walks the 32-channel blocks lane, lane + 32,
+//    ... of its warp's 4 weight rows: one 16-byte load per row and block, the first issued before x is staged and each
+//    next one before the current one is used. x (up to 8 rows) is staged in shared memory as fp32, in chunks of K that
+//    fit 48 KB, piece-major so that the 32 lanes read 32 consecutive 16-byte words (q4::gemv_x_word: no bank
+//    conflicts), with the sum of x over every block. Each nibble pair becomes two fp16 1 + q/16 with one shift and one
+//    mask-or (exact; q4::unit_pair_bits), widened to fp32; sum (1 + q/16) x accumulates in fp32 over the block, which
+//    then adds s * (16 * that - (16 + z) * sum x) = s * sum (q - z) x. A warp-shuffle reduction ends each output. All
+//    math fp32 (removing the offset costs a few bits: ~2^-21 rel.).
 //
 //  * GEMM (M > 4): mma.sync m16n8k16 (fp16 or bf16 in, fp32 accumulate). A block computes a BM x BN tile of y over
 //    k tiles of BK = 32 (one 16-byte block of every weight row, always inside one quantization group), fed by a
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
     int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const float* __restrict__ scales,
                      const float* __restrict__ zeros, T* __restrict__ y, int M, int N, int K, int G, int blocks) {
   extern __shared__ float4 gemv_smem[];
-  const float4* xs = gemv_smem;                                            // the x tile, float4 words
+  float4* xs = gemv_smem;                                                  // the x tile, float4 words
   float* xsum = reinterpret_cast<float*>(gemv_smem + MB * q4::kGemvPieces * q4::gemv_x_stride(blocks));
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
@@ -171,7 +171,6 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
     __syncthreads();  // the previous chunk is no longer read
     const int units_per_row = kc / 8;
     const int units = MB * units_per_row;
-    float4* xs_w = gemv_smem;
     for (int base = warp * kWarp; base < units; base += warps * kWarp) {
       const int u = base + lane;
       const int m = u / units_per_row;
@@ -180,8 +179,8 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
       float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       if (u < units && m < rows_m) load8(x + static_cast<int64_t>(m0 + m) * K + c0 + k, v);
       if (u < units) {
-        xs_w[q4::gemv_x_word(m, piece, blk, blocks)] = make_float4(v[0], v[1], v[2], v[3]);
-        xs_w[q4::gemv_x_word(m, piece + 1, blk, blocks)] = make_float4(v[4], v[5], v[6], v[7]);
+        xs[q4::gemv_x_word(m, piece, blk, blocks)] = make_float4(v[0], v[1], v[2], v[3]);
+        xs[q4::gemv_x_word(m, piece + 1, blk, blocks)] = make_float4(v[4], v[5], v[6], v[7]);
       }
       float s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
       s += __shfl_xor_sync(0xffffffffu, s, 1);

@@ -79,10 +79,10 @@ def save_fp16_checkpoint(
 def _is_checkpoint(directory: Path) -> bool:
     """Whether `directory` holds a checkpoint that this writer or AutoAWQ wrote (what overwrite may replace)."""
     try:
-        config = read_json(directory / "config.json")
-    except (OSError, ValueError, TinychatError):
+        config = read_json(directory / "config.json")  # a JSON object, or ModelLoadError
+    except TinychatError:
         return False
-    return isinstance(config, dict) and ("quantization_config" in config or "tinychat_fake_quant" in config)
+    return "quantization_config" in config or "tinychat_fake_quant" in config
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, source: Path | None = None) -> Path:

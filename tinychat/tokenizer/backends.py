@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,15 +53,20 @@ class _HFBackend:
     kind = "tokenizers"
 
     def __init__(self, tok) -> None:
-        from tokenizers import Tokenizer as RustTokenizer
-
         self.tok = tok
         self.special_ids = frozenset(i for i, added in tok.get_added_tokens_decoder().items() if added.special)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        # A copy that reads special-token text as plain text (for what a user typed); a copy, not a flag flipped on
-        # `tok`, so that threads encoding at once never see each other's setting.
-        self.plain_tok = RustTokenizer.from_str(tok.to_str())
-        self.plain_tok.encode_special_tokens = True
+
+    @functools.cached_property
+    def plain_tok(self):
+        """A copy of `tok` that reads special-token text as plain text (what a user typed). A copy, not a flag
+        flipped on `tok`, so that threads encoding at once never see each other's setting; built on first use only
+        (about 0.1 s for a 49k vocabulary), since most conversations never need it."""
+        from tokenizers import Tokenizer as RustTokenizer
+
+        plain = RustTokenizer.from_str(self.tok.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def encode(self, text: str, add_special_tokens: bool, parse_special: bool = True) -> list[int]:
         tok = self.tok if parse_special else self.plain_tok
