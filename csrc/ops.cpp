@@ -29,16 +29,19 @@ TORCH_LIBRARY(tinychat, m) {
   // silu(x[..., :I]) * x[..., I:] (the gated MLP's activation on the fused gate|up projection), fp32 math, cast
   // once to x.dtype. x [..., 2I] (last dim contiguous). Returns a new contiguous [..., I] tensor.
   m.def("silu_and_mul(Tensor x) -> Tensor");
-  // y = x @ W.T with 4-bit weights, fp32 accumulation, cast once to x.dtype.
+  // y = x @ W.T with 4-bit weights in groups of G input channels, fp32 accumulation, cast once to x.dtype.
   // x [..., K] (fp32/bf16/fp16, any strides; K % 32 == 0); qweight uint8 [N, K/2] in blocks of 32 input channels
-  // (byte j of block b: low nibble = channel 32b + j, high nibble = channel 32b + 16 + j); scales, zeros fp32
-  // [N, K/G]; W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G]; G % 32 == 0, K % G == 0.
+  // (byte j of block b: low nibble = channel 32b + j, high nibble = channel 32b + 16 + j); scales [N, K/G] fp32 or
+  // fp16; offsets [N, K/G] of the scales' dtype, or None. W[n, k] = q[n, k] * s + m with s, m the group's scale and
+  // offset widened to fp32 (m = -8 s without offsets: ggml's Q4_0); G % 32 == 0, K % G == 0.
   // Layout: tinychat/int4_layout.py. Returns a new contiguous [..., N] tensor.
-  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
-  // y = x @ W.T with 8-bit weights, W[n, k] = qweight[n, k] * scales[n], fp32 accumulation, cast once to x.dtype.
-  // x [..., K] (fp32/bf16/fp16, any strides); qweight int8 [N, K] contiguous; scales fp32 [N]. Returns a new
-  // contiguous [..., N] tensor. The CPU backend's output projection (tinychat/linear.py, Int8Linear).
-  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int group_size) -> Tensor");
+  // y = x @ W.T with 8-bit weights in groups of G input channels, fp32 accumulation, cast once to x.dtype.
+  // x [..., K] (fp32/bf16/fp16, any strides); qweight int8 [N, K] contiguous; scales [N, K/G] fp32 or fp16; offsets
+  // [N, K/G] of the scales' dtype, or None. W[n, k] = q[n, k] * s + m (m = 0 without offsets); K % G == 0 and
+  // G % 16 == 0 or G == K (one scale per row). Returns a new contiguous [..., N] tensor. Runs GGUF's 5-, 6- and 8-bit
+  // blocks (tinychat/int4_layout.py) and the CPU backend's int8 output projection (tinychat/linear.py).
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int group_size) -> Tensor");
   // The instruction set the CPU kernels use: the best this CPU has ("avx512", "avx2", "scalar"), or the lower
   // one the environment variable TINYCHAT_CPU_ISA names.
   m.def("cpu_isa() -> str", &tinychat::cpu_isa_name);

@@ -8,7 +8,7 @@ import torch
 
 from tinychat import ops
 from tinychat.errors import TinychatError
-from tinychat.int4_layout import to_int4_op
+from tinychat.int4_layout import pack_int4_op, to_int4_op, unpack_int4_op
 from tinychat.linear import WQLinear
 from tinychat.model import linear_names
 from tinychat.quant.quantize import QuantConfig, dequantize, quantize, quantize_model_layers
@@ -25,6 +25,36 @@ def make_weights(N, K, G, seed=0):
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
     q, scales, zeros = quantize(w, QuantConfig(4, G))
     return to_int4_op(q, scales, zeros), (q, scales, zeros)
+
+
+# The group forms the op runs: AWQ (fp32 scales, offsets -z * s), GGUF Q4_1 (fp16 scales and offsets), Q4_K (fp32,
+# offsets not multiples of the scale), Q4_0 (fp16 scales, no offsets: m = -8 s).
+FORMS = ("awq", "q4_1", "q4_k", "q4_0")
+
+
+def make_form(N, K, G, form, seed=0):
+    """(qweight, scales, offsets) of a random [N, K] weight in one of FORMS, with weights of std ~1."""
+    if form == "awq":
+        return make_weights(N, K, G, seed)[0]
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(N, K // G, generator=gen) * 0.3 + 0.05  # [N, K/G]
+    offsets = -7.5 * scales + torch.randn(N, K // G, generator=gen) * 0.1  # non-integer multiples of the scale
+    dtype = torch.float32 if form == "q4_k" else torch.float16
+    return (pack_int4_op(q), scales.to(dtype), None if form == "q4_0" else offsets.to(dtype))
+
+
+def test_group_forms_mean_q_times_s_plus_m():
+    """The reference: W = q * s + m per group, m = -8 s without offsets; AWQ's offsets keep (q - z) * s."""
+    qweight, s, m = make_form(3, 64, 32, "q4_1")
+    q = unpack_int4_op(qweight).float()  # [3, 64]
+    w = q * s.float().repeat_interleave(32, 1) + m.float().repeat_interleave(32, 1)
+    x = torch.eye(64)
+    torch.testing.assert_close(ops.int4_linear_ref(x, qweight, s, m, 32), w.t(), atol=0, rtol=0)
+    w0 = (q - 8) * s.float().repeat_interleave(32, 1)
+    torch.testing.assert_close(ops.int4_linear_ref(x, qweight, s, None, 32), w0.t(), atol=0, rtol=0)
+    (qw, sa, ma), (qa, sp, zp) = make_weights(5, 64, 32)
+    torch.testing.assert_close(ops.int4_linear_ref(x, qw, sa, ma, 32), dequantize(qa, sp, zp, 32).t())
 
 
 def shapes():
@@ -46,28 +76,43 @@ def test_op_is_registered():
     assert has_cuda_kernel == bool(tinychat._C.WITH_CUDA)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 17, 64, 300])
-def test_matches_reference(M, isa, threads):
-    """Every path, every M through the one kernel (1..4 rows of x at a time on the fp32 paths, 8 on VNNI)."""
+def test_matches_reference(M, form, isa, threads):
+    """Every path, every M through the one kernel (1..4 rows of x at a time on the fp32 paths, 8 on VNNI), every
+    group form."""
     for N, K, G in shapes():
-        (qweight, scales, zeros), (q, s, z) = make_weights(N, K, G, seed=N + K + G)
+        qweight, scales, offsets = make_form(N, K, G, form, seed=N + K + G)
+        w = ops.int4_linear_ref(torch.eye(K), qweight, scales, offsets, G).t()  # [N, K] fp32
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
-        out = tc().int4_linear(x, qweight, scales, zeros, G)
+        out = tc().int4_linear(x, qweight, scales, offsets, G)
         assert out.shape == (M, N) and out.dtype == torch.float32 and out.is_contiguous()
-        ref = ops.int4_linear_ref(x, qweight, scales, zeros, G)
-        # the reference means what quantize.dequantize means
-        torch.testing.assert_close(ref, x @ dequantize(q, s, z, G).t(), atol=1e-4, rtol=1e-4)
+        ref = ops.int4_linear_ref(x, qweight, scales, offsets, G)
         xb = x.bfloat16()
-        out_b = tc().int4_linear(xb, qweight, scales, zeros, G)
-        ref_b = ops.int4_linear_ref(xb, qweight, scales, zeros, G)
+        out_b = tc().int4_linear(xb, qweight, scales, offsets, G)
+        ref_b = ops.int4_linear_ref(xb, qweight, scales, offsets, G)
         if isa == "avx512_vnni":  # x rounded to int8 per block of 32: within that rounding's bound
             for xi, o, r in ((x, out, ref), (xb, out_b, ref_b)):
-                bound = int8_rounding_bound(xi, dequantize(q, s, z, G))
+                bound = int8_rounding_bound(xi, w)
                 assert ((o.float() - r.float()).abs() <= bound + 1e-2 * (xi.dtype != torch.float32)).all()
                 assert (o.float() - r.float()).abs().max() > 0  # really the int8 path
         else:
-            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"N={N} K={K} G={G}: {m}")
-            torch.testing.assert_close(out_b, ref_b)  # fp32 math cast once
+            tol = 1e-4 * w.abs().sum(1).max().item()  # fp32 sums in another order, relative to sum |W|
+            torch.testing.assert_close(out, ref, atol=tol, rtol=1e-4, msg=lambda m: f"N={N} K={K} G={G}: {m}")
+            torch.testing.assert_close(out_b, ref_b, atol=tol, rtol=1.6e-2)  # fp32 math cast once
+
+
+def test_awq_offsets_give_the_zero_point_kernels_results(isa):
+    """An AWQ quantization (integer zeros) runs as offsets -(s * z): the kernels' fp32 arithmetic is the one they
+    did with the zero point (s * z rounded once), so the outputs equal that form's, computed here in fp64."""
+    (qweight, scales, offsets), (q, s, z) = make_weights(40, 192, 64, seed=3)
+    assert torch.equal(offsets, -(s.float() * z.float()))
+    x = torch.randn(5, 192, dtype=torch.float64)
+    exact = x @ ((q.double() - z.double().repeat_interleave(64, 1)) * s.double().repeat_interleave(64, 1)).t()
+    out = tc().int4_linear(x.float(), qweight, scales, offsets, 64).double()
+    bound = 1e-5 * (x.abs() @ dequantize(q, s, z, 64).abs().double().t()) + 1e-6
+    if isa != "avx512_vnni":
+        assert ((out - exact).abs() <= bound).all()
 
 
 def int8_rounding_bound(x, w):
@@ -134,11 +179,13 @@ def _bad_inputs():
     yield "qweight shape", (x, qweight[:, :32].contiguous(), scales, zeros, 32), \
         r"qweight must have shape \[N, K/2\] = \[N, 64\]"
     yield "qweight strides", (x, qweight.t().contiguous().t(), scales, zeros, 32), r"qweight must be contiguous"
-    yield "scales dtype", (x, qweight, scales.half(), zeros, 32), r"scales must be float32"
+    yield "scales dtype", (x, qweight, scales.bfloat16(), None, 32), r"scales must be float32 or float16, got BFloat16"
     yield "scales shape", (x, qweight, scales[:, :2].contiguous(), zeros, 32), \
         r"scales must have shape \[N, K/group_size\] = \[16, 4\]"
-    yield "zeros shape", (x, qweight, scales, zeros[:8], 32), r"zeros must have shape \[N, K/group_size\]"
-    yield "zeros strides", (x, qweight, scales, zeros.t().contiguous().t(), 32), r"zeros must be contiguous"
+    yield "scales strides", (x, qweight, scales.t().contiguous().t(), None, 32), r"scales must be contiguous"
+    yield "offsets dtype", (x, qweight, scales, zeros.half(), 32), r"offsets must have the scales' dtype Float, got Half"
+    yield "offsets shape", (x, qweight, scales, zeros[:8], 32), r"offsets must have the scales' shape \[16, 4\]"
+    yield "offsets strides", (x, qweight, scales, zeros.t().contiguous().t(), 32), r"offsets must be contiguous"
 
 
 @pytest.mark.parametrize("case", list(_bad_inputs()), ids=lambda c: c[0])
@@ -148,10 +195,11 @@ def test_bad_inputs(case):
         tc().int4_linear(*args)
 
 
-def test_opcheck():
-    (qweight, scales, zeros), _ = make_weights(24, 192, 64)
+@pytest.mark.parametrize("form", FORMS)
+def test_opcheck(form):
+    qweight, scales, offsets = make_form(24, 192, 64, form)
     for x in (torch.randn(3, 192), torch.randn(2, 1, 192).bfloat16()):
-        torch.library.opcheck(torch.ops.tinychat.int4_linear.default, (x, qweight, scales, zeros, 64))
+        torch.library.opcheck(torch.ops.tinychat.int4_linear.default, (x, qweight, scales, offsets, 64))
 
 
 def test_torch_compile_fullgraph():
@@ -178,16 +226,24 @@ def test_wqlinear_forward(bias):
     expected = x @ dequantize(q, s, z, 32).t() + (b if bias else 0)
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
     assert (layer.in_features, layer.out_features, layer.group_size) == (128, 24, 32)
-    assert set(layer.state_dict()) == {"qweight", "scales", "zeros"} | ({"bias"} if bias else set())
+    assert set(layer.state_dict()) == {"qweight", "scales", "offsets"} | ({"bias"} if bias else set())
 
 
-def test_wqlinear_cast_keeps_fp32_scales():
+def test_wqlinear_cast_keeps_its_scales_and_offsets():
     _, (q, s, z) = make_weights(8, 64, 32)
     layer = WQLinear.from_quantized(q, s, z, 32, torch.randn(8)).to(torch.bfloat16)
-    assert layer.scales.dtype == layer.zeros.dtype == torch.float32 and torch.equal(layer.scales, s)
+    assert layer.scales.dtype == layer.offsets.dtype == torch.float32 and torch.equal(layer.scales, s)
     assert layer.bias.dtype == torch.bfloat16 and layer.qweight.dtype == torch.uint8
     x = torch.randn(3, 64).bfloat16()
     assert layer(x).dtype == torch.bfloat16
+    qweight, s16, m16 = make_form(8, 64, 32, "q4_1")
+    q16 = WQLinear.from_groups(unpack_int4_op(qweight), s16, m16, 32).float().to(torch.bfloat16)
+    assert q16.scales.dtype == q16.offsets.dtype == torch.float16 and torch.equal(q16.offsets, m16)
+    sym = WQLinear.from_groups(unpack_int4_op(qweight), s16, None, 32).to(torch.float32)
+    assert sym.offsets is None and set(sym.state_dict()) == {"qweight", "scales"}
+    torch.testing.assert_close(sym(x.float()), ops.int4_linear_ref(x.float(), qweight, s16, None, 32))
+    with pytest.raises(TinychatError, match=r"offsets \(torch.float32 \(8, 2\)\) must have the scales' dtype"):
+        WQLinear.from_groups(unpack_int4_op(qweight), s16, m16.float(), 32)
 
 
 def test_quantize_model_layers_matches_pseudo_quantized_model():

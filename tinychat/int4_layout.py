@@ -8,14 +8,16 @@ Quantizers make, and checkpoint formats unpack to, the plain quantization of a l
     zeros   fp32  [N, K/G]  integers 0..15;  w[n, k] ~= (q[n, k] - zeros[n, k // G]) * scales[n, k // G]
 
 The op layout (what `tinychat::int4_linear` consumes; checkpoints are repacked into it at load)
-    qweight  uint8 [N, K/2]    each row in blocks of 32 input channels (16 bytes); byte j (0..15) of block b holds
-                               channel 32b + j in its low nibble and channel 32b + 16 + j in its high nibble
-    scales   fp32  [N, K/G]
-    zeros    fp32  [N, K/G]    integer-valued
+    qweight  uint8 [N, K/2]      each row in blocks of 32 input channels (16 bytes); byte j (0..15) of block b holds
+                                 channel 32b + j in its low nibble and channel 32b + 16 + j in its high nibble
+    scales   fp32/fp16 [N, K/G]
+    offsets  like scales, or None;  W[n, k] = q[n, k] * s + m (s, m of group (n, k // G); m = -8 s without offsets)
     K and G are multiples of 32. One 16-byte load gives a kernel 32 weights as two runs of 16 consecutive channels
     (a mask and a shift), which widen to SIMD lanes in order, with no shuffle (csrc/cpu/int4_linear.cpp).
-    Scales and zeros stay fp32 whatever the activation dtype: the op does its math in fp32, and the fp16 scales of
-    a checkpoint convert to fp32 exactly.
+    Scales and offsets keep the dtype they are stored in whatever the activation dtype: the op widens them to fp32
+    (exactly) and does its math in fp32. The plain quantization maps to it with awq_group_params (m = -z * s);
+    GGUF's Q4_0 is its fp16 scales without offsets, Q4_1 its fp16 scales and mins, bit for bit: ggml's nibble order
+    within a 32-weight block is this layout's.
 """
 
 from __future__ import annotations
@@ -59,9 +61,16 @@ def unpack_int4_op(qweight: torch.Tensor) -> torch.Tensor:
     return torch.stack((blocks & 0xF, blocks >> 4), dim=2).reshape(qweight.shape[0], -1)
 
 
+def awq_group_params(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain quantization's scales and integer zeros [N, K/G] -> the op's fp32 scales and offsets m = -(s * z):
+    W = (q - z) * s = q * s + m, the product s * z rounded once in fp32, as the kernels have always formed it."""
+    s = scales.float().contiguous()
+    return s, -(s * zeros.float())
+
+
 def to_int4_op(
     q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain quantization -> the three tensors of the int4_linear op (qweight uint8 [N, K/2], fp32 scales, zeros)."""
+    """Plain quantization -> the tensors of the int4_linear op: qweight uint8 [N, K/2], fp32 scales and offsets."""
     check_plain(q, scales, zeros)
-    return pack_int4_op(q), scales.float().contiguous(), zeros.float().contiguous()
+    return (pack_int4_op(q), *awq_group_params(scales, zeros))

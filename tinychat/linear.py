@@ -2,7 +2,7 @@
 weights, `tinychat::int8_linear`).
 
 WQLinear holds the int4 op layout of tinychat/int4_layout.py (qweight uint8 [N, K/2] in blocks of 32 input channels,
-fp32 scales and zeros [N, K/G]) and an optional bias. `Transformer.swap_linears` puts them in the decoder's place.
+scales and offsets [N, K/G]: W = q * s + m per group) and an optional bias. `Transformer.swap_linears` puts them in the decoder's place.
 """
 
 from __future__ import annotations
@@ -12,35 +12,53 @@ from torch import nn
 
 from tinychat import ops
 from tinychat.errors import TinychatError
-from tinychat.int4_layout import OP_BLOCK, to_int4_op
+from tinychat.int4_layout import OP_BLOCK, awq_group_params, check_plain, pack_int4_op
 
 
-class _Fp32Buffers(nn.Module):
-    """A module whose buffers named in FP32_BUFFERS stay fp32: device moves apply to every buffer, dtype casts
-    (`.to(dtype)`, `.half()`) leave these alone, since the ops compute in fp32 from them."""
+class _GroupParamBuffers(nn.Module):
+    """A module whose buffers named in PARAM_BUFFERS keep their dtype: device moves apply to every buffer, dtype casts
+    (`.to(dtype)`, `.half()`) leave these alone, since they hold a format's scales and offsets exactly as stored
+    (fp32 or fp16) and the ops compute in fp32 from them."""
 
-    FP32_BUFFERS: tuple[str, ...] = ()
+    PARAM_BUFFERS: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse=True):
-        kept = {name: getattr(self, name) for name in self.FP32_BUFFERS}
+        kept = {name: getattr(self, name) for name in self.PARAM_BUFFERS if getattr(self, name) is not None}
         super()._apply(fn, recurse)
         for name, t in kept.items():
             setattr(self, name, t.to(getattr(self, name).device))
         return self
 
 
-class WQLinear(_Fp32Buffers):
-    """y = x @ W.T (+ bias) with W [out_features, in_features] stored as 4-bit integers, group-wise scales and zeros.
+def _check_group_params(cls: str, N: int, K: int, group_size: int, scales: torch.Tensor,
+                        offsets: torch.Tensor | None) -> None:
+    if K % group_size:
+        raise TinychatError(f"{cls}: group size {group_size} does not divide in_features {K}")
+    if tuple(scales.shape) != (N, K // group_size):
+        raise TinychatError(f"{cls}: scales have shape {tuple(scales.shape)}, expected {(N, K // group_size)} for "
+                            f"[{N}, {K}] weights in groups of {group_size}")
+    if scales.dtype not in (torch.float32, torch.float16):
+        raise TinychatError(f"{cls}: scales must be float32 or float16, got {scales.dtype}")
+    if offsets is not None and (offsets.shape != scales.shape or offsets.dtype != scales.dtype):
+        raise TinychatError(f"{cls}: offsets ({offsets.dtype} {tuple(offsets.shape)}) must have the scales' dtype and "
+                            f"shape ({scales.dtype} {tuple(scales.shape)})")
 
-    Buffers: qweight uint8 [N, K/2], scales fp32 [N, K/G], zeros fp32 [N, K/G], bias [N] (or None).
-    Moving the module (`.to(device)`) moves every buffer; casting it (`.to(dtype)`, `.half()`) casts only the bias:
-    scales and zeros stay fp32, the precision the op computes in.
+
+class WQLinear(_GroupParamBuffers):
+    """y = x @ W.T (+ bias) with W [out_features, in_features] stored as 4-bit integers in groups of G input channels,
+    W = q * s + m per group (`tinychat::int4_linear`).
+
+    Buffers: qweight uint8 [N, K/2] (the int4 op layout), scales [N, K/G] fp32 or fp16, offsets of the scales' shape
+    and dtype or None (then m = -8 s: ggml's Q4_0), bias [N] (or None). An AWQ quantization's integer zero z is the
+    offset -z * s (fp32); GGUF Q4_0 / Q4_1 blocks are their fp16 scale (and min) as stored.
+    Moving the module (`.to(device)`) moves every buffer; casting it (`.to(dtype)`, `.half()`) casts only the bias.
     """
 
-    FP32_BUFFERS = ("scales", "zeros")
+    PARAM_BUFFERS = ("scales", "offsets")
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
-                 device=None, dtype: torch.dtype = torch.float32):
+                 device=None, dtype: torch.dtype = torch.float32, params_dtype: torch.dtype = torch.float32,
+                 offsets: bool = True):
         super().__init__()
         if in_features % group_size or group_size % OP_BLOCK:
             raise TinychatError(f"WQLinear: group size {group_size} must divide in_features {in_features} and be a "
@@ -48,69 +66,101 @@ class WQLinear(_Fp32Buffers):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         n_groups = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=params_dtype, device=device))
+        self.register_buffer("offsets", torch.zeros(out_features, n_groups, dtype=params_dtype, device=device)
+                             if offsets else None)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
 
     @classmethod
-    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                       bias: torch.Tensor | None = None) -> WQLinear:
-        """From the plain quantization (q uint8 [N, K] of 4-bit values, scales/zeros fp32 [N, K/G];
-        tinychat/int4_layout.py)."""
+    def from_groups(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int,
+                    bias: torch.Tensor | None = None) -> WQLinear:
+        """From 4-bit codes q uint8 [N, K] (0..15) with W = q * s + m per group: scales [N, K/G] fp32 or fp16,
+        offsets of the same dtype and shape or None (m = -8 s). Stored as given: nothing is rounded."""
         N, K = q.shape
-        if tuple(scales.shape) != (N, K // group_size):
-            raise TinychatError(f"WQLinear: scales have shape {tuple(scales.shape)}, expected "
-                                f"{(N, K // group_size)} for q {tuple(q.shape)} and group size {group_size}")
-        qweight, scales32, zeros32 = to_int4_op(q, scales, zeros)
-        layer = cls(K, N, group_size, bias=bias is not None, device="meta")
-        layer.qweight, layer.scales, layer.zeros = qweight, scales32, zeros32
+        _check_group_params("WQLinear", N, K, group_size, scales, offsets)
+        layer = cls(K, N, group_size, bias=bias is not None, device="meta", params_dtype=scales.dtype,
+                    offsets=offsets is not None)
+        layer.qweight = pack_int4_op(q)
+        layer.scales = scales.contiguous()
+        layer.offsets = None if offsets is None else offsets.contiguous()
         if bias is not None:
             layer.bias = bias.detach().clone()
         return layer
 
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                       bias: torch.Tensor | None = None) -> WQLinear:
+        """From the plain (AWQ) quantization: q uint8 [N, K] of 4-bit values, scales/zeros [N, K/G] with integer
+        zeros (tinychat/int4_layout.py); the offsets are -z * s in fp32 (exact as the kernels used it)."""
+        check_plain(q, scales, zeros)
+        return cls.from_groups(q, *awq_group_params(scales, zeros), group_size, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size)  # [..., N]
+        y = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"params={str(self.scales.dtype).removeprefix('torch.')}, offsets={self.offsets is not None}, "
                 f"bias={self.bias is not None}")
 
 
-class Int8Linear(_Fp32Buffers):
-    """y = x @ W.T with W [out_features, in_features] stored as int8 with one fp32 scale per row (absmax / 127),
-    run by the `tinychat::int8_linear` op. Buffers: qweight int8 [N, K], scales fp32 [N]. No bias.
+class Int8Linear(_GroupParamBuffers):
+    """y = x @ W.T with W [out_features, in_features] stored as int8 codes in groups of G input channels,
+    W = q * s + m per group, run by the `tinychat::int8_linear` op.
 
-    The CPU backend keeps a 4-bit model's output projection this way (`int8_lm_head`), as llama.cpp keeps it in 8
-    bits (Q8_0) or 6 (Q6_K): a quarter of the bytes of fp32 for the largest matrix of a small model.
+    Buffers: qweight int8 [N, K], scales [N, K/G] fp32 or fp16, offsets of the scales' shape and dtype or None
+    (m = 0). No bias. GGUF's 8-, 6- and 5-bit blocks load into it as stored (tinychat/io/gguf_blocks.py); the CPU
+    backend keeps a 4-bit model's full-precision output projection this way (`int8_lm_head`, one group per row), as
+    llama.cpp keeps it in 8 bits (Q8_0) or 6 (Q6_K): a quarter of the bytes of fp32 for the largest matrix of a
+    small model.
     """
 
-    FP32_BUFFERS = ("scales",)
+    PARAM_BUFFERS = ("scales", "offsets")
 
-    def __init__(self, in_features: int, out_features: int, device=None):
+    def __init__(self, in_features: int, out_features: int, group_size: int | None = None, device=None,
+                 params_dtype: torch.dtype = torch.float32, offsets: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.group_size = in_features if group_size is None else group_size
+        if in_features % self.group_size:
+            raise TinychatError(f"Int8Linear: group size {group_size} does not divide in_features {in_features}")
+        n_groups = in_features // self.group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=params_dtype, device=device))
+        self.register_buffer("offsets", torch.zeros(out_features, n_groups, dtype=params_dtype, device=device)
+                             if offsets else None)
+
+    @classmethod
+    def from_groups(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int
+                    ) -> Int8Linear:
+        """From int8 codes q [N, K] with W = q * s + m per group: scales [N, K/G] fp32 or fp16, offsets of the same
+        dtype and shape or None (m = 0). Stored as given."""
+        N, K = q.shape
+        _check_group_params("Int8Linear", N, K, group_size, scales, offsets)
+        layer = cls(K, N, group_size, device="meta", params_dtype=scales.dtype, offsets=offsets is not None)
+        layer.qweight = q.to(torch.int8).contiguous()
+        layer.scales = scales.contiguous()
+        layer.offsets = None if offsets is None else offsets.contiguous()
+        return layer
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Linear:
-        """Round weight [N, K] to int8 with per-row absmax scales (symmetric, no zero point)."""
+        """Round weight [N, K] to int8 with per-row absmax scales (symmetric, no offset; one group per row)."""
         w = weight.detach().float()  # [N, K]
-        scales = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # [N]
-        layer = cls(w.shape[1], w.shape[0], device="meta")
-        layer.qweight = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        layer.scales = scales
-        return layer
+        scales = w.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127  # [N, 1]
+        q = torch.round(w / scales).clamp_(-127, 127).to(torch.int8)  # [N, K]
+        return cls.from_groups(q, scales, None, w.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear(x, self.qweight, self.scales)  # [..., N]
+        return ops.int8_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"params={str(self.scales.dtype).removeprefix('torch.')}, offsets={self.offsets is not None}")
 
 
 def int8_lm_head(model: nn.Module) -> nn.Module:

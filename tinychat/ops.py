@@ -89,23 +89,33 @@ def rope_cos_sin(inv_freq: Tensor, max_pos: int) -> Tensor:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
-def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+def group_weights(q: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int, default_offset: float
+                   ) -> Tensor:
+    """W = q * s + m per group in fp32: q [N, K] integer codes, scales/offsets [N, K/G] (fp32 or fp16, widened
+    exactly); offsets None -> m = default_offset * s. -> fp32 [N, K]."""
+    N, K = q.shape
+    s = scales.float()[..., None]  # [N, K/G, 1]
+    m = default_offset * s if offsets is None else offsets.float()[..., None]
+    return (q.float().reshape(N, K // group_size, group_size) * s + m).reshape(N, K)
+
+
+def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int) -> Tensor:
     """x @ W.T with W the 4-bit weights in the int4 op layout (tinychat/int4_layout.py), dequantized to fp32.
 
     x [..., K] (fp32/bf16/fp16, K % 32 == 0); qweight uint8 [N, K/2] (byte j of each 32-channel block b: low nibble
-    = channel 32b + j, high nibble = 32b + 16 + j); scales, zeros fp32 [N, K/G];
-    W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]. fp32 math, the result cast once -> [..., N] in x.dtype.
+    = channel 32b + j, high nibble = 32b + 16 + j); scales [N, K/G] fp32 or fp16, offsets of the same shape and dtype
+    or None; W[n, k] = q[n, k] * s + m, s and m the group's scale and offset (m = -8 s without offsets, ggml's
+    Q4_0). fp32 math, the result cast once -> [..., N] in x.dtype.
     """
-    N, K = qweight.shape[0], qweight.shape[1] * 2
-    q = unpack_int4_op(qweight).reshape(N, K // group_size, group_size)  # [N, K/G, G]
-    w = ((q.float() - zeros[..., None]) * scales[..., None]).reshape(N, K)  # [N, K] fp32
+    w = group_weights(unpack_int4_op(qweight), scales, offsets, group_size, -8.0)  # [N, K] fp32
     return (x.float() @ w.t()).to(x.dtype)
 
 
-def int8_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """x @ W.T with W = qweight * scales[:, None]: x [..., K]; qweight int8 [N, K]; scales fp32 [N]. fp32 math, the
+def int8_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int) -> Tensor:
+    """x @ W.T with 8-bit weights in groups: x [..., K]; qweight int8 [N, K]; scales [N, K/G] fp32 or fp16,
+    offsets of the same shape and dtype or None; W[n, k] = q[n, k] * s + m (m = 0 without offsets). fp32 math, the
     result cast once -> [..., N] in x.dtype."""
-    w = qweight.float() * scales[:, None]  # [N, K] fp32
+    w = group_weights(qweight, scales, offsets, group_size, 0.0)  # [N, K] fp32
     return (x.float() @ w.t()).to(x.dtype)
 
 
@@ -133,11 +143,13 @@ def _silu_and_mul_fake(x: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
-def _int4_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+def _int4_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int
+                      ) -> Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _int8_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+def _int8_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int
+                      ) -> Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -192,11 +204,12 @@ rope_kv_write = _op("rope_kv_write", rope_kv_write_ref, _rope_kv_write_fake, cud
 attention = _op("attention", attention_ref, _attention_fake, cuda_stand_in=True)
 # x [..., 2I] -> silu(x[..., :I]) * x[..., I:] [..., I]; see silu_and_mul_ref.
 silu_and_mul = _op("silu_and_mul", silu_and_mul_ref, _silu_and_mul_fake, cuda_stand_in=True)
-# x [..., K], qweight uint8 [N, K/2], scales/zeros fp32 [N, K/G], group_size -> [..., N] in x.dtype; see
+# x [..., K], qweight uint8 [N, K/2], scales/offsets [N, K/G] (offsets may be None), group_size -> [..., N]; see
 # int4_linear_ref. CPU kernels: AVX-512, AVX2 or portable, picked at run time (torch.ops.tinychat.cpu_isa() says
 # which); CUDA kernels (sm_80+): a GEMV for M <= 8 and a tensor-core GEMM above (csrc/cuda/int4_linear.cu).
 int4_linear = _op("int4_linear", int4_linear_ref, _int4_linear_fake)
-# x [..., K], qweight int8 [N, K], scales fp32 [N] -> [..., N] in x.dtype; see int8_linear_ref. CPU kernels per
+# x [..., K], qweight int8 [N, K], scales/offsets [N, K/G] (offsets may be None), group_size -> [..., N]; see
+# int8_linear_ref. CPU kernels per
 # instruction set as int4_linear; on CUDA the reference stands in (the CUDA backend keeps the output projection in
 # half precision). int4_linear has no stand-in: a 4-bit model on CUDA needs the real kernel.
 int8_linear = _op("int8_linear", int8_linear_ref, _int8_linear_fake, cuda_stand_in=True)

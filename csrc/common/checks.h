@@ -131,15 +131,34 @@ inline void check_silu_and_mul_args(const at::Tensor& x, c10::DeviceType type) {
               x.strides());
 }
 
-// int4_linear: x [..., K] (K % 32 == 0), qweight uint8 [N, K/2] contiguous, scales and zeros fp32 [N, K/G]
-// contiguous, G % 32 == 0, K % G == 0.
+// Group parameters of int4_linear / int8_linear: scales [N, K/G] fp32 or fp16, contiguous; offsets undefined (None)
+// or of the scales' shape and dtype, contiguous.
+inline void check_group_params(const at::Tensor& x, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
+                               int64_t N, int64_t n_groups, c10::DeviceType type, const char* op) {
+  check_device(scales, x, type, op, "scales");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf, op,
+              ": scales must be float32 or float16, got ", scales.scalar_type());
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == n_groups, op,
+              ": scales must have shape [N, K/group_size] = [", N, ", ", n_groups, "], got ", scales.sizes());
+  TORCH_CHECK(scales.is_contiguous(), op, ": scales must be contiguous");
+  if (!offsets.has_value()) return;
+  const at::Tensor& m = *offsets;
+  check_device(m, x, type, op, "offsets");
+  TORCH_CHECK(m.scalar_type() == scales.scalar_type(), op, ": offsets must have the scales' dtype ",
+              scales.scalar_type(), ", got ", m.scalar_type());
+  TORCH_CHECK(m.sizes() == scales.sizes(), op, ": offsets must have the scales' shape ", scales.sizes(), ", got ",
+              m.sizes());
+  TORCH_CHECK(m.is_contiguous(), op, ": offsets must be contiguous");
+}
+
+// int4_linear: x [..., K] (K % 32 == 0), qweight uint8 [N, K/2] contiguous, group parameters [N, K/G]
+// (check_group_params), G % 32 == 0, K % G == 0.
 inline void check_int4_linear_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                   const at::Tensor& zeros, int64_t group_size, c10::DeviceType type) {
+                                   const c10::optional<at::Tensor>& offsets, int64_t group_size,
+                                   c10::DeviceType type) {
   const char* op = "int4_linear";
   check_device(x, x, type, op, "x");
   check_device(qweight, x, type, op, "qweight");
-  check_device(scales, x, type, op, "scales");
-  check_device(zeros, x, type, op, "zeros");
   check_float_dtype(x, op, "x");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
   const int64_t K = x.size(-1);
@@ -153,15 +172,28 @@ inline void check_int4_linear_args(const at::Tensor& x, const at::Tensor& qweigh
   TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) * 2 == K, op, ": qweight must have shape [N, K/2] = [N, ",
               K / 2, "] for x's K = ", K, ", got ", qweight.sizes());
   TORCH_CHECK(qweight.is_contiguous(), op, ": qweight must be contiguous");
-  const int64_t N = qweight.size(0);
-  const int64_t n_groups = K / group_size;
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"scales", scales},
-                                std::pair<const char*, const at::Tensor&>{"zeros", zeros}}) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == n_groups, op, ": ", name,
-                " must have shape [N, K/group_size] = [", N, ", ", n_groups, "], got ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  }
+  check_group_params(x, scales, offsets, qweight.size(0), K / group_size, type, op);
+}
+
+// int8_linear: x [..., K] (K > 0), qweight int8 [N, K] contiguous, group parameters [N, K/G] (check_group_params),
+// K % G == 0 and G % 16 == 0 or G == K.
+inline void check_int8_linear_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                   const c10::optional<at::Tensor>& offsets, int64_t group_size,
+                                   c10::DeviceType type) {
+  const char* op = "int8_linear";
+  check_device(x, x, type, op, "x");
+  check_device(qweight, x, type, op, "qweight");
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have shape [..., K] with K > 0, got ", x.sizes());
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, op, ": group_size ", group_size,
+              " must be > 0 and divide x's last dimension K = ", K);
+  TORCH_CHECK(group_size % 16 == 0 || group_size == K, op, ": group_size must be a multiple of 16 or K = ", K,
+              ", got ", group_size);
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, op, ": qweight must be int8, got ", qweight.scalar_type());
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == K && qweight.is_contiguous(), op,
+              ": qweight must be a contiguous [N, K] = [N, ", K, "] tensor for x's K, got ", qweight.sizes());
+  check_group_params(x, scales, offsets, qweight.size(0), K / group_size, type, op);
 }
 
 }  // namespace tinychat

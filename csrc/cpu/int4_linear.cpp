@@ -1,7 +1,8 @@
 // CPU kernels of int4_linear (schema in csrc/ops.cpp; weight layout in tinychat/int4_layout.py).
 //
-// y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G], fp32 math, each output
-// rounded to x's dtype once.
+// y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = q[n, k] * s + m with s, m the scale and offset of group (n, k/G)
+// (fp32 or fp16 as stored, widened exactly; m = -8 s without offsets), fp32 math, each output rounded to x's dtype
+// once.
 //
 // Layout: qweight uint8 [N, K/2] in blocks of 32 input channels; byte j (0..15) of block b holds channel 32b + j in
 // its low nibble and channel 32b + 16 + j in its high nibble. One 16-byte load thus gives 32 weights as two
@@ -9,7 +10,7 @@
 //
 // One GEMV-style kernel over rows of W for every M (decode and prefill alike): per row and group it accumulates
 // sum_k q[k] * x[m, k] in SIMD registers for up to kMaxMB rows of x at once, then applies the group's scale; the
-// zero term s * z * sum_{k in g} x[m, k] uses per-group sums of x computed once per call. Each weight byte is read
+// offset term m * sum_{k in g} x[m, k] uses per-group sums of x computed once per call. Each weight byte is read
 // from memory once per kMaxMB rows of x; x stays in L1. Each output row is computed the same way whatever M is
 // (batch-invariant), so a prompt prefilled in parts gives the logits of one whole prefill. (A dequantize + torch
 // GEMM path for M >= 16 was faster only from about 256 rows on, and broke that invariance: measured on an EPYC,
@@ -53,7 +54,7 @@ constexpr int kMaxMBVnni = 8;             // the same on the VNNI path (its accu
 struct Int8Activations {
   std::vector<int8_t> q8;          // [chunks, M, 2, 64]
   std::vector<float> lane_scales;  // [chunks, M, 16]
-  std::vector<float> group_sums;   // [M, K/G]: the sum of the rounded x over each group (for the zero term)
+  std::vector<float> group_sums;   // [M, K/G]: the sum of the rounded x over each group (for the offset term)
   int64_t chunks;
   std::vector<uint8_t> group_mask;  // [chunks]: which of the 4 scales loaded from the chunk's first group are real
   std::array<int32_t, 16> lane_group;  // the group of lane l's block, from the chunk's first group
@@ -64,8 +65,7 @@ struct Problem {
   const float* x;
   const float* xsum;
   const uint8_t* q;       // [N, K/2]
-  const float* scales;    // [N, K/G]
-  const float* zeros;     // [N, K/G]
+  GroupParams w;          // scales, offsets [N, K/G]
   float* y;               // fp32 [M, N]
   int64_t M, N, K, G;
   int64_t ng;                 // K / G
@@ -95,9 +95,9 @@ void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
         gacc[mb] += s;
       }
     }
-    const float sc = p.scales[n * ng + g], sz = sc * p.zeros[n * ng + g];
+    const float sc = p.w.scale(n * ng + g), off = p.w.offset(n * ng + g);
     #pragma GCC unroll 8  // keep the MB accumulators in registers
-    for (int mb = 0; mb < MB; ++mb) acc[mb] += sc * gacc[mb] - sz * p.xsum[(m0 + mb) * ng + g];
+    for (int mb = 0; mb < MB; ++mb) acc[mb] += sc * gacc[mb] + off * p.xsum[(m0 + mb) * ng + g];
   }
   #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = acc[mb];
@@ -115,7 +115,7 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
   __m256 acc[MB];
   #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_setzero_ps();
-  float zterm[MB] = {};
+  float zterm[MB] = {};  // the offset terms
   for (int64_t g = 0; g < ng; ++g) {
     __m256 gacc[MB];
     #pragma GCC unroll 8  // keep the MB accumulators in registers
@@ -137,16 +137,16 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
         gacc[mb] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), gacc[mb]);
       }
     }
-    const float sc = p.scales[n * ng + g], sz = sc * p.zeros[n * ng + g];
+    const float sc = p.w.scale(n * ng + g), off = p.w.offset(n * ng + g);
     const __m256 vs = _mm256_set1_ps(sc);
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       acc[mb] = _mm256_fmadd_ps(vs, gacc[mb], acc[mb]);
-      zterm[mb] += sz * p.xsum[(m0 + mb) * ng + g];
+      zterm[mb] += off * p.xsum[(m0 + mb) * ng + g];
     }
   }
   #pragma GCC unroll 8  // keep the MB accumulators in registers
-  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) - zterm[mb];
+  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) + zterm[mb];
 }
 
 // ---- AVX-512 ----
@@ -164,7 +164,7 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
   __m512 acc[MB];
   #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
-  float zterm[MB] = {};
+  float zterm[MB] = {};  // the offset terms
   for (int64_t g = 0; g < ng; ++g) {
     __m512 gacc[MB];
     #pragma GCC unroll 8  // keep the MB accumulators in registers
@@ -180,16 +180,16 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
         gacc[mb] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), gacc[mb]);
       }
     }
-    const float sc = p.scales[n * ng + g], sz = sc * p.zeros[n * ng + g];
+    const float sc = p.w.scale(n * ng + g), off = p.w.offset(n * ng + g);
     const __m512 vs = _mm512_set1_ps(sc);
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       acc[mb] = _mm512_fmadd_ps(vs, gacc[mb], acc[mb]);
-      zterm[mb] += sz * p.xsum[(m0 + mb) * ng + g];
+      zterm[mb] += off * p.xsum[(m0 + mb) * ng + g];
     }
   }
   #pragma GCC unroll 8  // keep the MB accumulators in registers
-  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) - zterm[mb];
+  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) + zterm[mb];
 }
 
 #pragma GCC diagnostic pop
@@ -202,7 +202,7 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
 // 4 blocks (64 bytes of qweight, 128 weights): two vpdpbusd multiply the unsigned 4-bit weights (low and high
 // nibbles) with the signed int8 activations and sum them exactly in int32 lanes, 4 lanes per block; the lanes are
 // then scaled by (weight scale of the lane's group) x (activation scale of its block) and accumulated in fp32. The
-// zero term s * z * sum(x) sums the rounded x too, so the result is x_rounded @ W.T: the only error next to the fp32
+// offset term m * sum(x) sums the rounded x too, so the result is x_rounded @ W.T: the only error next to the fp32
 // path is the rounding of x, |error| <= sum_k |W[n, k]| * (x's block scale) / 2. Group sizes must divide 128 or be
 // multiples of it.
 
@@ -259,12 +259,24 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+// Four scales from index i of the group parameters (fp32 or fp16) as fp32 in lanes 0..3 (the rest undefined);
+// `whole`: all four exist, else only those in `mask` are loaded (a masked load, slow: only near a row's end).
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m512 scales4(const GroupParams& w, int64_t i, bool whole, uint8_t mask) {
+  if (w.half) {
+    const auto* h = static_cast<const at::Half*>(w.scales) + i;
+    const __m128i bits = whole ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)) : _mm_maskz_loadu_epi16(mask, h);
+    return _mm512_cvtph_ps(_mm256_castsi128_si256(bits));
+  }
+  const float* f = static_cast<const float*>(w.scales) + i;
+  return _mm512_castps128_ps512(whole ? _mm_loadu_ps(f) : _mm_maskz_loadu_ps(mask, f));
+}
+
 template <int MB>
 TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0) {
   const Int8Activations& a = *p.xq;
   const int64_t half = p.K / 2, ng = p.ng;
   const uint8_t* qrow = p.q + n * half;
-  const float* sw = p.scales + n * ng;
+  const int64_t row_groups = n * ng;  // index of the row's first group in scales / offsets
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i lane_group = _mm512_loadu_si512(a.lane_group.data());
   __m512 acc[MB];
@@ -279,8 +291,8 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0)
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
     // up to 4 scales from the chunk's first group; masked loads only near the row's end (they are slow)
     const int64_t g0 = p.block_group[4 * c];
-    const __m128 s4 = g0 + 4 <= ng ? _mm_loadu_ps(sw + g0) : _mm_maskz_loadu_ps(a.group_mask[c], sw + g0);
-    const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
+    const __m512 s4 = scales4(p.w, row_groups + g0, g0 + 4 <= ng, a.group_mask[c]);
+    const __m512 wscale = _mm512_permutexvar_ps(lane_group, s4);
     const int8_t* xq = a.q8.data() + (c * p.M + m0) * 2 * kChunkBytes;  // rows m0.. of this chunk
     const float* xs = a.lane_scales.data() + (c * p.M + m0) * 16;
     #pragma GCC unroll 8  // keep the MB accumulators in registers
@@ -291,14 +303,14 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0)
       acc[mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xscale), acc[mb]);
     }
   }
-  const float* zw = p.zeros + n * ng;
-  #pragma GCC unroll 8  // keep the MB accumulators in registers
-  for (int mb = 0; mb < MB; ++mb) {
-    const float* gs = a.group_sums.data() + (m0 + mb) * ng;
-    float zterm = 0.f;
-    for (int64_t g = 0; g < ng; ++g) zterm += sw[g] * zw[g] * gs[g];
-    p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) - zterm;
+  float off[kMaxMBVnni] = {};  // the offset terms
+  for (int64_t g = 0; g < ng; ++g) {
+    const float m = p.w.offset(row_groups + g);
+    #pragma GCC unroll 8
+    for (int mb = 0; mb < MB; ++mb) off[mb] += m * a.group_sums[(m0 + mb) * ng + g];
   }
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
+  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) + off[mb];
 }
 
 #pragma GCC diagnostic pop
@@ -357,8 +369,8 @@ void run_gemv(const Problem& p, Isa isa) {
 }
 
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& zeros, int64_t group_size) {
-  check_int4_linear_args(x, qweight, scales, zeros, group_size, c10::DeviceType::CPU);
+                           const c10::optional<at::Tensor>& offsets, int64_t group_size) {
+  check_int4_linear_args(x, qweight, scales, offsets, group_size, c10::DeviceType::CPU);
   const Isa isa = current_isa();
   const int64_t K = x.size(-1);
   const int64_t N = qweight.size(0);
@@ -369,12 +381,11 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   at::Tensor y = at::empty({M, N}, xf.options());  // fp32 [M, N]
   std::vector<int32_t> block_group(K / kBlock);
   for (int64_t b = 0; b < K / kBlock; ++b) block_group[b] = static_cast<int32_t>(b * kBlock / group_size);
-  Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
-            zeros.const_data_ptr<float>(), y.data_ptr<float>(), M, N, K, group_size, K / group_size,
-            block_group.data(), nullptr};
+  Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<uint8_t>(), group_params(scales, offsets, -8.f),
+            y.data_ptr<float>(), M, N, K, group_size, K / group_size, block_group.data(), nullptr};
   Isa gemv_isa = isa;
   if (isa == Isa::kAvx512Vnni && !vnni_supports(group_size)) gemv_isa = Isa::kAvx512;
-  std::vector<float> xsum;  // [M, K/G], the fp32 paths' zero term: a plain loop, cheaper than a torch op here
+  std::vector<float> xsum;  // [M, K/G], the fp32 paths' offset term: a plain loop, cheaper than a torch op here
   Int8Activations xq;
   if (gemv_isa == Isa::kAvx512Vnni) {
     xq = quantize_activations(p.x, M, K, group_size);

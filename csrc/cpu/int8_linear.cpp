@@ -1,10 +1,14 @@
-// CPU kernel of int8_linear (schema in csrc/ops.cpp): y = x @ W.T with W[n, k] = q[n, k] * scales[n], int8 weights
-// with one fp32 scale per output row, fp32 math, each output rounded to x's dtype once. The CPU backend stores the
-// output projection (lm_head) this way: it is the largest matrix of a small model, read whole for every token.
+// CPU kernel of int8_linear (schema in csrc/ops.cpp): y = x @ W.T with 8-bit weights in groups of G input channels,
+// W[n, k] = q[n, k] * s + m with s, m the scale and offset of group (n, k/G) (fp32 or fp16 as stored, widened
+// exactly; m = 0 without offsets), fp32 math, each output rounded to x's dtype once. It runs GGUF's 8-, 6- and 5-bit
+// blocks (Q8_0, Q6_K, Q5_x: tinychat/io/gguf_blocks.py) and the CPU backend's int8 output projection (one group per
+// row, G = K).
 //
 // Small M: rows of W split over threads; each row is read once for up to kMaxMB rows of x, its int8 values widened
-// to fp32 lanes (AVX-512, AVX2 + FMA, or portable C++ that the compiler vectorizes; picked at run time, isa.h).
-// Large M: chunks of W dequantized to fp32 and multiplied with torch's GEMM.
+// to fp32 lanes and summed per group in SIMD registers, which the group's scale multiplies (AVX-512, AVX2 + FMA, or
+// portable C++ that the compiler vectorizes; picked at run time, isa.h); the offset term m * sum_{k in g} x[m, k]
+// uses per-group sums of x computed once per call. Large M: chunks of W dequantized to fp32 and multiplied with
+// torch's GEMM.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,65 +26,95 @@ namespace tinychat {
 
 namespace {
 
-constexpr int kMaxMB = 4;                     // rows of x a GEMV pass handles together
+constexpr int kMaxMB = 4;  // rows of x a GEMV pass handles together
 
 struct Problem {
-  const float* x;       // [M, K], rows contiguous
-  const int8_t* q;      // [N, K]
-  const float* scales;  // [N]
-  float* y;             // fp32 [M, N]
-  int64_t M, N, K;
+  const float* x;     // [M, K], rows contiguous
+  const float* xsum;  // [M, K/G]: the sum of x over each group (nullptr without offsets)
+  const int8_t* q;    // [N, K]
+  GroupParams w;      // scales, offsets [N, K/G]
+  float* y;           // fp32 [M, N]
+  int64_t M, N, K, G, ng;
 };
 
-// Each GEMV kernel computes y[m0 .. m0+MB, n] for rows n in [n_begin, n_end) and one instruction set; the dot
-// products run over the first k_main channels in SIMD, the rest in the shared scalar tail.
-TINYCHAT_INLINE float tail_dot(const int8_t* q, const float* x, int64_t k_main, int64_t K) {
+// sum_k q[k] * x[k] over k in [k0, k1), scalar (the part of a group past the SIMD lanes).
+TINYCHAT_INLINE float tail_dot(const int8_t* q, const float* x, int64_t k0, int64_t k1) {
   float s = 0.f;
-  for (int64_t k = k_main; k < K; ++k) s += static_cast<float>(q[k]) * x[k];
+  for (int64_t k = k0; k < k1; ++k) s += static_cast<float>(q[k]) * x[k];
   return s;
 }
 
+// The offset term of row n for row m of x: sum_g m[n, g] * xsum[m, g] (0 without offsets).
+TINYCHAT_INLINE float offset_term(const Problem& p, int64_t n, int64_t m) {
+  if (p.xsum == nullptr) return 0.f;
+  float s = 0.f;
+  for (int64_t g = 0; g < p.ng; ++g) s += p.w.offset(n * p.ng + g) * p.xsum[m * p.ng + g];
+  return s;
+}
+
+// Each GEMV kernel computes y[m0 .. m0+MB, n] for rows n in [n_begin, n_end) and one instruction set.
 template <int MB>
 void gemv_scalar(const Problem& p, int64_t n_begin, int64_t n_end, int64_t m0) {
-  const int64_t K = p.K, k_main = K - K % kDotLanes;
+  const int64_t K = p.K, G = p.G, g_main = G - G % kDotLanes;
   const float* x = p.x + m0 * K;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* q = p.q + n * K;
-    float acc[MB][kDotLanes] = {};
-    for (int64_t k = 0; k < k_main; k += kDotLanes) {
+    float acc[MB] = {};
+    for (int64_t g = 0; g < p.ng; ++g) {
+      const int64_t k0 = g * G;
+      float gacc[MB][kDotLanes] = {};
+      for (int64_t k = k0; k < k0 + g_main; k += kDotLanes) {
+        #pragma GCC unroll 8  // keep the MB accumulators in registers
+        for (int mb = 0; mb < MB; ++mb) {
+          for (int j = 0; j < kDotLanes; ++j) gacc[mb][j] += static_cast<float>(q[k + j]) * x[mb * K + k + j];
+        }
+      }
+      const float sc = p.w.scale(n * p.ng + g);
       #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
-        for (int j = 0; j < kDotLanes; ++j) acc[mb][j] += static_cast<float>(q[k + j]) * x[mb * K + k + j];
+        float d = tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
+        for (int j = 0; j < kDotLanes; ++j) d += gacc[mb][j];
+        acc[mb] += sc * d;
       }
     }
     #pragma GCC unroll 8  // keep the MB accumulators in registers
-    for (int mb = 0; mb < MB; ++mb) {
-      float s = tail_dot(q, x + mb * K, k_main, K);
-      for (int j = 0; j < kDotLanes; ++j) s += acc[mb][j];
-      p.y[(m0 + mb) * p.N + n] = s * p.scales[n];
-    }
+    for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = acc[mb] + offset_term(p, n, m0 + mb);
   }
 }
 
 #ifdef TINYCHAT_X86
 template <int MB>
 TINYCHAT_AVX2 void gemv_avx2(const Problem& p, int64_t n_begin, int64_t n_end, int64_t m0) {
-  const int64_t K = p.K, k_main = K - K % 8;
+  const int64_t K = p.K, G = p.G, g_main = G - G % 8;
   const float* x = p.x + m0 * K;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* q = p.q + n * K;
     __m256 acc[MB];
+    float tails[MB] = {};
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < k_main; k += 8) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
-      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    for (int64_t g = 0; g < p.ng; ++g) {
+      const int64_t k0 = g * G;
+      __m256 gacc[MB];
       #pragma GCC unroll 8  // keep the MB accumulators in registers
-      for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + mb * K + k), acc[mb]);
+      for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k0 + g_main; k += 8) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
+        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+        #pragma GCC unroll 8  // keep the MB accumulators in registers
+        for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + mb * K + k), gacc[mb]);
+      }
+      const float sc = p.w.scale(n * p.ng + g);
+      const __m256 vs = _mm256_set1_ps(sc);
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
+      for (int mb = 0; mb < MB; ++mb) {
+        acc[mb] = _mm256_fmadd_ps(vs, gacc[mb], acc[mb]);
+        if (g_main < G) tails[mb] += sc * tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
+      }
     }
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
-      p.y[(m0 + mb) * p.N + n] = (hsum_avx2(acc[mb]) + tail_dot(q, x + mb * K, k_main, K)) * p.scales[n];
+      p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) + tails[mb] + offset_term(p, n, m0 + mb);
     }
   }
 }
@@ -91,22 +125,36 @@ TINYCHAT_AVX2 void gemv_avx2(const Problem& p, int64_t n_begin, int64_t n_end, i
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <int MB>
 TINYCHAT_AVX512 void gemv_avx512(const Problem& p, int64_t n_begin, int64_t n_end, int64_t m0) {
-  const int64_t K = p.K, k_main = K - K % 16;
+  const int64_t K = p.K, G = p.G, g_main = G - G % 16;
   const float* x = p.x + m0 * K;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* q = p.q + n * K;
     __m512 acc[MB];
+    float tails[MB] = {};
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < k_main; k += 16) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+    for (int64_t g = 0; g < p.ng; ++g) {
+      const int64_t k0 = g * G;
+      __m512 gacc[MB];
       #pragma GCC unroll 8  // keep the MB accumulators in registers
-      for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mb * K + k), acc[mb]);
+      for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k0 + g_main; k += 16) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+        #pragma GCC unroll 8  // keep the MB accumulators in registers
+        for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mb * K + k), gacc[mb]);
+      }
+      const float sc = p.w.scale(n * p.ng + g);
+      const __m512 vs = _mm512_set1_ps(sc);
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
+      for (int mb = 0; mb < MB; ++mb) {
+        acc[mb] = _mm512_fmadd_ps(vs, gacc[mb], acc[mb]);
+        if (g_main < G) tails[mb] += sc * tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
+      }
     }
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
-      p.y[(m0 + mb) * p.N + n] = (_mm512_reduce_add_ps(acc[mb]) + tail_dot(q, x + mb * K, k_main, K)) * p.scales[n];
+      p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) + tails[mb] + offset_term(p, n, m0 + mb);
     }
   }
 }
@@ -144,40 +192,42 @@ void run_gemv(const Problem& p, Isa isa) {
   });
 }
 
-at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
-  const char* op = "int8_linear";
-  check_device(x, x, c10::DeviceType::CPU, op, "x");
-  check_device(qweight, x, c10::DeviceType::CPU, op, "qweight");
-  check_device(scales, x, c10::DeviceType::CPU, op, "scales");
-  check_float_dtype(x, op, "x");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have shape [..., K] with K > 0, got ", x.sizes());
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& offsets, int64_t group_size) {
+  check_int8_linear_args(x, qweight, scales, offsets, group_size, c10::DeviceType::CPU);
   const int64_t K = x.size(-1);
-  TORCH_CHECK(qweight.scalar_type() == at::kChar, op, ": qweight must be int8, got ", qweight.scalar_type());
-  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == K && qweight.is_contiguous(), op,
-              ": qweight must be a contiguous [N, K] = [N, ", K, "] tensor for x's K, got ", qweight.sizes());
   const int64_t N = qweight.size(0);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N &&
-                  scales.is_contiguous(),
-              op, ": scales must be a contiguous float32 [N] = [", N, "] tensor, got ", scales.scalar_type(), " ",
-              scales.sizes());
   const std::vector<int64_t> out_shape = linear_out_shape(x, N);
   if (x.numel() == 0 || N == 0) return at::zeros(out_shape, x.options());
   const at::Tensor xf = float_rows(x);  // [M, K]
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());  // fp32 [M, N]
-  const Problem p{xf.const_data_ptr<float>(), qweight.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(),
-                  y.data_ptr<float>(), M, N, K};
+  Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<int8_t>(),
+                  group_params(scales, offsets, 0.f), y.data_ptr<float>(), M, N, K, group_size, K / group_size};
   if (M >= kGemmMinRows) {
     dequantized_gemm(xf, y, N, [&](int64_t n0, int64_t rows, float* w) {
       for (int64_t r = 0; r < rows; ++r) {
         const int8_t* q = p.q + (n0 + r) * K;
-        const float s = p.scales[n0 + r];
-        for (int64_t k = 0; k < K; ++k) w[r * K + k] = static_cast<float>(q[k]) * s;
+        for (int64_t g = 0; g < p.ng; ++g) {
+          const float s = p.w.scale((n0 + r) * p.ng + g), m = p.w.offset((n0 + r) * p.ng + g);
+          for (int64_t k = g * p.G; k < (g + 1) * p.G; ++k) w[r * K + k] = static_cast<float>(q[k]) * s + m;
+        }
       }
     });
-  } else {
-    run_gemv(p, current_isa());
+    return y.to(x.scalar_type()).view(out_shape);
   }
+  std::vector<float> xsum;  // [M, K/G], the offset term's sums of x
+  if (offsets.has_value()) {
+    xsum.resize(M * p.ng);
+    for (int64_t i = 0; i < M * p.ng; ++i) {
+      const float* xg = p.x + i * group_size;
+      float s = 0.f;
+      for (int64_t k = 0; k < group_size; ++k) s += xg[k];
+      xsum[i] = s;
+    }
+    p.xsum = xsum.data();
+  }
+  run_gemv(p, current_isa());
   return y.to(x.scalar_type()).view(out_shape);
 }
 

@@ -7,7 +7,33 @@
 #include <algorithm>
 #include <vector>
 
+#include "isa.h"
+
 namespace tinychat {
+
+// The group parameters of int4_linear / int8_linear (csrc/common/checks.h): scales [N, K/G] fp32 or fp16, offsets of
+// the same dtype or none, read as stored (fp16 widened exactly, per group). W = q * s + m; without offsets
+// m = default_offset * s (int4_linear: -8, ggml's Q4_0; int8_linear: 0).
+struct GroupParams {
+  const void* scales;
+  const void* offsets;  // nullptr: m = default_offset * s
+  bool half;            // fp16 (else fp32)
+  float default_offset;
+
+  TINYCHAT_INLINE float load(const void* base, int64_t i) const {
+    return half ? static_cast<float>(static_cast<const at::Half*>(base)[i]) : static_cast<const float*>(base)[i];
+  }
+  TINYCHAT_INLINE float scale(int64_t i) const { return load(scales, i); }
+  TINYCHAT_INLINE float offset(int64_t i) const {
+    return offsets == nullptr ? default_offset * scale(i) : load(offsets, i);
+  }
+};
+
+inline GroupParams group_params(const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
+                                float default_offset) {
+  return {scales.const_data_ptr(), offsets.has_value() ? offsets->const_data_ptr() : nullptr,
+          scales.scalar_type() == at::kHalf, default_offset};
+}
 
 // From this many rows of x on, int8_linear (the lm head, whose rows are never reused piecewise) dequantizes W and
 // uses torch's GEMM.

@@ -34,10 +34,9 @@ def random_model(cfg: ModelConfig, dtype: str, device: str | torch.device = "cpu
 
         def random_int4(name: str, meta: nn.Module) -> WQLinear:
             q = WQLinear(meta.in_features, meta.out_features, group, meta.bias is not None, device=device,
-                         dtype=float_dtype)
+                         dtype=float_dtype, offsets=False)  # symmetric: W = (q - 8) * s
             q.qweight.random_(0, 256, generator=gen)  # [N, K/2]: two random 4-bit values per byte
             q.scales.uniform_(0.003, 0.006, generator=gen)  # [N, K/G]
-            q.zeros.fill_(8.0)  # [N, K/G]
             return q
 
         model.swap_linears(random_int4)

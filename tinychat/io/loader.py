@@ -244,8 +244,9 @@ def build_model(
                 plain = [awq.unpack(*(get_packed(p + f"{x}.{s}") for s in ("qweight", "qzeros", "scales")))
                          for x in parts]
                 q, scales, zeros = (cat(list(t)) for t in zip(*plain))  # rows concatenated: groups run along K
-                qweight, scales, zeros = to_int4_op(q, scales, zeros)
-                sd.update({o + fused + ".qweight": qweight, o + fused + ".scales": scales, o + fused + ".zeros": zeros})
+                qweight, scales, offsets = to_int4_op(q, scales, zeros)
+                sd.update({o + fused + ".qweight": qweight, o + fused + ".scales": scales,
+                           o + fused + ".offsets": offsets})
             if has_bias:
                 sd[o + fused + ".bias"] = cat([get(p + f"{x}.bias") for x in parts])
     bar.close()
