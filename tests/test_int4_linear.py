@@ -27,9 +27,18 @@ def make_weights(N, K, G, seed=0):
     return to_int4_op(q, scales, zeros), (q, scales, zeros)
 
 
-# The group forms the op runs: AWQ (fp32 scales, offsets -z * s), GGUF Q4_1 (fp16 scales and offsets), Q4_K (fp32,
-# offsets not multiples of the scale), Q4_0 (fp16 scales, no offsets: m = -8 s).
-FORMS = ("awq", "q4_1", "q4_k", "q4_0")
+# The group forms the op runs: AWQ (fp32 scales, offsets -z * s), GGUF Q4_1 (fp16 scales and offsets), fp32 scales
+# and offsets that are not multiples of the scale, Q4_0 (fp16 scales, no offsets: m = -8 s), Q4_K (K-quant
+# superblocks: uint8 scales, G = 32, K a multiple of 256).
+FORMS = ("awq", "q4_1", "fp32", "q4_0", "q4_k")
+
+
+def kquant_scales(N, K, gen):
+    """Random K-quant superblock parameters uint8 [N, K/256, 20]: finite fp16 d and dmin, 6-bit sc and mn."""
+    sb = torch.randint(0, 64, (N, K // 256, 20), dtype=torch.uint8, generator=gen)
+    sb[..., 0:2] = (torch.rand(N, K // 256, 1, generator=gen) * 0.01 + 0.001).half().view(torch.uint8)
+    sb[..., 2:4] = (torch.rand(N, K // 256, 1, generator=gen) * 0.02).half().view(torch.uint8)
+    return sb
 
 
 def make_form(N, K, G, form, seed=0):
@@ -38,9 +47,11 @@ def make_form(N, K, G, form, seed=0):
         return make_weights(N, K, G, seed)[0]
     gen = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=gen)
+    if form == "q4_k":
+        return pack_int4_op(q), kquant_scales(N, K, gen), None
     scales = torch.rand(N, K // G, generator=gen) * 0.3 + 0.05  # [N, K/G]
     offsets = -7.5 * scales + torch.randn(N, K // G, generator=gen) * 0.1  # non-integer multiples of the scale
-    dtype = torch.float32 if form == "q4_k" else torch.float16
+    dtype = torch.float32 if form == "fp32" else torch.float16
     return (pack_int4_op(q), scales.to(dtype), None if form == "q4_0" else offsets.to(dtype))
 
 
@@ -59,7 +70,7 @@ def test_group_forms_mean_q_times_s_plus_m():
 
 def shapes():
     for N in (8, 23, 200):
-        for K in (64, 192, 576):
+        for K in (64, 192, 512, 576):
             for G in (32, 64, 128):
                 if K % G == 0:
                     yield N, K, G
@@ -82,6 +93,8 @@ def test_matches_reference(M, form, isa, threads):
     """Every path, every M through the one kernel (1..4 rows of x at a time on the fp32 paths, 8 on VNNI), every
     group form."""
     for N, K, G in shapes():
+        if form == "q4_k" and (G != 32 or K % 256):
+            continue
         qweight, scales, offsets = make_form(N, K, G, form, seed=N + K + G)
         w = ops.int4_linear_ref(torch.eye(K), qweight, scales, offsets, G).t()  # [N, K] fp32
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
@@ -179,13 +192,20 @@ def _bad_inputs():
     yield "qweight shape", (x, qweight[:, :32].contiguous(), scales, zeros, 32), \
         r"qweight must have shape \[N, K/2\] = \[N, 64\]"
     yield "qweight strides", (x, qweight.t().contiguous().t(), scales, zeros, 32), r"qweight must be contiguous"
-    yield "scales dtype", (x, qweight, scales.bfloat16(), None, 32), r"scales must be float32 or float16, got BFloat16"
+    yield "scales dtype", (x, qweight, scales.bfloat16(), None, 32), r"scales must be float32, float16 or uint8 \(K-quant superblocks\), got BFloat16"
     yield "scales shape", (x, qweight, scales[:, :2].contiguous(), zeros, 32), \
         r"scales must have shape \[N, K/group_size\] = \[16, 4\]"
     yield "scales strides", (x, qweight, scales.t().contiguous().t(), None, 32), r"scales must be contiguous"
     yield "offsets dtype", (x, qweight, scales, zeros.half(), 32), r"offsets must have the scales' dtype Float, got Half"
     yield "offsets shape", (x, qweight, scales, zeros[:8], 32), r"offsets must have the scales' shape \[16, 4\]"
     yield "offsets strides", (x, qweight, scales, zeros.t().contiguous().t(), 32), r"offsets must be contiguous"
+    (qw256, _, _), _ = make_weights(16, 256, 32)
+    x256, sb = torch.randn(3, 256), kquant_scales(16, 256, torch.Generator().manual_seed(0))
+    yield "K-quant group size", (x256, qw256, sb, None, 64), r"uint8 scales \(K-quant superblocks\) need group_size 32"
+    yield "K-quant K", (x, qweight, sb[:, :0], None, 32), r"need group_size 32 and K a multiple of 256, got .* K = 128"
+    yield "K-quant shape", (x256, qw256, sb[:, :, :16].contiguous(), None, 32), \
+        r"must have shape \[N, K/256, 20\] = \[16, 1, 20\]"
+    yield "K-quant offsets", (x256, qw256, sb, sb, 32), r"carry their offsets: offsets must be None"
 
 
 @pytest.mark.parametrize("case", list(_bad_inputs()), ids=lambda c: c[0])
@@ -197,9 +217,10 @@ def test_bad_inputs(case):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_opcheck(form):
-    qweight, scales, offsets = make_form(24, 192, 64, form)
-    for x in (torch.randn(3, 192), torch.randn(2, 1, 192).bfloat16()):
-        torch.library.opcheck(torch.ops.tinychat.int4_linear.default, (x, qweight, scales, offsets, 64))
+    G = 32 if form == "q4_k" else 64
+    qweight, scales, offsets = make_form(24, 256, G, form)
+    for x in (torch.randn(3, 256), torch.randn(2, 1, 256).bfloat16()):
+        torch.library.opcheck(torch.ops.tinychat.int4_linear.default, (x, qweight, scales, offsets, G))
 
 
 def test_torch_compile_fullgraph():
@@ -237,13 +258,13 @@ def test_wqlinear_cast_keeps_its_scales_and_offsets():
     x = torch.randn(3, 64).bfloat16()
     assert layer(x).dtype == torch.bfloat16
     qweight, s16, m16 = make_form(8, 64, 32, "q4_1")
-    q16 = WQLinear.from_groups(unpack_int4_op(qweight), s16, m16, 32).float().to(torch.bfloat16)
+    q16 = WQLinear.from_groups(qweight, s16, m16, 32).float().to(torch.bfloat16)
     assert q16.scales.dtype == q16.offsets.dtype == torch.float16 and torch.equal(q16.offsets, m16)
-    sym = WQLinear.from_groups(unpack_int4_op(qweight), s16, None, 32).to(torch.float32)
+    sym = WQLinear.from_groups(qweight, s16, None, 32).to(torch.float32)
     assert sym.offsets is None and set(sym.state_dict()) == {"qweight", "scales"}
     torch.testing.assert_close(sym(x.float()), ops.int4_linear_ref(x.float(), qweight, s16, None, 32))
     with pytest.raises(TinychatError, match=r"offsets \(torch.float32 \(8, 2\)\) must have the scales' dtype"):
-        WQLinear.from_groups(unpack_int4_op(qweight), s16, m16.float(), 32)
+        WQLinear.from_groups(qweight, s16, m16.float(), 32)
 
 
 def test_quantize_model_layers_matches_pseudo_quantized_model():

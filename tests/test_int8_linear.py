@@ -9,6 +9,7 @@ import torch
 from tinychat import ops
 from tinychat.errors import TinychatError
 from tinychat.linear import Int8Linear, int8_lm_head
+from test_int4_linear import kquant_scales
 
 
 def tc():
@@ -21,8 +22,8 @@ def make_layer(N, K, seed=0):
 
 
 # The group forms the op runs: the int8 head (one fp32 scale per row), GGUF Q8_0 / Q5_0 (fp16 scales, G 32), Q5_1
-# (fp16 scales and offsets), Q5_K (fp32 scales and offsets), Q6_K (fp32 scales, G 16).
-FORMS = {"row": None, "q8_0": 32, "q5_1": 32, "q5_k": 32, "q6_k": 16}
+# (fp16 scales and offsets), fp32 scales and offsets, Q6_K (fp32 scales, G 16), Q5_K (K-quant superblocks, G 32).
+FORMS = {"row": None, "q8_0": 32, "q5_1": 32, "fp32": 32, "q6_k": 16, "q5_k": 32}
 
 
 def make_form(N, K, form, seed=0):
@@ -32,10 +33,12 @@ def make_form(N, K, form, seed=0):
         return layer.qweight, layer.scales, None, K
     G = FORMS[form]
     gen = torch.Generator().manual_seed(seed)
-    lo, hi = {"q8_0": (-128, 128), "q5_1": (0, 32), "q5_k": (0, 32), "q6_k": (-32, 32)}[form]
+    lo, hi = {"q8_0": (-128, 128), "q5_1": (0, 32), "fp32": (0, 32), "q6_k": (-32, 32), "q5_k": (0, 32)}[form]
     q = torch.randint(lo, hi, (N, K), dtype=torch.int8, generator=gen)
+    if form == "q5_k":
+        return q, kquant_scales(N, K, gen), None, G
     scales = torch.rand(N, K // G, generator=gen) * 0.1 + 0.01
-    offsets = -16 * scales + torch.randn(N, K // G, generator=gen) * 0.05 if form in ("q5_1", "q5_k") else None
+    offsets = -16 * scales + torch.randn(N, K // G, generator=gen) * 0.05 if form in ("q5_1", "fp32") else None
     dtype = torch.float16 if form in ("q8_0", "q5_1") else torch.float32
     return q, scales.to(dtype), None if offsets is None else offsets.to(dtype), G
 
@@ -45,8 +48,8 @@ def make_form(N, K, form, seed=0):
 def test_matches_reference(M, form, isa, threads):
     """GEMV (1..4 rows of x at a time) and dequantize + GEMM, every group form; odd K for one group per row (a
     scalar tail after the SIMD lanes)."""
-    for N, K in ((7, 576), (200, 64), (33, 100), (5, 8)):
-        if form != "row" and K % 32:
+    for N, K in ((7, 576), (200, 64), (33, 100), (5, 8), (9, 512)):
+        if (form != "row" and K % 32) or (form == "q5_k" and K % 256):
             continue
         qweight, scales, offsets, G = make_form(N, K, form, seed=N + K)
         w = ops.int8_linear_ref(torch.eye(K), qweight, scales, offsets, G).t()  # [N, K] fp32
@@ -103,7 +106,7 @@ def test_module_casts_and_errors():
         ((x, q.to(torch.uint8), sc, m, G), "qweight must be int8"),
         ((x, q[:, :32].contiguous(), sc, m, G), r"qweight must be a contiguous \[N, K\] = \[N, 64\]"),
         ((x, q, sc[:8], m, G), r"scales must have shape \[N, K/group_size\] = \[16, 2\]"),
-        ((x, q, sc.bfloat16(), None, G), "scales must be float32 or float16"),
+        ((x, q, sc.bfloat16(), None, G), r"scales must be float32, float16 or uint8 \(K-quant superblocks\)"),
         ((x, q, sc, m.float(), G), "offsets must have the scales' dtype Half, got Float"),
         ((x, q, sc, m[:, :1].contiguous(), G), r"offsets must have the scales' shape \[16, 2\]"),
         ((x, q, sc, m, 8), "group_size must be a multiple of 16 or K = 64, got 8"),
@@ -145,4 +148,4 @@ def test_int8_lm_head_on_a_tied_model():
 
 @pytest.mark.parametrize("form", FORMS)
 def test_opcheck(form):
-    torch.library.opcheck(torch.ops.tinychat.int8_linear.default, (torch.randn(3, 64), *make_form(16, 64, form)))
+    torch.library.opcheck(torch.ops.tinychat.int8_linear.default, (torch.randn(3, 256), *make_form(16, 256, form)))

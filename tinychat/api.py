@@ -1,7 +1,7 @@
 """The Python API for embedding tinychat in an application.
 
     import tinychat
-    llm = tinychat.load()                       # SmolLM2-135M-Instruct, 4-bit AWQ (quantized on first use, cached)
+    llm = tinychat.load()                       # SmolLM2-135M-Instruct, its Q4_1 GGUF blocks as stored
     print(llm.chat([{"role": "user", "content": "Hi!"}]).text)
     for piece in llm.generate("Once upon a time", stream=True, max_new_tokens=64):
         print(piece, end="", flush=True)
@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from tinychat.engine import API_SAMPLING, Engine, GenerationStats, SamplingParams
 from tinychat.errors import GenerationError, TinychatError
-from tinychat.io.loader import ModelSource, open_source, resolve_device, resolve_dtype, resolve_source, set_threads
+from tinychat.io.loader import QUANT_CHOICES, ModelSource, open_source, resolve_device, resolve_dtype, set_threads
 from tinychat.model import Transformer
 from tinychat.tokenizer import StreamDecoder, Tokenizer
 
@@ -267,10 +268,12 @@ def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: s
 
     path_or_id: a GGUF file, a Hugging Face model directory (full precision or AWQ 4-bit), a hub id, or a
     ModelSource already opened (`tinychat.io.loader.open_source`); None: the default model,
-    SmolLM2-135M-Instruct. quant: "awq" runs a full-precision model in 4 bits (quantized on first
-    use and cached), "none" runs it as given, "auto" means "awq" for the default model and "none" otherwise.
-    threads: CPU threads (torch's setting is process-wide). max_seq_len: context to allocate (default: the
-    model's own, at most tinychat.model.DEFAULT_CONTEXT = 4096).
+    SmolLM2-135M-Instruct (a Q4_1 GGUF). quant: "auto" runs a quantized model as it is stored (a GGUF's blocks, an
+    AWQ checkpoint) and quantizes a full-precision one with AWQ (on first use, cached); "awq" quantizes with AWQ
+    whatever the source (a GGUF's blocks are dequantized and requantized, which loses accuracy: it says so);
+    "none" runs float weights (a GGUF's blocks dequantized). threads: CPU threads (torch's setting is
+    process-wide). max_seq_len: context to allocate (default: the model's own, at most
+    tinychat.model.DEFAULT_CONTEXT = 4096).
     """
     model, tokenizer, path = load_transformer(path_or_id, device=device, dtype=dtype, quant=quant, threads=threads,
                                               verbose=verbose)
@@ -282,20 +285,22 @@ def load_transformer(path_or_id: str | os.PathLike | ModelSource | None = None, 
                      verbose: bool = False) -> tuple[Transformer, Tokenizer, Path]:
     """What `load` loads, without an engine (no KV cache is allocated): the decoder, its tokenizer and the path
     they came from (for `quant="awq"`, the cached 4-bit checkpoint). For whole-sequence work such as perplexity."""
-    if quant not in ("auto", "awq", "none"):
-        raise ValueError(f"quant must be 'auto', 'awq' or 'none', got {quant!r}")
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
     resolve_dtype(dtype)  # a bad dtype or device fails before any work
     resolve_device(device)
     set_threads(threads)
-    src = path_or_id if isinstance(path_or_id, ModelSource) else None  # a source whose header was read already
-    path = src.path if src is not None else resolve_source(path_or_id)
-    if src is None and path.is_dir():  # a directory may be a 4-bit checkpoint already
-        src = open_source(path)
-    if (quant == "awq" or (quant == "auto" and path_or_id is None)) and not (src is not None and src.quantized):
+    src = open_source(path_or_id)  # the header only
+    plan = src.plan(quant)
+    if plan == "awq":
         from tinychat.pipeline.quantize import QuantizeOptions, cached_quantized_model
 
-        path, src = cached_quantized_model(src or path, QuantizeOptions(device=str(device))), None
+        if src.has_blocks:
+            warnings.warn(f"{src.path.name}: quant='awq' dequantizes its quantized blocks and quantizes them again "
+                          "with AWQ, which loses accuracy; quant='auto' runs them as stored", stacklevel=3)
+        src = open_source(cached_quantized_model(src, QuantizeOptions(device=str(device))))
+    path = src.path
     if verbose:
         print(f"loading {path} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
-    loaded = (src or open_source(path)).load(device=device, dtype=dtype)
+    loaded = src.load(device=device, dtype=dtype, blocks=plan == "blocks")
     return loaded.model, loaded.tokenizer, loaded.path

@@ -17,8 +17,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--quant", choices=("auto", "awq", "none"), default="auto",
-                   help="awq: run a full-precision model in 4 bits, quantized on first use and cached; none: as "
-                        "given; auto (default): awq for the default model, none for a model you name")
+                   help="auto (default): a quantized model (GGUF blocks, AWQ checkpoint) runs as stored, a "
+                        "full-precision one is quantized with AWQ on first use and cached; awq: quantize with AWQ "
+                        "whatever the source (a GGUF's blocks are requantized); none: float weights (a GGUF's "
+                        "blocks dequantized)")
 
 
 def _add_ctx_arg(p: argparse.ArgumentParser) -> None:

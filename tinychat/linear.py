@@ -1,8 +1,9 @@
-"""The model's quantized linear layers: WQLinear (4-bit weights, `tinychat::int4_linear`) and Int8Linear (8-bit
-weights, `tinychat::int8_linear`).
+"""The model's quantized linear layers: WQLinear (4-bit weights, `tinychat::int4_linear`), Int8Linear (8-bit
+weights, `tinychat::int8_linear`), and RowStack (linears side by side).
 
 WQLinear holds the int4 op layout of tinychat/int4_layout.py (qweight uint8 [N, K/2] in blocks of 32 input channels,
-scales and offsets [N, K/G]: W = q * s + m per group) and an optional bias. `Transformer.swap_linears` puts them in the decoder's place.
+scales and offsets [N, K/G]: W = q * s + m per group) and an optional bias. `Transformer.swap_linears` puts them in
+the decoder's place.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from tinychat import ops
+from tinychat.ops import KQUANT_SUPER_BYTES
 from tinychat.errors import TinychatError
 from tinychat.int4_layout import OP_BLOCK, awq_group_params, check_plain, pack_int4_op
 
@@ -34,6 +36,13 @@ def _check_group_params(cls: str, N: int, K: int, group_size: int, scales: torch
                         offsets: torch.Tensor | None) -> None:
     if K % group_size:
         raise TinychatError(f"{cls}: group size {group_size} does not divide in_features {K}")
+    if scales.dtype == torch.uint8:  # K-quant superblocks (csrc/common/kquant.h)
+        shape = (N, K // 256, KQUANT_SUPER_BYTES)
+        if group_size != 32 or K % 256 or tuple(scales.shape) != shape or offsets is not None:
+            raise TinychatError(f"{cls}: uint8 scales (K-quant superblocks) must be [{N}, {K // 256}, "
+                                f"{KQUANT_SUPER_BYTES}] with group size 32, K a multiple of 256 and no offsets; got "
+                                f"{tuple(scales.shape)}, group size {group_size}, K {K}")
+        return
     if tuple(scales.shape) != (N, K // group_size):
         raise TinychatError(f"{cls}: scales have shape {tuple(scales.shape)}, expected {(N, K // group_size)} for "
                             f"[{N}, {K}] weights in groups of {group_size}")
@@ -49,8 +58,9 @@ class WQLinear(_GroupParamBuffers):
     W = q * s + m per group (`tinychat::int4_linear`).
 
     Buffers: qweight uint8 [N, K/2] (the int4 op layout), scales [N, K/G] fp32 or fp16, offsets of the scales' shape
-    and dtype or None (then m = -8 s: ggml's Q4_0), bias [N] (or None). An AWQ quantization's integer zero z is the
-    offset -z * s (fp32); GGUF Q4_0 / Q4_1 blocks are their fp16 scale (and min) as stored.
+    and dtype or None (then m = -8 s: ggml's Q4_0), bias [N] (or None); or K-quant superblocks (uint8 scales
+    [N, K/256, 20] that carry the offsets, tinychat/ops.py kquant_group_params). An AWQ quantization's integer zero
+    z is the offset -z * s (fp32); GGUF Q4_0 / Q4_1 blocks are their fp16 scale (and min) as stored.
     Moving the module (`.to(device)`) moves every buffer; casting it (`.to(dtype)`, `.half()`) casts only the bias.
     """
 
@@ -75,15 +85,16 @@ class WQLinear(_GroupParamBuffers):
             self.bias = None
 
     @classmethod
-    def from_groups(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int,
-                    bias: torch.Tensor | None = None) -> WQLinear:
-        """From 4-bit codes q uint8 [N, K] (0..15) with W = q * s + m per group: scales [N, K/G] fp32 or fp16,
-        offsets of the same dtype and shape or None (m = -8 s). Stored as given: nothing is rounded."""
-        N, K = q.shape
+    def from_groups(cls, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                    group_size: int, bias: torch.Tensor | None = None) -> WQLinear:
+        """From 4-bit codes in the op layout, qweight uint8 [N, K/2] (pack_int4_op), with W = q * s + m per group:
+        scales [N, K/G] fp32 or fp16, offsets of the same dtype and shape or None (m = -8 s). Stored as given:
+        nothing is rounded."""
+        N, K = qweight.shape[0], qweight.shape[1] * 2
         _check_group_params("WQLinear", N, K, group_size, scales, offsets)
         layer = cls(K, N, group_size, bias=bias is not None, device="meta", params_dtype=scales.dtype,
                     offsets=offsets is not None)
-        layer.qweight = pack_int4_op(q)
+        layer.qweight = qweight.contiguous()
         layer.scales = scales.contiguous()
         layer.offsets = None if offsets is None else offsets.contiguous()
         if bias is not None:
@@ -96,7 +107,7 @@ class WQLinear(_GroupParamBuffers):
         """From the plain (AWQ) quantization: q uint8 [N, K] of 4-bit values, scales/zeros [N, K/G] with integer
         zeros (tinychat/int4_layout.py); the offsets are -z * s in fp32 (exact as the kernels used it)."""
         check_plain(q, scales, zeros)
-        return cls.from_groups(q, *awq_group_params(scales, zeros), group_size, bias)
+        return cls.from_groups(pack_int4_op(q), *awq_group_params(scales, zeros), group_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
@@ -112,17 +123,18 @@ class Int8Linear(_GroupParamBuffers):
     """y = x @ W.T with W [out_features, in_features] stored as int8 codes in groups of G input channels,
     W = q * s + m per group, run by the `tinychat::int8_linear` op.
 
-    Buffers: qweight int8 [N, K], scales [N, K/G] fp32 or fp16, offsets of the scales' shape and dtype or None
-    (m = 0). No bias. GGUF's 8-, 6- and 5-bit blocks load into it as stored (tinychat/io/gguf_blocks.py); the CPU
-    backend keeps a 4-bit model's full-precision output projection this way (`int8_lm_head`, one group per row), as
-    llama.cpp keeps it in 8 bits (Q8_0) or 6 (Q6_K): a quarter of the bytes of fp32 for the largest matrix of a
-    small model.
+    Buffers: qweight int8 [N, K], scales [N, K/G] fp32 or fp16 (or K-quant superblocks, uint8 [N, K/256, 20]),
+    offsets of the scales' shape and dtype or None (m = 0), bias [N] (or None). GGUF's 8-, 6- and 5-bit blocks load
+    into it as stored (tinychat/io/gguf_blocks.py); the CPU backend keeps a 4-bit model's full-precision output
+    projection this way (`int8_lm_head`, one group per row), as llama.cpp keeps it in 8 bits (Q8_0) or 6 (Q6_K): a
+    quarter of the bytes of fp32 for the largest matrix of a small model.
     """
 
     PARAM_BUFFERS = ("scales", "offsets")
 
-    def __init__(self, in_features: int, out_features: int, group_size: int | None = None, device=None,
-                 params_dtype: torch.dtype = torch.float32, offsets: bool = False):
+    def __init__(self, in_features: int, out_features: int, group_size: int | None = None, bias: bool = False,
+                 device=None, dtype: torch.dtype = torch.float32, params_dtype: torch.dtype = torch.float32,
+                 offsets: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group_size = in_features if group_size is None else group_size
@@ -133,18 +145,21 @@ class Int8Linear(_GroupParamBuffers):
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=params_dtype, device=device))
         self.register_buffer("offsets", torch.zeros(out_features, n_groups, dtype=params_dtype, device=device)
                              if offsets else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_groups(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int
-                    ) -> Int8Linear:
+    def from_groups(cls, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int,
+                    bias: torch.Tensor | None = None) -> Int8Linear:
         """From int8 codes q [N, K] with W = q * s + m per group: scales [N, K/G] fp32 or fp16, offsets of the same
         dtype and shape or None (m = 0). Stored as given."""
         N, K = q.shape
         _check_group_params("Int8Linear", N, K, group_size, scales, offsets)
-        layer = cls(K, N, group_size, device="meta", params_dtype=scales.dtype, offsets=offsets is not None)
+        layer = cls(K, N, group_size, bias=bias is not None, device="meta", params_dtype=scales.dtype,
+                    offsets=offsets is not None)
         layer.qweight = q.to(torch.int8).contiguous()
         layer.scales = scales.contiguous()
         layer.offsets = None if offsets is None else offsets.contiguous()
+        layer.bias = None if bias is None else bias.detach().clone()
         return layer
 
     @classmethod
@@ -156,11 +171,26 @@ class Int8Linear(_GroupParamBuffers):
         return cls.from_groups(q, scales, None, w.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
+        y = ops.int8_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"params={str(self.scales.dtype).removeprefix('torch.')}, offsets={self.offsets is not None}")
+
+
+class RowStack(nn.Module):
+    """Linears side by side: y = [part_0(x) | part_1(x) | ...] along the last dimension. A fused linear (q|k|v,
+    gate|up) whose parts a GGUF file stores in different forms (Q4_K next to Q6_K rows) runs each as stored."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)  # [..., sum of N]
 
 
 def int8_lm_head(model: nn.Module) -> nn.Module:

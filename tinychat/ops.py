@@ -89,11 +89,27 @@ def rope_cos_sin(inv_freq: Tensor, max_pos: int) -> Tensor:
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 
+KQUANT_SUPER_BYTES = 20  # K-quant superblock parameters per 256 channels (csrc/common/kquant.h)
+
+
+def kquant_group_params(scales: Tensor) -> tuple[Tensor, Tensor]:
+    """K-quant superblocks, uint8 [N, K/256, 20] (fp16 d, fp16 dmin, 8 6-bit scales sc, 8 mins mn; csrc/common/
+    kquant.h) -> fp32 scales d * sc and offsets -(dmin * mn) [N, K/32], exact."""
+    N = scales.shape[0]
+    d = scales[..., 0:2].contiguous().view(torch.float16).float()  # [N, K/256, 1]
+    dmin = scales[..., 2:4].contiguous().view(torch.float16).float()
+    s = (d * scales[..., 4:12].float()).reshape(N, -1)  # [N, K/32]
+    m = -(dmin * scales[..., 12:20].float()).reshape(N, -1)
+    return s, m
+
+
 def group_weights(q: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int, default_offset: float
-                   ) -> Tensor:
+                  ) -> Tensor:
     """W = q * s + m per group in fp32: q [N, K] integer codes, scales/offsets [N, K/G] (fp32 or fp16, widened
-    exactly); offsets None -> m = default_offset * s. -> fp32 [N, K]."""
+    exactly; or K-quant superblocks, kquant_group_params); offsets None -> m = default_offset * s. -> fp32 [N, K]."""
     N, K = q.shape
+    if scales.dtype == torch.uint8:
+        scales, offsets = kquant_group_params(scales)
     s = scales.float()[..., None]  # [N, K/G, 1]
     m = default_offset * s if offsets is None else offsets.float()[..., None]
     return (q.float().reshape(N, K // group_size, group_size) * s + m).reshape(N, K)
@@ -105,7 +121,8 @@ def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor 
     x [..., K] (fp32/bf16/fp16, K % 32 == 0); qweight uint8 [N, K/2] (byte j of each 32-channel block b: low nibble
     = channel 32b + j, high nibble = 32b + 16 + j); scales [N, K/G] fp32 or fp16, offsets of the same shape and dtype
     or None; W[n, k] = q[n, k] * s + m, s and m the group's scale and offset (m = -8 s without offsets, ggml's
-    Q4_0). fp32 math, the result cast once -> [..., N] in x.dtype.
+    Q4_0). Or scales uint8 [N, K/256, 20], K-quant superblocks (kquant_group_params), G = 32, no offsets. fp32 math,
+    the result cast once -> [..., N] in x.dtype.
     """
     w = group_weights(unpack_int4_op(qweight), scales, offsets, group_size, -8.0)  # [N, K] fp32
     return (x.float() @ w.t()).to(x.dtype)
@@ -113,8 +130,8 @@ def int4_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor 
 
 def int8_linear_ref(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int) -> Tensor:
     """x @ W.T with 8-bit weights in groups: x [..., K]; qweight int8 [N, K]; scales [N, K/G] fp32 or fp16,
-    offsets of the same shape and dtype or None; W[n, k] = q[n, k] * s + m (m = 0 without offsets). fp32 math, the
-    result cast once -> [..., N] in x.dtype."""
+    offsets of the same shape and dtype or None (or K-quant superblocks, as int4_linear_ref); W[n, k] = q[n, k] * s
+    + m (m = 0 without offsets). fp32 math, the result cast once -> [..., N] in x.dtype."""
     w = group_weights(qweight, scales, offsets, group_size, 0.0)  # [N, K] fp32
     return (x.float() @ w.t()).to(x.dtype)
 

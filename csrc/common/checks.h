@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include "kquant.h"
+
 namespace tinychat {
 
 inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
@@ -132,12 +134,27 @@ inline void check_silu_and_mul_args(const at::Tensor& x, c10::DeviceType type) {
 }
 
 // Group parameters of int4_linear / int8_linear: scales [N, K/G] fp32 or fp16, contiguous; offsets undefined (None)
-// or of the scales' shape and dtype, contiguous.
+// or of the scales' shape and dtype, contiguous. Or ggml's K-quant superblocks (kquant.h): scales uint8
+// [N, K/256, kq::kSuperBytes] contiguous, no offsets, G = 32.
 inline void check_group_params(const at::Tensor& x, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                               int64_t N, int64_t n_groups, c10::DeviceType type, const char* op) {
+                               int64_t N, int64_t group_size, c10::DeviceType type, const char* op) {
+  const int64_t n_groups = x.size(-1) / group_size;
   check_device(scales, x, type, op, "scales");
+  if (scales.scalar_type() == at::kByte) {
+    TORCH_CHECK(group_size == kq::kGroup && n_groups % kq::kSuperGroups == 0, op,
+                ": uint8 scales (K-quant superblocks) need group_size 32 and K a multiple of 256, got group_size ",
+                group_size, " and K = ", x.size(-1));
+    TORCH_CHECK(scales.dim() == 3 && scales.size(0) == N && scales.size(1) == n_groups / kq::kSuperGroups &&
+                    scales.size(2) == kq::kSuperBytes,
+                op, ": uint8 scales (K-quant superblocks) must have shape [N, K/256, ", kq::kSuperBytes, "] = [", N,
+                ", ", n_groups / kq::kSuperGroups, ", ", kq::kSuperBytes, "], got ", scales.sizes());
+    TORCH_CHECK(scales.is_contiguous(), op, ": scales must be contiguous");
+    TORCH_CHECK(!offsets.has_value(), op, ": uint8 scales (K-quant superblocks) carry their offsets: offsets must be "
+                "None");
+    return;
+  }
   TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf, op,
-              ": scales must be float32 or float16, got ", scales.scalar_type());
+              ": scales must be float32, float16 or uint8 (K-quant superblocks), got ", scales.scalar_type());
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == n_groups, op,
               ": scales must have shape [N, K/group_size] = [", N, ", ", n_groups, "], got ", scales.sizes());
   TORCH_CHECK(scales.is_contiguous(), op, ": scales must be contiguous");
@@ -172,7 +189,7 @@ inline void check_int4_linear_args(const at::Tensor& x, const at::Tensor& qweigh
   TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) * 2 == K, op, ": qweight must have shape [N, K/2] = [N, ",
               K / 2, "] for x's K = ", K, ", got ", qweight.sizes());
   TORCH_CHECK(qweight.is_contiguous(), op, ": qweight must be contiguous");
-  check_group_params(x, scales, offsets, qweight.size(0), K / group_size, type, op);
+  check_group_params(x, scales, offsets, qweight.size(0), group_size, type, op);
 }
 
 // int8_linear: x [..., K] (K > 0), qweight int8 [N, K] contiguous, group parameters [N, K/G] (check_group_params),
@@ -193,7 +210,7 @@ inline void check_int8_linear_args(const at::Tensor& x, const at::Tensor& qweigh
   TORCH_CHECK(qweight.scalar_type() == at::kChar, op, ": qweight must be int8, got ", qweight.scalar_type());
   TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) == K && qweight.is_contiguous(), op,
               ": qweight must be a contiguous [N, K] = [N, ", K, "] tensor for x's K, got ", qweight.sizes());
-  check_group_params(x, scales, offsets, qweight.size(0), K / group_size, type, op);
+  check_group_params(x, scales, offsets, qweight.size(0), group_size, type, op);
 }
 
 }  // namespace tinychat

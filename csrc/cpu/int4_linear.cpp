@@ -259,10 +259,18 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// Four scales from index i of the group parameters (fp32 or fp16) as fp32 in lanes 0..3 (the rest undefined);
-// `whole`: all four exist, else only those in `mask` are loaded (a masked load, slow: only near a row's end).
+// Four scales from flat group index i of the group parameters (fp32, fp16 or K-quant superblocks) as fp32 in lanes
+// 0..3 (the rest undefined); `whole`: all four exist, else only those in `mask` are loaded (a masked load, slow: only
+// near a row's end). Four groups of a chunk lie in one K-quant superblock (8 groups, chunks start at multiples of 4).
 TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m512 scales4(const GroupParams& w, int64_t i, bool whole, uint8_t mask) {
-  if (w.half) {
+  if (w.kind == GroupParams::Kind::kSuper) {
+    const uint8_t* sb = w.super(i);
+    int32_t sc4;
+    std::memcpy(&sc4, sb + kq::kScaleAt + i % kq::kSuperGroups, 4);
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_cvtsi32_si128(sc4)));
+    return _mm512_mul_ps(_mm512_set1_ps(GroupParams::half_at(sb)), sc);
+  }
+  if (w.kind == GroupParams::Kind::kHalf) {
     const auto* h = static_cast<const at::Half*>(w.scales) + i;
     const __m128i bits = whole ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)) : _mm_maskz_loadu_epi16(mask, h);
     return _mm512_cvtph_ps(_mm256_castsi128_si256(bits));

@@ -217,7 +217,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     return y.to(x.scalar_type()).view(out_shape);
   }
   std::vector<float> xsum;  // [M, K/G], the offset term's sums of x
-  if (offsets.has_value()) {
+  if (p.w.has_offsets()) {
     xsum.resize(M * p.ng);
     for (int64_t i = 0; i < M * p.ng; ++i) {
       const float* xg = p.x + i * group_size;

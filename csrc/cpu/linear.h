@@ -5,34 +5,60 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
+#include "../common/kquant.h"
 #include "isa.h"
 
 namespace tinychat {
 
 // The group parameters of int4_linear / int8_linear (csrc/common/checks.h): scales [N, K/G] fp32 or fp16, offsets of
 // the same dtype or none, read as stored (fp16 widened exactly, per group). W = q * s + m; without offsets
-// m = default_offset * s (int4_linear: -8, ggml's Q4_0; int8_linear: 0).
+// m = default_offset * s (int4_linear: -8, ggml's Q4_0; int8_linear: 0). Or K-quant superblocks (kquant.h): s and m
+// formed per group from the superblock's fp16 d, dmin and 6-bit sc, mn, exactly.
 struct GroupParams {
+  enum class Kind { kFloat, kHalf, kSuper };
   const void* scales;
-  const void* offsets;  // nullptr: m = default_offset * s
-  bool half;            // fp16 (else fp32)
+  const void* offsets;  // nullptr: m = default_offset * s (or the superblock's min)
+  Kind kind;
   float default_offset;
 
   TINYCHAT_INLINE float load(const void* base, int64_t i) const {
-    return half ? static_cast<float>(static_cast<const at::Half*>(base)[i]) : static_cast<const float*>(base)[i];
+    return kind == Kind::kHalf ? static_cast<float>(static_cast<const at::Half*>(base)[i])
+                               : static_cast<const float*>(base)[i];
   }
-  TINYCHAT_INLINE float scale(int64_t i) const { return load(scales, i); }
+  // the superblock of flat group index i, and the fp16 at byte `at` of it
+  TINYCHAT_INLINE const uint8_t* super(int64_t i) const {
+    return static_cast<const uint8_t*>(scales) + (i / kq::kSuperGroups) * kq::kSuperBytes;
+  }
+  static TINYCHAT_INLINE float half_at(const uint8_t* p) {
+    at::Half h;
+    std::memcpy(&h, p, sizeof(h));
+    return static_cast<float>(h);
+  }
+  TINYCHAT_INLINE float scale(int64_t i) const {
+    if (kind != Kind::kSuper) return load(scales, i);
+    const uint8_t* sb = super(i);
+    return half_at(sb) * static_cast<float>(sb[kq::kScaleAt + i % kq::kSuperGroups]);
+  }
+  // whether any group may have a nonzero offset (else the offset term of int8_linear is 0)
+  bool has_offsets() const { return offsets != nullptr || kind == Kind::kSuper || default_offset != 0.f; }
   TINYCHAT_INLINE float offset(int64_t i) const {
+    if (kind == Kind::kSuper) {
+      const uint8_t* sb = super(i);
+      return -(half_at(sb + kq::kDminAt) * static_cast<float>(sb[kq::kMinAt + i % kq::kSuperGroups]));
+    }
     return offsets == nullptr ? default_offset * scale(i) : load(offsets, i);
   }
 };
 
 inline GroupParams group_params(const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
                                 float default_offset) {
-  return {scales.const_data_ptr(), offsets.has_value() ? offsets->const_data_ptr() : nullptr,
-          scales.scalar_type() == at::kHalf, default_offset};
+  const auto dt = scales.scalar_type();
+  const auto kind = dt == at::kByte ? GroupParams::Kind::kSuper
+                    : dt == at::kHalf ? GroupParams::Kind::kHalf : GroupParams::Kind::kFloat;
+  return {scales.const_data_ptr(), offsets.has_value() ? offsets->const_data_ptr() : nullptr, kind, default_offset};
 }
 
 // From this many rows of x on, int8_linear (the lm head, whose rows are never reused piecewise) dequantizes W and

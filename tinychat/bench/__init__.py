@@ -62,7 +62,7 @@ class Subject:
     """One model under test: its engine, how its weights came about, the token ids it may be fed."""
 
     engine: Engine
-    weights: str  # "random", "loaded", "awq" (an AWQ checkpoint) or "rtn" (round-to-nearest of the loaded weights)
+    weights: str  # "random", "loaded", "gguf-blocks" (a GGUF as stored), "awq" or "rtn" (rounded from "loaded")
     vocab: int
 
 
@@ -148,10 +148,14 @@ def _random_subject(cfg: ModelConfig, dtype: str, opts: BenchOptions, max_seq_le
     return Subject(Engine(model, _NoTokenizer(cfg.vocab_size), max_seq_len), "random", cfg.vocab_size)
 
 
-def _real_subject(src: ModelSource, args, dtype: str, opts: BenchOptions, max_seq_len: int,
-                  awq_int4: bool) -> Subject:
+def _real_subject(src: ModelSource, args, dtype: str, opts: BenchOptions, max_seq_len: int, plan: str) -> Subject:
+    """The model of `src` for one dtype of the bench. int4: as `plan` (ModelSource.plan) runs it quantized (a GGUF's
+    blocks, an AWQ checkpoint or AWQ on first use), or rounded to nearest from float when it runs in float."""
     common = {"device": opts.device, "threads": args.threads, "max_seq_len": max_seq_len, "verbose": True}
-    if dtype == "int4" and awq_int4:
+    if dtype == "int4" and plan == "blocks":
+        llm = load(src, dtype=opts.act_dtype, quant="auto", **common)
+        weights = "gguf-blocks"
+    elif dtype == "int4" and plan in ("checkpoint", "awq"):
         llm = load(src, dtype=opts.act_dtype, quant="awq", **common)
         weights = "awq"
     else:
@@ -225,7 +229,7 @@ def run_bench(args, log=None) -> dict:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
 
-    awq_int4 = False
+    plan = "none"
     if args.shape is not None:
         full_cfg = SHAPES.get(args.shape.lower())
         cfg = shape_config(args.shape, args.layers)
@@ -236,9 +240,9 @@ def run_bench(args, log=None) -> dict:
         path, cfg = src.path, src.config
         full_cfg = cfg
         prequantized = src.quantized
-        awq_int4 = prequantized or args.quant == "awq" or (args.quant == "auto" and args.model is None)
+        plan = src.plan(args.quant)
         name, source = path.name, str(path)
-        default_dtypes = ("int4",) if awq_int4 else (act_dtype,)
+        default_dtypes = (act_dtype,) if plan == "none" else ("int4",)
     dtypes = parse_dtypes(args.dtypes) if args.dtypes else default_dtypes
     if args.shape is None and prequantized and any(d != "int4" for d in dtypes):
         raise TinychatError(f"{path} is a 4-bit AWQ checkpoint: it runs as int4 only; to compare dtypes, bench the "
@@ -267,7 +271,7 @@ def run_bench(args, log=None) -> dict:
         if args.shape is not None:
             subject = _random_subject(cfg, dtype, opts, max_seq_len)
         else:
-            subject = _real_subject(src, args, dtype, opts, max_seq_len, awq_int4)
+            subject = _real_subject(src, args, dtype, opts, max_seq_len, plan)
         results.append(bench_subject(subject, dtype, opts, log))
         del subject
     _free(device)

@@ -1,10 +1,11 @@
-"""Read a llama.cpp GGUF file into a Hugging Face style config and float32 weights.
+"""Read a llama.cpp GGUF file into a Hugging Face style config and its tensors, under Hugging Face names.
 
 Only the metadata keys and tensors of decoder-only Llama-family models are understood
-(``general.architecture`` ``llama`` or ``qwen2``).  Quantized tensors are expanded to float32
-with the ``gguf`` package, the llama.cpp rotary permutation of the query and key projections
-is undone, and every tensor is renamed to its Hugging Face ``state_dict`` name, so that the
-result can be used exactly like a ``config.json`` plus a float32 checkpoint.
+(``general.architecture`` ``llama`` or ``qwen2``). Each tensor can be read two ways: as its blocks, exactly, in
+the group form tinychat's int4 / int8 ops run (block types with one: tinychat/io/gguf_blocks.py), or expanded to
+float32 with the ``gguf`` package (every type it can dequantize). Either way the llama.cpp rotary permutation of the
+query and key rows is undone (a reordering of rows), so that the result can be used like a ``config.json`` plus a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 
 from tinychat.errors import ModelLoadError
 from tinychat.files import MISSING, gguf_field
+from tinychat.io.gguf_blocks import NATIVE_BITS, block_weights, decode
 from tinychat.io.hf import TensorRef
 
 __all__ = [
@@ -44,20 +46,14 @@ GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
 # Architectures whose q/k projections llama.cpp's converter permutes for its rotary layout.
 _PERMUTED_ARCHITECTURES = frozenset({"llama"})
 
-SUPPORTED_TENSOR_TYPES: frozenset[GGMLQuantizationType] = frozenset(
-    {
-        GGMLQuantizationType.F32,
-        GGMLQuantizationType.F16,
-        GGMLQuantizationType.BF16,
-        GGMLQuantizationType.Q8_0,
-        GGMLQuantizationType.Q4_0,
-        GGMLQuantizationType.Q4_1,
-        GGMLQuantizationType.Q5_0,
-        GGMLQuantizationType.Q5_1,
-        GGMLQuantizationType.Q4_K,
-        GGMLQuantizationType.Q5_K,
-        GGMLQuantizationType.Q6_K,
-    }
+# Types tinychat reads: float tensors, and every block type `gguf` can dequantize (those with an exact group form,
+# gguf_blocks.NATIVE_BITS, also run as stored).
+FLOAT_TENSOR_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
+SUPPORTED_TENSOR_TYPES: frozenset[GGMLQuantizationType] = FLOAT_TENSOR_TYPES | frozenset(NATIVE_BITS) | frozenset(
+    GGMLQuantizationType[name] for name in (
+        "Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
+        "TQ1_0", "TQ2_0",
+    )
 )
 _SUPPORTED_TYPE_NAMES = ", ".join(t.name for t in sorted(SUPPORTED_TENSOR_TYPES, key=int))
 
@@ -309,20 +305,39 @@ def dequantize_tensor(tensor: Any, path: str | os.PathLike = "<gguf>") -> np.nda
     return arr
 
 
-def _undo_rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Invert llama.cpp's per-head reordering of rotary rows (interleaved -> half split)."""
-    rows = w.shape[0]
+def _rope_rows(rows: int, n_head: int) -> np.ndarray:
+    """The row order that inverts llama.cpp's per-head reordering of rotary rows (interleaved -> half split):
+    Hugging Face row r is the file's row order[r]."""
     half = rows // n_head // 2
-    return np.ascontiguousarray(
-        w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
+    return np.arange(rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(rows)
+
+
+def _group_loader(t: Any, path: Path, shape: tuple[int, ...], order: np.ndarray | None):
+    """A function reading tensor `t` [N, K] as its group form (rows in Hugging Face order), checking it first."""
+    qtype = t.tensor_type
+
+    def load():
+        N, K = shape if len(shape) == 2 else (1, shape[0])
+        if K % block_weights(qtype):
+            raise ModelLoadError(f"{path}: tensor {t.name!r} ({qtype.name}) has rows of {K} weights, not a whole "
+                                 f"number of {block_weights(qtype)}-weight blocks")
+        gw = decode(t.data, qtype, N, K)
+        for what, v in (("scales", gw.scales), ("offsets", gw.offsets)):
+            if v is not None and not torch.isfinite(v).all():
+                bad = int((~torch.isfinite(v)).sum())
+                raise ModelLoadError(f"{path}: tensor {t.name!r} ({qtype.name}) has {bad} NaN or infinite block "
+                                     f"{what}")
+        return gw if order is None else gw.rows(torch.from_numpy(order))
+
+    return load
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, TensorRef], GGUFReader]:
     """Return (Hugging Face style config dict, {Hugging Face tensor name: TensorRef}, the reader).
 
-    Names and types of all tensors are checked here, before any data is read; each TensorRef dequantizes its
-    tensor to float32 (q/k rows back in Hugging Face order) when loaded. Shapes are checked by the loader.
+    Names and types of all tensors are checked here, before any data is read. Each TensorRef's `load` dequantizes
+    its tensor to float32, and for block types with an exact group form its `groups` reads the blocks as they are
+    (q/k rows back in Hugging Face order either way). Shapes are checked by the loader.
     """
     path = Path(path)
     reader = open_gguf(path)
@@ -331,10 +346,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, TensorRef], GGUF
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     permute = arch in _PERMUTED_ARCHITECTURES
 
-    def loader(t, n_head: int | None):
+    def loader(t, order: np.ndarray | None):
         def load() -> torch.Tensor:
             arr = dequantize_tensor(t, path)
-            return torch.from_numpy(arr if n_head is None else _undo_rope_permute(arr, n_head))
+            return torch.from_numpy(arr if order is None else np.ascontiguousarray(arr[order]))
 
         return load
 
@@ -346,5 +361,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, TensorRef], GGUF
         _check_type(t, path)
         shape = tuple(int(d) for d in reversed(np.asarray(t.shape).tolist()))
         n_head = heads.get(name.split(".")[-2]) if permute and ".self_attn." in name else None
-        refs[name] = TensorRef(path, shape, loader(t, n_head))
+        order = _rope_rows(shape[0], n_head) if n_head is not None else None
+        native = t.tensor_type in NATIVE_BITS
+        refs[name] = TensorRef(path, shape, loader(t, order), kind=_type_name(t.tensor_type), name=t.name,
+                               groups=_group_loader(t, path, shape, order) if native else None)
     return config, refs, reader

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,11 +17,18 @@ from tinychat.files import read_json
 
 @dataclass(frozen=True)
 class TensorRef:
-    """A checkpoint tensor known by its file and shape, read only when `load()` is called."""
+    """A checkpoint tensor known by its file and shape, read only when `load()` is called.
+
+    A GGUF tensor also says its block type (`kind`, e.g. "Q4_1") and name in the file; `groups`, where its block
+    type has an exact group form (tinychat/io/gguf_blocks.py), reads it as that form instead of dequantizing it.
+    """
 
     file: Path
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
+    kind: str | None = None
+    name: str | None = None
+    groups: Callable[[], Any] | None = None  # -> tinychat.io.gguf_blocks.GroupWeights
 
 
 def read_hf_dir(path: Path) -> tuple[dict, dict[str, TensorRef]]:

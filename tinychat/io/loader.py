@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from tinychat.config import ModelConfig
@@ -24,10 +25,15 @@ from tinychat.io.default import default_model_path
 from tinychat.io.gguf import read_gguf
 from tinychat.io.hf import TensorRef, read_hf_dir, resolve_hub_id
 from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules, hf_tensor_shapes
-from tinychat.linear import WQLinear, int8_lm_head
+from tinychat.io.gguf_blocks import GroupWeights, group_linear, stack_rows
+from tinychat.linear import RowStack, WQLinear, int8_lm_head
 from tinychat.model import Transformer, layer_linears
 from tinychat.tokenizer import Tokenizer
 
+# What a user may ask of a model's weights (ModelSource.plan)
+QUANT_CHOICES = ("auto", "awq", "none")
+# Tensor kinds (TensorRef.kind) that are float, not blocks; a Hugging Face tensor has no kind (None)
+FLOAT_KINDS = (None, "F32", "F16", "BF16")
 # Tensors of Hugging Face checkpoints that carry no weights (recomputed at load)
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -105,17 +111,42 @@ class ModelSource:
 
     @property
     def quantized(self) -> bool:
+        """An AWQ checkpoint."""
         return self.awq is not None
 
-    def load(self, *, device: str | torch.device = "cpu", dtype="float32", int8_head: bool | None = None
-             ) -> LoadedModel:
+    @property
+    def has_blocks(self) -> bool:
+        """A GGUF file whose decoder linears are (some or all) quantized blocks, not float tensors."""
+        return any(ref.kind is not None and ref.kind not in ("F32", "F16", "BF16")
+                   for name, ref in self.tensors.items() if _is_decoder_linear(name))
+
+    def plan(self, quant: str) -> str:
+        """How `quant` ("auto", "awq" or "none") runs this source: "checkpoint" (an AWQ checkpoint, as stored),
+        "blocks" (a GGUF's quantized blocks, as stored), "awq" (quantize with AWQ, cached) or "none" (float).
+
+        auto: a quantized source runs as stored, a full-precision one is quantized with AWQ. awq on a GGUF's blocks
+        requantizes them (dequantized first); none dequantizes them.
+        """
+        if quant not in QUANT_CHOICES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+        if self.quantized:
+            return "checkpoint"
+        if quant == "auto":
+            return "blocks" if self.has_blocks else "awq"
+        return quant
+
+    def load(self, *, device: str | torch.device = "cpu", dtype="float32", int8_head: bool | None = None,
+             blocks: bool | None = None) -> LoadedModel:
         """Read the weights and build the model, in eval mode on `device` in `dtype`.
 
-        An AWQ checkpoint's decoder linears run in 4 bits. int8_head: run the output projection in 8 bits
-        (Int8Linear); None (the default) does so for an AWQ checkpoint on the CPU, as llama.cpp keeps it in 8 bits
-        for its 4-bit types.
+        An AWQ checkpoint's decoder linears run in 4 bits. blocks: run a GGUF's quantized tensors as their blocks
+        (exactly, tinychat/io/gguf_blocks.py); None (the default) does so for a GGUF with quantized linears, False
+        dequantizes them to `dtype`. int8_head: run a float output projection in 8 bits (Int8Linear, rounded per
+        row); None (the default) does so for an AWQ checkpoint on the CPU, as llama.cpp keeps it in 8 bits for its
+        4-bit types.
         """
-        model = build_model(self.config, self.tensors, resolve_dtype(dtype), awq=self.awq)
+        blocks = self.has_blocks if blocks is None else blocks
+        model = build_model(self.config, self.tensors, resolve_dtype(dtype), awq=self.awq, blocks=blocks)
         if int8_head or (int8_head is None and self.quantized and torch.device(device).type == "cpu"):
             int8_lm_head(model)
         model = model.to(device).eval().requires_grad_(False)
@@ -162,14 +193,22 @@ def load_model(
     return loaded.model, loaded.tokenizer
 
 
+def _is_decoder_linear(name: str) -> bool:
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
 def build_model(
-    cfg: ModelConfig, tensors: Mapping[str, TensorRef], dtype: torch.dtype, awq: AwqFormat | None = None
+    cfg: ModelConfig, tensors: Mapping[str, TensorRef], dtype: torch.dtype, awq: AwqFormat | None = None,
+    blocks: bool = False,
 ) -> Transformer:
     """Check names and shapes of Hugging Face-named tensors, then load them one at a time (converted to `dtype`),
     fuse q/k/v and gate/up, and build the model on the CPU.
 
     With `awq` the decoder linears are AWQ-quantized: each is unpacked, fused by concatenating rows of the plain
     quantization, and repacked into the int4 op's layout (a WQLinear); biases, norms and embeddings go to `dtype`.
+    With `blocks` (a GGUF source) every quantized linear and output projection runs its blocks as stored (a
+    WQLinear or Int8Linear of the group form; a fused linear whose parts differ in form runs them side by side); a
+    tied output projection runs the embedding's blocks. Float tensors, norms and the embedding go to `dtype`.
     """
     expected = hf_tensor_shapes(cfg, awq.shapes if awq is not None else None)
     if "rope_freqs" in tensors:
@@ -222,6 +261,32 @@ def build_model(
     def cat(parts: list[torch.Tensor]) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def get_groups(name: str) -> GroupWeights:
+        ref = tensors[name]
+        if ref.groups is None:
+            raise ModelLoadError(f"{ref.file}: tensor {ref.name or name!r} has type {ref.kind}, which tinychat cannot "
+                                 "run as stored (no exact 4- or 8-bit group form); --quant none (quant='none') runs "
+                                 "the model dequantized to float")
+        bar.update()
+        return ref.groups()
+
+    def native(names: list[str], bias: torch.Tensor | None) -> nn.Module:
+        """The linear of the stacked rows of tensors `names`, each as stored (floats as `dtype`)."""
+        if all(tensors[n].kind in FLOAT_KINDS for n in names):
+            weight = cat([get(n) for n in names])
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias, requires_grad=False)
+            return linear
+        if any(tensors[n].kind in FLOAT_KINDS for n in names) or len({group_form(n) for n in names}) > 1:
+            biases = bias.split([tensors[n].shape[0] for n in names]) if bias is not None else [None] * len(names)
+            return RowStack([native([n], b) for n, b in zip(names, biases)])
+        return group_linear(stack_rows([get_groups(n) for n in names]), bias)
+
+    def group_form(name: str) -> tuple:
+        return tensors[name].kind, tensors[name].groups is not None
+
     freq_factors = None
     if "rope_freqs" in tensors:
         freq_factors = finite("rope_freqs", tensors["rope_freqs"].load().float())
@@ -232,12 +297,20 @@ def build_model(
         if awq is not None:
             model.swap_linears(lambda name, linear: WQLinear(linear.in_features, linear.out_features, awq.group_size,
                                                              linear.bias is not None, dtype=dtype))
-    sd = {name: get(hf) for name, hf in HF_GLOBALS.items() if name != "lm_head.weight" or not cfg.tie_word_embeddings}
+    head_ref = HF_GLOBALS["embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+    native_head = blocks and tensors[head_ref].kind not in FLOAT_KINDS
+    sd = {name: get(hf) for name, hf in HF_GLOBALS.items()
+          if name != "lm_head.weight" or not (cfg.tie_word_embeddings or native_head)}
+    swapped: dict[str, nn.Module] = {}  # decoder linears built as they are stored (blocks)
     for i in range(cfg.num_layers):
         p, o = hf_layer_prefix(i), f"layers.{i}."
         sd.update({o + name: get(p + hf) for name, hf in HF_LAYER_NORMS.items()})
         for spec in layer_linears(cfg):
             fused, parts, has_bias = spec.name, [module for module, _ in hf_modules(spec)], spec.bias
+            if blocks:
+                bias = cat([get(p + f"{x}.bias") for x in parts]) if has_bias else None
+                swapped[o + fused] = native([p + f"{x}.weight" for x in parts], bias)
+                continue
             if awq is None:
                 sd[o + fused + ".weight"] = cat([get(p + f"{x}.weight") for x in parts])
             else:
@@ -249,9 +322,16 @@ def build_model(
                            o + fused + ".offsets": offsets})
             if has_bias:
                 sd[o + fused + ".bias"] = cat([get(p + f"{x}.bias") for x in parts])
+    head = group_linear(get_groups(head_ref), None) if native_head else None
     bar.close()
     result = model.load_state_dict(sd, strict=False, assign=True)
-    unexpected_missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    unexpected_missing = [k for k in result.missing_keys
+                          if not (k == "lm_head.weight" and (cfg.tie_word_embeddings or native_head))
+                          and k.rpartition(".")[0] not in swapped]
     assert not unexpected_missing and not result.unexpected_keys, result
+    if swapped:
+        model.swap_linears(lambda name, linear: swapped[name])
     model.tie_weights()
+    if head is not None:
+        model.lm_head = head
     return model

@@ -82,7 +82,7 @@ def quantize_checkpoint(source: str | os.PathLike | ModelSource | None, out_dir,
                             "quantize a full-precision model")
     dtype = search_dtype(src.config)
     log(f"loading {src.path} ({dtype}; the search itself runs in float32, one layer at a time) ...")
-    loaded = src.load(dtype=dtype)
+    loaded = src.load(dtype=dtype, blocks=False)  # a GGUF's blocks dequantized: AWQ starts from float weights
     model = loaded.model
     group_size = opts.group_size or auto_group_size(src.config)
     qcfg = QuantConfig(opts.w_bit, group_size)
