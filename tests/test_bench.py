@@ -53,8 +53,9 @@ def test_random_shape_truncated_json_and_plot(tmp_path):
     # the whole model in float32 is SmolLM2-135M's parameter count x 4 bytes (computed from one built layer)
     assert fp32["full_model_bytes"] == 4 * SMOLLM2_PARAMS
     assert fp32["model_bytes"] == fp32["other_bytes"] + fp32["layer_bytes"]
-    # 4-bit linears: half a byte per weight plus fp32 scale and zero per group of 64 -> 4 / 0.625 = 6.4x smaller
-    assert fp32["linear_bytes"] / int4["linear_bytes"] == pytest.approx(6.4)
+    # random 4-bit linears are symmetric (Q4_0's form): half a byte per weight plus an fp32 scale per group of 64 ->
+    # 4 / 0.5625 = 7.11x smaller
+    assert fp32["linear_bytes"] / int4["linear_bytes"] == pytest.approx(4 / 0.5625)
     assert int4["other_bytes"] == fp32["other_bytes"]  # embeddings stay float32 (--dtype)
     assert int4["model_bytes"] < fp32["model_bytes"]
 

@@ -5,10 +5,14 @@ test_layout_helpers* compile the header with the host compiler (torch.utils.cpp_
 temporary folder) and run everywhere. The CUDA tests skip without a GPU, and FAIL on a GPU machine whose
 tinychat._C was built without its CUDA kernels.
 
+Weights: random groups quantized by ggml's Q4_1 recipe (fp32 or fp16 scales and offsets, the offsets non-integer
+multiples of the scales) or Q4_0's (scales only, m = -8 s; some scales negative), see `weights`.
+
 Error bound of the fp16/bf16 kernels (as FlashAttention's tests): max |out - exact| <= 2 * max |naive - exact|, where
 exact is the fp32 reference (int4_linear_ref on fp32 x) and naive the same product done by plain torch in x's dtype
 (x @ W.to(x.dtype).T with W dequantized in fp32); with a floor of one ulp of the largest output, for shapes with
-few outputs (as tests/test_ops.py's check_close).
+few outputs (as tests/test_ops.py's check_close). test_offsets_in_fp32 holds the kernels to a bound derived from
+their own math instead, one a kernel that rounded the offset term to x's dtype would break.
 """
 
 import functools
@@ -21,8 +25,7 @@ import pytest
 import torch
 
 from tinychat import ops
-from tinychat.int4_layout import pack_int4_op, to_int4_op, unpack_int4_op
-from tinychat.quant.quantize import QuantConfig, quantize
+from tinychat.int4_layout import pack_int4_op, unpack_int4_op
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT_HEADER = ROOT / "csrc" / "common" / "int4_layout.h"
@@ -112,16 +115,16 @@ torch::Tensor unpack_mma(torch::Tensor qweight, bool bf16) {
   return out;
 }
 
-// W [N, K] fp32 through nibble() and dequant().
-torch::Tensor dequant_all(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t G) {
+// W [N, K] fp32 through nibble() and dequant(); scales and offsets fp32 [N, K/G].
+torch::Tensor dequant_all(torch::Tensor qweight, torch::Tensor scales, torch::Tensor offsets, int64_t G) {
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
   auto out = torch::empty({N, K});
   auto o = out.accessor<float, 2>();
   auto s = scales.accessor<float, 2>();
-  auto z = zeros.accessor<float, 2>();
+  auto m = offsets.accessor<float, 2>();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k)
-      o[n][k] = dequant(nibble(qweight.data_ptr<uint8_t>() + n * K / 2, k), s[n][k / G], z[n][k / G]);
+      o[n][k] = dequant(nibble(qweight.data_ptr<uint8_t>() + n * K / 2, k), s[n][k / G], m[n][k / G]);
   return out;
 }
 
@@ -188,14 +191,15 @@ def test_layout_helpers_every_byte_value(helpers):
 
 @pytest.mark.parametrize("G", [32, 64, 128])
 def test_layout_helpers_dequant(helpers, G):
-    """dequant() is the op's W[n, k] = (q - zeros[n, k/G]) * scales[n, k/G], bit for bit in fp32."""
+    """dequant() is the op's W[n, k] = q[n, k] * s + m (s, m: the scale and offset of group (n, k/G)), bit for bit in
+    fp32 (int4_linear_ref's product, then sum)."""
     N, K = 5, 256
     q, qweight = random_qweight(N, K, G)
     g = torch.Generator().manual_seed(G)
     scales = torch.rand(N, K // G, generator=g) * 0.1 + 1e-3
-    zeros = torch.randint(0, 16, (N, K // G), generator=g).float()
-    expected = ((q.float().reshape(N, K // G, G) - zeros[..., None]) * scales[..., None]).reshape(N, K)
-    assert torch.equal(helpers.dequant_all(qweight, scales, zeros, G), expected)
+    offsets = -torch.rand(N, K // G, generator=g) * 15 * scales  # non-integer multiples of the scales
+    expected = (q.float().reshape(N, K // G, G) * scales[..., None] + offsets[..., None]).reshape(N, K)
+    assert torch.equal(helpers.dequant_all(qweight, scales, offsets, G), expected)
 
 
 def wavefronts(byte_addresses, width):
@@ -267,14 +271,36 @@ def tc():
     return torch.ops.tinychat
 
 
+PARAM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# (parameter dtype, offsets present): Q4_1-style groups with fp32 / fp16 parameters, and Q4_0-style without offsets
+PARAM_KINDS = [("fp32", True), ("fp16", True), ("fp32", False), ("fp16", False)]
+PARAM_IDS = ["fp32-offsets", "fp16-offsets", "fp32-q4_0", "fp16-q4_0"]
+
+
 @functools.cache
-def weights(N, K, G):
-    """An RTN-quantized random [N, K] weight on the GPU: (qweight, scales, zeros, W fp32 [N, K])."""
-    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N * 7 + K + G))
-    q, scales, zeros = quantize(w, QuantConfig(4, G))
-    qweight, scales, zeros = to_int4_op(q, scales, zeros)
-    W = ((q.float().reshape(N, K // G, G) - zeros[..., None]) * scales[..., None]).reshape(N, K)
-    return tuple(t.cuda() for t in (qweight, scales, zeros, W))
+def weights(N, K, G, params="fp32", offsets=True):
+    """A random [N, K] weight quantized in groups of G, on the GPU: (qweight, scales, offsets or None, W fp32 [N, K]).
+
+    offsets: ggml's Q4_1 recipe (s = (max - min) / 15, m = min: non-integer multiples of s); else Q4_0's (s = amax / -8
+    with amax the group's value of largest magnitude, sign kept, so about half the scales are negative; m = -8 s).
+    Scales and offsets are stored in `params` (fp32 or fp16); W is the op's definition from the stored values (q * s + m
+    with both widened to fp32)."""
+    n_groups = K // G
+    wg = torch.randn(N, K, generator=torch.Generator().manual_seed(N * 7 + K + G)).reshape(N, n_groups, G)
+    if offsets:
+        lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/G]
+        scales, offs = (hi - lo) / 15, lo
+        q = ((wg - offs[..., None]) / scales[..., None]).round().clamp(0, 15)
+    else:
+        amax = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)  # [N, K/G]
+        scales, offs = amax / -8, None
+        q = (wg / scales[..., None] + 8).round().clamp(0, 15)
+    scales = scales.to(PARAM_DTYPES[params])
+    offs = None if offs is None else offs.to(PARAM_DTYPES[params])
+    m = -8 * scales.float() if offs is None else offs.float()  # [N, K/G]
+    W = (q * scales.float()[..., None] + m[..., None]).reshape(N, K)
+    qweight = pack_int4_op(q.reshape(N, K).to(torch.uint8))
+    return qweight.cuda(), scales.cuda(), None if offs is None else offs.cuda(), W.cuda()
 
 
 @pytest.fixture
@@ -284,13 +310,13 @@ def path(request, monkeypatch):
     return request.param
 
 
-def check(x, N, K, G):
-    """Runs the op on x (CUDA, [..., K]) and holds it to the reference."""
-    qweight, scales, zeros, W = weights(N, K, G)
-    out = tc().int4_linear(x, qweight, scales, zeros, G)
+def check(x, N, K, G, params="fp32", offsets=True):
+    """Runs the op on x (CUDA, [..., K]) with weights(N, K, G, params, offsets) and holds it to the reference."""
+    qweight, scales, offs, W = weights(N, K, G, params, offsets)
+    out = tc().int4_linear(x, qweight, scales, offs, G)
     assert out.shape == (*x.shape[:-1], N) and out.dtype == x.dtype and out.is_contiguous()
     assert out.device == x.device
-    exact = ops.int4_linear_ref(x.float(), qweight, scales, zeros, G)  # fp32 [..., N]
+    exact = ops.int4_linear_ref(x.float(), qweight, scales, offs, G)  # fp32 [..., N]
     if x.dtype == torch.float32:
         torch.testing.assert_close(out, exact, atol=1e-4, rtol=1e-4)
         return
@@ -298,7 +324,8 @@ def check(x, N, K, G):
     err = (out.float() - exact).abs().max().item()
     err_naive = (naive.float() - exact).abs().max().item()
     one_ulp = torch.finfo(x.dtype).eps * exact.abs().max().item()  # the floor for few outputs (tests/test_ops.py)
-    assert err <= max(2 * err_naive, one_ulp), f"N={N} K={K} G={G} x {tuple(x.shape)}: err {err}, naive {err_naive}"
+    assert err <= max(2 * err_naive, one_ulp), (f"N={N} K={K} G={G} {params} offsets={offsets} x {tuple(x.shape)}: "
+                                                f"err {err}, naive {err_naive}")
 
 
 # (N, K, G): odd and tiny N, the Llama-2-7B / Llama-3-8B down_proj K, every group size
@@ -313,7 +340,8 @@ SHAPES = [(23, 64, 32), (200, 576, 64), (4096, 4096, 128), (96, 11008, 128), (72
 @needs_cuda
 @pytest.mark.cuda
 def test_small_m(path, dtype, M, N, K, G):
-    """Decode-sized M: the GEMV path (auto picks it) and the tensor-core path forced, 16-row tile and split K."""
+    """Decode-sized M: the GEMV path (auto picks it) and the tensor-core path forced, 16-row tile and split K (splits
+    that start inside a group too: (96, 11008, 128), (4096, 4096, 128)). fp32 scales with offsets."""
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", dtype)
     check(x, N, K, G)
 
@@ -326,21 +354,88 @@ def test_small_m(path, dtype, M, N, K, G):
 @pytest.mark.cuda
 def test_large_m(path, dtype, M, N, K, G):
     """Prefill-sized M: every GEMM tile shape (16, 64, 128 rows), with and without split K; and the GEMV path run
-    over blocks of 8 rows."""
+    over blocks of 8 rows. fp32 scales with offsets."""
     if path == "gemv" and M > 64 and K > 4096:
         pytest.skip("slow and nothing new")
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", dtype)
     check(x, N, K, G)
 
 
-@pytest.mark.parametrize("M", [1, 8, 17, 300])
-@pytest.mark.parametrize("G", [32, 64, 128])
+# (N, K, G): odd N, G = 32, 64, 128 and K
+PARAM_SHAPES = [(23, 64, 32), (130, 1024, 64), (257, 2048, 128), (33, 576, 576)]
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+@pytest.mark.parametrize("params,offsets", PARAM_KINDS, ids=PARAM_IDS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 17, 64, 300])
+@pytest.mark.parametrize("N,K,G", PARAM_SHAPES)
 @needs_cuda
 @pytest.mark.cuda
-def test_fp32_x(M, G):
-    """fp32 activations run the GEMV path at every M, exact fp32 math."""
+def test_group_params(path, params, offsets, dtype, M, N, K, G):
+    """Every form of the group parameters (fp32 or fp16, offsets or none) on both paths and every GEMM tile shape,
+    split K included."""
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", dtype)
+    check(x, N, K, G, params, offsets)
+
+
+@pytest.mark.parametrize("params,offsets", PARAM_KINDS, ids=PARAM_IDS)
+@pytest.mark.parametrize("M", [1, 8, 17, 300])
+@pytest.mark.parametrize("G", [32, 64, 128, 256])
+@needs_cuda
+@pytest.mark.cuda
+def test_fp32_x(params, offsets, M, G):
+    """fp32 activations run the GEMV path at every M, exact fp32 math (G = 256 = K: one group per row)."""
     x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M)).cuda()
-    check(x, 40, 256, G)
+    check(x, 41, 256, G, params, offsets)
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+@pytest.mark.parametrize("params", ["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("M", [5, 17, 64, 300])
+@needs_cuda
+@pytest.mark.cuda
+def test_offsets_in_fp32(path, params, dtype, M):
+    """The offset term is applied in fp32, not in x's dtype. Offsets of 0.5..1, over 200 times |(q - 8) s|, of
+    opposite signs in groups 2j and 2j + 1, and x near 1: each group's offset term c xsum (c = m + 8 s, xsum the
+    group's sum of x, ~512) is large but they cancel in y. Per output, the kernels' math bounds the error by
+
+        eps * |exact|                    rounding y once (half an ulp, with a factor 2 to spare)
+      + eps * sum_k |x_k (q_k - 8) s|     (q - 8) s in x's dtype: the scale and the product each rounded once
+      + 2^-18 * sum of |terms|           fp32 accumulation (tensor cores add with truncation: up to about an ulp of
+                                         the running sum per k step; this allows 32 at the largest sum)
+
+    (eps: x's dtype's machine epsilon; the terms: |x_k (q_k - 8) s| and |c xsum| per group). Rounding c to x's dtype
+    would add up to eps/2 |c xsum| per group, a median 8 to 28 times that bound here: the test checks that it would
+    break the bound on most outputs. The GEMM's splits (8 of 8 k tiles) start inside the groups (16 k tiles)."""
+    N, K, G = 40, 2048, 512
+    n_groups = K // G
+    gen = torch.Generator().manual_seed(M)
+    q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(N, n_groups, generator=gen) + 1) * 2**-13  # |(q - 8) s| <= 0.002
+    a = torch.rand(N, n_groups // 2, generator=gen) * 0.5 + 0.5
+    d = (torch.rand(N, n_groups // 2, generator=gen) - 0.5) * 2**-8
+    offsets = torch.stack((a, -(a + d)), dim=-1).reshape(N, n_groups)  # [N, K/G]: a, -(a + d) in pairs of groups
+    scales, offsets = scales.to(PARAM_DTYPES[params]), offsets.to(PARAM_DTYPES[params])
+    x = (1 + torch.randn(M, K, generator=gen) * 2**-6).to(dtype)  # [M, K]
+
+    qweight = pack_int4_op(q)
+    out = tc().int4_linear(x.cuda(), qweight.cuda(), scales.cuda(), offsets.cuda(), G).cpu().double()  # [M, N]
+    s, m = scales.double(), offsets.double()  # [N, K/G], exactly the stored values
+    W = (q.float().reshape(N, n_groups, G) * scales.float()[..., None] + offsets.float()[..., None]).reshape(N, K)
+    xd = x.double()
+    exact = xd @ W.double().t()  # [M, N]: the op's fp32 W, the product in fp64
+    centered = ((q.double().reshape(N, n_groups, G) - 8) * s[..., None]).reshape(N, K)  # (q - 8) s
+    c = m + 8 * s  # [N, K/G]
+    xsum = xd.reshape(-1, n_groups, G).sum(-1)  # [M, K/G]
+    eps = torch.finfo(dtype).eps
+    low_part = xd.abs() @ centered.abs().t()  # [M, N]
+    tol = eps * (exact.abs() + low_part) + 2**-18 * (low_part + xsum.abs() @ c.abs().t())
+    err = (out - exact).abs()
+    assert (err <= tol).all(), f"worst error {(err / tol).max().item():.2f} times the bound"
+    rounded_c_err = (xsum @ (c.to(dtype).double() - c).t()).abs()  # what rounding c to x's dtype would add
+    assert (rounded_c_err > tol).double().mean() > 0.5, "the data cannot tell an fp32 offset term from a rounded one"
 
 
 @pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
@@ -354,70 +449,100 @@ def test_shapes_and_strides(path):
     check(base[..., :K].transpose(0, 1), N, K, G)  # [5, 3, K]
     flat = torch.randn(K * 9 + 1, generator=torch.Generator().manual_seed(1)).to("cuda", torch.float16)
     check(flat[1:].view(9, K), N, K, G)  # data 2 bytes past an aligned address
-    qweight, scales, zeros, _w = weights(N, K, G)
-    out = tc().int4_linear(base[:0, 0, :K], qweight, scales, zeros, G)
+    qweight, scales, offs, _w = weights(N, K, G)
+    out = tc().int4_linear(base[:0, 0, :K], qweight, scales, offs, G)
     assert out.shape == (0, N)
 
 
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+@pytest.mark.parametrize("offsets", [True, False], ids=["offsets", "q4_0"])
+@needs_cuda
+@pytest.mark.cuda
+def test_misaligned_fp16_params(path, offsets):
+    """fp16 scales and offsets whose data starts 2 bytes past a 4-byte boundary (views at an odd element; the GEMM
+    stages fp16 parameters by their 4-byte words): the same output as the aligned tensors give. N * K/G is odd, so the
+    last parameter is the lower half of its word, read without the 2 bytes past the tensor."""
+    N, K, G = 37, 512, 64
+    qweight, scales, offs, _w = weights(N, K, G, "fp16", offsets)
+
+    def shifted(t):  # t's values in a view 2 bytes past an aligned allocation
+        view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+        assert view.data_ptr() % 4 == 2
+        return view.copy_(t)
+
+    for M in (3, 17):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.float16)
+        expected = tc().int4_linear(x, qweight, scales, offs, G)
+        got = tc().int4_linear(x, qweight, shifted(scales), None if offs is None else shifted(offs), G)
+        assert torch.equal(got, expected)
+        check(x, N, K, G, "fp16", offsets)
+
+
+@pytest.mark.parametrize("params,offsets", [("fp16", True), ("fp32", False)], ids=["fp16-offsets", "fp32-q4_0"])
 @pytest.mark.parametrize("M", [1, 5, 16, 300])
 @pytest.mark.parametrize("dtype", LOW)
 @needs_cuda
 @pytest.mark.cuda
-def test_cuda_graph(M, dtype):
-    """Captured in a CUDA graph (the split-K workspace comes from the graph's pool) and replayed on new inputs:
-    the same output as an eager call, bit for bit (the kernels are deterministic)."""
+def test_cuda_graph(M, dtype, params, offsets):
+    """Captured in a CUDA graph (the split-K workspace and the group sums of x come from the graph's pool) and replayed
+    on new inputs: the same output as an eager call, bit for bit (the kernels are deterministic)."""
     N, K, G = 1000, 4096, 128
-    qweight, scales, zeros, _w = weights(N, K, G)
+    qweight, scales, offs, _w = weights(N, K, G, params, offsets)
     gen = torch.Generator().manual_seed(M)
     static_x = torch.randn(M, K, generator=gen).to("cuda", dtype)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _i in range(2):
-            tc().int4_linear(static_x, qweight, scales, zeros, G)
+            tc().int4_linear(static_x, qweight, scales, offs, G)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = tc().int4_linear(static_x, qweight, scales, zeros, G)
+        static_y = tc().int4_linear(static_x, qweight, scales, offs, G)
     for _i in range(2):
         x = torch.randn(M, K, generator=gen).to("cuda", dtype)
         static_x.copy_(x)
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static_y, tc().int4_linear(x, qweight, scales, zeros, G))
+        assert torch.equal(static_y, tc().int4_linear(x, qweight, scales, offs, G))
 
 
+@pytest.mark.parametrize("params,offsets", PARAM_KINDS, ids=PARAM_IDS)
 @needs_cuda
 @pytest.mark.cuda
-def test_deterministic():
+def test_deterministic(params, offsets):
     N, K, G = 300, 4096, 64
-    qweight, scales, zeros, _w = weights(N, K, G)
+    qweight, scales, offs, _w = weights(N, K, G, params, offsets)
     for M in (1, 16, 100):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
-        first = tc().int4_linear(x, qweight, scales, zeros, G)
+        first = tc().int4_linear(x, qweight, scales, offs, G)
         for _i in range(3):
-            assert torch.equal(tc().int4_linear(x, qweight, scales, zeros, G), first)
+            assert torch.equal(tc().int4_linear(x, qweight, scales, offs, G), first)
 
 
 def _bad_calls():
-    """(label, build(x, qweight, scales, zeros) -> the op's arguments, expected message regex); x [3, 128], G 64."""
+    """(label, build(x, qweight, scales, offsets) -> the op's arguments, expected message regex); x [3, 128], G 64,
+    fp32 scales and offsets."""
     G = 64
     return [
-        ("x int32", lambda x, q, s, z: (x.int(), q, s, z, G), "x must be float32, bfloat16 or float16"),
-        ("qweight int8", lambda x, q, s, z: (x, q.to(torch.int8), s, z, G), "qweight must be uint8"),
-        ("scales fp16", lambda x, q, s, z: (x, q, s.half(), z, G), "scales must be float32"),
-        ("x on the CPU", lambda x, q, s, z: (x.cpu(), q, s, z, G), "x must be a CUDA tensor"),
-        ("zeros on the CPU", lambda x, q, s, z: (x, q, s, z.cpu(), G), "zeros"),
-        ("K not a multiple of 32", lambda x, q, s, z: (x[:, :48], q[:, :24].contiguous(), s[:, :1].contiguous(),
-                                                        z[:, :1].contiguous(), 48), "multiple of 32"),
-        ("G not dividing K", lambda x, q, s, z: (x, q, s, z, 96), "must divide"),
-        ("G not a multiple of 32", lambda x, q, s, z: (x[:, :96], q[:, :48].contiguous(), s[:, :2].contiguous(),
-                                                        z[:, :2].contiguous(), 48), "multiple of 32"),
-        ("qweight not contiguous", lambda x, q, s, z: (x, q.t().contiguous().t(), s, z, G),
+        ("x int32", lambda x, q, s, o: (x.int(), q, s, o, G), "x must be float32, bfloat16 or float16"),
+        ("qweight int8", lambda x, q, s, o: (x, q.to(torch.int8), s, o, G), "qweight must be uint8"),
+        ("scales bf16", lambda x, q, s, o: (x, q, s.bfloat16(), None, G), "scales must be float32, float16"),
+        ("offsets fp16", lambda x, q, s, o: (x, q, s, o.half(), G), "offsets must have the scales' dtype"),
+        ("x on the CPU", lambda x, q, s, o: (x.cpu(), q, s, o, G), "x must be a CUDA tensor"),
+        ("offsets on the CPU", lambda x, q, s, o: (x, q, s, o.cpu(), G), "offsets must be a CUDA tensor"),
+        ("K not a multiple of 32", lambda x, q, s, o: (x[:, :48], q[:, :24].contiguous(), s[:, :1].contiguous(),
+                                                        o[:, :1].contiguous(), 48), "multiple of 32"),
+        ("G not dividing K", lambda x, q, s, o: (x, q, s, o, 96), "must divide"),
+        ("G not a multiple of 32", lambda x, q, s, o: (x[:, :96], q[:, :48].contiguous(), s[:, :2].contiguous(),
+                                                        o[:, :2].contiguous(), 48), "multiple of 32"),
+        ("qweight not contiguous", lambda x, q, s, o: (x, q.t().contiguous().t(), s, o, G),
          "qweight must be contiguous"),
-        ("qweight wrong K", lambda x, q, s, z: (x, q[:, :32], s, z, G), r"qweight must have shape \[N, K/2\]"),
-        ("scales wrong shape", lambda x, q, s, z: (x, q, s[:, :1], z, G), "scales must have shape"),
-        ("zeros not contiguous", lambda x, q, s, z: (x, q, s, z.t().contiguous().t(), G), "zeros must be contiguous"),
+        ("qweight wrong K", lambda x, q, s, o: (x, q[:, :32], s, o, G), r"qweight must have shape \[N, K/2\]"),
+        ("scales wrong shape", lambda x, q, s, o: (x, q, s[:, :1], None, G), "scales must have shape"),
+        ("offsets wrong shape", lambda x, q, s, o: (x, q, s, o[:, :1], G), "offsets must have the scales' shape"),
+        ("offsets not contiguous", lambda x, q, s, o: (x, q, s, o.t().contiguous().t(), G),
+         "offsets must be contiguous"),
     ]
 
 
@@ -426,22 +551,33 @@ def _bad_calls():
 @pytest.mark.cuda
 def test_errors(label, build, message):
     N, K, G = 16, 128, 64
-    qweight, scales, zeros, _w = weights(N, K, G)
+    qweight, scales, offs, _w = weights(N, K, G)
     x = torch.randn(3, K).to("cuda", torch.float16)
     with pytest.raises(RuntimeError, match=message):
-        tc().int4_linear(*build(x, qweight, scales, zeros))
+        tc().int4_linear(*build(x, qweight, scales, offs))
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_kquant_scales_refused():
+    """K-quant superblocks (uint8 scales, the op's third parameter form) have no CUDA kernel: a clear error."""
+    qweight = pack_int4_op(torch.randint(0, 16, (8, 256), dtype=torch.uint8)).cuda()
+    superblocks = torch.zeros(8, 1, 20, dtype=torch.uint8, device="cuda")  # [N, K/256, 20]
+    x = torch.randn(2, 256, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="K-quant superblocks.*run on the CPU only"):
+        tc().int4_linear(x, qweight, superblocks, None, 32)
 
 
 @needs_cuda
 @pytest.mark.cuda
 def test_path_env_errors(monkeypatch):
-    qweight, scales, zeros, _w = weights(16, 128, 64)
+    qweight, scales, offs, _w = weights(16, 128, 64)
     monkeypatch.setenv(PATH_ENV, "fast")
     with pytest.raises(RuntimeError, match="TINYCHAT_INT4_CUDA_PATH must be auto, gemv or gemm"):
-        tc().int4_linear(torch.randn(2, 128, device="cuda", dtype=torch.float16), qweight, scales, zeros, 64)
+        tc().int4_linear(torch.randn(2, 128, device="cuda", dtype=torch.float16), qweight, scales, offs, 64)
     monkeypatch.setenv(PATH_ENV, "gemm")
     with pytest.raises(RuntimeError, match="needs fp16 or bf16 x"):
-        tc().int4_linear(torch.randn(2, 128, device="cuda"), qweight, scales, zeros, 64)
+        tc().int4_linear(torch.randn(2, 128, device="cuda"), qweight, scales, offs, 64)
 
 
 @needs_cuda
@@ -449,6 +585,6 @@ def test_path_env_errors(monkeypatch):
 def test_old_gpu_is_refused():
     if torch.cuda.get_device_capability()[0] >= 8:
         pytest.skip("this GPU is sm_80 or newer")
-    qweight, scales, zeros, _w = weights(16, 128, 64)
+    qweight, scales, offs, _w = weights(16, 128, 64)
     with pytest.raises(RuntimeError, match="compute capability 8.0"):
-        tc().int4_linear(torch.randn(2, 128, device="cuda", dtype=torch.float16), qweight, scales, zeros, 64)
+        tc().int4_linear(torch.randn(2, 128, device="cuda", dtype=torch.float16), qweight, scales, offs, 64)

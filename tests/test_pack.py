@@ -161,6 +161,6 @@ def test_int4_op_layout_needs_whole_blocks(K):
 
 def test_to_int4_op_from_gemm():
     q, scales, zeros = plain_quant(16, 128, 32)
-    qweight, s, z = int4_layout.to_int4_op(*awq_format.unpack_awq_gemm(*awq_format.pack_awq_gemm(q, scales, zeros), 32))
+    qweight, s, m = int4_layout.to_int4_op(*awq_format.unpack_awq_gemm(*awq_format.pack_awq_gemm(q, scales, zeros), 32))
     assert torch.equal(int4_layout.unpack_int4_op(qweight), q)
-    assert s.dtype == z.dtype == torch.float32 and torch.equal(z, zeros)
+    assert s.dtype == m.dtype == torch.float32 and torch.equal(m, -(s * zeros.float()))

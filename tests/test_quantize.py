@@ -75,7 +75,7 @@ def test_rtn_and_awq_differ_and_awq_is_deterministic(src, calib_file, tmp_path):
     b = load_model(quantize_checkpoint(src, tmp_path / "b", opts, progress=False, log=lambda m: None))[0]
     rtn_opts = QuantizeOptions(method="rtn", group_size=32)
     c = load_model(quantize_checkpoint(src, tmp_path / "c", rtn_opts, progress=False, log=lambda m: None))[0]
-    for name in ("qweight", "scales", "zeros"):
+    for name in ("qweight", "scales", "offsets"):
         assert torch.equal(getattr(a.layers[1].attn.wqkv, name), getattr(b.layers[1].attn.wqkv, name))
     assert c.layers[0].attn.wo.group_size == 32
     assert not torch.equal(a.layers[0].attn_norm, c.layers[0].attn_norm)  # AWQ folded scales into the norm

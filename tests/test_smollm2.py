@@ -91,7 +91,8 @@ REFERENCE_OPS = ("rms_norm", "add_rms_norm", "rope_kv_write", "attention", "silu
 
 @pytest.fixture(scope="module")
 def smollm2_int4():
-    """The default 4-bit model (AWQ g64, quantized on first use into the test session's cache; int8 lm_head)."""
+    """The default model as the chat runs it: its Q4_1 blocks as stored (int4_linear) and its Q8_0 embedding as the
+    tied output projection (int8_linear)."""
     from tinychat.api import load_transformer
 
     model, tokenizer, _ = load_transformer()
@@ -121,7 +122,8 @@ def int4_reference(smollm2_int4):
 def test_int4_cpu_kernels_match_the_reference_path(smollm2_int4, int4_reference, isa):
     """Each CPU path runs the 4-bit SmolLM2 like the references: the same greedy tokens on the fp32 paths; on
     avx512_vnni (activations rounded to int8, as llama.cpp does) prompt logits within 5% of the largest logit and
-    the same argmax at 95% of the positions or more (measured: 2.3%, 100%)."""
+    the same argmax at 90% of the positions or more (measured: 4.4%, 94.7% on the first prompt; its perplexity is
+    compared with the fp32 dequantization's in benchmarks/results/gguf_native_smollm2.json)."""
     model, tokenizer = smollm2_int4
     ref_tokens, ref_logits = int4_reference
     with torch.no_grad():
@@ -129,7 +131,7 @@ def test_int4_cpu_kernels_match_the_reference_path(smollm2_int4, int4_reference,
     if isa == "avx512_vnni":
         for got, ref in zip(logits, ref_logits):
             assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
-            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.90
         return
     for got, ref in zip(logits, ref_logits):
         torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
@@ -137,3 +139,43 @@ def test_int4_cpu_kernels_match_the_reference_path(smollm2_int4, int4_reference,
     tokens = [list(engine.generate(chat_ids(tokenizer, p), SamplingParams(max_new_tokens=24), stop_ids=()))
               for p in PROMPTS[:3]]
     assert tokens == ref_tokens
+
+
+@pytest.fixture(scope="module")
+def smollm2_dequantized(smollm2_gguf):
+    """The default model's blocks dequantized to float32 (quant='none')."""
+    from tinychat.io.loader import open_source
+
+    loaded = open_source(smollm2_gguf).load(blocks=False)
+    return loaded.model, loaded.tokenizer
+
+
+def test_blocks_match_the_dequantized_model(smollm2_int4, smollm2_dequantized, isa):
+    """The shipped blocks on our kernels against the same file dequantized to fp32, every CPU path: prompt logits
+    within 1e-3 on the fp32 paths (measured 7e-5: only the order of fp32 sums differs); on avx512_vnni (x rounded to
+    int8 per block of 32, as llama.cpp does) within 5% of the largest logit and the same argmax at 90% of the
+    positions or more (as test_int4_cpu_kernels_match_the_reference_path)."""
+    model, tokenizer = smollm2_int4
+    assert type(model.layers[0].attn.wqkv).__name__ == "WQLinear" and model.layers[0].attn.wqkv.group_size == 32
+    assert type(model.lm_head).__name__ == "Int8Linear"
+    floats, _ = smollm2_dequantized
+    with torch.no_grad():
+        for prompt in PROMPTS[:3]:
+            x = torch.tensor([chat_ids(tokenizer, prompt)])
+            got, ref = model(x)[0], floats(x)[0]
+            if isa == "avx512_vnni":
+                assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+                assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.90
+            else:
+                torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+
+
+def test_default_chat_answers_paris(isa):
+    """The default model as `tinychat chat` runs it (its blocks as stored), on every CPU path, answers greedily the
+    question the requantized model used to miss."""
+    from tinychat.api import load
+
+    llm = load()
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+                      max_new_tokens=8).text
+    assert "Paris" in answer, answer

@@ -35,8 +35,8 @@ TC_HD int shift_of(int64_t k) { return (k % kBlock) >= kBlock / 2 ? 4 : 0; }
 // q[n, k] from row n of qweight (0..15).
 TC_HD uint32_t nibble(const uint8_t* row, int64_t k) { return (row[byte_of(k)] >> shift_of(k)) & 0xFu; }
 
-// W[n, k] in fp32 from its 4-bit value and its group's scale and zero (the op's definition).
-TC_HD float dequant(uint32_t q, float scale, float zero) { return (static_cast<float>(q) - zero) * scale; }
+// W[n, k] in fp32 from its 4-bit value and its group's scale and offset (the op's definition, in fp32: q * s + m).
+TC_HD float dequant(uint32_t q, float scale, float offset) { return static_cast<float>(q) * scale + offset; }
 
 // ---- nibble pairs ----
 

@@ -1,33 +1,49 @@
 // CUDA kernels of int4_linear (schema in csrc/ops.cpp; weight layout in tinychat/int4_layout.py, index and bit
 // helpers in csrc/common/int4_layout.h). The layout and schema are the CPU ones: no device-specific repacking.
 //
-// y[m, n] = sum_k x[m, k] * W[n, k], W[n, k] = (q[n, k] - zeros[n, k/G]) * scales[n, k/G]; fp32 accumulation, each
-// output rounded once to x's dtype. x [M, K] (after flattening) fp16 / bf16 (fp32 accepted, GEMV path only),
-// qweight uint8 [N, K/2], scales and zeros fp32 [N, K/G]. sm_80 or newer.
+// y[i, n] = sum_k x[i, k] * W[n, k], W[n, k] = q[n, k] * s + m with s = scales[n, k/G] and m = offsets[n, k/G]
+// widened to fp32 (m = -8 s without offsets: ggml's Q4_0); fp32 accumulation, each output rounded once to x's dtype.
+// x [M, K] (after flattening) fp16 / bf16 (fp32 accepted, GEMV path only), qweight uint8 [N, K/2], scales and
+// offsets [N, K/G] fp32 or fp16 (both the same), read as stored: no conversion pass, fp16 is widened where it is
+// used (__half2float). The op's K-quant form (uint8 scales, csrc/common/kquant.h) is refused here. sm_80 or newer.
 //
 // Two paths, picked per call from M (TINYCHAT_INT4_CUDA_PATH=gemv|gemm forces one; tests use it):
 //
 //  * GEMV (M <= 4 by default, up to 8 per block when forced, and every fp32 x): up to 4 warps per block (fewer when N
 //    is too small to fill the GPU), 4 output channels per warp. Each lane walks the 32-channel blocks lane, lane + 32,
-//    ... of its warp's 4 weight rows: one 16-byte load per row and block, the first issued before x is staged and each
-//    next one before the current one is used. x (up to 8 rows) is staged in shared memory as fp32, in chunks of K that
-//    fit 48 KB, piece-major so that the 32 lanes read 32 consecutive 16-byte words (q4::gemv_x_word: no bank
-//    conflicts), with the sum of x over every block. Each nibble pair becomes two fp16 1 + q/16 with one shift and one
-//    mask-or (exact; q4::unit_pair_bits), widened to fp32; sum (1 + q/16) x accumulates in fp32 over the block, which
-//    then adds s * (16 * that - (16 + z) * sum x) = s * sum (q - z) x. A warp-shuffle reduction ends each output. All
-//    math fp32 (removing the offset costs a few bits: ~2^-21 rel.).
+//    ... of its warp's 4 weight rows: one 16-byte load per row and block, with the block's scale and offset (kept as
+//    stored until used), the first issued before x is staged and each next one before the current one is used. x (up
+//    to 8 rows) is staged in shared memory as fp32, in chunks of K that fit 48 KB, piece-major so that the 32 lanes
+//    read 32 consecutive 16-byte words (q4::gemv_x_word: no bank conflicts), with the sum of x over every block. Each
+//    nibble pair becomes two fp16 1 + q/16 with one shift and one mask-or (exact; q4::unit_pair_bits), widened to
+//    fp32; sum (1 + q/16) x accumulates in fp32 over the block, which then adds 16 s * (that - sum x) + m * sum x =
+//    sum (q s + m) x. A warp-shuffle reduction ends each output. All math fp32 (taking out the 1 of 1 + q/16 costs a
+//    few bits: ~2^-21 rel.).
 //
-//  * GEMM (M > 4): mma.sync m16n8k16 (fp16 or bf16 in, fp32 accumulate). A block computes a BM x BN tile of y over
-//    k tiles of BK = 32 (one 16-byte block of every weight row, always inside one quantization group), fed by a
-//    cp.async pipeline of STAGES tiles in shared memory: x [BM, 32] (16-byte chunks XOR-swizzled so ldmatrix is
-//    conflict-free), qweight [BN, 16 bytes] as stored, and at the first k tile of each group the group's scales and
-//    zeros [BN] (fp32). Warps are laid out WM x WN; each owns MT x NT mma tiles (16 x 8). The B fragment of a quad
-//    lane t is bytes 2t, 2t+1, 2t+8, 2t+9 of its weight row's block: the low nibbles are k step 0, the high
-//    nibbles k step 1 (int4_layout.h). They become fp16/bf16 pairs in registers: magic-number conversion (exact q),
-//    minus the zero, times the scale (both rounded to the activation dtype once per group), so W is rounded twice
-//    (scale, product) where a dequantize-then-matmul rounds it once. Tile shapes by M: 16 x 128, 64 x 128,
-//    128 x 128. When the M x N tiles cannot fill the GPU, K is split over blockIdx.z: each split writes fp32
-//    partial sums to a workspace and a second kernel adds them in a fixed order (deterministic) and rounds.
+//  * GEMM (M > 4): mma.sync m16n8k16 (fp16 or bf16 in, fp32 accumulate) on W = (q - 8) s + c, c = m + 8 s (c = 0
+//    without offsets). A block computes a BM x BN tile of y over k tiles of BK = 32 (one 16-byte block of every weight
+//    row, always inside one quantization group), fed by a cp.async pipeline of STAGES tiles in shared memory: x
+//    [BM, 32] (16-byte chunks XOR-swizzled so ldmatrix is conflict-free), qweight [BN, 16 bytes] as stored, and at
+//    the first k tile of each group (and of the split) the group's scales [BN]. Warps are laid out WM x WN; each owns
+//    MT x NT mma tiles (16 x 8). The B fragment of a quad lane t is bytes 2t, 2t+1, 2t+8, 2t+9 of its weight row's
+//    block: the low nibbles are k step 0, the high nibbles k step 1 (int4_layout.h). They become fp16/bf16 pairs in
+//    registers: magic-number conversion minus (magic + 8) gives q - 8 exactly, times the scale rounded to the
+//    activation dtype once per group, so (q - 8) s is rounded twice (scale, product) where a dequantize-then-matmul
+//    rounds W once; |q - 8| <= 8, so those errors scale with Q4_0's centered weights, never with the offset. Without
+//    offsets that is all: W is exactly Q4_0's (q - 8) s. With offsets, c is never rounded to the activation dtype:
+//    the launcher sums x over every group (xsum fp32 [M, K/G], one ATen reduction on the current stream), the group's
+//    first k tile also stages its offsets [BN] and xsum [BM], and there every accumulator adds xsum[i, g] * c[n, g] in
+//    fp32 (c = fmaf(8, s, m) from the widened parameters): M * N * K/G fp32 FMAs on the CUDA cores beside the M * N * K
+//    of the tensor cores (measured on an H200, fp16 x, M >= 256: 25-30% more time than fp32 Q4_0 weights at G = 128,
+//    80% at G = 32).
+//    Tile shapes by M: 16 x 128, 64 x 128, 128 x 128. When the M x N tiles cannot fill the GPU, K is split over
+//    blockIdx.z: each split writes fp32 partial sums to a workspace (the offset term of a group in the split where the
+//    group starts, so each is added once) and a second kernel adds them in a fixed order (deterministic) and rounds.
+//    Group parameters in shared memory take a 4-byte slot each: an fp32 value, or the aligned 4-byte word holding an
+//    fp16 value (cp.async copies 4, 8 or 16 bytes): the whole word when the value is its upper half, else its lower 2
+//    bytes (the rest zero-filled), so nothing outside the tensor is read; the reader takes the half the parity of
+//    the value's index names. fp16 parameters whose data is not 4-byte aligned are copied first (a view at an odd
+//    element).
 //
 // Every N >= 1 is supported (loads past N read zeros, stores are masked); K % 32 == 0, G % 32 == 0, K % G == 0.
 // No host synchronization and no allocation outside the caching allocator: the op is CUDA-graph safe.
@@ -56,6 +72,20 @@ namespace {
 using q4::kBlock;
 using q4::kBlockBytes;
 
+constexpr float kQ40Offset = -8.f;  // m = kQ40Offset * s without offsets (ggml's Q4_0): W = (q - 8) s
+
+// The operands of one call as the kernels take them: x [M, K], qweight [N, K/2], scales [N, K/G], offsets [N, K/G]
+// or nullptr (m = -8 s), y [M, N]. T: float, __half or __nv_bfloat16; P (the group parameters): float or __half.
+template <typename T, typename P>
+struct Operands {
+  const T* x;
+  const uint8_t* qweight;
+  const P* scales;
+  const P* offsets;
+  T* y;
+  int M, N, K, G;
+};
+
 // ---- conversions (torch builds with __CUDA_NO_HALF_CONVERSIONS__: use the intrinsics; from_float: helpers.cuh) ----
 
 template <typename To, typename From>
@@ -70,6 +100,10 @@ __device__ __forceinline__ To bit_cast(From v) {  // by value: constexpr constan
 __device__ __forceinline__ float2 unit_pair_to_float2(uint32_t pair) {
   return __half22float2(bit_cast<__half2>(pair | q4::kUnitMagic));
 }
+
+// A group parameter (scale or offset) as stored, widened to fp32 (exactly).
+__device__ __forceinline__ float param_float(float v) { return v; }
+__device__ __forceinline__ float param_float(__half v) { return __half2float(v); }
 
 // 8 consecutive elements of x (16-byte aligned) as fp32.
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
@@ -108,12 +142,12 @@ constexpr int kGemvAutoMaxM = 4;
 constexpr int kGemvSmemBytes = 48 * 1024;   // x tile + block sums (no opt-in needed below 48 KB)
 
 // y [M, N] for rows m0 = blockIdx.y * MB .. of x and rows n0 = (blockIdx.x * warps + warp) * kGemvRows .. of W,
-// warps = blockDim.x / 32. Dynamic shared memory: the x tile of `blocks` 32-channel blocks and its block sums
-// (q4::gemv_x_word, q4::gemv_xsum_index; rows of x past M hold zeros).
-template <typename T, int MB>
+// warps = blockDim.x / 32; offsets == nullptr: m = -8 s. Dynamic shared memory: the x tile of `blocks` 32-channel
+// blocks and its block sums (q4::gemv_x_word, q4::gemv_xsum_index; rows of x past M hold zeros).
+template <typename T, typename P, int MB>
 __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
-    int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const float* __restrict__ scales,
-                     const float* __restrict__ zeros, T* __restrict__ y, int M, int N, int K, int G, int blocks) {
+    int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const P* __restrict__ scales,
+                     const P* __restrict__ offsets, T* __restrict__ y, int M, int N, int K, int G, int blocks) {
   extern __shared__ float4 gemv_smem[];
   float4* xs = gemv_smem;                                                  // the x tile, float4 words
   float* xsum = reinterpret_cast<float*>(gemv_smem + MB * q4::kGemvPieces * q4::gemv_x_stride(blocks));
@@ -125,6 +159,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
   const int n0 = (blockIdx.x * warps + warp) * kGemvRows;
   const int n_groups = K / G;
   const int chunk = blocks * kBlock;  // channels per tile
+  const bool has_offsets = offsets != nullptr;
 
   const uint8_t* qrow[kGemvRows];  // weight rows (clamped to row 0 past N; their loads are skipped)
   bool row_ok[kGemvRows];
@@ -140,30 +175,32 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
 #pragma unroll
     for (int m = 0; m < MB; ++m) acc[r][m] = 0.f;
 
+  // The block's weights, scale and offset (loaded only with offsets), as stored: a prefetch is widened where it is
+  // used, so that the lane does not wait for it right after issuing it.
   uint4 w[kGemvRows];
-  float sc[kGemvRows], zr[kGemvRows];
+  P sc[kGemvRows], off[kGemvRows];
   for (int c0 = 0; c0 < K; c0 += chunk) {
     const int kc = min(chunk, K - c0);  // channels in this chunk (a multiple of 32)
     const int n_blk = kc / kBlock;
     // Lane walks blocks blk = lane, lane + 32, ... of the chunk; block b = c0 / 32 + blk of the row.
-    auto load_block = [&](int blk, uint4 (&w_out)[kGemvRows], float (&s_out)[kGemvRows], float (&z_out)[kGemvRows]) {
+    auto load_block = [&](int blk, uint4 (&w_out)[kGemvRows], P (&s_out)[kGemvRows], P (&o_out)[kGemvRows]) {
       const int b = c0 / kBlock + blk;
       const int g = b * kBlock / G;
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
+        w_out[r] = make_uint4(0, 0, 0, 0);
+        s_out[r] = o_out[r] = P{};
         if (row_ok[r]) {
+          const int64_t p = static_cast<int64_t>(n0 + r) * n_groups + g;
           w_out[r] = __ldcs(reinterpret_cast<const uint4*>(qrow[r] + static_cast<int64_t>(b) * kBlockBytes));
-          s_out[r] = __ldg(scales + static_cast<int64_t>(n0 + r) * n_groups + g);
-          z_out[r] = __ldg(zeros + static_cast<int64_t>(n0 + r) * n_groups + g);
-        } else {
-          w_out[r] = make_uint4(0, 0, 0, 0);
-          s_out[r] = z_out[r] = 0.f;
+          s_out[r] = __ldg(scales + p);
+          if (has_offsets) o_out[r] = __ldg(offsets + p);
         }
       }
     };
     // The first weight loads go out before x is staged: the block does not wait a whole memory round trip after
     // the barrier below.
-    if (lane < n_blk) load_block(lane, w, sc, zr);
+    if (lane < n_blk) load_block(lane, w, sc, off);
 
     // Stage x[m0 : m0 + MB, c0 : c0 + kc] as fp32, 8 channels (pieces 2j, 2j + 1 of a block) per lane; a quad of
     // lanes covers one block and adds up its sum with two shuffles. Every lane of a warp runs the same iterations
@@ -191,8 +228,8 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
 
     for (int blk = lane; blk < n_blk; blk += kWarp) {
       uint4 w_next[kGemvRows];
-      float sc_next[kGemvRows], zr_next[kGemvRows];
-      if (blk + kWarp < n_blk) load_block(blk + kWarp, w_next, sc_next, zr_next);
+      P sc_next[kGemvRows], off_next[kGemvRows];
+      if (blk + kWarp < n_blk) load_block(blk + kWarp, w_next, sc_next, off_next);
 
       float part[kGemvRows][MB];  // sum over the block of (1 + q/16) * x
 #pragma unroll
@@ -226,20 +263,23 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
         }
       }
 #pragma unroll
-      for (int r = 0; r < kGemvRows; ++r)
+      for (int r = 0; r < kGemvRows; ++r) {
+        const float s = param_float(sc[r]);
+        const float s16 = q4::kUnitScale * s;                                   // exact
+        const float m_r = has_offsets ? param_float(off[r]) : kQ40Offset * s;  // the offset m
 #pragma unroll
         for (int m = 0; m < MB; ++m) {
-          // sum (q - z) x = 16 part - (16 + z) sum x
+          // sum (q s + m) x = 16 s (part - sum x) + m sum x
           const float xs_blk = xsum[q4::gemv_xsum_index(m, blk, blocks)];
-          const float qzx = fmaf(q4::kUnitScale, part[r][m], -(q4::kUnitScale + zr[r]) * xs_blk);
-          acc[r][m] = fmaf(sc[r], qzx, acc[r][m]);
+          acc[r][m] = fmaf(m_r, xs_blk, fmaf(s16, part[r][m] - xs_blk, acc[r][m]));
         }
+      }
 
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
         w[r] = w_next[r];
         sc[r] = sc_next[r];
-        zr[r] = zr_next[r];
+        off[r] = off_next[r];
       }
     }
   }
@@ -266,32 +306,30 @@ int gemv_warps(int N, int grid_y, int sms) {
   return warps;
 }
 
-template <typename T, int MB>
-void launch_gemv(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
-                 cudaStream_t stream) {
+template <int MB, typename T, typename P>
+void launch_gemv(const Operands<T, P>& op, cudaStream_t stream) {
   static_assert(kGemvRows * MB <= kWarp, "one lane stores each output of a warp");
-  const int blocks = q4::gemv_chunk_blocks(MB, K, kGemvSmemBytes);
-  const int grid_y = (M + MB - 1) / MB;
-  TORCH_CHECK(grid_y <= 65535, "int4_linear: too many rows of x for the GEMV path: M = ", M);
-  const int warps = gemv_warps(N, grid_y, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  const dim3 grid((N + warps * kGemvRows - 1) / (warps * kGemvRows), grid_y);
-  int4_gemv_kernel<T, MB>
-      <<<grid, warps * kWarp, q4::gemv_smem_bytes(MB, blocks), stream>>>(x, q, s, z, y, M, N, K, G, blocks);
+  const int blocks = q4::gemv_chunk_blocks(MB, op.K, kGemvSmemBytes);
+  const int grid_y = (op.M + MB - 1) / MB;
+  TORCH_CHECK(grid_y <= 65535, "int4_linear: too many rows of x for the GEMV path: M = ", op.M);
+  const int warps = gemv_warps(op.N, grid_y, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const dim3 grid((op.N + warps * kGemvRows - 1) / (warps * kGemvRows), grid_y);
+  int4_gemv_kernel<T, P, MB><<<grid, warps * kWarp, q4::gemv_smem_bytes(MB, blocks), stream>>>(
+      op.x, op.qweight, op.scales, op.offsets, op.y, op.M, op.N, op.K, op.G, blocks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void run_gemv(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
-              cudaStream_t stream) {
-  switch (std::min(M, kGemvMaxM)) {
-    case 1: return launch_gemv<T, 1>(x, q, s, z, y, M, N, K, G, stream);
-    case 2: return launch_gemv<T, 2>(x, q, s, z, y, M, N, K, G, stream);
-    case 3: return launch_gemv<T, 3>(x, q, s, z, y, M, N, K, G, stream);
-    case 4: return launch_gemv<T, 4>(x, q, s, z, y, M, N, K, G, stream);
-    case 5: return launch_gemv<T, 5>(x, q, s, z, y, M, N, K, G, stream);
-    case 6: return launch_gemv<T, 6>(x, q, s, z, y, M, N, K, G, stream);
-    case 7: return launch_gemv<T, 7>(x, q, s, z, y, M, N, K, G, stream);
-    default: return launch_gemv<T, 8>(x, q, s, z, y, M, N, K, G, stream);
+template <typename T, typename P>
+void run_gemv(const Operands<T, P>& op, cudaStream_t stream) {
+  switch (std::min(op.M, kGemvMaxM)) {
+    case 1: return launch_gemv<1>(op, stream);
+    case 2: return launch_gemv<2>(op, stream);
+    case 3: return launch_gemv<3>(op, stream);
+    case 4: return launch_gemv<4>(op, stream);
+    case 5: return launch_gemv<5>(op, stream);
+    case 6: return launch_gemv<6>(op, stream);
+    case 7: return launch_gemv<7>(op, stream);
+    default: return launch_gemv<8>(op, stream);
   }
 }
 
@@ -304,38 +342,65 @@ static_assert(kBK == kBlock, "a k tile is one block of the layout");
 
 // ---- PTX wrappers (cp_async16, cp_async_commit, cp_async_wait, ldmatrix_x4, mma_m16n8k16: helpers.cuh) ----
 
-// 4 bytes global -> shared, asynchronously; zero-filled when !ok (src must still be a valid address).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0));
+// 4 bytes global -> shared, asynchronously; src_bytes (0..4) of them read from src (4-byte aligned, a valid address
+// even when 0), the rest zero-filled.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
 
-// Per activation dtype: the 16-bit pair type and the magic number of the nibble conversion.
+// ---- group parameters in shared memory: one 4-byte slot each (see the top of the file) ----
+
+// Parameter *src -> its slot, asynchronously; zero-filled when !ok (src must still be a valid address). fp16: the
+// 4-byte word holding it (the tensor's data 4-byte aligned), whole when it is the upper half, else its lower 2 bytes.
+__device__ __forceinline__ void stage_param(void* slot, const float* src, bool ok) { cp_async4(slot, src, ok ? 4 : 0); }
+__device__ __forceinline__ void stage_param(void* slot, const __half* src, bool ok) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(src);
+  const bool upper = (a & 2) != 0;
+  cp_async4(slot, reinterpret_cast<const void*>(a & ~uintptr_t{3}), !ok ? 0 : upper ? 4 : 2);
+}
+
+// Whether parameter (n, g) of an fp16 [N, n_groups] tensor with 4-byte aligned data is the upper half of its word:
+// whether its index n * n_groups + g is odd.
+__device__ __forceinline__ bool param_upper(int n, int n_groups, int g) { return ((n & n_groups) ^ g) & 1; }
+
+// A staged parameter, widened to fp32; `upper`: param_upper (fp16 only).
+template <typename P>
+__device__ __forceinline__ float param_from_slot(uint32_t slot, bool upper) {
+  if constexpr (std::is_same_v<P, __half>) {
+    return __half2float(bit_cast<__half>(static_cast<uint16_t>(upper ? slot >> 16 : slot)));
+  } else {
+    return bit_cast<float>(slot);
+  }
+}
+
+// Per activation dtype: the 16-bit pair type and the magic numbers of the nibble conversion.
 template <typename T>
 struct MmaType;
 
 template <>
 struct MmaType<__half> {
   using T2 = __half2;
-  static constexpr uint32_t kMagic = q4::kFp16Magic;
+  static constexpr uint32_t kMagic = q4::kFp16Magic;        // two fp16 1024; | q gives 1024 + q
+  static constexpr uint32_t kMagic8 = kMagic + 0x00080008u;  // two fp16 1032 = 1024 + 8 (the ulp at 1024 is 1)
   __device__ static T2 splat(float v) { return __float2half2_rn(v); }
 };
 
 template <>
 struct MmaType<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic = q4::kBf16Magic;
+  static constexpr uint32_t kMagic = q4::kBf16Magic;        // two bf16 128; | q gives 128 + q
+  static constexpr uint32_t kMagic8 = kMagic + 0x00080008u;  // two bf16 136 = 128 + 8 (the ulp at 128 is 1)
   __device__ static T2 splat(float v) { return __float2bfloat162_rn(v); }
 };
 
-// A pair of nibbles (q4::pair_bits) -> two weights (q - zero) * scale in T, as one mma register. magic + q and
-// magic - magic are exact, so q - zero is exact for integer zeros; the product is rounded once.
+// A pair of nibbles (q4::pair_bits) -> two weights (q - 8) * scale in T, as one mma register. (magic + q) - (magic + 8)
+// is exact; the product is rounded once.
 template <typename T>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t pair, typename MmaType<T>::T2 zero,
-                                                 typename MmaType<T>::T2 scale) {
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t pair, typename MmaType<T>::T2 scale) {
   using T2 = typename MmaType<T>::T2;
   const T2 biased = bit_cast<T2>(pair | MmaType<T>::kMagic);
-  const T2 q = __hsub2(biased, bit_cast<T2>(MmaType<T>::kMagic));
-  return bit_cast<uint32_t>(__hmul2(__hsub2(q, zero), scale));
+  const T2 centered = __hsub2(biased, bit_cast<T2>(MmaType<T>::kMagic8));
+  return bit_cast<uint32_t>(__hmul2(centered, scale));
 }
 
 // Tile shapes: warps WM x WN, each with MT x NT mma tiles of 16 x 8; STAGES tiles of k in flight.
@@ -346,13 +411,15 @@ struct GemmConfig {
   static constexpr int BM = WM * MT * 16;
   static constexpr int BN = WN * NT * 8;
   // One pipeline stage in shared memory:
-  static constexpr int kABytes = BM * kBK * 2;         // x [BM, 32] fp16/bf16, rows of 4 swizzled 16-byte chunks
-  static constexpr int kBBytes = BN * kBlockBytes;     // qweight [BN, 16 bytes], as stored
-  static constexpr int kSZBytes = 2 * BN * 4;          // scales [BN], zeros [BN] fp32 (group-start tiles only)
-  static constexpr int kStageBytes = kABytes + kBBytes + kSZBytes;
+  static constexpr int kABytes = BM * kBK * 2;      // x [BM, 32] fp16/bf16, rows of 4 swizzled 16-byte chunks
+  static constexpr int kBBytes = BN * kBlockBytes;  // qweight [BN, 16 bytes], as stored
+  // group-start tiles only: scales [BN] and offsets [BN] (4-byte slots: stage_param), xsum [BM] fp32
+  static constexpr int kParamBytes = (2 * BN + BM) * 4;
+  static constexpr int kStageBytes = kABytes + kBBytes + kParamBytes;
   static constexpr int kSmemBytes = STAGES * kStageBytes;
   static_assert(kSmemBytes <= 48 * 1024, "keep the pipeline under 48 KB (no opt-in attribute needed)");
   static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
+  static_assert(BN <= kThreads && BM <= kThreads, "one thread stages each weight row's and x row's parameters");
 };
 
 using GemmSmall = GemmConfig<1, 4, 1, 4, 8>;   // 16 x 128 tile, 128 threads: M <= 16
@@ -365,12 +432,13 @@ __device__ __forceinline__ int a_chunk(int row, int chunk) { return chunk ^ ((ro
 
 // Block (blockIdx.x, blockIdx.y, blockIdx.z) computes y[m0 : m0 + BM, n0 : n0 + BN] over k tiles
 // [z * tiles_per_split, (z + 1) * tiles_per_split). With partial != nullptr it writes fp32 partial sums
-// partial[z, m, n] (fp32 [splits, M, N]) instead of y.
-template <typename T, typename Cfg>
+// partial[z, m, n] (fp32 [splits, M, N]) instead of y. kOffsets: offsets and xsum (fp32 [M, K/G], x summed over each
+// group) are read, else both are nullptr and m = -8 s.
+template <typename T, typename P, bool kOffsets, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
-    int4_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const float* __restrict__ scales,
-                     const float* __restrict__ zeros, T* __restrict__ y, float* __restrict__ partial, int M, int N,
-                     int K, int G, int tiles_per_split) {
+    int4_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const P* __restrict__ scales,
+                     const P* __restrict__ offsets, const float* __restrict__ xsum, T* __restrict__ y,
+                     float* __restrict__ partial, int M, int N, int K, int G, int tiles_per_split) {
   using Mma = MmaType<T>;
   using T2 = typename Mma::T2;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, MT = Cfg::MT, NT = Cfg::NT, STAGES = Cfg::STAGES;
@@ -390,7 +458,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int kt_end = min(K / kBK, kt_begin + tiles_per_split);
 
   // What this thread copies per stage, fixed over the k loop (row and column bases hoisted; each stage adds its k
-  // offset): A_ITERS 16-byte chunks of the x tile, B_ITERS weight rows with their scales and zeros.
+  // offset): A_ITERS 16-byte chunks of the x tile, B_ITERS weight rows with their group parameters, and (tid < BM,
+  // with offsets) the xsum of x row m0 + tid.
   constexpr int A_ITERS = (BM * 4 + Cfg::kThreads - 1) / Cfg::kThreads;
   constexpr int B_ITERS = (BN + Cfg::kThreads - 1) / Cfg::kThreads;
   const T* a_src[A_ITERS];  // x row (row 0 past M: a valid address, the copy zero-fills) at the chunk's column
@@ -403,7 +472,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     a_src[it] = x + static_cast<int64_t>(ok ? m0 + i / 4 : 0) * K + (i % 4) * 8;
   }
   const uint8_t* b_src[B_ITERS];  // weight row (row 0 past N)
-  const float* s_src[B_ITERS];    // its scales; zeros at the same offset from `zeros`
+  const P* s_src[B_ITERS];        // its scales; offsets at the same offset from `offsets`
   bool b_ok[B_ITERS], b_live[B_ITERS];
 #pragma unroll
   for (int it = 0; it < B_ITERS; ++it) {
@@ -414,9 +483,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     b_src[it] = qweight + n * (K / 2);
     s_src[it] = scales + n * n_groups;
   }
+  const bool xs_ok = m0 + tid < M;
+  const float* xs_src = nullptr;  // xsum row (row 0 past M)
+  if constexpr (kOffsets) xs_src = xsum + static_cast<int64_t>(xs_ok ? m0 + tid : 0) * n_groups;
 
   // Tiles are loaded in order kt_begin, kt_begin + 1, ...: a running group counter instead of a division per tile.
-  // Scales and zeros are (re)loaded at the first tile of each group and of the split.
+  // Scales are (re)loaded at the first tile of each group and of the split; offsets and xsum at the first tile of
+  // each group only (where its offset term is added).
   int load_kt = kt_begin;
   int load_g = kt_begin / tiles_per_group;
   int load_r = kt_begin - load_g * tiles_per_group;  // tile's index within its group
@@ -435,15 +508,20 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         cp_async16(st + Cfg::kABytes + i * kBlockBytes, b_src[it] + load_kt * kBlockBytes, b_ok[it]);
       }
     if (load_kt == kt_begin || load_r == 0) {
-      float* sz = reinterpret_cast<float*>(st + Cfg::kABytes + Cfg::kBBytes);
+      uint32_t* params = reinterpret_cast<uint32_t*>(st + Cfg::kABytes + Cfg::kBBytes);  // scales | offsets | xsum
 #pragma unroll
       for (int it = 0; it < B_ITERS; ++it)
         if (b_live[it]) {
           const int i = tid + it * Cfg::kThreads;
-          const float* sp = s_src[it] + load_g;
-          cp_async4(sz + i, sp, b_ok[it]);
-          cp_async4(sz + BN + i, zeros + (sp - scales), b_ok[it]);
+          const P* sp = s_src[it] + load_g;
+          stage_param(params + i, sp, b_ok[it]);
+          if constexpr (kOffsets) {
+            if (load_r == 0) stage_param(params + BN + i, offsets + (sp - scales), b_ok[it]);
+          }
         }
+      if constexpr (kOffsets) {
+        if (load_r == 0 && tid < BM) cp_async4(params + 2 * BN + tid, xs_src + load_g, xs_ok ? 4 : 0);
+      }
     }
     ++load_kt;
     if (++load_r == tiles_per_group) {
@@ -467,9 +545,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     cp_async_commit();
   }
 
-  T2 scale2[NT], zero2[NT];  // the current group's scale and zero of each n8 tile's column, splatted
+  T2 scale2[NT];  // the current group's scale of each n8 tile's B column (groupID), splatted
   const int quad = lane / 4;  // mma groupID: row of A / C, column (output channel) of B
   const int t = lane % 4;     // mma thread in group
+  int cur_g = kt_begin / tiles_per_group;  // tile kt's group
   int cur_r = kt_begin % tiles_per_group;  // tile kt's index within its group
   for (int kt = kt_begin; kt < kt_end; ++kt) {
     const int i = kt - kt_begin;
@@ -480,15 +559,43 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 
     const uint8_t* st = smem + (i % STAGES) * Cfg::kStageBytes;
     const uint8_t* b_tile = st + Cfg::kABytes;
-    const bool group_start = kt == kt_begin || cur_r == 0;
-    if (++cur_r == tiles_per_group) cur_r = 0;
-    if (group_start) {
-      const float* sz = reinterpret_cast<const float*>(b_tile + Cfg::kBBytes);
+    const bool group_first = cur_r == 0;  // the group's first tile: its offset term is added here
+    const int g = cur_g;
+    if (++cur_r == tiles_per_group) {
+      cur_r = 0;
+      ++cur_g;
+    }
+    if (kt == kt_begin || group_first) {
+      const uint32_t* params = reinterpret_cast<const uint32_t*>(b_tile + Cfg::kBBytes);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int col = (warp_n * NT + nt) * 8 + quad;
-        scale2[nt] = Mma::splat(sz[col]);
-        zero2[nt] = Mma::splat(sz[BN + col]);
+        scale2[nt] = Mma::splat(param_from_slot<P>(params[col], param_upper(n0 + col, n_groups, g)));
+      }
+      if constexpr (kOffsets) {
+        if (group_first) {
+          // acc[i][n] += xsum[i, g] * (m + 8 s)[n, g]: accumulator e of tile (mt, nt) is row quad + 8 * (e / 2),
+          // column 2t + e % 2
+          const float* xs_tile = reinterpret_cast<const float*>(params + 2 * BN);
+          float xs[MT][2];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) xs[mt][h] = xs_tile[(warp_m * MT + mt) * 16 + quad + 8 * h];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const int col = (warp_n * NT + nt) * 8 + 2 * t + j;
+              const bool upper = param_upper(n0 + col, n_groups, g);
+              const float c = fmaf(-kQ40Offset, param_from_slot<P>(params[col], upper),
+                                   param_from_slot<P>(params[BN + col], upper));
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) acc[mt][nt][2 * h + j] = fmaf(xs[mt][h], c, acc[mt][nt][2 * h + j]);
+            }
+        }
       }
     }
     // Bytes 2t, 2t+1, 2t+8, 2t+9 of each of the warp's weight rows: both k steps of B.
@@ -511,9 +618,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint32_t b[2] = {
-            dequant_pair<T>(q4::pair_bits(b_word[nt], q4::mma_b_shift(step, 0)), zero2[nt], scale2[nt]),
-            dequant_pair<T>(q4::pair_bits(b_word[nt], q4::mma_b_shift(step, 1)), zero2[nt], scale2[nt])};
+        const uint32_t b[2] = {dequant_pair<T>(q4::pair_bits(b_word[nt], q4::mma_b_shift(step, 0)), scale2[nt]),
+                               dequant_pair<T>(q4::pair_bits(b_word[nt], q4::mma_b_shift(step, 1)), scale2[nt])};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) mma_m16n8k16<T>(acc[mt][nt], a[mt], b[0], b[1]);
       }
@@ -568,13 +674,15 @@ __global__ void splitk_reduce_kernel(const float* __restrict__ partial, T* __res
 constexpr int kMaxSplits = 16;
 constexpr int kMinTilesPerSplit = 8;  // k tiles (of 32) per split: enough to fill the pipeline
 
-template <typename T, typename Cfg>
-void launch_gemm(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
-                 const at::TensorOptions& float_options, cudaStream_t stream) {
+// xsum: fp32 [M, K/G] with kOffsets, else nullptr.
+template <bool kOffsets, typename Cfg, typename T, typename P>
+void launch_gemm(const Operands<T, P>& op, const float* xsum, const at::TensorOptions& float_options,
+                 cudaStream_t stream) {
+  const int M = op.M, N = op.N;
   const int tiles_m = (M + Cfg::BM - 1) / Cfg::BM;
   const int tiles_n = (N + Cfg::BN - 1) / Cfg::BN;
   TORCH_CHECK(tiles_m <= 65535, "int4_linear: too many rows of x: M = ", M);
-  const int k_tiles = K / kBK;
+  const int k_tiles = op.K / kBK;
   // Split K when the output tiles leave the GPU underused: aim at two blocks per SM.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int splits = 1;
@@ -588,24 +696,36 @@ void launch_gemm(const T* x, const uint8_t* q, const float* s, const float* z, T
   at::Tensor partial;  // fp32 [splits, M, N], from the caching allocator (graph-safe)
   if (splits > 1) partial = at::empty({splits, M, N}, float_options);
   const dim3 grid(tiles_n, tiles_m, splits);
-  int4_gemm_kernel<T, Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
-      x, q, s, z, y, splits > 1 ? partial.data_ptr<float>() : nullptr, M, N, K, G, tiles_per_split);
+  int4_gemm_kernel<T, P, kOffsets, Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(
+      op.x, op.qweight, op.scales, op.offsets, xsum, op.y, splits > 1 ? partial.data_ptr<float>() : nullptr, M, N,
+      op.K, op.G, tiles_per_split);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t count = static_cast<int64_t>(M) * N;
     const int threads = 256;
     const int blocks = static_cast<int>(std::min<int64_t>((count + threads - 1) / threads, 4 * sms));
-    splitk_reduce_kernel<T><<<blocks, threads, 0, stream>>>(partial.const_data_ptr<float>(), y, count, splits);
+    splitk_reduce_kernel<T><<<blocks, threads, 0, stream>>>(partial.const_data_ptr<float>(), op.y, count, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-template <typename T>
-void run_gemm(const T* x, const uint8_t* q, const float* s, const float* z, T* y, int M, int N, int K, int G,
-              const at::TensorOptions& float_options, cudaStream_t stream) {
-  if (M <= GemmSmall::BM) return launch_gemm<T, GemmSmall>(x, q, s, z, y, M, N, K, G, float_options, stream);
-  if (M <= GemmMedium::BM) return launch_gemm<T, GemmMedium>(x, q, s, z, y, M, N, K, G, float_options, stream);
-  launch_gemm<T, GemmLarge>(x, q, s, z, y, M, N, K, G, float_options, stream);
+template <bool kOffsets, typename T, typename P>
+void run_gemm_tiles(const Operands<T, P>& op, const float* xsum, const at::TensorOptions& float_options,
+                    cudaStream_t stream) {
+  if (op.M <= GemmSmall::BM) return launch_gemm<kOffsets, GemmSmall>(op, xsum, float_options, stream);
+  if (op.M <= GemmMedium::BM) return launch_gemm<kOffsets, GemmMedium>(op, xsum, float_options, stream);
+  launch_gemm<kOffsets, GemmLarge>(op, xsum, float_options, stream);
+}
+
+// x2: op.x as a tensor, contiguous [M, K].
+template <typename T, typename P>
+void run_gemm(const Operands<T, P>& op, const at::Tensor& x2, cudaStream_t stream) {
+  const auto float_options = x2.options().dtype(at::kFloat);
+  if (op.offsets == nullptr) return run_gemm_tiles<false>(op, nullptr, float_options, stream);
+  // x summed over each group in fp32 (one reduction on the current stream; the sum accumulates in fp32 without an
+  // fp32 copy of x): fp32 [M, K/G]
+  const at::Tensor xsum = x2.view({op.M, op.K / op.G, op.G}).sum(2, /*keepdim=*/false, at::kFloat);
+  run_gemm_tiles<true>(op, xsum.const_data_ptr<float>(), float_options, stream);
 }
 
 // ================================================================================================================
@@ -623,20 +743,74 @@ Path requested_path() {
   TORCH_CHECK(false, "TINYCHAT_INT4_CUDA_PATH must be auto, gemv or gemm, got '", env, "'");
 }
 
-// Every argument of int4_linear on CUDA: the CPU kernel's rules (checks.h), plus alignment and 32-bit sizes.
-void check_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
-                int64_t group_size) {
+// Every argument of int4_linear on CUDA: the CPU kernel's rules (checks.h), fp32 or fp16 scales, alignment and
+// 32-bit sizes.
+void check_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                const c10::optional<at::Tensor>& offsets, int64_t group_size) {
   const char* op = "int4_linear";
-  check_int4_linear_args(x, qweight, scales, zeros, group_size, c10::DeviceType::CUDA);
+  check_int4_linear_args(x, qweight, scales, offsets, group_size, c10::DeviceType::CUDA);
+  TORCH_CHECK(scales.scalar_type() != at::kByte, op,
+              ": uint8 scales (K-quant superblocks) run on the CPU only; the CUDA kernels take fp32 or fp16 scales");
   TORCH_CHECK(x.size(-1) <= INT32_MAX / 2, op, ": K too large: ", x.size(-1));
   TORCH_CHECK(qweight.size(0) <= INT32_MAX, op, ": N too large: ", qweight.size(0));
   TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.const_data_ptr()) % 16 == 0, op,
               ": qweight's data must be 16-byte aligned (the CUDA kernels load 16 bytes at a time)");
 }
 
+// t itself when its data is 4-byte aligned, else a contiguous copy in a fresh allocation: the GEMM stages fp16 group
+// parameters by the 4-byte words that hold them (stage_param).
+at::Tensor aligned4(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 4 == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+template <typename E>  // the kernels' element type for the tensor's dtype (float, __half, __nv_bfloat16, uint8_t)
+const E* data(const at::Tensor& t) {
+  return static_cast<const E*>(t.const_data_ptr());
+}
+
+// One call with x's element type T and the parameters' P. x2 [M, K] contiguous and 16-byte aligned, y [M, N].
+template <typename T, typename P>
+void run(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
+         const c10::optional<at::Tensor>& offsets, at::Tensor& y, int64_t group_size, bool gemv,
+         cudaStream_t stream) {
+  Operands<T, P> op{data<T>(x2),
+                    data<uint8_t>(qweight),
+                    data<P>(scales),
+                    offsets.has_value() ? data<P>(*offsets) : nullptr,
+                    static_cast<T*>(y.data_ptr()),
+                    static_cast<int>(x2.size(0)),
+                    static_cast<int>(qweight.size(0)),
+                    static_cast<int>(x2.size(1)),
+                    static_cast<int>(group_size)};
+  if constexpr (std::is_same_v<T, float>) {
+    run_gemv(op, stream);  // fp32 x: the GEMV only
+  } else if (gemv) {
+    run_gemv(op, stream);
+  } else if constexpr (std::is_same_v<P, __half>) {
+    const at::Tensor s4 = aligned4(scales);  // kept alive until the launch is queued (the allocator is stream-ordered)
+    const at::Tensor o4 = offsets.has_value() ? aligned4(*offsets) : at::Tensor();
+    op.scales = data<P>(s4);
+    op.offsets = o4.defined() ? data<P>(o4) : nullptr;
+    run_gemm(op, x2, stream);
+  } else {
+    run_gemm(op, x2, stream);
+  }
+}
+
+template <typename T>
+void run_for_params(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
+                    const c10::optional<at::Tensor>& offsets, at::Tensor& y, int64_t group_size, bool gemv,
+                    cudaStream_t stream) {
+  if (scales.scalar_type() == at::kHalf) {
+    run<T, __half>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
+  } else {  // float32 (check_args allows nothing else)
+    run<T, float>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
+  }
+}
+
 at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                            const at::Tensor& zeros, int64_t group_size) {
-  check_args(x, qweight, scales, zeros, group_size);
+                            const c10::optional<at::Tensor>& offsets, int64_t group_size) {
+  check_args(x, qweight, scales, offsets, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   check_sm80("int4_linear");
   const int64_t K = x.size(-1);
@@ -658,34 +832,15 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   const bool gemv = is_fp32 || wanted == Path::kGemv || (wanted == Path::kAuto && M <= kGemvAutoMaxM);
 
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K), g = static_cast<int>(group_size);
-  const uint8_t* qp = qweight.const_data_ptr<uint8_t>();
-  const float* sp = scales.const_data_ptr<float>();
-  const float* zp = zeros.const_data_ptr<float>();
-  const auto float_options = x.options().dtype(at::kFloat);
   switch (x.scalar_type()) {
-    case at::kHalf: {
-      const auto* xp = reinterpret_cast<const __half*>(x2.const_data_ptr<at::Half>());
-      auto* yp = reinterpret_cast<__half*>(y.data_ptr<at::Half>());
-      if (gemv) {
-        run_gemv(xp, qp, sp, zp, yp, m, n, k, g, stream);
-      } else {
-        run_gemm(xp, qp, sp, zp, yp, m, n, k, g, float_options, stream);
-      }
+    case at::kHalf:
+      run_for_params<__half>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
       break;
-    }
-    case at::kBFloat16: {
-      const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x2.const_data_ptr<at::BFloat16>());
-      auto* yp = reinterpret_cast<__nv_bfloat16*>(y.data_ptr<at::BFloat16>());
-      if (gemv) {
-        run_gemv(xp, qp, sp, zp, yp, m, n, k, g, stream);
-      } else {
-        run_gemm(xp, qp, sp, zp, yp, m, n, k, g, float_options, stream);
-      }
+    case at::kBFloat16:
+      run_for_params<__nv_bfloat16>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
       break;
-    }
     default:  // float32 (check_args allows nothing else)
-      run_gemv(x2.const_data_ptr<float>(), qp, sp, zp, y.data_ptr<float>(), m, n, k, g, stream);
+      run_for_params<float>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
   }
   return y.view(out_shape);
 }

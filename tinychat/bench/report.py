@@ -28,7 +28,8 @@ def _cell(v) -> str:
     return str(v)
 
 
-_WEIGHTS = {"random": "random", "loaded": "as loaded", "awq": "AWQ 4-bit", "rtn": "RTN 4-bit of the loaded weights"}
+_WEIGHTS = {"random": "random", "loaded": "as loaded", "gguf-blocks": "the GGUF's blocks as stored", "awq": "AWQ 4-bit",
+            "rtn": "RTN 4-bit of the loaded weights"}
 
 
 def format_report(result: dict) -> str:
