@@ -33,12 +33,15 @@ TORCH_LIBRARY(tinychat, m) {
   // x [..., K] (fp32/bf16/fp16, any strides; K % 32 == 0); qweight uint8 [N, K/2] in blocks of 32 input channels
   // (byte j of block b: low nibble = channel 32b + j, high nibble = channel 32b + 16 + j); scales [N, K/G] fp32 or
   // fp16; offsets [N, K/G] of the scales' dtype, or None. W[n, k] = q[n, k] * s + m with s, m the group's scale and
-  // offset widened to fp32 (m = -8 s without offsets: ggml's Q4_0); G % 32 == 0, K % G == 0.
+  // offset widened to fp32 (m = -8 s without offsets: ggml's Q4_0); G % 32 == 0, K % G == 0. Or scales uint8
+  // [N, K/256, 20], ggml's K-quant superblocks (csrc/common/kquant.h: s = d * sc, m = -(dmin * mn)), G = 32, no
+  // offsets.
   // Layout: tinychat/int4_layout.py. Returns a new contiguous [..., N] tensor.
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int group_size) -> Tensor");
   // y = x @ W.T with 8-bit weights in groups of G input channels, fp32 accumulation, cast once to x.dtype.
   // x [..., K] (fp32/bf16/fp16, any strides); qweight int8 [N, K] contiguous; scales [N, K/G] fp32 or fp16; offsets
-  // [N, K/G] of the scales' dtype, or None. W[n, k] = q[n, k] * s + m (m = 0 without offsets); K % G == 0 and
+  // [N, K/G] of the scales' dtype, or None (or K-quant superblocks, as int4_linear). W[n, k] = q[n, k] * s + m
+  // (m = 0 without offsets); K % G == 0 and
   // G % 16 == 0 or G == K (one scale per row). Returns a new contiguous [..., N] tensor. Runs GGUF's 5-, 6- and 8-bit
   // blocks (tinychat/int4_layout.py) and the CPU backend's int8 output projection (tinychat/linear.py).
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int group_size) -> Tensor");

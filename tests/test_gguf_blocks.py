@@ -158,3 +158,44 @@ def test_nan_scale_is_refused(tmp_path):
     with pytest.raises(ModelLoadError) as exc:
         build_model(ModelConfig.from_hf(config, str(path)), refs, torch.float32, blocks=True)
     assert_message(exc, path, "blk.0.ffn_up.weight", "Q4_1", "1 NaN or infinite block scales")
+
+
+# ---- what quant= does with each source ----
+
+
+def _source(kinds: dict, awq=None):
+    """A ModelSource whose tensors have these kinds (TensorRef.kind; None: a Hugging Face tensor)."""
+    from pathlib import Path
+
+    from tinychat.io.hf import TensorRef
+    from tinychat.io.loader import ModelSource
+
+    refs = {name: TensorRef(Path("m"), (1,), lambda: None, kind=kind) for name, kind in kinds.items()}
+    return ModelSource(Path("m"), {}, None, refs, None, awq)
+
+
+def test_plan_runs_quantized_sources_as_stored():
+    q = "model.layers.0.self_attn.q_proj.weight"
+    blocks = _source({"model.embed_tokens.weight": "Q8_0", q: "Q4_1"})
+    assert [blocks.plan(x) for x in ("auto", "awq", "none")] == ["blocks", "awq", "none"]
+    floats = _source({"model.embed_tokens.weight": "Q8_0", q: "F16"})  # only the embedding quantized: full precision
+    assert not floats.has_blocks and floats.plan("auto") == "awq"
+    hf = _source({q: None})
+    assert [hf.plan(x) for x in ("auto", "awq", "none")] == ["awq", "awq", "none"]
+    assert _source({q: None}, awq=object()).plan("none") == "checkpoint"
+    with pytest.raises(ValueError, match="quant must be one of auto, awq, none, got 'int8'"):
+        hf.plan("int8")
+
+
+def test_awq_on_blocks_says_it_requantizes(smollm2_gguf, monkeypatch):
+    """quant='awq' on a GGUF's blocks warns that it dequantizes and requantizes them (the AWQ run itself is
+    replaced here by the file, so the test takes seconds), and runs the float weights it is given."""
+    import tinychat.pipeline.quantize as pipeline
+    from tinychat.api import load_transformer
+
+    monkeypatch.setattr(pipeline, "cached_quantized_model", lambda src, opts: smollm2_gguf)
+    with pytest.warns(UserWarning, match="dequantizes its quantized blocks and quantizes them again with AWQ"):
+        model, _, _ = load_transformer(quant="awq")
+    assert type(model.layers[0].attn.wqkv) is torch.nn.Linear
+    model, _, _ = load_transformer()  # auto: the blocks, no warning
+    assert isinstance(model.layers[0].attn.wqkv, WQLinear)

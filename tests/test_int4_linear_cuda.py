@@ -6,13 +6,15 @@ temporary folder) and run everywhere. The CUDA tests skip without a GPU, and FAI
 tinychat._C was built without its CUDA kernels.
 
 Weights: random groups quantized by ggml's Q4_1 recipe (fp32 or fp16 scales and offsets, the offsets non-integer
-multiples of the scales) or Q4_0's (scales only, m = -8 s; some scales negative), see `weights`.
+multiples of the scales) or Q4_0's (scales only, m = -8 s; some scales negative), or random codes with random K-quant
+superblocks (uint8 [N, K/256, 20]: s = d * sc, m = -(dmin * mn), group size 32), see `weights`.
 
 Error bound of the fp16/bf16 kernels (as FlashAttention's tests): max |out - exact| <= 2 * max |naive - exact|, where
 exact is the fp32 reference (int4_linear_ref on fp32 x) and naive the same product done by plain torch in x's dtype
 (x @ W.to(x.dtype).T with W dequantized in fp32); with a floor of one ulp of the largest output, for shapes with
-few outputs (as tests/test_ops.py's check_close). test_offsets_in_fp32 holds the kernels to a bound derived from
-their own math instead, one a kernel that rounded the offset term to x's dtype would break.
+few outputs (as tests/test_ops.py's check_close). test_offsets_in_fp32 and test_kquant_offsets_in_fp32 hold the
+kernels to a bound derived from their own math instead, one a kernel that rounded the offset term to x's dtype would
+break.
 """
 
 import functools
@@ -26,6 +28,7 @@ import torch
 
 from tinychat import ops
 from tinychat.int4_layout import pack_int4_op, unpack_int4_op
+from test_int4_linear import kquant_scales
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT_HEADER = ROOT / "csrc" / "common" / "int4_layout.h"
@@ -275,6 +278,9 @@ PARAM_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # (parameter dtype, offsets present): Q4_1-style groups with fp32 / fp16 parameters, and Q4_0-style without offsets
 PARAM_KINDS = [("fp32", True), ("fp16", True), ("fp32", False), ("fp16", False)]
 PARAM_IDS = ["fp32-offsets", "fp16-offsets", "fp32-q4_0", "fp16-q4_0"]
+# ... and the K-quant superblocks (group size 32 only)
+ALL_KINDS = [*PARAM_KINDS, ("kquant", False)]
+ALL_IDS = [*PARAM_IDS, "kquant"]
 
 
 @functools.cache
@@ -284,7 +290,15 @@ def weights(N, K, G, params="fp32", offsets=True):
     offsets: ggml's Q4_1 recipe (s = (max - min) / 15, m = min: non-integer multiples of s); else Q4_0's (s = amax / -8
     with amax the group's value of largest magnitude, sign kept, so about half the scales are negative; m = -8 s).
     Scales and offsets are stored in `params` (fp32 or fp16); W is the op's definition from the stored values (q * s + m
-    with both widened to fp32)."""
+    with both widened to fp32). params "kquant" (G = 32, K % 256 == 0, offsets ignored): random codes and random
+    superblocks uint8 [N, K/256, 20] (test_int4_linear.kquant_scales: d in [0.001, 0.011], dmin in [0, 0.02], sc and
+    mn in 0..63), no offsets; W from ops.group_weights (s = d * sc, m = -(dmin * mn) in fp32)."""
+    if params == "kquant":
+        gen = torch.Generator().manual_seed(N * 7 + K)
+        q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)  # [N, K]
+        superblocks = kquant_scales(N, K, gen)  # [N, K/256, 20]
+        W = ops.group_weights(q, superblocks, None, G, -8.0)  # [N, K] fp32
+        return pack_int4_op(q).cuda(), superblocks.cuda(), None, W.cuda()
     n_groups = K // G
     wg = torch.randn(N, K, generator=torch.Generator().manual_seed(N * 7 + K + G)).reshape(N, n_groups, G)
     if offsets:
@@ -311,7 +325,8 @@ def path(request, monkeypatch):
 
 
 def check(x, N, K, G, params="fp32", offsets=True):
-    """Runs the op on x (CUDA, [..., K]) with weights(N, K, G, params, offsets) and holds it to the reference."""
+    """Runs the op on x (CUDA, [..., K]) with weights(N, K, G, params, offsets) and holds it to the reference (the
+    fp32 reference dequantizes K-quant superblocks itself: ops.kquant_group_params)."""
     qweight, scales, offs, W = weights(N, K, G, params, offsets)
     out = tc().int4_linear(x, qweight, scales, offs, G)
     assert out.shape == (*x.shape[:-1], N) and out.dtype == x.dtype and out.is_contiguous()
@@ -390,6 +405,33 @@ def test_fp32_x(params, offsets, M, G):
     check(x, 41, 256, G, params, offsets)
 
 
+# (N, K): odd N, 1 to 16 superblocks per row (8 to 128 k tiles: the GEMM splits K from K = 1024 on)
+KQUANT_SHAPES = [(23, 256), (130, 1024), (257, 2048), (33, 4096)]
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 17, 64, 300])
+@pytest.mark.parametrize("N,K", KQUANT_SHAPES)
+@needs_cuda
+@pytest.mark.cuda
+def test_kquant_params(path, dtype, M, N, K):
+    """K-quant superblocks (uint8 [N, K/256, 20], group size 32) on both paths and every GEMM tile shape, split K
+    included: s = d * sc and m = -(dmin * mn) formed in the kernels from the stored bytes."""
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", dtype)
+    check(x, N, K, 32, "kquant")
+
+
+@pytest.mark.parametrize("M", [1, 8, 17, 300])
+@pytest.mark.parametrize("K", [256, 1024])
+@needs_cuda
+@pytest.mark.cuda
+def test_kquant_fp32_x(M, K):
+    """K-quant superblocks with fp32 activations (the GEMV path at every M, exact fp32 math)."""
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).cuda()
+    check(x, 41, K, 32, "kquant")
+
+
 @pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
 @pytest.mark.parametrize("params", ["fp32", "fp16"])
 @pytest.mark.parametrize("dtype", LOW)
@@ -426,6 +468,51 @@ def test_offsets_in_fp32(path, params, dtype, M):
     W = (q.float().reshape(N, n_groups, G) * scales.float()[..., None] + offsets.float()[..., None]).reshape(N, K)
     xd = x.double()
     exact = xd @ W.double().t()  # [M, N]: the op's fp32 W, the product in fp64
+    centered = ((q.double().reshape(N, n_groups, G) - 8) * s[..., None]).reshape(N, K)  # (q - 8) s
+    c = m + 8 * s  # [N, K/G]
+    xsum = xd.reshape(-1, n_groups, G).sum(-1)  # [M, K/G]
+    eps = torch.finfo(dtype).eps
+    low_part = xd.abs() @ centered.abs().t()  # [M, N]
+    tol = eps * (exact.abs() + low_part) + 2**-18 * (low_part + xsum.abs() @ c.abs().t())
+    err = (out - exact).abs()
+    assert (err <= tol).all(), f"worst error {(err / tol).max().item():.2f} times the bound"
+    rounded_c_err = (xsum @ (c.to(dtype).double() - c).t()).abs()  # what rounding c to x's dtype would add
+    assert (rounded_c_err > tol).double().mean() > 0.5, "the data cannot tell an fp32 offset term from a rounded one"
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("M", [5, 17, 64, 300])
+@needs_cuda
+@pytest.mark.cuda
+def test_kquant_offsets_in_fp32(path, dtype, M):
+    """test_offsets_in_fp32 for K-quant superblocks: m = -(dmin * mn) is formed and applied in fp32, never rounded to
+    x's dtype. d = 2^-14 (1..2) and sc 1..7 keep |(q - 8) s| <= 0.0069; dmin = 2^-4 (1..2) and mn 32..62 make
+    m = -2 .. -7.75, mn equal in groups 2j and 2j + 1 (c = m + 8 s differs there by 8 d (sc' - sc)); x near +1 in
+    even groups and -1 in odd ones, so each group's offset term c xsum (|xsum| ~ 32) is large but pairs cancel in y.
+    Same bound as test_offsets_in_fp32 (its terms: |x_k (q_k - 8) s| and |c xsum| per group); rounding c to x's dtype
+    would break it on most outputs (85-96% of them for these M and dtypes, checked from the data). The GEMM splits K
+    (64 k tiles, one per group)."""
+    N, K, G = 40, 2048, 32
+    n_super, n_groups = K // 256, K // G
+    gen = torch.Generator().manual_seed(M)
+    q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    superblocks = torch.empty(N, n_super, 20, dtype=torch.uint8)  # [N, K/256, 20]
+    superblocks[..., 0:2] = ((torch.rand(N, n_super, 1, generator=gen) + 1) * 2**-14).half().view(torch.uint8)  # d
+    superblocks[..., 2:4] = ((torch.rand(N, n_super, 1, generator=gen) + 1) * 2**-4).half().view(torch.uint8)  # dmin
+    superblocks[..., 4:12] = torch.randint(1, 8, (N, n_super, 8), generator=gen, dtype=torch.uint8)  # sc
+    mn = torch.randint(32, 63, (N, n_super, 4), generator=gen, dtype=torch.uint8)
+    superblocks[..., 12:20] = mn.repeat_interleave(2, dim=-1)  # mn, equal in groups 2j and 2j + 1
+    sign = torch.tensor([1.0, -1.0]).repeat(n_groups // 2).repeat_interleave(G)  # [K]: +1 in even groups
+    x = (sign * (1 + torch.randn(M, K, generator=gen) * 2**-8)).to(dtype)  # [M, K]
+
+    qweight = pack_int4_op(q)
+    out = tc().int4_linear(x.cuda(), qweight.cuda(), superblocks.cuda(), None, G).cpu().double()  # [M, N]
+    scales, offsets = ops.kquant_group_params(superblocks)  # fp32 [N, K/G], exact
+    s, m = scales.double(), offsets.double()
+    W = ops.group_weights(q, superblocks, None, G, -8.0)  # [N, K]: the op's fp32 W
+    xd = x.double()
+    exact = xd @ W.double().t()  # [M, N], the product in fp64
     centered = ((q.double().reshape(N, n_groups, G) - 8) * s[..., None]).reshape(N, K)  # (q - 8) s
     c = m + 8 * s  # [N, K/G]
     xsum = xd.reshape(-1, n_groups, G).sum(-1)  # [M, K/G]
@@ -478,7 +565,27 @@ def test_misaligned_fp16_params(path, offsets):
         check(x, N, K, G, "fp16", offsets)
 
 
-@pytest.mark.parametrize("params,offsets", [("fp16", True), ("fp32", False)], ids=["fp16-offsets", "fp32-q4_0"])
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+@pytest.mark.parametrize("shift", [1, 2, 3])
+@needs_cuda
+@pytest.mark.cuda
+def test_misaligned_kquant(path, shift):
+    """K-quant superblocks whose data starts 1, 2 or 3 bytes past a 4-byte boundary (both paths read d and dmin as one
+    4-byte word, the GEMM stages 4-byte words): the same output as the aligned tensor gives."""
+    N, K = 37, 512
+    qweight, superblocks, _offs, _w = weights(N, K, 32, "kquant")
+    view = torch.empty(superblocks.numel() + shift, dtype=torch.uint8, device="cuda")[shift:].view(superblocks.shape)
+    assert view.data_ptr() % 4 == shift
+    view.copy_(superblocks)
+    for M in (3, 17):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.float16)
+        expected = tc().int4_linear(x, qweight, superblocks, None, 32)
+        assert torch.equal(tc().int4_linear(x, qweight, view, None, 32), expected)
+        check(x, N, K, 32, "kquant")
+
+
+@pytest.mark.parametrize("params,offsets", [("fp16", True), ("fp32", False), ("kquant", False)],
+                         ids=["fp16-offsets", "fp32-q4_0", "kquant"])
 @pytest.mark.parametrize("M", [1, 5, 16, 300])
 @pytest.mark.parametrize("dtype", LOW)
 @needs_cuda
@@ -486,7 +593,7 @@ def test_misaligned_fp16_params(path, offsets):
 def test_cuda_graph(M, dtype, params, offsets):
     """Captured in a CUDA graph (the split-K workspace and the group sums of x come from the graph's pool) and replayed
     on new inputs: the same output as an eager call, bit for bit (the kernels are deterministic)."""
-    N, K, G = 1000, 4096, 128
+    N, K, G = 1000, 4096, 32 if params == "kquant" else 128
     qweight, scales, offs, _w = weights(N, K, G, params, offsets)
     gen = torch.Generator().manual_seed(M)
     static_x = torch.randn(M, K, generator=gen).to("cuda", dtype)
@@ -507,11 +614,11 @@ def test_cuda_graph(M, dtype, params, offsets):
         assert torch.equal(static_y, tc().int4_linear(x, qweight, scales, offs, G))
 
 
-@pytest.mark.parametrize("params,offsets", PARAM_KINDS, ids=PARAM_IDS)
+@pytest.mark.parametrize("params,offsets", ALL_KINDS, ids=ALL_IDS)
 @needs_cuda
 @pytest.mark.cuda
 def test_deterministic(params, offsets):
-    N, K, G = 300, 4096, 64
+    N, K, G = 300, 4096, 32 if params == "kquant" else 64
     qweight, scales, offs, _w = weights(N, K, G, params, offsets)
     for M in (1, 16, 100):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to("cuda", torch.bfloat16)
@@ -557,15 +664,36 @@ def test_errors(label, build, message):
         tc().int4_linear(*build(x, qweight, scales, offs))
 
 
+def _kquant_bad_calls():
+    """(label, build(x, qweight, superblocks) -> the op's arguments, expected message regex); x [3, 512], qweight
+    [16, 256], superblocks [16, 2, 20], group size 32."""
+    return [
+        ("group size 64", lambda x, q, sb: (x, q, sb, None, 64),
+         r"uint8 scales \(K-quant superblocks\) need group_size 32 and K a multiple of 256, got group_size 64"),
+        ("K not a multiple of 256",
+         lambda x, q, sb: (x[:, :128], q[:, :64].contiguous(), sb[:, :1].contiguous(), None, 32),
+         r"need group_size 32 and K a multiple of 256, got .* K = 128"),
+        ("20 bytes per superblock", lambda x, q, sb: (x, q, sb[..., :16].contiguous(), None, 32),
+         r"must have shape \[N, K/256, 20\] = \[16, 2, 20\], got \[16, 2, 16\]"),
+        ("superblocks per row", lambda x, q, sb: (x, q, sb[:, :1].contiguous(), None, 32),
+         r"must have shape \[N, K/256, 20\] = \[16, 2, 20\], got \[16, 1, 20\]"),
+        ("rows", lambda x, q, sb: (x, q, sb[:8], None, 32), r"must have shape \[N, K/256, 20\] = \[16, 2, 20\]"),
+        ("offsets given", lambda x, q, sb: (x, q, sb, sb, 32), r"carry their offsets: offsets must be None"),
+        ("not contiguous", lambda x, q, sb: (x, q, sb.transpose(0, 1).contiguous().transpose(0, 1), None, 32),
+         "scales must be contiguous"),
+        ("on the CPU", lambda x, q, sb: (x, q, sb.cpu(), None, 32), "scales must be a CUDA tensor"),
+    ]
+
+
+@pytest.mark.parametrize("label,build,message", _kquant_bad_calls(), ids=[c[0] for c in _kquant_bad_calls()])
 @needs_cuda
 @pytest.mark.cuda
-def test_kquant_scales_refused():
-    """K-quant superblocks (uint8 scales, the op's third parameter form) have no CUDA kernel: a clear error."""
-    qweight = pack_int4_op(torch.randint(0, 16, (8, 256), dtype=torch.uint8)).cuda()
-    superblocks = torch.zeros(8, 1, 20, dtype=torch.uint8, device="cuda")  # [N, K/256, 20]
-    x = torch.randn(2, 256, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="K-quant superblocks.*run on the CPU only"):
-        tc().int4_linear(x, qweight, superblocks, None, 32)
+def test_kquant_errors(label, build, message):
+    """K-quant superblocks run on CUDA with the CPU kernels' argument rules: a clear error for each misuse."""
+    qweight, superblocks, _offs, _w = weights(16, 512, 32, "kquant")
+    x = torch.randn(3, 512).to("cuda", torch.float16)
+    with pytest.raises(RuntimeError, match=message):
+        tc().int4_linear(*build(x, qweight, superblocks))
 
 
 @needs_cuda

@@ -221,9 +221,10 @@ rope_kv_write = _op("rope_kv_write", rope_kv_write_ref, _rope_kv_write_fake, cud
 attention = _op("attention", attention_ref, _attention_fake, cuda_stand_in=True)
 # x [..., 2I] -> silu(x[..., :I]) * x[..., I:] [..., I]; see silu_and_mul_ref.
 silu_and_mul = _op("silu_and_mul", silu_and_mul_ref, _silu_and_mul_fake, cuda_stand_in=True)
-# x [..., K], qweight uint8 [N, K/2], scales/offsets [N, K/G] (offsets may be None), group_size -> [..., N]; see
-# int4_linear_ref. CPU kernels: AVX-512, AVX2 or portable, picked at run time (torch.ops.tinychat.cpu_isa() says
-# which); CUDA kernels (sm_80+): a GEMV for M <= 8 and a tensor-core GEMM above (csrc/cuda/int4_linear.cu).
+# x [..., K], qweight uint8 [N, K/2], scales/offsets [N, K/G] (offsets may be None; or K-quant superblocks),
+# group_size -> [..., N]; see int4_linear_ref. CPU kernels: AVX-512 VNNI, AVX-512, AVX2 or portable, picked at run
+# time (torch.ops.tinychat.cpu_isa() says which); CUDA kernels (sm_80+): a GEMV for M <= 4 and a tensor-core GEMM
+# above (csrc/cuda/int4_linear.cu).
 int4_linear = _op("int4_linear", int4_linear_ref, _int4_linear_fake)
 # x [..., K], qweight int8 [N, K], scales/offsets [N, K/G] (offsets may be None), group_size -> [..., N]; see
 # int8_linear_ref. CPU kernels per

@@ -168,16 +168,21 @@ inline void check_group_params(const at::Tensor& x, const at::Tensor& scales, co
   TORCH_CHECK(m.is_contiguous(), op, ": offsets must be contiguous");
 }
 
+// x [..., K] of a quantized linear: a float dtype, at least 1 dimension, on qweight's device of `type`.
+inline void check_linear_x(const at::Tensor& x, const at::Tensor& qweight, c10::DeviceType type, const char* op) {
+  check_device(x, x, type, op, "x");
+  check_device(qweight, x, type, op, "qweight");
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
+}
+
 // int4_linear: x [..., K] (K % 32 == 0), qweight uint8 [N, K/2] contiguous, group parameters [N, K/G]
 // (check_group_params), G % 32 == 0, K % G == 0.
 inline void check_int4_linear_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const c10::optional<at::Tensor>& offsets, int64_t group_size,
                                    c10::DeviceType type) {
   const char* op = "int4_linear";
-  check_device(x, x, type, op, "x");
-  check_device(qweight, x, type, op, "qweight");
-  check_float_dtype(x, op, "x");
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., K], got a 0-dim tensor");
+  check_linear_x(x, qweight, type, op);
   const int64_t K = x.size(-1);
   TORCH_CHECK(K > 0 && K % 32 == 0, op, ": x's last dimension K (in_features) must be a positive multiple of 32, got ",
               K);
@@ -198,11 +203,9 @@ inline void check_int8_linear_args(const at::Tensor& x, const at::Tensor& qweigh
                                    const c10::optional<at::Tensor>& offsets, int64_t group_size,
                                    c10::DeviceType type) {
   const char* op = "int8_linear";
-  check_device(x, x, type, op, "x");
-  check_device(qweight, x, type, op, "qweight");
-  check_float_dtype(x, op, "x");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have shape [..., K] with K > 0, got ", x.sizes());
+  check_linear_x(x, qweight, type, op);
   const int64_t K = x.size(-1);
+  TORCH_CHECK(K > 0, op, ": x's last dimension K (in_features) must be > 0");
   TORCH_CHECK(group_size > 0 && K % group_size == 0, op, ": group_size ", group_size,
               " must be > 0 and divide x's last dimension K = ", K);
   TORCH_CHECK(group_size % 16 == 0 || group_size == K, op, ": group_size must be a multiple of 16 or K = ", K,

@@ -393,19 +393,13 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
             y.data_ptr<float>(), M, N, K, group_size, K / group_size, block_group.data(), nullptr};
   Isa gemv_isa = isa;
   if (isa == Isa::kAvx512Vnni && !vnni_supports(group_size)) gemv_isa = Isa::kAvx512;
-  std::vector<float> xsum;  // [M, K/G], the fp32 paths' offset term: a plain loop, cheaper than a torch op here
+  std::vector<float> xsum;  // [M, K/G], the fp32 paths' offset term
   Int8Activations xq;
   if (gemv_isa == Isa::kAvx512Vnni) {
     xq = quantize_activations(p.x, M, K, group_size);
     p.xq = &xq;
   } else {
-    xsum.resize(M * p.ng);
-    for (int64_t i = 0; i < M * p.ng; ++i) {
-      const float* xg = p.x + i * group_size;
-      float s = 0.f;
-      for (int64_t k = 0; k < group_size; ++k) s += xg[k];
-      xsum[i] = s;
-    }
+    xsum = group_sums(p.x, M, K, group_size);
     p.xsum = xsum.data();
   }
   run_gemv(p, gemv_isa);

@@ -218,13 +218,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   }
   std::vector<float> xsum;  // [M, K/G], the offset term's sums of x
   if (p.w.has_offsets()) {
-    xsum.resize(M * p.ng);
-    for (int64_t i = 0; i < M * p.ng; ++i) {
-      const float* xg = p.x + i * group_size;
-      float s = 0.f;
-      for (int64_t k = 0; k < group_size; ++k) s += xg[k];
-      xsum[i] = s;
-    }
+    xsum = group_sums(p.x, M, K, group_size);
     p.xsum = xsum.data();
   }
   run_gemv(p, current_isa());

@@ -61,6 +61,19 @@ inline GroupParams group_params(const at::Tensor& scales, const c10::optional<at
   return {scales.const_data_ptr(), offsets.has_value() ? offsets->const_data_ptr() : nullptr, kind, default_offset};
 }
 
+// The sum of x fp32 [M, K] (rows contiguous) over each group of G channels -> [M, K/G]: the offset term's factor
+// (a plain loop: cheaper than a torch op at decode sizes).
+inline std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t G) {
+  std::vector<float> sums(M * (K / G));
+  for (size_t i = 0; i < sums.size(); ++i) {
+    const float* xg = x + i * G;
+    float s = 0.f;
+    for (int64_t k = 0; k < G; ++k) s += xg[k];
+    sums[i] = s;
+  }
+  return sums;
+}
+
 // From this many rows of x on, int8_linear (the lm head, whose rows are never reused piecewise) dequantizes W and
 // uses torch's GEMM.
 constexpr int64_t kGemmMinRows = 16;

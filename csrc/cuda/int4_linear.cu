@@ -1,52 +1,66 @@
 // CUDA kernels of int4_linear (schema in csrc/ops.cpp; weight layout in tinychat/int4_layout.py, index and bit
 // helpers in csrc/common/int4_layout.h). The layout and schema are the CPU ones: no device-specific repacking.
 //
-// y[i, n] = sum_k x[i, k] * W[n, k], W[n, k] = q[n, k] * s + m with s = scales[n, k/G] and m = offsets[n, k/G]
-// widened to fp32 (m = -8 s without offsets: ggml's Q4_0); fp32 accumulation, each output rounded once to x's dtype.
-// x [M, K] (after flattening) fp16 / bf16 (fp32 accepted, GEMV path only), qweight uint8 [N, K/2], scales and
-// offsets [N, K/G] fp32 or fp16 (both the same), read as stored: no conversion pass, fp16 is widened where it is
-// used (__half2float). The op's K-quant form (uint8 scales, csrc/common/kquant.h) is refused here. sm_80 or newer.
+// y[i, n] = sum_k x[i, k] * W[n, k], W[n, k] = q[n, k] * s + m with s, m the scale and offset of group (n, k/G) in
+// fp32; fp32 accumulation, each output rounded once to x's dtype. x [M, K] (after flattening) fp16 / bf16 (fp32
+// accepted, GEMV path only), qweight uint8 [N, K/2]. The group parameters take one of three forms, all read as stored
+// (no conversion pass; widened or formed where they are used):
+//   * scales [N, K/G] fp32 or fp16 with offsets [N, K/G] of the same dtype: s = scales[n, g], m = offsets[n, g]
+//     (fp16 widened with __half2float);
+//   * the same scales without offsets: m = -8 s (ggml's Q4_0);
+//   * K-quant superblocks (ggml's Q4_K; csrc/common/kquant.h): scales uint8 [N, K/256, 20], no offsets, G = 32.
+//     Superblock j of row n covers groups 8j .. 8j + 7: fp16 d (bytes 0..1) and dmin (2..3), then 8 uint8 sc and 8
+//     uint8 mn; group g has s = d * sc[g % 8] and m = -(dmin * mn[g % 8]), formed in fp32 (exact: 11 + 6 bits).
+// sm_80 or newer.
 //
 // Two paths, picked per call from M (TINYCHAT_INT4_CUDA_PATH=gemv|gemm forces one; tests use it):
 //
 //  * GEMV (M <= 4 by default, up to 8 per block when forced, and every fp32 x): up to 4 warps per block (fewer when N
 //    is too small to fill the GPU), 4 output channels per warp. Each lane walks the 32-channel blocks lane, lane + 32,
-//    ... of its warp's 4 weight rows: one 16-byte load per row and block, with the block's scale and offset (kept as
-//    stored until used), the first issued before x is staged and each next one before the current one is used. x (up
-//    to 8 rows) is staged in shared memory as fp32, in chunks of K that fit 48 KB, piece-major so that the 32 lanes
-//    read 32 consecutive 16-byte words (q4::gemv_x_word: no bank conflicts), with the sum of x over every block. Each
-//    nibble pair becomes two fp16 1 + q/16 with one shift and one mask-or (exact; q4::unit_pair_bits), widened to
-//    fp32; sum (1 + q/16) x accumulates in fp32 over the block, which then adds 16 s * (that - sum x) + m * sum x =
-//    sum (q s + m) x. A warp-shuffle reduction ends each output. All math fp32 (taking out the 1 of 1 + q/16 costs a
-//    few bits: ~2^-21 rel.).
+//    ... of its warp's 4 weight rows: one 16-byte load per row and block, with the group parameters of the block
+//    (RawGroup: a scale and an offset as stored, or a K-quant superblock's first 4 bytes and the group's sc and mn;
+//    formed into s and m where they are used), the first issued before x is staged and each next one before the
+//    current one is used. x (up to 8 rows) is staged in shared memory as fp32, in chunks of K that fit 48 KB,
+//    piece-major so that the 32 lanes read 32 consecutive 16-byte words (q4::gemv_x_word: no bank conflicts), with
+//    the sum of x over every block. Each nibble pair becomes two fp16 1 + q/16 with one shift and one mask-or (exact;
+//    q4::unit_pair_bits), widened to fp32; sum (1 + q/16) x accumulates in fp32 over the block, which then adds
+//    16 s * (that - sum x) + m * sum x = sum (q s + m) x. A warp-shuffle reduction ends each output. All math fp32
+//    (taking out the 1 of 1 + q/16 costs a few bits: ~2^-21 rel.).
 //
 //  * GEMM (M > 4): mma.sync m16n8k16 (fp16 or bf16 in, fp32 accumulate) on W = (q - 8) s + c, c = m + 8 s (c = 0
 //    without offsets). A block computes a BM x BN tile of y over k tiles of BK = 32 (one 16-byte block of every weight
 //    row, always inside one quantization group), fed by a cp.async pipeline of STAGES tiles in shared memory: x
 //    [BM, 32] (16-byte chunks XOR-swizzled so ldmatrix is conflict-free), qweight [BN, 16 bytes] as stored, and at
-//    the first k tile of each group (and of the split) the group's scales [BN]. Warps are laid out WM x WN; each owns
-//    MT x NT mma tiles (16 x 8). The B fragment of a quad lane t is bytes 2t, 2t+1, 2t+8, 2t+9 of its weight row's
-//    block: the low nibbles are k step 0, the high nibbles k step 1 (int4_layout.h). They become fp16/bf16 pairs in
-//    registers: magic-number conversion minus (magic + 8) gives q - 8 exactly, times the scale rounded to the
-//    activation dtype once per group, so (q - 8) s is rounded twice (scale, product) where a dequantize-then-matmul
-//    rounds W once; |q - 8| <= 8, so those errors scale with Q4_0's centered weights, never with the offset. Without
-//    offsets that is all: W is exactly Q4_0's (q - 8) s. With offsets, c is never rounded to the activation dtype:
-//    the launcher sums x over every group (xsum fp32 [M, K/G], one ATen reduction on the current stream), the group's
-//    first k tile also stages its offsets [BN] and xsum [BM], and there every accumulator adds xsum[i, g] * c[n, g] in
-//    fp32 (c = fmaf(8, s, m) from the widened parameters): M * N * K/G fp32 FMAs on the CUDA cores beside the M * N * K
-//    of the tensor cores (measured on an H200, fp16 x, M >= 256: 25-30% more time than fp32 Q4_0 weights at G = 128,
-//    80% at G = 32).
+//    the first k tile of each group (and of the split) the group's parameters of the BN weight rows. Warps are laid
+//    out WM x WN; each owns MT x NT mma tiles (16 x 8). The B fragment of a quad lane t is bytes 2t, 2t+1, 2t+8, 2t+9
+//    of its weight row's block: the low nibbles are k step 0, the high nibbles k step 1 (int4_layout.h). They become
+//    fp16/bf16 pairs in registers: magic-number conversion minus (magic + 8) gives q - 8 exactly, times the scale
+//    (formed in fp32) rounded to the activation dtype once per group, so (q - 8) s is rounded twice (scale, product)
+//    where a dequantize-then-matmul rounds W once; |q - 8| <= 8, so those errors scale with Q4_0's centered weights,
+//    never with the offset. Without offsets that is all: W is exactly Q4_0's (q - 8) s. With offsets and K-quant
+//    superblocks, c is never rounded to the activation dtype: the launcher sums x over every group (xsum fp32
+//    [M, K/G], one ATen reduction on the current stream), the group's first k tile also stages what forms m and
+//    xsum [BM], and there every accumulator adds xsum[i, g] * c[n, g] in fp32 (c = fmaf(8, s, m) from the fp32 s
+//    and m): M * N * K/G fp32 FMAs on the CUDA cores beside the M * N * K of the tensor cores (measured on an H200
+//    with fp32 offsets, fp16 x, M >= 256: 25-30% more time than fp32 Q4_0 weights at G = 128, 80% at G = 32; the
+//    K-quant form, G = 32 always, is not measured).
 //    Tile shapes by M: 16 x 128, 64 x 128, 128 x 128. When the M x N tiles cannot fill the GPU, K is split over
 //    blockIdx.z: each split writes fp32 partial sums to a workspace (the offset term of a group in the split where the
 //    group starts, so each is added once) and a second kernel adds them in a fixed order (deterministic) and rounds.
-//    Group parameters in shared memory take a 4-byte slot each: an fp32 value, or the aligned 4-byte word holding an
-//    fp16 value (cp.async copies 4, 8 or 16 bytes): the whole word when the value is its upper half, else its lower 2
-//    bytes (the rest zero-filled), so nothing outside the tensor is read; the reader takes the half the parity of
-//    the value's index names. fp16 parameters whose data is not 4-byte aligned are copied first (a view at an odd
-//    element).
+//    Group parameters in shared memory take 4-byte slots, kParamSlots<P> per weight row, each filled by one 4-byte
+//    cp.async (it copies 4, 8 or 16 bytes from an address aligned to the size):
+//      - fp32: the scale and the offset (the second slot unused without offsets);
+//      - fp16: for each of the two, the aligned 4-byte word holding it: the whole word when the value is its upper
+//        half, else its lower 2 bytes (the rest zero-filled), so nothing outside the tensor is read; the reader takes
+//        the half the parity of the value's index names;
+//      - K-quant: the superblock's first word (d | dmin << 16), the word of sc holding sc[g % 8] and the word of mn
+//        holding mn[g % 8]; the reader takes byte g % 4 of the latter two (G = 32: every k tile starts a group).
+//    fp16 parameters and superblocks whose data is not 4-byte aligned are copied first (views at an odd offset): in
+//    the GEMM, and superblocks in the GEMV too, which reads d and dmin as one 4-byte word.
 //
-// Every N >= 1 is supported (loads past N read zeros, stores are masked); K % 32 == 0, G % 32 == 0, K % G == 0.
-// No host synchronization and no allocation outside the caching allocator: the op is CUDA-graph safe.
+// Every N >= 1 is supported (loads past N read zeros, stores are masked); K % 32 == 0, G % 32 == 0, K % G == 0
+// (K-quant: G = 32, K % 256 == 0). No host synchronization and no allocation outside the caching allocator: the op is
+// CUDA-graph safe.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -63,6 +77,7 @@
 
 #include "../common/checks.h"
 #include "../common/int4_layout.h"
+#include "../common/kquant.h"
 #include "helpers.cuh"
 
 namespace tinychat {
@@ -74,8 +89,13 @@ using q4::kBlockBytes;
 
 constexpr float kQ40Offset = -8.f;  // m = kQ40Offset * s without offsets (ggml's Q4_0): W = (q - 8) s
 
-// The operands of one call as the kernels take them: x [M, K], qweight [N, K/2], scales [N, K/G], offsets [N, K/G]
-// or nullptr (m = -8 s), y [M, N]. T: float, __half or __nv_bfloat16; P (the group parameters): float or __half.
+// P = uint8_t: the group parameters are K-quant superblocks (kquant.h), else fp32 or fp16 scales and offsets.
+template <typename P>
+constexpr bool kKQuant = std::is_same_v<P, uint8_t>;
+
+// The operands of one call as the kernels take them: x [M, K], qweight [N, K/2], y [M, N]; scales [N, K/G] and
+// offsets [N, K/G] or nullptr (m = -8 s) for P = float or __half; for P = uint8_t, scales: the superblocks
+// [N, K/256, 20] and offsets nullptr. T: float, __half or __nv_bfloat16.
 template <typename T, typename P>
 struct Operands {
   const T* x;
@@ -104,6 +124,15 @@ __device__ __forceinline__ float2 unit_pair_to_float2(uint32_t pair) {
 // A group parameter (scale or offset) as stored, widened to fp32 (exactly).
 __device__ __forceinline__ float param_float(float v) { return v; }
 __device__ __forceinline__ float param_float(__half v) { return __half2float(v); }
+
+// K-quant: s = d * sc and m = -(dmin * mn) from a superblock's first 4 bytes (d_dmin: fp16 d | fp16 dmin << 16) and
+// a group's sc or mn (0..255), in fp32 (exact).
+__device__ __forceinline__ float kq_scale(uint32_t d_dmin, uint32_t sc) {
+  return __half2float(bit_cast<__half>(static_cast<uint16_t>(d_dmin))) * static_cast<float>(sc);
+}
+__device__ __forceinline__ float kq_offset(uint32_t d_dmin, uint32_t mn) {
+  return -(__half2float(bit_cast<__half>(static_cast<uint16_t>(d_dmin >> 16))) * static_cast<float>(mn));
+}
 
 // 8 consecutive elements of x (16-byte aligned) as fp32.
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
@@ -141,8 +170,48 @@ constexpr int kGemvMaxM = 8;                // rows of x per block; larger M run
 constexpr int kGemvAutoMaxM = 4;
 constexpr int kGemvSmemBytes = 48 * 1024;   // x tile + block sums (no opt-in needed below 48 KB)
 
+// One group's parameters as the GEMV loads them, formed into s and m (group_sm) where they are used, so that a
+// prefetch is not waited for right after it is issued. fp32 / fp16: the scale and the offset as stored (the offset
+// not loaded without offsets).
+template <typename P>
+struct RawGroup {
+  P s, m;
+};
+// K-quant: the superblock's first 4 bytes (fp16 d | fp16 dmin << 16) and the group's sc | mn << 8.
+template <>
+struct RawGroup<uint8_t> {
+  uint32_t d_dmin, sc_mn;
+};
+
+// The parameters of group g of weight row n (n_groups = K/G per row).
+template <typename P>
+__device__ __forceinline__ RawGroup<P> load_group(const P* scales, const P* offsets, int n, int n_groups, int g) {
+  const int64_t p = static_cast<int64_t>(n) * n_groups + g;
+  return {__ldg(scales + p), offsets != nullptr ? __ldg(offsets + p) : P{}};
+}
+// K-quant: superblocks [N, K/256, 20] with 4-byte aligned data (the launcher copies them otherwise); group g of a
+// row is group g % 8 of its superblock g / 8.
+__device__ __forceinline__ RawGroup<uint8_t> load_group(const uint8_t* superblocks, const uint8_t*, int n,
+                                                        int n_groups, int g) {
+  const uint32_t j = static_cast<uint32_t>(g) / kq::kSuperGroups, i = static_cast<uint32_t>(g) % kq::kSuperGroups;
+  const uint8_t* sb = superblocks + static_cast<int64_t>(n) * (n_groups / kq::kSuperGroups * kq::kSuperBytes) +
+                      j * kq::kSuperBytes;
+  const uint32_t sc = __ldg(sb + kq::kScaleAt + i), mn = __ldg(sb + kq::kMinAt + i);
+  return {__ldg(reinterpret_cast<const uint32_t*>(sb)), sc | (mn << 8)};
+}
+
+// The group's s and m in fp32 ({s, m}); has_offsets: whether the fp32 / fp16 form has offsets (else m = -8 s).
+template <typename P>
+__device__ __forceinline__ float2 group_sm(const RawGroup<P>& r, bool has_offsets) {
+  const float s = param_float(r.s);
+  return make_float2(s, has_offsets ? param_float(r.m) : kQ40Offset * s);
+}
+__device__ __forceinline__ float2 group_sm(const RawGroup<uint8_t>& r, bool) {
+  return make_float2(kq_scale(r.d_dmin, r.sc_mn & 0xFFu), kq_offset(r.d_dmin, r.sc_mn >> 8));
+}
+
 // y [M, N] for rows m0 = blockIdx.y * MB .. of x and rows n0 = (blockIdx.x * warps + warp) * kGemvRows .. of W,
-// warps = blockDim.x / 32; offsets == nullptr: m = -8 s. Dynamic shared memory: the x tile of `blocks` 32-channel
+// warps = blockDim.x / 32; scales and offsets as in Operands. Dynamic shared memory: the x tile of `blocks` 32-channel
 // blocks and its block sums (q4::gemv_x_word, q4::gemv_xsum_index; rows of x past M hold zeros).
 template <typename T, typename P, int MB>
 __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
@@ -159,7 +228,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
   const int n0 = (blockIdx.x * warps + warp) * kGemvRows;
   const int n_groups = K / G;
   const int chunk = blocks * kBlock;  // channels per tile
-  const bool has_offsets = offsets != nullptr;
+  const bool has_offsets = offsets != nullptr;  // fp32 / fp16 form only (group_sm)
 
   const uint8_t* qrow[kGemvRows];  // weight rows (clamped to row 0 past N; their loads are skipped)
   bool row_ok[kGemvRows];
@@ -175,32 +244,30 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
 #pragma unroll
     for (int m = 0; m < MB; ++m) acc[r][m] = 0.f;
 
-  // The block's weights, scale and offset (loaded only with offsets), as stored: a prefetch is widened where it is
-  // used, so that the lane does not wait for it right after issuing it.
+  // The block's weights and group parameters, as stored: a prefetch is formed into s and m where it is used, so that
+  // the lane does not wait for it right after issuing it.
   uint4 w[kGemvRows];
-  P sc[kGemvRows], off[kGemvRows];
+  RawGroup<P> par[kGemvRows];
   for (int c0 = 0; c0 < K; c0 += chunk) {
     const int kc = min(chunk, K - c0);  // channels in this chunk (a multiple of 32)
     const int n_blk = kc / kBlock;
     // Lane walks blocks blk = lane, lane + 32, ... of the chunk; block b = c0 / 32 + blk of the row.
-    auto load_block = [&](int blk, uint4 (&w_out)[kGemvRows], P (&s_out)[kGemvRows], P (&o_out)[kGemvRows]) {
+    auto load_block = [&](int blk, uint4 (&w_out)[kGemvRows], RawGroup<P> (&par_out)[kGemvRows]) {
       const int b = c0 / kBlock + blk;
       const int g = b * kBlock / G;
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
         w_out[r] = make_uint4(0, 0, 0, 0);
-        s_out[r] = o_out[r] = P{};
+        par_out[r] = RawGroup<P>{};
         if (row_ok[r]) {
-          const int64_t p = static_cast<int64_t>(n0 + r) * n_groups + g;
           w_out[r] = __ldcs(reinterpret_cast<const uint4*>(qrow[r] + static_cast<int64_t>(b) * kBlockBytes));
-          s_out[r] = __ldg(scales + p);
-          if (has_offsets) o_out[r] = __ldg(offsets + p);
+          par_out[r] = load_group(scales, offsets, n0 + r, n_groups, g);
         }
       }
     };
     // The first weight loads go out before x is staged: the block does not wait a whole memory round trip after
     // the barrier below.
-    if (lane < n_blk) load_block(lane, w, sc, off);
+    if (lane < n_blk) load_block(lane, w, par);
 
     // Stage x[m0 : m0 + MB, c0 : c0 + kc] as fp32, 8 channels (pieces 2j, 2j + 1 of a block) per lane; a quad of
     // lanes covers one block and adds up its sum with two shuffles. Every lane of a warp runs the same iterations
@@ -228,8 +295,8 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
 
     for (int blk = lane; blk < n_blk; blk += kWarp) {
       uint4 w_next[kGemvRows];
-      P sc_next[kGemvRows], off_next[kGemvRows];
-      if (blk + kWarp < n_blk) load_block(blk + kWarp, w_next, sc_next, off_next);
+      RawGroup<P> par_next[kGemvRows];
+      if (blk + kWarp < n_blk) load_block(blk + kWarp, w_next, par_next);
 
       float part[kGemvRows][MB];  // sum over the block of (1 + q/16) * x
 #pragma unroll
@@ -264,22 +331,20 @@ __global__ void __launch_bounds__(kGemvMaxWarps * kWarp)
       }
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
-        const float s = param_float(sc[r]);
-        const float s16 = q4::kUnitScale * s;                                   // exact
-        const float m_r = has_offsets ? param_float(off[r]) : kQ40Offset * s;  // the offset m
+        const float2 sm = group_sm(par[r], has_offsets);  // the group's s and m
+        const float s16 = q4::kUnitScale * sm.x;           // exact
 #pragma unroll
         for (int m = 0; m < MB; ++m) {
           // sum (q s + m) x = 16 s (part - sum x) + m sum x
           const float xs_blk = xsum[q4::gemv_xsum_index(m, blk, blocks)];
-          acc[r][m] = fmaf(m_r, xs_blk, fmaf(s16, part[r][m] - xs_blk, acc[r][m]));
+          acc[r][m] = fmaf(sm.y, xs_blk, fmaf(s16, part[r][m] - xs_blk, acc[r][m]));
         }
       }
 
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) {
         w[r] = w_next[r];
-        sc[r] = sc_next[r];
-        off[r] = off_next[r];
+        par[r] = par_next[r];
       }
     }
   }
@@ -348,7 +413,11 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_by
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
 
-// ---- group parameters in shared memory: one 4-byte slot each (see the top of the file) ----
+// ---- group parameters in shared memory: kParamSlots<P> 4-byte slots per weight row (see the top of the file) ----
+
+// fp32 / fp16: the scale and the offset; K-quant: the superblock's first word, the words holding sc and mn.
+template <typename P>
+constexpr int kParamSlots = kKQuant<P> ? 3 : 2;
 
 // Parameter *src -> its slot, asynchronously; zero-filled when !ok (src must still be a valid address). fp16: the
 // 4-byte word holding it (the tensor's data 4-byte aligned), whole when it is the upper half, else its lower 2 bytes.
@@ -370,6 +439,27 @@ __device__ __forceinline__ float param_from_slot(uint32_t slot, bool upper) {
     return __half2float(bit_cast<__half>(static_cast<uint16_t>(upper ? slot >> 16 : slot)));
   } else {
     return bit_cast<float>(slot);
+  }
+}
+
+// Byte b (0..3) of a staged K-quant word (sc or mn of group g: b = g % 4).
+__device__ __forceinline__ uint32_t slot_byte(uint32_t slot, int b) { return (slot >> (8 * b)) & 0xFFu; }
+
+// The s and m in fp32 of group g of weight row n = n0 + col, staged at slots params[k * BN + col] (k < kParamSlots).
+template <typename P, int BN>
+__device__ __forceinline__ float staged_scale(const uint32_t* params, int col, int n, int n_groups, int g) {
+  if constexpr (kKQuant<P>) {
+    return kq_scale(params[col], slot_byte(params[BN + col], g % 4));
+  } else {
+    return param_from_slot<P>(params[col], param_upper(n, n_groups, g));
+  }
+}
+template <typename P, int BN>
+__device__ __forceinline__ float staged_offset(const uint32_t* params, int col, int n, int n_groups, int g) {
+  if constexpr (kKQuant<P>) {
+    return kq_offset(params[col], slot_byte(params[2 * BN + col], g % 4));
+  } else {
+    return param_from_slot<P>(params[BN + col], param_upper(n, n_groups, g));
   }
 }
 
@@ -403,18 +493,19 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t pair, typename MmaType
   return bit_cast<uint32_t>(__hmul2(centered, scale));
 }
 
-// Tile shapes: warps WM x WN, each with MT x NT mma tiles of 16 x 8; STAGES tiles of k in flight.
-template <int WM_, int WN_, int MT_, int NT_, int STAGES_>
+// Tile shapes: warps WM x WN, each with MT x NT mma tiles of 16 x 8; STAGES tiles of k in flight; SLOTS: group
+// parameter slots per weight row (kParamSlots).
+template <int WM_, int WN_, int MT_, int NT_, int STAGES_, int SLOTS_>
 struct GemmConfig {
-  static constexpr int WM = WM_, WN = WN_, MT = MT_, NT = NT_, STAGES = STAGES_;
+  static constexpr int WM = WM_, WN = WN_, MT = MT_, NT = NT_, STAGES = STAGES_, SLOTS = SLOTS_;
   static constexpr int kThreads = WM * WN * kWarp;
   static constexpr int BM = WM * MT * 16;
   static constexpr int BN = WN * NT * 8;
   // One pipeline stage in shared memory:
   static constexpr int kABytes = BM * kBK * 2;      // x [BM, 32] fp16/bf16, rows of 4 swizzled 16-byte chunks
   static constexpr int kBBytes = BN * kBlockBytes;  // qweight [BN, 16 bytes], as stored
-  // group-start tiles only: scales [BN] and offsets [BN] (4-byte slots: stage_param), xsum [BM] fp32
-  static constexpr int kParamBytes = (2 * BN + BM) * 4;
+  // group-start tiles only: SLOTS slots [SLOTS, BN] (scales and offsets, or the K-quant words), xsum [BM] fp32
+  static constexpr int kParamBytes = (SLOTS * BN + BM) * 4;
   static constexpr int kStageBytes = kABytes + kBBytes + kParamBytes;
   static constexpr int kSmemBytes = STAGES * kStageBytes;
   static_assert(kSmemBytes <= 48 * 1024, "keep the pipeline under 48 KB (no opt-in attribute needed)");
@@ -422,9 +513,14 @@ struct GemmConfig {
   static_assert(BN <= kThreads && BM <= kThreads, "one thread stages each weight row's and x row's parameters");
 };
 
-using GemmSmall = GemmConfig<1, 4, 1, 4, 8>;   // 16 x 128 tile, 128 threads: M <= 16
-using GemmMedium = GemmConfig<2, 2, 2, 8, 6>;  // 64 x 128 tile, 128 threads: M <= 64
-using GemmLarge = GemmConfig<2, 4, 4, 4, 4>;   // 128 x 128 tile, 256 threads
+// Shared memory per block (STAGES * kStageBytes), 2 slots (fp32 / fp16) and 3 (K-quant): 33280 and 37376 bytes
+// (small), 44544 and 47616 (medium), 47104 and 49152 (large).
+template <int SLOTS>
+using GemmSmall = GemmConfig<1, 4, 1, 4, 8, SLOTS>;   // 16 x 128 tile, 128 threads: M <= 16
+template <int SLOTS>
+using GemmMedium = GemmConfig<2, 2, 2, 8, 6, SLOTS>;  // 64 x 128 tile, 128 threads: M <= 64
+template <int SLOTS>
+using GemmLarge = GemmConfig<2, 4, 4, 4, 4, SLOTS>;   // 128 x 128 tile, 256 threads
 
 // 16-byte chunk `chunk` (0..3) of row `row` of an x tile sits at chunk ^ ((row / 2) % 4): the 8 rows one ldmatrix
 // phase reads (same logical chunk) then fall in 8 different 16-byte bank groups.
@@ -432,8 +528,9 @@ __device__ __forceinline__ int a_chunk(int row, int chunk) { return chunk ^ ((ro
 
 // Block (blockIdx.x, blockIdx.y, blockIdx.z) computes y[m0 : m0 + BM, n0 : n0 + BN] over k tiles
 // [z * tiles_per_split, (z + 1) * tiles_per_split). With partial != nullptr it writes fp32 partial sums
-// partial[z, m, n] (fp32 [splits, M, N]) instead of y. kOffsets: offsets and xsum (fp32 [M, K/G], x summed over each
-// group) are read, else both are nullptr and m = -8 s.
+// partial[z, m, n] (fp32 [splits, M, N]) instead of y. scales and offsets as in Operands. kOffsets (always with
+// K-quant superblocks): the offset term is added, from xsum (fp32 [M, K/G], x summed over each group); else offsets
+// and xsum are nullptr and m = -8 s.
 template <typename T, typename P, bool kOffsets, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads)
     int4_gemm_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const P* __restrict__ scales,
@@ -442,6 +539,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   using Mma = MmaType<T>;
   using T2 = typename Mma::T2;
   constexpr int BM = Cfg::BM, BN = Cfg::BN, MT = Cfg::MT, NT = Cfg::NT, STAGES = Cfg::STAGES;
+  static_assert(Cfg::SLOTS == kParamSlots<P>, "the stage layout has the parameter form's slots");
+  static_assert(kOffsets || !kKQuant<P>, "K-quant groups always have an offset term");
   extern __shared__ float4 gemm_smem[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(gemm_smem);
 
@@ -472,7 +571,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     a_src[it] = x + static_cast<int64_t>(ok ? m0 + i / 4 : 0) * K + (i % 4) * 8;
   }
   const uint8_t* b_src[B_ITERS];  // weight row (row 0 past N)
-  const P* s_src[B_ITERS];        // its scales; offsets at the same offset from `offsets`
+  const P* s_src[B_ITERS];        // its scales, offsets at the same offset from `offsets`; or its superblocks
   bool b_ok[B_ITERS], b_live[B_ITERS];
 #pragma unroll
   for (int it = 0; it < B_ITERS; ++it) {
@@ -481,15 +580,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     b_ok[it] = n0 + i < N;
     const int64_t n = b_ok[it] ? n0 + i : 0;
     b_src[it] = qweight + n * (K / 2);
-    s_src[it] = scales + n * n_groups;
+    s_src[it] = scales + n * (kKQuant<P> ? n_groups / kq::kSuperGroups * kq::kSuperBytes : n_groups);
   }
   const bool xs_ok = m0 + tid < M;
   const float* xs_src = nullptr;  // xsum row (row 0 past M)
   if constexpr (kOffsets) xs_src = xsum + static_cast<int64_t>(xs_ok ? m0 + tid : 0) * n_groups;
 
   // Tiles are loaded in order kt_begin, kt_begin + 1, ...: a running group counter instead of a division per tile.
-  // Scales are (re)loaded at the first tile of each group and of the split; offsets and xsum at the first tile of
-  // each group only (where its offset term is added).
+  // What forms s is (re)loaded at the first tile of each group and of the split; what forms m, and xsum, at the first
+  // tile of each group only (where its offset term is added).
   int load_kt = kt_begin;
   int load_g = kt_begin / tiles_per_group;
   int load_r = kt_begin - load_g * tiles_per_group;  // tile's index within its group
@@ -508,19 +607,29 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         cp_async16(st + Cfg::kABytes + i * kBlockBytes, b_src[it] + load_kt * kBlockBytes, b_ok[it]);
       }
     if (load_kt == kt_begin || load_r == 0) {
-      uint32_t* params = reinterpret_cast<uint32_t*>(st + Cfg::kABytes + Cfg::kBBytes);  // scales | offsets | xsum
+      uint32_t* params = reinterpret_cast<uint32_t*>(st + Cfg::kABytes + Cfg::kBBytes);  // slots [SLOTS, BN] | xsum
 #pragma unroll
       for (int it = 0; it < B_ITERS; ++it)
         if (b_live[it]) {
           const int i = tid + it * Cfg::kThreads;
-          const P* sp = s_src[it] + load_g;
-          stage_param(params + i, sp, b_ok[it]);
-          if constexpr (kOffsets) {
-            if (load_r == 0) stage_param(params + BN + i, offsets + (sp - scales), b_ok[it]);
+          if constexpr (kKQuant<P>) {
+            // the superblock of group load_g: its first word (d, dmin), the words holding the group's sc and mn
+            const uint8_t* sb = s_src[it] + (load_g / kq::kSuperGroups) * kq::kSuperBytes;
+            const int word = (load_g % kq::kSuperGroups) & ~3;  // the words' offset within sc and mn: 0 or 4
+            const int bytes = b_ok[it] ? 4 : 0;
+            cp_async4(params + i, sb, bytes);
+            cp_async4(params + BN + i, sb + kq::kScaleAt + word, bytes);
+            if (load_r == 0) cp_async4(params + 2 * BN + i, sb + kq::kMinAt + word, bytes);
+          } else {
+            const P* sp = s_src[it] + load_g;
+            stage_param(params + i, sp, b_ok[it]);
+            if constexpr (kOffsets) {
+              if (load_r == 0) stage_param(params + BN + i, offsets + (sp - scales), b_ok[it]);
+            }
           }
         }
       if constexpr (kOffsets) {
-        if (load_r == 0 && tid < BM) cp_async4(params + 2 * BN + tid, xs_src + load_g, xs_ok ? 4 : 0);
+        if (load_r == 0 && tid < BM) cp_async4(params + Cfg::SLOTS * BN + tid, xs_src + load_g, xs_ok ? 4 : 0);
       }
     }
     ++load_kt;
@@ -570,13 +679,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int col = (warp_n * NT + nt) * 8 + quad;
-        scale2[nt] = Mma::splat(param_from_slot<P>(params[col], param_upper(n0 + col, n_groups, g)));
+        scale2[nt] = Mma::splat(staged_scale<P, BN>(params, col, n0 + col, n_groups, g));
       }
       if constexpr (kOffsets) {
         if (group_first) {
           // acc[i][n] += xsum[i, g] * (m + 8 s)[n, g]: accumulator e of tile (mt, nt) is row quad + 8 * (e / 2),
           // column 2t + e % 2
-          const float* xs_tile = reinterpret_cast<const float*>(params + 2 * BN);
+          const float* xs_tile = reinterpret_cast<const float*>(params + Cfg::SLOTS * BN);
           float xs[MT][2];
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt)
@@ -587,9 +696,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
               const int col = (warp_n * NT + nt) * 8 + 2 * t + j;
-              const bool upper = param_upper(n0 + col, n_groups, g);
-              const float c = fmaf(-kQ40Offset, param_from_slot<P>(params[col], upper),
-                                   param_from_slot<P>(params[BN + col], upper));
+              const float c = fmaf(-kQ40Offset, staged_scale<P, BN>(params, col, n0 + col, n_groups, g),
+                                   staged_offset<P, BN>(params, col, n0 + col, n_groups, g));
 #pragma unroll
               for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -712,16 +820,19 @@ void launch_gemm(const Operands<T, P>& op, const float* xsum, const at::TensorOp
 template <bool kOffsets, typename T, typename P>
 void run_gemm_tiles(const Operands<T, P>& op, const float* xsum, const at::TensorOptions& float_options,
                     cudaStream_t stream) {
-  if (op.M <= GemmSmall::BM) return launch_gemm<kOffsets, GemmSmall>(op, xsum, float_options, stream);
-  if (op.M <= GemmMedium::BM) return launch_gemm<kOffsets, GemmMedium>(op, xsum, float_options, stream);
-  launch_gemm<kOffsets, GemmLarge>(op, xsum, float_options, stream);
+  constexpr int S = kParamSlots<P>;
+  if (op.M <= GemmSmall<S>::BM) return launch_gemm<kOffsets, GemmSmall<S>>(op, xsum, float_options, stream);
+  if (op.M <= GemmMedium<S>::BM) return launch_gemm<kOffsets, GemmMedium<S>>(op, xsum, float_options, stream);
+  launch_gemm<kOffsets, GemmLarge<S>>(op, xsum, float_options, stream);
 }
 
 // x2: op.x as a tensor, contiguous [M, K].
 template <typename T, typename P>
 void run_gemm(const Operands<T, P>& op, const at::Tensor& x2, cudaStream_t stream) {
   const auto float_options = x2.options().dtype(at::kFloat);
-  if (op.offsets == nullptr) return run_gemm_tiles<false>(op, nullptr, float_options, stream);
+  if constexpr (!kKQuant<P>) {  // K-quant superblocks always have offsets
+    if (op.offsets == nullptr) return run_gemm_tiles<false>(op, nullptr, float_options, stream);
+  }
   // x summed over each group in fp32 (one reduction on the current stream; the sum accumulates in fp32 without an
   // fp32 copy of x): fp32 [M, K/G]
   const at::Tensor xsum = x2.view({op.M, op.K / op.G, op.G}).sum(2, /*keepdim=*/false, at::kFloat);
@@ -743,14 +854,12 @@ Path requested_path() {
   TORCH_CHECK(false, "TINYCHAT_INT4_CUDA_PATH must be auto, gemv or gemm, got '", env, "'");
 }
 
-// Every argument of int4_linear on CUDA: the CPU kernel's rules (checks.h), fp32 or fp16 scales, alignment and
-// 32-bit sizes.
+// Every argument of int4_linear on CUDA: the CPU kernel's rules (checks.h: the three forms of the group parameters),
+// qweight's alignment and 32-bit sizes.
 void check_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& offsets, int64_t group_size) {
   const char* op = "int4_linear";
   check_int4_linear_args(x, qweight, scales, offsets, group_size, c10::DeviceType::CUDA);
-  TORCH_CHECK(scales.scalar_type() != at::kByte, op,
-              ": uint8 scales (K-quant superblocks) run on the CPU only; the CUDA kernels take fp32 or fp16 scales");
   TORCH_CHECK(x.size(-1) <= INT32_MAX / 2, op, ": K too large: ", x.size(-1));
   TORCH_CHECK(qweight.size(0) <= INT32_MAX, op, ": N too large: ", qweight.size(0));
   TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.const_data_ptr()) % 16 == 0, op,
@@ -758,7 +867,8 @@ void check_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor
 }
 
 // t itself when its data is 4-byte aligned, else a contiguous copy in a fresh allocation: the GEMM stages fp16 group
-// parameters by the 4-byte words that hold them (stage_param).
+// parameters by the 4-byte words that hold them (stage_param), and both paths read a K-quant superblock's d and dmin
+// as one 4-byte word.
 at::Tensor aligned4(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 4 == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
 }
@@ -768,30 +878,30 @@ const E* data(const at::Tensor& t) {
   return static_cast<const E*>(t.const_data_ptr());
 }
 
-// One call with x's element type T and the parameters' P. x2 [M, K] contiguous and 16-byte aligned, y [M, N].
+// One call with x's element type T and the parameters' P (float, __half; uint8_t: K-quant superblocks). x2 [M, K]
+// contiguous and 16-byte aligned, y [M, N]; gemv: the GEMV path (always for fp32 x).
 template <typename T, typename P>
 void run(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
          const c10::optional<at::Tensor>& offsets, at::Tensor& y, int64_t group_size, bool gemv,
          cudaStream_t stream) {
-  Operands<T, P> op{data<T>(x2),
-                    data<uint8_t>(qweight),
-                    data<P>(scales),
-                    offsets.has_value() ? data<P>(*offsets) : nullptr,
-                    static_cast<T*>(y.data_ptr()),
-                    static_cast<int>(x2.size(0)),
-                    static_cast<int>(qweight.size(0)),
-                    static_cast<int>(x2.size(1)),
-                    static_cast<int>(group_size)};
+  // Parameters read by 4-byte words need 4-byte aligned data (aligned4): superblocks on both paths, fp16 parameters
+  // in the GEMM. The tensors the kernels read, kept alive until the launch is queued (the allocator is stream-ordered).
+  const bool words = kKQuant<P> || (std::is_same_v<P, __half> && !gemv);
+  const at::Tensor s = words ? aligned4(scales) : scales;
+  const at::Tensor o = !offsets.has_value() ? at::Tensor() : words ? aligned4(*offsets) : *offsets;
+  const Operands<T, P> op{data<T>(x2),
+                          data<uint8_t>(qweight),
+                          data<P>(s),
+                          o.defined() ? data<P>(o) : nullptr,
+                          static_cast<T*>(y.data_ptr()),
+                          static_cast<int>(x2.size(0)),
+                          static_cast<int>(qweight.size(0)),
+                          static_cast<int>(x2.size(1)),
+                          static_cast<int>(group_size)};
   if constexpr (std::is_same_v<T, float>) {
     run_gemv(op, stream);  // fp32 x: the GEMV only
   } else if (gemv) {
     run_gemv(op, stream);
-  } else if constexpr (std::is_same_v<P, __half>) {
-    const at::Tensor s4 = aligned4(scales);  // kept alive until the launch is queued (the allocator is stream-ordered)
-    const at::Tensor o4 = offsets.has_value() ? aligned4(*offsets) : at::Tensor();
-    op.scales = data<P>(s4);
-    op.offsets = o4.defined() ? data<P>(o4) : nullptr;
-    run_gemm(op, x2, stream);
   } else {
     run_gemm(op, x2, stream);
   }
@@ -801,10 +911,15 @@ template <typename T>
 void run_for_params(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                     const c10::optional<at::Tensor>& offsets, at::Tensor& y, int64_t group_size, bool gemv,
                     cudaStream_t stream) {
-  if (scales.scalar_type() == at::kHalf) {
-    run<T, __half>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
-  } else {  // float32 (check_args allows nothing else)
-    run<T, float>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
+  switch (scales.scalar_type()) {
+    case at::kHalf:
+      run<T, __half>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
+      break;
+    case at::kByte:  // K-quant superblocks
+      run<T, uint8_t>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
+      break;
+    default:  // float32 (check_args allows nothing else)
+      run<T, float>(x2, qweight, scales, offsets, y, group_size, gemv, stream);
   }
 }
 
