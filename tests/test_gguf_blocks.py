@@ -199,3 +199,16 @@ def test_awq_on_blocks_says_it_requantizes(smollm2_gguf, monkeypatch):
     assert type(model.layers[0].attn.wqkv) is torch.nn.Linear
     model, _, _ = load_transformer()  # auto: the blocks, no warning
     assert isinstance(model.layers[0].attn.wqkv, WQLinear)
+
+
+def test_rows_not_in_whole_blocks_are_refused(tmp_path):
+    """A tensor whose rows are not a whole number of blocks (a crafted header: gguf's writer cannot make one) is
+    refused by name before its bytes are read as blocks."""
+    from types import SimpleNamespace
+
+    from tinychat.io.gguf import _group_loader
+
+    t = SimpleNamespace(name="blk.0.ffn_up.weight", tensor_type=Q.Q4_0, data=np.zeros(4 * 27, np.uint8))
+    with pytest.raises(ModelLoadError) as exc:
+        _group_loader(t, tmp_path / "x.gguf", (4, 48), None)()
+    assert_message(exc, "blk.0.ffn_up.weight", "Q4_0", "rows of 48 weights, not a whole number of 32-weight blocks")

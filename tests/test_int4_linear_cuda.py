@@ -432,6 +432,29 @@ def test_kquant_fp32_x(M, K):
     check(x, 41, K, 32, "kquant")
 
 
+def assert_offsets_in_fp32(out, x, q, scales, offsets, G):
+    """out [M, N] (fp64) of int4_linear on x [M, K] (fp16/bf16) and codes q [N, K] with fp32 scales and offsets
+    [N, K/G]: within the bound of the GEMM's math with an fp32 offset term, and the data such that rounding
+    c = m + 8 s to x's dtype would break that bound on most outputs. The bound: eps |exact| + eps sum |x (q - 8) s|
+    (the activation-dtype part) + 2^-18 (sum |x (q - 8) s| + sum |c xsum|) (fp32 accumulation)."""
+    N, K = q.shape
+    n_groups = K // G
+    s, m = scales.double(), offsets.double()  # [N, K/G], exactly the stored values
+    W = (q.float().reshape(N, n_groups, G) * scales[..., None] + offsets[..., None]).reshape(N, K)  # the op's fp32 W
+    xd = x.double()
+    exact = xd @ W.double().t()  # [M, N], the product in fp64
+    centered = ((q.double().reshape(N, n_groups, G) - 8) * s[..., None]).reshape(N, K)  # (q - 8) s
+    c = m + 8 * s  # [N, K/G]
+    xsum = xd.reshape(-1, n_groups, G).sum(-1)  # [M, K/G]
+    eps = torch.finfo(x.dtype).eps
+    low_part = xd.abs() @ centered.abs().t()  # [M, N]
+    tol = eps * (exact.abs() + low_part) + 2**-18 * (low_part + xsum.abs() @ c.abs().t())
+    err = (out - exact).abs()
+    assert (err <= tol).all(), f"worst error {(err / tol).max().item():.2f} times the bound"
+    rounded_c_err = (xsum @ (c.to(x.dtype).double() - c).t()).abs()  # what rounding c to x's dtype would add
+    assert (rounded_c_err > tol).double().mean() > 0.5, "the data cannot tell an fp32 offset term from a rounded one"
+
+
 @pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
 @pytest.mark.parametrize("params", ["fp32", "fp16"])
 @pytest.mark.parametrize("dtype", LOW)
@@ -464,20 +487,7 @@ def test_offsets_in_fp32(path, params, dtype, M):
 
     qweight = pack_int4_op(q)
     out = tc().int4_linear(x.cuda(), qweight.cuda(), scales.cuda(), offsets.cuda(), G).cpu().double()  # [M, N]
-    s, m = scales.double(), offsets.double()  # [N, K/G], exactly the stored values
-    W = (q.float().reshape(N, n_groups, G) * scales.float()[..., None] + offsets.float()[..., None]).reshape(N, K)
-    xd = x.double()
-    exact = xd @ W.double().t()  # [M, N]: the op's fp32 W, the product in fp64
-    centered = ((q.double().reshape(N, n_groups, G) - 8) * s[..., None]).reshape(N, K)  # (q - 8) s
-    c = m + 8 * s  # [N, K/G]
-    xsum = xd.reshape(-1, n_groups, G).sum(-1)  # [M, K/G]
-    eps = torch.finfo(dtype).eps
-    low_part = xd.abs() @ centered.abs().t()  # [M, N]
-    tol = eps * (exact.abs() + low_part) + 2**-18 * (low_part + xsum.abs() @ c.abs().t())
-    err = (out - exact).abs()
-    assert (err <= tol).all(), f"worst error {(err / tol).max().item():.2f} times the bound"
-    rounded_c_err = (xsum @ (c.to(dtype).double() - c).t()).abs()  # what rounding c to x's dtype would add
-    assert (rounded_c_err > tol).double().mean() > 0.5, "the data cannot tell an fp32 offset term from a rounded one"
+    assert_offsets_in_fp32(out, x, q, scales.float(), offsets.float(), G)
 
 
 @pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
@@ -508,21 +518,7 @@ def test_kquant_offsets_in_fp32(path, dtype, M):
 
     qweight = pack_int4_op(q)
     out = tc().int4_linear(x.cuda(), qweight.cuda(), superblocks.cuda(), None, G).cpu().double()  # [M, N]
-    scales, offsets = ops.kquant_group_params(superblocks)  # fp32 [N, K/G], exact
-    s, m = scales.double(), offsets.double()
-    W = ops.group_weights(q, superblocks, None, G, -8.0)  # [N, K]: the op's fp32 W
-    xd = x.double()
-    exact = xd @ W.double().t()  # [M, N], the product in fp64
-    centered = ((q.double().reshape(N, n_groups, G) - 8) * s[..., None]).reshape(N, K)  # (q - 8) s
-    c = m + 8 * s  # [N, K/G]
-    xsum = xd.reshape(-1, n_groups, G).sum(-1)  # [M, K/G]
-    eps = torch.finfo(dtype).eps
-    low_part = xd.abs() @ centered.abs().t()  # [M, N]
-    tol = eps * (exact.abs() + low_part) + 2**-18 * (low_part + xsum.abs() @ c.abs().t())
-    err = (out - exact).abs()
-    assert (err <= tol).all(), f"worst error {(err / tol).max().item():.2f} times the bound"
-    rounded_c_err = (xsum @ (c.to(dtype).double() - c).t()).abs()  # what rounding c to x's dtype would add
-    assert (rounded_c_err > tol).double().mean() > 0.5, "the data cannot tell an fp32 offset term from a rounded one"
+    assert_offsets_in_fp32(out, x, q, *ops.kquant_group_params(superblocks), G)  # fp32 [N, K/G], exact
 
 
 @pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
