@@ -77,7 +77,7 @@ struct Problem {
 
 // y[m, n] for MB rows of x from m0, one row n of W.
 template <int MB>
-void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
+void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
   const uint8_t* qrow = p.q + n * (p.K / 2);
   const int64_t ng = p.ng;
   float acc[MB] = {};
@@ -95,7 +95,7 @@ void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
         gacc[mb] += s;
       }
     }
-    const float sc = p.w.scale(n * ng + g), off = p.w.offset(n * ng + g);
+    const float sc = sw[g], off = mw[g];
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) acc[mb] += sc * gacc[mb] + off * p.xsum[(m0 + mb) * ng + g];
   }
@@ -108,7 +108,7 @@ void gemv_row_scalar(const Problem& p, int64_t n, int64_t m0) {
 // ---- AVX2 + FMA ----
 
 template <int MB>
-TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
+TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
   const uint8_t* qrow = p.q + n * (p.K / 2);
   const int64_t ng = p.ng;
   const __m128i low4 = _mm_set1_epi8(0x0F);
@@ -137,7 +137,7 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
         gacc[mb] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), gacc[mb]);
       }
     }
-    const float sc = p.w.scale(n * ng + g), off = p.w.offset(n * ng + g);
+    const float sc = sw[g], off = mw[g];
     const __m256 vs = _mm256_set1_ps(sc);
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
@@ -157,7 +157,7 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 template <int MB>
-TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
+TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
   const uint8_t* qrow = p.q + n * (p.K / 2);
   const int64_t ng = p.ng;
   const __m128i low4 = _mm_set1_epi8(0x0F);
@@ -180,7 +180,7 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0) {
         gacc[mb] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), gacc[mb]);
       }
     }
-    const float sc = p.w.scale(n * ng + g), off = p.w.offset(n * ng + g);
+    const float sc = sw[g], off = mw[g];
     const __m512 vs = _mm512_set1_ps(sc);
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
@@ -259,32 +259,11 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// Four scales from flat group index i of the group parameters (fp32, fp16 or K-quant superblocks) as fp32 in lanes
-// 0..3 (the rest undefined); `whole`: all four exist, else only those in `mask` are loaded (a masked load, slow: only
-// near a row's end). Four groups of a chunk lie in one K-quant superblock (8 groups, chunks start at multiples of 4).
-TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m512 scales4(const GroupParams& w, int64_t i, bool whole, uint8_t mask) {
-  if (w.kind == GroupParams::Kind::kSuper) {
-    const uint8_t* sb = w.super(i);
-    int32_t sc4;
-    std::memcpy(&sc4, sb + kq::kScaleAt + i % kq::kSuperGroups, 4);
-    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_cvtsi32_si128(sc4)));
-    return _mm512_mul_ps(_mm512_set1_ps(GroupParams::half_at(sb)), sc);
-  }
-  if (w.kind == GroupParams::Kind::kHalf) {
-    const auto* h = static_cast<const at::Half*>(w.scales) + i;
-    const __m128i bits = whole ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h)) : _mm_maskz_loadu_epi16(mask, h);
-    return _mm512_cvtph_ps(_mm256_castsi128_si256(bits));
-  }
-  const float* f = static_cast<const float*>(w.scales) + i;
-  return _mm512_castps128_ps512(whole ? _mm_loadu_ps(f) : _mm_maskz_loadu_ps(mask, f));
-}
-
 template <int MB>
-TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0) {
+TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
   const Int8Activations& a = *p.xq;
   const int64_t half = p.K / 2, ng = p.ng;
   const uint8_t* qrow = p.q + n * half;
-  const int64_t row_groups = n * ng;  // index of the row's first group in scales / offsets
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i lane_group = _mm512_loadu_si512(a.lane_group.data());
   __m512 acc[MB];
@@ -299,8 +278,8 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0)
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
     // up to 4 scales from the chunk's first group; masked loads only near the row's end (they are slow)
     const int64_t g0 = p.block_group[4 * c];
-    const __m512 s4 = scales4(p.w, row_groups + g0, g0 + 4 <= ng, a.group_mask[c]);
-    const __m512 wscale = _mm512_permutexvar_ps(lane_group, s4);
+    const __m128 s4 = g0 + 4 <= ng ? _mm_loadu_ps(sw + g0) : _mm_maskz_loadu_ps(a.group_mask[c], sw + g0);
+    const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
     const int8_t* xq = a.q8.data() + (c * p.M + m0) * 2 * kChunkBytes;  // rows m0.. of this chunk
     const float* xs = a.lane_scales.data() + (c * p.M + m0) * 16;
     #pragma GCC unroll 8  // keep the MB accumulators in registers
@@ -313,9 +292,8 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0)
   }
   float off[kMaxMBVnni] = {};  // the offset terms
   for (int64_t g = 0; g < ng; ++g) {
-    const float m = p.w.offset(row_groups + g);
     #pragma GCC unroll 8
-    for (int mb = 0; mb < MB; ++mb) off[mb] += m * a.group_sums[(m0 + mb) * ng + g];
+    for (int mb = 0; mb < MB; ++mb) off[mb] += mw[g] * a.group_sums[(m0 + mb) * ng + g];
   }
   #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) + off[mb];
@@ -326,7 +304,7 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0)
 
 // ---- dispatch ----
 
-using GemvRowFn = void (*)(const Problem&, int64_t, int64_t);
+using GemvRowFn = void (*)(const Problem&, int64_t, int64_t, const float*, const float*);
 
 // The GEMV kernel for `isa` and MB rows of x.
 template <int MB>
@@ -362,16 +340,18 @@ GemvRowFn gemv_row_fn(Isa isa, int mb) {
   }
 }
 
-// Rows of W split over threads; every row of W is read once per chunk of kMaxMB rows of x (from cache after the
-// first).
+// Rows of W split over threads; each row's group parameters are widened to fp32 once (row_params), then the row runs
+// against every chunk of kMaxMB rows of x (the row from cache after the first).
 void run_gemv(const Problem& p, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (p.K * p.M));
+  const int64_t max_mb = isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB;
+  const GemvRowFn full = gemv_row_fn(isa, static_cast<int>(std::min<int64_t>(max_mb, p.M)));
+  const GemvRowFn tail = gemv_row_fn(isa, static_cast<int>(p.M % max_mb == 0 ? max_mb : p.M % max_mb));
   at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
-    const int64_t max_mb = isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB;
-    for (int64_t m0 = 0; m0 < p.M; m0 += max_mb) {
-      const int mb = static_cast<int>(std::min<int64_t>(max_mb, p.M - m0));
-      const GemvRowFn row = gemv_row_fn(isa, mb);
-      for (int64_t n = begin; n < end; ++n) row(p, n, m0);
+    std::vector<float> buf(2 * p.ng);  // [2, K/G]: a row's parameters when they must be widened
+    for (int64_t n = begin; n < end; ++n) {
+      const RowParams rp = row_params(p.w, n, p.ng, buf.data(), isa);
+      for (int64_t m0 = 0; m0 < p.M; m0 += max_mb) (p.M - m0 >= max_mb ? full : tail)(p, n, m0, rp.s, rp.m);
     }
   });
 }

@@ -44,78 +44,73 @@ TINYCHAT_INLINE float tail_dot(const int8_t* q, const float* x, int64_t k0, int6
   return s;
 }
 
-// The offset term of row n for row m of x: sum_g m[n, g] * xsum[m, g] (0 without offsets).
-TINYCHAT_INLINE float offset_term(const Problem& p, int64_t n, int64_t m) {
+// The offset term of output row n for row m of x: sum_g m[g] * xsum[m, g], mw the row's offsets (0 without offsets).
+TINYCHAT_INLINE float offset_term(const Problem& p, const float* mw, int64_t m) {
   if (p.xsum == nullptr) return 0.f;
   float s = 0.f;
-  for (int64_t g = 0; g < p.ng; ++g) s += p.w.offset(n * p.ng + g) * p.xsum[m * p.ng + g];
+  for (int64_t g = 0; g < p.ng; ++g) s += mw[g] * p.xsum[m * p.ng + g];
   return s;
 }
 
-// Each GEMV kernel computes y[m0 .. m0+MB, n] for rows n in [n_begin, n_end) and one instruction set.
+// Each GEMV kernel computes y[m0 .. m0+MB, n] for one row n of W and one instruction set, from the row's group
+// parameters sw, mw (fp32 [K/G], row_params).
 template <int MB>
-void gemv_scalar(const Problem& p, int64_t n_begin, int64_t n_end, int64_t m0) {
+void gemv_scalar(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
   const int64_t K = p.K, G = p.G, g_main = G - G % kDotLanes;
   const float* x = p.x + m0 * K;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* q = p.q + n * K;
-    float acc[MB] = {};
-    for (int64_t g = 0; g < p.ng; ++g) {
-      const int64_t k0 = g * G;
-      float gacc[MB][kDotLanes] = {};
-      for (int64_t k = k0; k < k0 + g_main; k += kDotLanes) {
-        #pragma GCC unroll 8  // keep the MB accumulators in registers
-        for (int mb = 0; mb < MB; ++mb) {
-          for (int j = 0; j < kDotLanes; ++j) gacc[mb][j] += static_cast<float>(q[k + j]) * x[mb * K + k + j];
-        }
-      }
-      const float sc = p.w.scale(n * p.ng + g);
+  const int8_t* q = p.q + n * K;
+  float acc[MB] = {};
+  for (int64_t g = 0; g < p.ng; ++g) {
+    const int64_t k0 = g * G;
+    float gacc[MB][kDotLanes] = {};
+    for (int64_t k = k0; k < k0 + g_main; k += kDotLanes) {
       #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
-        float d = tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
-        for (int j = 0; j < kDotLanes; ++j) d += gacc[mb][j];
-        acc[mb] += sc * d;
-      }
-    }
-    #pragma GCC unroll 8  // keep the MB accumulators in registers
-    for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = acc[mb] + offset_term(p, n, m0 + mb);
-  }
-}
-
-#ifdef TINYCHAT_X86
-template <int MB>
-TINYCHAT_AVX2 void gemv_avx2(const Problem& p, int64_t n_begin, int64_t n_end, int64_t m0) {
-  const int64_t K = p.K, G = p.G, g_main = G - G % 8;
-  const float* x = p.x + m0 * K;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* q = p.q + n * K;
-    __m256 acc[MB];
-    float tails[MB] = {};
-    #pragma GCC unroll 8  // keep the MB accumulators in registers
-    for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < p.ng; ++g) {
-      const int64_t k0 = g * G;
-      __m256 gacc[MB];
-      #pragma GCC unroll 8  // keep the MB accumulators in registers
-      for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm256_setzero_ps();
-      for (int64_t k = k0; k < k0 + g_main; k += 8) {
-        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
-        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-        #pragma GCC unroll 8  // keep the MB accumulators in registers
-        for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + mb * K + k), gacc[mb]);
-      }
-      const float sc = p.w.scale(n * p.ng + g);
-      const __m256 vs = _mm256_set1_ps(sc);
-      #pragma GCC unroll 8  // keep the MB accumulators in registers
-      for (int mb = 0; mb < MB; ++mb) {
-        acc[mb] = _mm256_fmadd_ps(vs, gacc[mb], acc[mb]);
-        if (g_main < G) tails[mb] += sc * tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
+        for (int j = 0; j < kDotLanes; ++j) gacc[mb][j] += static_cast<float>(q[k + j]) * x[mb * K + k + j];
       }
     }
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
-      p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) + tails[mb] + offset_term(p, n, m0 + mb);
+      float d = tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
+      for (int j = 0; j < kDotLanes; ++j) d += gacc[mb][j];
+      acc[mb] += sw[g] * d;
     }
+  }
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
+  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = acc[mb] + offset_term(p, mw, m0 + mb);
+}
+
+#ifdef TINYCHAT_X86
+template <int MB>
+TINYCHAT_AVX2 void gemv_avx2(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
+  const int64_t K = p.K, G = p.G, g_main = G - G % 8;
+  const float* x = p.x + m0 * K;
+  const int8_t* q = p.q + n * K;
+  __m256 acc[MB];
+  float tails[MB] = {};
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
+  for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.ng; ++g) {
+    const int64_t k0 = g * G;
+    __m256 gacc[MB];
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
+    for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k0 + g_main; k += 8) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
+      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
+      for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + mb * K + k), gacc[mb]);
+    }
+    const __m256 vs = _mm256_set1_ps(sw[g]);
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
+    for (int mb = 0; mb < MB; ++mb) {
+      acc[mb] = _mm256_fmadd_ps(vs, gacc[mb], acc[mb]);
+      if (g_main < G) tails[mb] += sw[g] * tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
+    }
+  }
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
+  for (int mb = 0; mb < MB; ++mb) {
+    p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) + tails[mb] + offset_term(p, mw, m0 + mb);
   }
 }
 
@@ -124,44 +119,41 @@ TINYCHAT_AVX2 void gemv_avx2(const Problem& p, int64_t n_begin, int64_t n_end, i
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <int MB>
-TINYCHAT_AVX512 void gemv_avx512(const Problem& p, int64_t n_begin, int64_t n_end, int64_t m0) {
+TINYCHAT_AVX512 void gemv_avx512(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
   const int64_t K = p.K, G = p.G, g_main = G - G % 16;
   const float* x = p.x + m0 * K;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* q = p.q + n * K;
-    __m512 acc[MB];
-    float tails[MB] = {};
+  const int8_t* q = p.q + n * K;
+  __m512 acc[MB];
+  float tails[MB] = {};
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
+  for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.ng; ++g) {
+    const int64_t k0 = g * G;
+    __m512 gacc[MB];
     #pragma GCC unroll 8  // keep the MB accumulators in registers
-    for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.ng; ++g) {
-      const int64_t k0 = g * G;
-      __m512 gacc[MB];
+    for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + g_main; k += 16) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
       #pragma GCC unroll 8  // keep the MB accumulators in registers
-      for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm512_setzero_ps();
-      for (int64_t k = k0; k < k0 + g_main; k += 16) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
-        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-        #pragma GCC unroll 8  // keep the MB accumulators in registers
-        for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mb * K + k), gacc[mb]);
-      }
-      const float sc = p.w.scale(n * p.ng + g);
-      const __m512 vs = _mm512_set1_ps(sc);
-      #pragma GCC unroll 8  // keep the MB accumulators in registers
-      for (int mb = 0; mb < MB; ++mb) {
-        acc[mb] = _mm512_fmadd_ps(vs, gacc[mb], acc[mb]);
-        if (g_main < G) tails[mb] += sc * tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
-      }
+      for (int mb = 0; mb < MB; ++mb) gacc[mb] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + mb * K + k), gacc[mb]);
     }
+    const __m512 vs = _mm512_set1_ps(sw[g]);
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
-      p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) + tails[mb] + offset_term(p, n, m0 + mb);
+      acc[mb] = _mm512_fmadd_ps(vs, gacc[mb], acc[mb]);
+      if (g_main < G) tails[mb] += sw[g] * tail_dot(q, x + mb * K, k0 + g_main, k0 + G);
     }
+  }
+  #pragma GCC unroll 8  // keep the MB accumulators in registers
+  for (int mb = 0; mb < MB; ++mb) {
+    p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) + tails[mb] + offset_term(p, mw, m0 + mb);
   }
 }
 #pragma GCC diagnostic pop
 #endif
 
-using GemvFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
+using GemvFn = void (*)(const Problem&, int64_t, int64_t, const float*, const float*);
 
 template <int MB>
 GemvFn gemv_for(Isa isa) {
@@ -182,12 +174,17 @@ GemvFn gemv_fn(Isa isa, int mb) {
   }
 }
 
+// Rows of W split over threads; each row's group parameters are widened to fp32 once (row_params), then the row runs
+// against every chunk of kMaxMB rows of x.
 void run_gemv(const Problem& p, Isa isa) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (p.K * p.M));
+  const GemvFn full = gemv_fn(isa, static_cast<int>(std::min<int64_t>(kMaxMB, p.M)));
+  const GemvFn tail = gemv_fn(isa, static_cast<int>(p.M % kMaxMB == 0 ? kMaxMB : p.M % kMaxMB));
   at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < p.M; m0 += kMaxMB) {
-      const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, p.M - m0));
-      gemv_fn(isa, mb)(p, begin, end, m0);
+    std::vector<float> buf(2 * p.ng);  // [2, K/G]: a row's parameters when they must be widened
+    for (int64_t n = begin; n < end; ++n) {
+      const RowParams rp = row_params(p.w, n, p.ng, buf.data(), isa);
+      for (int64_t m0 = 0; m0 < p.M; m0 += kMaxMB) (p.M - m0 >= kMaxMB ? full : tail)(p, n, m0, rp.s, rp.m);
     }
   });
 }

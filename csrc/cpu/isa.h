@@ -13,7 +13,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define TINYCHAT_X86 1
-#define TINYCHAT_AVX2 __attribute__((target("avx2,fma")))
+#define TINYCHAT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define TINYCHAT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512")))
 #define TINYCHAT_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,prefer-vector-width=512")))

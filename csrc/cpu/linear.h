@@ -53,6 +53,40 @@ struct GroupParams {
   }
 };
 
+// Row n's group parameters as fp32 arrays [ng]: pointers into the tensors where they are fp32 with offsets (no
+// copy), else into a caller's buffer of 2 ng floats (fp16 widened 8 or 16 at a time, superblocks decoded,
+// m = default_offset * s without offsets). Kernels then read plain floats, once per row, whatever the form.
+struct RowParams {
+  const float* s;
+  const float* m;
+};
+
+#ifdef TINYCHAT_X86
+TINYCHAT_AVX512 inline void widen_halves_avx512(const at::Half* src, float* dst, int64_t count) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  }
+  for (; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+TINYCHAT_AVX2 inline void widen_halves_avx2(const at::Half* src, float* dst, int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+}
+#endif
+
+inline void widen_halves(const at::Half* src, float* dst, int64_t count, Isa isa) {
+#ifdef TINYCHAT_X86
+  if (isa >= Isa::kAvx512) return widen_halves_avx512(src, dst, count);
+  if (isa == Isa::kAvx2) return widen_halves_avx2(src, dst, count);
+#endif
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 inline GroupParams group_params(const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
                                 float default_offset) {
   const auto dt = scales.scalar_type();
@@ -72,6 +106,29 @@ inline std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64
     sums[i] = s;
   }
   return sums;
+}
+
+inline RowParams row_params(const GroupParams& w, int64_t n, int64_t ng, float* buf, Isa isa) {
+  const int64_t first = n * ng;
+  if (w.kind == GroupParams::Kind::kFloat && w.offsets != nullptr) {
+    return {static_cast<const float*>(w.scales) + first, static_cast<const float*>(w.offsets) + first};
+  }
+  float* s = buf;
+  float* m = buf + ng;
+  if (w.kind == GroupParams::Kind::kHalf) {
+    widen_halves(static_cast<const at::Half*>(w.scales) + first, s, ng, isa);
+    if (w.offsets != nullptr) widen_halves(static_cast<const at::Half*>(w.offsets) + first, m, ng, isa);
+  } else if (w.kind == GroupParams::Kind::kFloat) {
+    std::memcpy(s, static_cast<const float*>(w.scales) + first, ng * sizeof(float));
+  } else {
+    for (int64_t g = 0; g < ng; ++g) s[g] = w.scale(first + g);
+  }
+  if (w.kind == GroupParams::Kind::kSuper) {
+    for (int64_t g = 0; g < ng; ++g) m[g] = w.offset(first + g);  // the superblock's min
+  } else if (w.offsets == nullptr) {
+    for (int64_t g = 0; g < ng; ++g) m[g] = w.default_offset * s[g];
+  }
+  return {s, m};
 }
 
 // From this many rows of x on, int8_linear (the lm head, whose rows are never reused piecewise) dequantizes W and
