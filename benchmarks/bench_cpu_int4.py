@@ -4,12 +4,14 @@
 
 Two tables:
 * kernels: int4_linear GEMV (M = 1) at SmolLM2-135M and Llama-2-7B shapes on each instruction-set path (avx512_vnni
-  rounds x to int8), in GB/s
-  of weight bytes (4-bit values + fp32 scales and zeros), next to the machine's read bandwidth measured in the same
-  run (a large tensor summed with the same threads) and to fp32 / bf16 torch matmuls of the same shape;
-* models: the same 128-token prompt (token ids from tinychat's tokenizer of the GGUF) and 128 new greedy tokens (no stop) through tinychat int4 (AWQ g64, the
-  chat's default model), tinychat fp32, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF and a Q4_0
-  requantization of it) and transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS; for tinychat also the
+  rounds x to int8), in two parameter forms (AWQ g64: fp32 scales and offsets; GGUF Q4_1 g32: fp16 scales and
+  offsets), in GB/s of weight bytes (4-bit values + scales and offsets), next to the machine's read bandwidth
+  measured in the same run (a large tensor summed with the same threads) and to fp32 / bf16 torch matmuls of the
+  same shape;
+* models: the same 128-token prompt (token ids from tinychat's tokenizer of the GGUF) and 128 new greedy tokens (no
+  stop) through tinychat on the shipped Q4_1 blocks (the chat's default), tinychat int4 AWQ g64 (a requantization),
+  tinychat fp32, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF and a Q4_0 requantization of it) and
+  transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS; for tinychat also the
   bytes a decode step reads (decoder linears, output projection, KV cache at the mean context) and the share of the
   read bandwidth that decoding reaches. Each engine runs in a fresh subprocess (peak RSS is per process); one
   warm-up run, then the median of --repeats; all engines run --rounds times in alternating order and each row keeps
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -43,7 +46,9 @@ SHAPES = {
     "smollm2-135m": [("wqkv", 960, 576), ("wo", 576, 576), ("w13", 3072, 576), ("w2", 576, 1536)],
     "llama-2-7b": [("wqkv", 12288, 4096), ("wo", 4096, 4096), ("w13", 22016, 4096), ("w2", 4096, 11008)],
 }
-GROUP = 64
+# int4 parameter forms of the kernel table -> group size: AWQ's (fp32 scales and offsets, the quantizer's default
+# group for these shapes) and the shipped model's (GGUF Q4_1 blocks: fp16 scales and offsets per 32)
+FORMS = {"AWQ g64 fp32": 64, "Q4_1 g32 fp16": 32}
 
 
 def read_bandwidth(threads: int) -> float:
@@ -64,16 +69,18 @@ def kernel_rows(threads: int, repeats: int) -> list[dict]:
     isas = ["avx512_vnni", "avx512", "avx2", "scalar"]
     isas = isas[isas.index(best):]
     rows = []
-    for model, shapes in SHAPES.items():
+    for (model, shapes), (form, G) in itertools.product(SHAPES.items(), FORMS.items()):
         for name, N, K in shapes:
             w = torch.randn(N, K) * 0.02
-            qweight, scales, zeros = to_int4_op(*quantize(w, QuantConfig(4, GROUP)))
-            nbytes = qweight.numel() + 4 * (scales.numel() + zeros.numel())
+            qweight, scales, offsets = to_int4_op(*quantize(w, QuantConfig(4, G)))
+            if form.startswith("Q4_1"):  # GGUF's Q4_1 blocks: fp16 scale and min per 32 weights, as stored
+                scales, offsets = scales.half(), offsets.half()
+            nbytes = sum(t.numel() * t.element_size() for t in (qweight, scales, offsets))
             x = torch.randn(1, K)
-            row = {"model": model, "linear": name, "N": N, "K": K, "int4_MB": nbytes / 1e6}
+            row = {"model": model, "linear": name, "form": form, "N": N, "K": K, "int4_MB": nbytes / 1e6}
             for isa in isas:
                 os.environ["TINYCHAT_CPU_ISA"] = isa
-                f = lambda: torch.ops.tinychat.int4_linear(x, qweight, scales, zeros, GROUP)  # noqa: E731
+                f = lambda: torch.ops.tinychat.int4_linear(x, qweight, scales, offsets, G)  # noqa: E731
                 f()
                 t = median_time(f, repeats)
                 row[f"{isa}_us"] = t * 1e6
@@ -206,12 +213,13 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
     prompt = prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), args.prompt_tokens)
     base = {"prompt": prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads}
     configs = [
+        ("tinychat", "shipped Q4_1 blocks", {"quant": "auto", "path": gguf}),
         ("tinychat", "int4 AWQ g64", {"quant": "awq", "path": gguf}),
         ("tinychat", "fp32", {"quant": "none", "path": gguf}),
     ]
     if torch.ops.tinychat.cpu_isa() == "avx512_vnni":  # the default rounds activations to int8: the fp32 path too
-        configs.insert(1, ("tinychat", "int4 AWQ g64, fp32 activations", {"quant": "awq", "path": gguf,
-                                                                           "isa": "avx512"}))
+        configs.insert(1, ("tinychat", "shipped Q4_1 blocks, fp32 activations", {"quant": "auto", "path": gguf,
+                                                                                  "isa": "avx512"}))
     notes = []
     try:
         import llama_cpp  # noqa: F401
@@ -220,7 +228,7 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
         if not os.path.exists(q4_0):
             os.makedirs(args.workdir, exist_ok=True)
             requantize_q4_0(gguf, q4_0)
-        configs += [("llama.cpp", "Q4_1 (shipped)", {"path": gguf}), ("llama.cpp", "Q4_0", {"path": q4_0})]
+        configs += [("llama.cpp", "shipped Q4_1", {"path": gguf}), ("llama.cpp", "Q4_0", {"path": q4_0})]
     except ImportError:
         notes.append("llama-cpp-python is not installed: no llama.cpp rows (see this script's docstring)")
     if not args.no_transformers:
@@ -247,12 +255,13 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
         if "MB_per_token" in r:  # the share of the memory-bandwidth bound that decoding reaches
             r["bandwidth_use"] = r["decode_tok_s"] * r["MB_per_token"] * 1e6 / (args.bandwidth * 1e9)
     by = {(r["engine"], r["weights"]): r for r in rows}
-    ref = by.get(("llama.cpp", "Q4_0"))
-    if ref and "error" not in ref:
-        for r in rows:
-            if "error" not in r:
-                r["decode_vs_llama_q4_0"] = r["decode_tok_s"] / ref["decode_tok_s"]
-                r["prefill_vs_llama_q4_0"] = r["prefill_tok_s"] / ref["prefill_tok_s"]
+    for weights, key in (("Q4_0", "llama_q4_0"), ("shipped Q4_1", "llama_q4_1")):
+        ref = by.get(("llama.cpp", weights))
+        if ref and "error" not in ref:
+            for r in rows:
+                if "error" not in r:
+                    r[f"decode_vs_{key}"] = r["decode_tok_s"] / ref["decode_tok_s"]
+                    r[f"prefill_vs_{key}"] = r["prefill_tok_s"] / ref["prefill_tok_s"]
     return rows, notes
 
 
@@ -296,10 +305,11 @@ def main():
         "rows": models,
     }
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)")
-    emit({"rows": kernels}, ["model", "linear", "N", "K", "int4_MB", "avx512_vnni_GBs", "avx512_GBs", "avx2_GBs",
+    emit({"rows": kernels}, ["model", "linear", "form", "N", "K", "int4_MB", "avx512_vnni_GBs", "avx512_GBs", "avx2_GBs",
                              "scalar_GBs", "fp32_GBs", "bf16_GBs", "best_vs_bandwidth"], None)
     emit(result, ["engine", "weights", "prefill_tok_s", "decode_tok_s", "peak_rss_MB", "prefill_vs_llama_q4_0",
-                  "decode_vs_llama_q4_0", "MB_per_token", "bandwidth_use", "error"], args.out)
+                  "decode_vs_llama_q4_0", "prefill_vs_llama_q4_1", "decode_vs_llama_q4_1", "MB_per_token",
+                  "bandwidth_use", "error"], args.out)
 
 
 if __name__ == "__main__":
