@@ -20,7 +20,8 @@ def random_model(cfg: ModelConfig, dtype: str, device: str | torch.device = "cpu
     """A Transformer of `cfg` with random weights, built in place on `device` (no float copy of a 4-bit model).
 
     Float dtypes: weights ~ N(0, 0.02^2) in that dtype. "int4": every decoder linear a WQLinear with random 4-bit
-    values, zero point 8 and scales near 0.0045 (so that weights have a std near 0.02), the rest in `act_dtype`.
+    values in the symmetric form (Q4_0's: W = (q - 8) s, no offsets) and scales near 0.0045 (so that weights have a
+    std near 0.02), the rest in `act_dtype`.
     Norm weights are ones and biases zeros.
     """
     device = torch.device(device)
