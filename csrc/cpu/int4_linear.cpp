@@ -115,7 +115,7 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0, const 
   __m256 acc[MB];
   #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm256_setzero_ps();
-  float zterm[MB] = {};  // the offset terms
+  float off_term[MB] = {};  // the offset terms
   for (int64_t g = 0; g < ng; ++g) {
     __m256 gacc[MB];
     #pragma GCC unroll 8  // keep the MB accumulators in registers
@@ -142,11 +142,11 @@ TINYCHAT_AVX2 void gemv_row_avx2(const Problem& p, int64_t n, int64_t m0, const 
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       acc[mb] = _mm256_fmadd_ps(vs, gacc[mb], acc[mb]);
-      zterm[mb] += off * p.xsum[(m0 + mb) * ng + g];
+      off_term[mb] += off * p.xsum[(m0 + mb) * ng + g];
     }
   }
   #pragma GCC unroll 8  // keep the MB accumulators in registers
-  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) + zterm[mb];
+  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = hsum_avx2(acc[mb]) + off_term[mb];
 }
 
 // ---- AVX-512 ----
@@ -164,7 +164,7 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0, co
   __m512 acc[MB];
   #pragma GCC unroll 8  // keep the MB accumulators in registers
   for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
-  float zterm[MB] = {};  // the offset terms
+  float off_term[MB] = {};  // the offset terms
   for (int64_t g = 0; g < ng; ++g) {
     __m512 gacc[MB];
     #pragma GCC unroll 8  // keep the MB accumulators in registers
@@ -185,11 +185,11 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0, co
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       acc[mb] = _mm512_fmadd_ps(vs, gacc[mb], acc[mb]);
-      zterm[mb] += off * p.xsum[(m0 + mb) * ng + g];
+      off_term[mb] += off * p.xsum[(m0 + mb) * ng + g];
     }
   }
   #pragma GCC unroll 8  // keep the MB accumulators in registers
-  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) + zterm[mb];
+  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]) + off_term[mb];
 }
 
 #pragma GCC diagnostic pop
@@ -340,22 +340,6 @@ GemvRowFn gemv_row_fn(Isa isa, int mb) {
   }
 }
 
-// Rows of W split over threads; each row's group parameters are widened to fp32 once (row_params), then the row runs
-// against every chunk of kMaxMB rows of x (the row from cache after the first).
-void run_gemv(const Problem& p, Isa isa) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (p.K * p.M));
-  const int64_t max_mb = isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB;
-  const GemvRowFn full = gemv_row_fn(isa, static_cast<int>(std::min<int64_t>(max_mb, p.M)));
-  const GemvRowFn tail = gemv_row_fn(isa, static_cast<int>(p.M % max_mb == 0 ? max_mb : p.M % max_mb));
-  at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * p.ng);  // [2, K/G]: a row's parameters when they must be widened
-    for (int64_t n = begin; n < end; ++n) {
-      const RowParams rp = row_params(p.w, n, p.ng, buf.data(), isa);
-      for (int64_t m0 = 0; m0 < p.M; m0 += max_mb) (p.M - m0 >= max_mb ? full : tail)(p, n, m0, rp.s, rp.m);
-    }
-  });
-}
-
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& offsets, int64_t group_size) {
   check_int4_linear_args(x, qweight, scales, offsets, group_size, c10::DeviceType::CPU);
@@ -382,7 +366,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     xsum = group_sums(p.x, M, K, group_size);
     p.xsum = xsum.data();
   }
-  run_gemv(p, gemv_isa);
+  run_rows(p, gemv_isa, gemv_isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB, gemv_row_fn);
   return y.to(x.scalar_type()).view(out_shape);
 }
 

@@ -174,21 +174,6 @@ GemvFn gemv_fn(Isa isa, int mb) {
   }
 }
 
-// Rows of W split over threads; each row's group parameters are widened to fp32 once (row_params), then the row runs
-// against every chunk of kMaxMB rows of x.
-void run_gemv(const Problem& p, Isa isa) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (p.K * p.M));
-  const GemvFn full = gemv_fn(isa, static_cast<int>(std::min<int64_t>(kMaxMB, p.M)));
-  const GemvFn tail = gemv_fn(isa, static_cast<int>(p.M % kMaxMB == 0 ? kMaxMB : p.M % kMaxMB));
-  at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * p.ng);  // [2, K/G]: a row's parameters when they must be widened
-    for (int64_t n = begin; n < end; ++n) {
-      const RowParams rp = row_params(p.w, n, p.ng, buf.data(), isa);
-      for (int64_t m0 = 0; m0 < p.M; m0 += kMaxMB) (p.M - m0 >= kMaxMB ? full : tail)(p, n, m0, rp.s, rp.m);
-    }
-  });
-}
-
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& offsets, int64_t group_size) {
   check_int8_linear_args(x, qweight, scales, offsets, group_size, c10::DeviceType::CPU);
@@ -218,7 +203,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     xsum = group_sums(p.x, M, K, group_size);
     p.xsum = xsum.data();
   }
-  run_gemv(p, current_isa());
+  run_rows(p, current_isa(), kMaxMB, gemv_fn);
   return y.to(x.scalar_type()).view(out_shape);
 }
 

@@ -14,9 +14,9 @@
 namespace tinychat {
 
 // The group parameters of int4_linear / int8_linear (csrc/common/checks.h): scales [N, K/G] fp32 or fp16, offsets of
-// the same dtype or none, read as stored (fp16 widened exactly, per group). W = q * s + m; without offsets
-// m = default_offset * s (int4_linear: -8, ggml's Q4_0; int8_linear: 0). Or K-quant superblocks (kquant.h): s and m
-// formed per group from the superblock's fp16 d, dmin and 6-bit sc, mn, exactly.
+// the same dtype or none, read as stored (fp16 widened exactly; the GEMVs take a row at a time, row_params).
+// W = q * s + m; without offsets m = default_offset * s (int4_linear: -8, ggml's Q4_0; int8_linear: 0). Or K-quant
+// superblocks (kquant.h): s and m formed per group from the superblock's fp16 d, dmin and 6-bit sc, mn, exactly.
 struct GroupParams {
   enum class Kind { kFloat, kHalf, kSuper };
   const void* scales;
@@ -53,9 +53,9 @@ struct GroupParams {
   }
 };
 
-// Row n's group parameters as fp32 arrays [ng]: pointers into the tensors where they are fp32 with offsets (no
-// copy), else into a caller's buffer of 2 ng floats (fp16 widened 8 or 16 at a time, superblocks decoded,
-// m = default_offset * s without offsets). Kernels then read plain floats, once per row, whatever the form.
+// Row n's group parameters as fp32 arrays [ng]: pointers into the tensors where they are fp32 (no copy), else into a
+// caller's buffer of 2 ng floats (fp16 widened 8 or 16 at a time, superblocks decoded, m = default_offset * s without
+// offsets). Kernels then read plain floats, once per row, whatever the form.
 struct RowParams {
   const float* s;
   const float* m;
@@ -110,25 +110,39 @@ inline std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64
 
 inline RowParams row_params(const GroupParams& w, int64_t n, int64_t ng, float* buf, Isa isa) {
   const int64_t first = n * ng;
-  if (w.kind == GroupParams::Kind::kFloat && w.offsets != nullptr) {
-    return {static_cast<const float*>(w.scales) + first, static_cast<const float*>(w.offsets) + first};
-  }
-  float* s = buf;
+  const bool fp32 = w.kind == GroupParams::Kind::kFloat;
+  const float* s = fp32 ? static_cast<const float*>(w.scales) + first : buf;
+  if (fp32 && w.offsets != nullptr) return {s, static_cast<const float*>(w.offsets) + first};
   float* m = buf + ng;
   if (w.kind == GroupParams::Kind::kHalf) {
-    widen_halves(static_cast<const at::Half*>(w.scales) + first, s, ng, isa);
+    widen_halves(static_cast<const at::Half*>(w.scales) + first, buf, ng, isa);
     if (w.offsets != nullptr) widen_halves(static_cast<const at::Half*>(w.offsets) + first, m, ng, isa);
-  } else if (w.kind == GroupParams::Kind::kFloat) {
-    std::memcpy(s, static_cast<const float*>(w.scales) + first, ng * sizeof(float));
-  } else {
-    for (int64_t g = 0; g < ng; ++g) s[g] = w.scale(first + g);
-  }
-  if (w.kind == GroupParams::Kind::kSuper) {
+  } else if (w.kind == GroupParams::Kind::kSuper) {
+    for (int64_t g = 0; g < ng; ++g) buf[g] = w.scale(first + g);
     for (int64_t g = 0; g < ng; ++g) m[g] = w.offset(first + g);  // the superblock's min
-  } else if (w.offsets == nullptr) {
+  }
+  if (w.offsets == nullptr && w.kind != GroupParams::Kind::kSuper) {
     for (int64_t g = 0; g < ng; ++g) m[g] = w.default_offset * s[g];
   }
   return {s, m};
+}
+
+// The GEMV driver both ops share: rows of W split over threads; each row's group parameters widened to fp32 once
+// (row_params), then the row runs against every chunk of max_mb rows of x (the row from cache after the first).
+// row_fn(isa, mb) is the op's kernel for mb rows of x: kernel(p, n, m0, s, m). P: the op's problem (x, W, y, sizes,
+// group parameters w).
+template <typename P, typename RowFn>
+void run_rows(const P& p, Isa isa, int64_t max_mb, RowFn (*row_fn)(Isa, int)) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (p.K * p.M));
+  const RowFn full = row_fn(isa, static_cast<int>(std::min(max_mb, p.M)));
+  const RowFn tail = row_fn(isa, static_cast<int>(p.M % max_mb == 0 ? max_mb : p.M % max_mb));
+  at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(2 * p.ng);  // [2, K/G]: a row's parameters when they must be widened
+    for (int64_t n = begin; n < end; ++n) {
+      const RowParams rp = row_params(p.w, n, p.ng, buf.data(), isa);
+      for (int64_t m0 = 0; m0 < p.M; m0 += max_mb) (p.M - m0 >= max_mb ? full : tail)(p, n, m0, rp.s, rp.m);
+    }
+  });
 }
 
 // From this many rows of x on, int8_linear (the lm head, whose rows are never reused piecewise) dequantizes W and

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from torch import nn
 
 from tinychat import ops
@@ -76,7 +75,7 @@ class GroupWeights:
                             None if self.offsets is None else self.offsets[index], self.group_size)
 
     def dequantize(self) -> torch.Tensor:
-        """fp32 [N, K], as the ops compute W (ops._group_weights)."""
+        """fp32 [N, K], as the ops compute W (ops.group_weights)."""
         q = unpack_int4_op(self.codes) if self.bits == 4 else self.codes
         return ops.group_weights(q, self.scales, self.offsets, self.group_size, -8.0 if self.bits == 4 else 0.0)
 
@@ -87,9 +86,8 @@ def stack_rows(parts: list[GroupWeights]) -> GroupWeights:
         return parts[0]
     first = parts[0]
     assert all(p.form() == first.form() for p in parts), [p.form() for p in parts]
-    cat = lambda ts: torch.cat(ts)  # noqa: E731
-    return GroupWeights(first.bits, cat([p.codes for p in parts]), cat([p.scales for p in parts]),
-                        None if first.offsets is None else cat([p.offsets for p in parts]), first.group_size)
+    return GroupWeights(first.bits, torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                        None if first.offsets is None else torch.cat([p.offsets for p in parts]), first.group_size)
 
 
 def group_linear(gw: GroupWeights, bias: torch.Tensor | None) -> nn.Module:

@@ -117,8 +117,7 @@ class ModelSource:
     @property
     def has_blocks(self) -> bool:
         """A GGUF file whose decoder linears are (some or all) quantized blocks, not float tensors."""
-        return any(ref.kind is not None and ref.kind not in ("F32", "F16", "BF16")
-                   for name, ref in self.tensors.items() if _is_decoder_linear(name))
+        return any(ref.kind not in FLOAT_KINDS for name, ref in self.tensors.items() if _is_decoder_linear(name))
 
     def plan(self, quant: str) -> str:
         """How `quant` ("auto", "awq" or "none") runs this source: "checkpoint" (an AWQ checkpoint, as stored),
@@ -231,8 +230,10 @@ def build_model(
                 f"{tensors[name].file}: tensor {name!r} has shape {tensors[name].shape}, expected {shape}"
             )
 
-    bar = tqdm(total=len(expected) - ("rope_freqs" in expected), desc="loading weights", unit="tensor", disable=None,
-               leave=False)
+    head_ref = HF_GLOBALS["embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+    native_head = blocks and tensors[head_ref].kind not in FLOAT_KINDS  # the output projection as its blocks
+    reads = len(expected) - ("rope_freqs" in expected) + (native_head and cfg.tie_word_embeddings)  # embedding twice
+    bar = tqdm(total=reads, desc="loading weights", unit="tensor", disable=None, leave=False)
 
     def finite(name: str, t: torch.Tensor) -> torch.Tensor:
         """t, checked as it is read (one pass): NaN or inf in a weight would turn every answer into garbage."""
@@ -279,13 +280,10 @@ def build_model(
             if bias is not None:
                 linear.bias = nn.Parameter(bias, requires_grad=False)
             return linear
-        if any(tensors[n].kind in FLOAT_KINDS for n in names) or len({group_form(n) for n in names}) > 1:
+        if len({tensors[n].kind for n in names}) > 1:  # parts of different types (float among them, or not)
             biases = bias.split([tensors[n].shape[0] for n in names]) if bias is not None else [None] * len(names)
             return RowStack([native([n], b) for n, b in zip(names, biases)])
         return group_linear(stack_rows([get_groups(n) for n in names]), bias)
-
-    def group_form(name: str) -> tuple:
-        return tensors[name].kind, tensors[name].groups is not None
 
     freq_factors = None
     if "rope_freqs" in tensors:
@@ -297,8 +295,6 @@ def build_model(
         if awq is not None:
             model.swap_linears(lambda name, linear: WQLinear(linear.in_features, linear.out_features, awq.group_size,
                                                              linear.bias is not None, dtype=dtype))
-    head_ref = HF_GLOBALS["embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
-    native_head = blocks and tensors[head_ref].kind not in FLOAT_KINDS
     sd = {name: get(hf) for name, hf in HF_GLOBALS.items()
           if name != "lm_head.weight" or not (cfg.tie_word_embeddings or native_head)}
     swapped: dict[str, nn.Module] = {}  # decoder linears built as they are stored (blocks)
