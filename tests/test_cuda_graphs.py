@@ -222,6 +222,8 @@ def test_caches_set_up_again_are_recaptured():
     ids = prompt(8)
     first = Engine(model, NoTokenizer(SMALL.vocab_size), 64, cuda_graphs=True)
     expected = tokens(first, ids)
+    kept = next(iter(first._graphs.values())).out  # a tensor of the first capture's pool outlives its graph
     Engine(model, NoTokenizer(SMALL.vocab_size), 64)  # a second engine replaces the model's caches
     first.reset()  # what the first engine had cached is gone with them
     assert tokens(first, ids) == expected and first.graph_captures == 2  # not replayed into the replaced caches
+    assert kept.device.type == "cuda"  # (the recapture went to a fresh pool: torch never reopens a released one)

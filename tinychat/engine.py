@@ -260,6 +260,10 @@ class Engine:
         self._graphs[key] = step  # now the most recently used
         if len(self._graphs) > MAX_GRAPHS:
             del self._graphs[next(iter(self._graphs))]
+        if all(s.graph is None for s in self._graphs.values()):
+            # No captured graph is left to hold the pool: capture into a fresh one. Torch never reopens a released
+            # pool while a tensor still lives in it (an internal assert, use_count > 0).
+            self._graph_pool = torch.cuda.graph_pool_handle()
         return step.sampler, step
 
     @torch.inference_mode()
