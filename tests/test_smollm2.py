@@ -120,19 +120,14 @@ def int4_reference(smollm2_int4):
 
 
 def test_int4_cpu_kernels_match_the_reference_path(smollm2_int4, int4_reference, isa):
-    """Each CPU path runs the 4-bit SmolLM2 like the references: the same greedy tokens on the fp32 paths; on
-    avx512_vnni (activations rounded to int8, as llama.cpp does) prompt logits within 5% of the largest logit and
-    the same argmax at 90% of the positions or more (measured: 4.4%, 94.7% on the first prompt; its perplexity is
-    compared with the fp32 dequantization's in benchmarks/results/gguf_native_smollm2.json)."""
+    """Each CPU path runs the 4-bit SmolLM2 like the references: prompt logits within 1e-3 and the same greedy
+    tokens. avx512_vnni too: it leaves x in fp32 for prompts of up to 64 tokens (these are 37-39) and rounds it at
+    two int8 levels for decode steps (the one-level rounding of long prompts: test_blocks_match_the_dequantized_model).
+    """
     model, tokenizer = smollm2_int4
     ref_tokens, ref_logits = int4_reference
     with torch.no_grad():
         logits = [model(torch.tensor([chat_ids(tokenizer, p)]))[0] for p in PROMPTS[:3]]
-    if isa == "avx512_vnni":
-        for got, ref in zip(logits, ref_logits):
-            assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
-            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.90
-        return
     for got, ref in zip(logits, ref_logits):
         torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
     engine = Engine(model, tokenizer, max_seq_len=256)
@@ -152,22 +147,44 @@ def smollm2_dequantized(smollm2_gguf):
 
 def test_blocks_match_the_dequantized_model(smollm2_int4, smollm2_dequantized, isa):
     """The shipped blocks on our kernels against the same file dequantized to fp32, every CPU path: prompt logits
-    within 1e-3 on the fp32 paths (measured 7e-5: only the order of fp32 sums differs); on avx512_vnni (x rounded to
-    int8 per block of 32, as llama.cpp does) within 5% of the largest logit and the same argmax at 90% of the
-    positions or more (as test_int4_cpu_kernels_match_the_reference_path)."""
+    within 1e-3 (measured 7e-5: only the order of fp32 sums differs). A prompt of more than 64 tokens, which
+    avx512_vnni runs with x rounded to int8 per block of 32 at one level (as llama.cpp does): within 5% of the largest
+    logit there and the same argmax at 90% of the positions or more (measured 4.8%, 99.2%)."""
     model, tokenizer = smollm2_int4
     assert type(model.layers[0].attn.wqkv).__name__ == "WQLinear" and model.layers[0].attn.wqkv.group_size == 32
     assert type(model.lm_head).__name__ == "Int8Linear"
     floats, _ = smollm2_dequantized
+    long = chat_ids(tokenizer, " ".join(PROMPTS * 3))
+    assert len(long) > 64
     with torch.no_grad():
-        for prompt in PROMPTS[:3]:
-            x = torch.tensor([chat_ids(tokenizer, prompt)])
+        for ids in [chat_ids(tokenizer, p) for p in PROMPTS[:3]] + [long]:
+            x = torch.tensor([ids])
             got, ref = model(x)[0], floats(x)[0]
-            if isa == "avx512_vnni":
+            if isa == "avx512_vnni" and ids is long:
                 assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
                 assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.90
+                assert (got - ref).abs().max() > 1e-3 * ref.abs().max()  # really rounded
             else:
                 torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+
+
+def test_decode_steps_track_the_dequantized_model(smollm2_int4, smollm2_dequantized, isa):
+    """Decode steps (one token a call) of the shipped blocks against the dequantized file, every CPU path, token by
+    token through a prompt: the same argmax everywhere and logits within 1e-4 of the largest logit on the fp32 paths;
+    within 2e-3 on avx512_vnni, whose steps round x at two int8 levels (measured 3.5e-4, against 4.8e-2 for a
+    prefill of the same prompt at one level): a sampled answer meets that error at every token it decodes."""
+    model, tokenizer = smollm2_int4
+    floats, _ = smollm2_dequantized
+    ids = chat_ids(tokenizer, PROMPTS[0])
+    model.setup_kv_cache(256)  # as the engines of the tests above leave them
+    floats.setup_kv_cache(256)
+    tol = 2e-3 if isa == "avx512_vnni" else 1e-4
+    with torch.no_grad():
+        for t, token in enumerate(ids):
+            x, pos = torch.tensor([[token]]), torch.tensor([t])
+            got, ref = model(x, pos)[0, -1], floats(x, pos)[0, -1]
+            assert (got - ref).abs().max() <= tol * ref.abs().max(), t
+            assert got.argmax() == ref.argmax(), t
 
 
 def test_default_chat_answers_paris(isa):

@@ -11,13 +11,14 @@
 // One GEMV-style kernel over rows of W for every M (decode and prefill alike): per row and group it accumulates
 // sum_k q[k] * x[m, k] in SIMD registers for up to kMaxMB rows of x at once, then applies the group's scale; the
 // offset term m * sum_{k in g} x[m, k] uses per-group sums of x computed once per call. Each weight byte is read
-// from memory once per kMaxMB rows of x; x stays in L1. Each output row is computed the same way whatever M is
-// (batch-invariant), so a prompt prefilled in parts gives the logits of one whole prefill. (A dequantize + torch
-// GEMM path for M >= 16 was faster only from about 256 rows on, and broke that invariance: measured on an EPYC,
-// 2 threads, SmolLM2's MLP, the kernel took 0.61 / 2.39 / 7.61 ms at M = 16 / 64 / 256 against 1.16 / 2.17 /
-// 7.60 for the GEMM (AVX-512; AVX2 0.63 / 2.88 / 12.09 against 2.54 / 5.07 / 10.45).)
+// from memory once per kMaxMB rows of x; x stays in L1. On the fp32 paths each output row is computed the same way
+// whatever M is (batch-invariant), so a prompt prefilled in parts gives the logits of one whole prefill (VNNI rounds
+// x by M: see there). (A dequantize + torch GEMM path for M >= 16 was faster only from about 256 rows on, and broke
+// that invariance: measured on an EPYC, 2 threads, SmolLM2's MLP, the kernel took 0.61 / 2.39 / 7.61 ms at
+// M = 16 / 64 / 256 against 1.16 / 2.17 / 7.60 for the GEMM (AVX-512; AVX2 0.63 / 2.88 / 12.09 against 2.54 / 5.07 /
+// 10.45).)
 //
-// Instruction sets: AVX-512 with VNNI (x rounded to int8, 8 rows of x a pass; see "AVX-512 VNNI" below), AVX-512
+// Instruction sets: AVX-512 with VNNI (x rounded to int8 by M, 8 rows of x a pass; see "AVX-512 VNNI" below), AVX-512
 // (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can; NEON on ARM through that
 // path), picked at run time (isa.h).
 
@@ -44,18 +45,24 @@ namespace {
 constexpr int64_t kBlock = 32;            // input channels per 16 bytes of qweight
 constexpr int kMaxMB = 4;                 // rows of x a GEMV pass handles together
 constexpr int kMaxMBVnni = 8;             // the same on the VNNI path (its accumulators are fewer registers)
+constexpr int64_t kFineRows = kMaxMBVnni;  // the VNNI path rounds x at two int8 levels in calls of up to this many rows
+constexpr int64_t kExactRows = 64;         // and leaves x in fp32 (the AVX-512 kernels) in calls of up to this many
 
 // x rounded to int8 per block of 32 channels, in the order the VNNI kernel multiplies it with a row's bytes: a
 // 64-byte load of qweight (a chunk) holds 4 blocks, whose low nibbles are channels 32b + j and high nibbles
 // 32b + 16 + j. So for chunk c and row m of x, q8[c, m] holds 64 bytes "lo" (x[m, 32b + j] for the chunk's blocks b
 // in turn, 16 bytes a block) then 64 bytes "hi" (x[m, 32b + 16 + j]); chunk-major, so that the rows of x a kernel
-// call multiplies sit at constant offsets. lane_scales [chunks, M, 16]: the scale of the block each int32 lane of a
-// chunk's dot products covers (lanes 4i..4i+3: block 4c + i); blocks past K are zeros with scale 0.
+// call multiplies sit at constant offsets. With two levels (kLevels2), 64 bytes "lo" and "hi" of the fine level
+// follow: x = s * (q1 + q2 / 256), q1 the block's int8 code (s = absmax / 127) and q2 = round(256 (x / s - q1)), in
+// [-127, 127]: about 16 bits, for 2 more vpdpbusd a chunk. lane_scales [chunks, M, 16]: the scale of the unit the
+// int32 dot products of each lane count (s, or s / 256 with two levels: lanes 4i..4i+3: block 4c + i); blocks past K
+// are zeros with scale 0.
 struct Int8Activations {
-  std::vector<int8_t> q8;          // [chunks, M, 2, 64]
+  std::vector<int8_t> q8;          // [chunks, M, levels, 2, 64]
   std::vector<float> lane_scales;  // [chunks, M, 16]
   std::vector<float> group_sums;   // [M, K/G]: the sum of the rounded x over each group (for the offset term)
   int64_t chunks;
+  int levels;                       // 1 or 2
   std::vector<uint8_t> group_mask;  // [chunks]: which of the 4 scales loaded from the chunk's first group are real
   std::array<int32_t, 16> lane_group;  // the group of lane l's block, from the chunk's first group
 };
@@ -198,23 +205,36 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0, co
 
 // ---- AVX-512 VNNI: int8 activations ----
 //
-// x is rounded to int8 per block of 32 channels (scale = absmax / 127), once per call. Per row of W and chunk of
+// x is rounded to int8 per block of 32 channels (scale s = absmax / 127), once per call. Per row of W and chunk of
 // 4 blocks (64 bytes of qweight, 128 weights): two vpdpbusd multiply the unsigned 4-bit weights (low and high
 // nibbles) with the signed int8 activations and sum them exactly in int32 lanes, 4 lanes per block; the lanes are
 // then scaled by (weight scale of the lane's group) x (activation scale of its block) and accumulated in fp32. The
 // offset term m * sum(x) sums the rounded x too, so the result is x_rounded @ W.T: the only error next to the fp32
-// path is the rounding of x, |error| <= sum_k |W[n, k]| * (x's block scale) / 2. Group sizes must divide 128 or be
-// multiples of it.
+// path is the rounding of x, |error| <= sum_k |W[n, k]| * step(x's block) / 2, with step = s.
+//
+// How x is rounded depends on the rows of x in the call (the same for every row of a call):
+// - up to kFineRows (decode steps): at two int8 levels (Int8Activations), step = s / 256: 1/256 of llama.cpp's
+//   error at 1.1-1.3x the cost of one level here, and still faster than fp32 x. A sampled answer meets this error at
+//   every token it decodes, and drifts from the file's own answer with it.
+// - up to kExactRows (a chat turn's prompt): not at all, the AVX-512 kernels with fp32 x (1.4x one level's cost):
+//   what a short prompt leaves in the KV cache is the file's own, at a cost of milliseconds.
+// - more (a long prompt, where prefill speed is what users wait for): at one level, step = s, as llama.cpp.
+// Group sizes must divide 128 or be multiples of it.
 
 constexpr int64_t kChunkBytes = 64;  // 4 blocks of qweight
 
 bool vnni_supports(int64_t G) { return 128 % G == 0 || G % 128 == 0; }
 
-Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64_t G) {
+// An int8 code: round to nearest, v in [-127.5, 127.5] (+-0.5 then truncation).
+TINYCHAT_INLINE int8_t round_int8(float v) { return static_cast<int8_t>(v + (v >= 0.f ? 0.5f : -0.5f)); }
+
+Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64_t G, int levels) {
   Int8Activations a;
   const int64_t blocks = K / kBlock, ng = K / G;
+  const int64_t row_bytes = levels * 2 * kChunkBytes;  // one row of x in one chunk
   a.chunks = (blocks + 3) / 4;
-  a.q8.assign(a.chunks * M * 2 * kChunkBytes, 0);
+  a.levels = levels;
+  a.q8.assign(a.chunks * M * row_bytes, 0);
   a.lane_scales.assign(a.chunks * M * 16, 0.f);
   a.group_sums.assign(M * ng, 0.f);
   const int64_t groups_per_chunk = std::max<int64_t>(1, 128 / G);
@@ -236,16 +256,22 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
         }
         if (!finite) absmax = std::numeric_limits<float>::quiet_NaN();
         const float inv = finite && absmax > 0.f ? 127.f / absmax : 0.f;
-        int8_t* lo = a.q8.data() + ((b / 4) * M + m) * 2 * kChunkBytes + (b % 4) * 16;
-        int8_t* hi = lo + kChunkBytes;
-        int32_t qsum = 0;
-        for (int64_t j = 0; j < 16; ++j) {  // round to nearest: |x * inv| <= 127, so +-0.5 then truncation
-          const float l = xb[j] * inv, h = xb[16 + j] * inv;
-          lo[j] = static_cast<int8_t>(l + (l >= 0.f ? 0.5f : -0.5f));
-          hi[j] = static_cast<int8_t>(h + (h >= 0.f ? 0.5f : -0.5f));
-          qsum += lo[j] + hi[j];
+        int8_t* lo = a.q8.data() + ((b / 4) * M + m) * row_bytes + (b % 4) * 16;  // then hi, fine lo, fine hi
+        int32_t qsum = 0;  // in the unit of the lane scale
+        for (int half = 0; half < 2; ++half) {  // channels 32b + j, then 32b + 16 + j
+          int8_t* q = lo + half * kChunkBytes;
+          for (int64_t j = 0; j < 16; ++j) {
+            const float v = finite ? xb[16 * half + j] * inv : 0.f;  // |v| <= 127
+            q[j] = round_int8(v);
+            if (levels == 2) {
+              q[2 * kChunkBytes + j] = round_int8(std::clamp(256.f * (v - q[j]), -127.f, 127.f));
+              qsum += 256 * q[j] + q[2 * kChunkBytes + j];
+            } else {
+              qsum += q[j];
+            }
+          }
         }
-        const float scale = absmax / 127.f;
+        const float scale = absmax / (levels == 2 ? 127.f * 256.f : 127.f);
         for (int l = 0; l < 4; ++l) a.lane_scales[((b / 4) * M + m) * 16 + (b % 4) * 4 + l] = scale;
         a.group_sums[m * ng + b * kBlock / G] += scale * static_cast<float>(qsum);
       }
@@ -259,7 +285,7 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-template <int MB>
+template <int MB, int L>
 TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
   const Int8Activations& a = *p.xq;
   const int64_t half = p.K / 2, ng = p.ng;
@@ -280,12 +306,19 @@ TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0,
     const int64_t g0 = p.block_group[4 * c];
     const __m128 s4 = g0 + 4 <= ng ? _mm_loadu_ps(sw + g0) : _mm_maskz_loadu_ps(a.group_mask[c], sw + g0);
     const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
-    const int8_t* xq = a.q8.data() + (c * p.M + m0) * 2 * kChunkBytes;  // rows m0.. of this chunk
+    constexpr int64_t row_bytes = L * 2 * kChunkBytes;
+    const int8_t* xq = a.q8.data() + (c * p.M + m0) * row_bytes;  // rows m0.. of this chunk
     const float* xs = a.lane_scales.data() + (c * p.M + m0) * 16;
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
-      __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq + mb * 2 * kChunkBytes));
-      dots = _mm512_dpbusd_epi32(dots, hi, _mm512_loadu_si512(xq + mb * 2 * kChunkBytes + kChunkBytes));
+      const int8_t* xr = xq + mb * row_bytes;
+      __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+      dots = _mm512_dpbusd_epi32(dots, hi, _mm512_loadu_si512(xr + kChunkBytes));
+      if constexpr (L == 2) {  // 256 * coarse + fine, exact in int32 (|.| < 2^22) and in the fp32 conversion
+        __m512i fine = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr + 2 * kChunkBytes));
+        fine = _mm512_dpbusd_epi32(fine, hi, _mm512_loadu_si512(xr + 3 * kChunkBytes));
+        dots = _mm512_add_epi32(_mm512_slli_epi32(dots, 8), fine);
+      }
       const __m512 xscale = _mm512_loadu_ps(xs + mb * 16);
       acc[mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xscale), acc[mb]);
     }
@@ -316,21 +349,27 @@ GemvRowFn gemv_row_for(Isa isa) {
   return gemv_row_scalar<MB>;
 }
 
+#ifdef TINYCHAT_X86
+// The VNNI kernel for mb rows of x, x rounded at L levels.
+template <int L>
+GemvRowFn vnni_row_fn(int mb) {
+  switch (mb) {
+    case 1: return gemv_row_vnni<1, L>;
+    case 2: return gemv_row_vnni<2, L>;
+    case 3: return gemv_row_vnni<3, L>;
+    case 4: return gemv_row_vnni<4, L>;
+    case 5: return gemv_row_vnni<5, L>;
+    case 6: return gemv_row_vnni<6, L>;
+    case 7: return gemv_row_vnni<7, L>;
+    default: return gemv_row_vnni<8, L>;
+  }
+}
+#endif
+
 GemvRowFn gemv_row_fn(Isa isa, int mb) {
   static_assert(kMaxMB == 4 && kMaxMBVnni == 8, "gemv_row_fn instantiates MB = 1..4 (1..8 on VNNI)");
 #ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512Vnni) {
-    switch (mb) {
-      case 1: return gemv_row_vnni<1>;
-      case 2: return gemv_row_vnni<2>;
-      case 3: return gemv_row_vnni<3>;
-      case 4: return gemv_row_vnni<4>;
-      case 5: return gemv_row_vnni<5>;
-      case 6: return gemv_row_vnni<6>;
-      case 7: return gemv_row_vnni<7>;
-      default: return gemv_row_vnni<8>;
-    }
-  }
+  if (isa == Isa::kAvx512Vnni) return vnni_row_fn<1>(mb);
 #endif
   switch (mb) {
     case 1: return gemv_row_for<1>(isa);
@@ -338,6 +377,14 @@ GemvRowFn gemv_row_fn(Isa isa, int mb) {
     case 3: return gemv_row_for<3>(isa);
     default: return gemv_row_for<4>(isa);
   }
+}
+
+// The VNNI kernels with x at two int8 levels (only ever asked for on the VNNI path).
+GemvRowFn gemv_row_fn_fine(Isa isa, int mb) {
+#ifdef TINYCHAT_X86
+  if (isa == Isa::kAvx512Vnni) return vnni_row_fn<2>(mb);
+#endif
+  return gemv_row_fn(isa, mb);
 }
 
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -356,17 +403,20 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<uint8_t>(), group_params(scales, offsets, -8.f),
             y.data_ptr<float>(), M, N, K, group_size, K / group_size, block_group.data(), nullptr};
   Isa gemv_isa = isa;
-  if (isa == Isa::kAvx512Vnni && !vnni_supports(group_size)) gemv_isa = Isa::kAvx512;
+  if (isa == Isa::kAvx512Vnni && (!vnni_supports(group_size) || (M > kFineRows && M <= kExactRows))) {
+    gemv_isa = Isa::kAvx512;
+  }
   std::vector<float> xsum;  // [M, K/G], the fp32 paths' offset term
   Int8Activations xq;
   if (gemv_isa == Isa::kAvx512Vnni) {
-    xq = quantize_activations(p.x, M, K, group_size);
+    xq = quantize_activations(p.x, M, K, group_size, M <= kFineRows ? 2 : 1);
     p.xq = &xq;
   } else {
     xsum = group_sums(p.x, M, K, group_size);
     p.xsum = xsum.data();
   }
-  run_rows(p, gemv_isa, gemv_isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB, gemv_row_fn);
+  run_rows(p, gemv_isa, gemv_isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB,
+           p.xq && p.xq->levels == 2 ? gemv_row_fn_fine : gemv_row_fn);
   return y.to(x.scalar_type()).view(out_shape);
 }
 
