@@ -78,3 +78,40 @@ def test_serve_on_a_port_in_use_fails_before_loading(smollm2_gguf):
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
     assert "loading" not in out.stderr  # refused before the model loads
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_a_long_prefill_shows_progress(monkeypatch, tty):
+    """The chat's prefill progress: nothing for a prompt read in under 2 s; for a longer one, on a terminal a line
+    updated in place with the time left and cleared when the answer starts; piped, one line saying how long."""
+    import io
+
+    from tinychat import chat
+
+    clock = _Clock()
+    monkeypatch.setattr(chat.time, "perf_counter", clock)
+
+    class Err(io.StringIO):
+        def isatty(self):
+            return tty
+
+    fast, slow = Err(), Err()
+    for err, per_chunk in ((fast, 0.3), (slow, 1.0)):
+        progress = chat.PrefillProgress(err)
+        for done in (256, 512, 600):
+            clock.t += per_chunk
+            progress(done, 600)
+    assert fast.getvalue() == ""  # 0.3 s of 600 / 256 chunks: 0.7 s expected
+    if tty:
+        assert slow.getvalue() == ("\r\033[K[reading the prompt: 256 of 600 tokens, about 1 s left]"
+                                   "\r\033[K[reading the prompt: 512 of 600 tokens, about 0 s left]\r\033[K")
+    else:
+        assert slow.getvalue() == "[reading a long prompt: 600 tokens, about 2 s]\n"

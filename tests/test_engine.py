@@ -53,3 +53,127 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
 def test_bad_sampling_params(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+class _Ids:
+    """What the engine asks of a tokenizer, for random token ids."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size, self.stop_token_ids = vocab_size, frozenset()
+
+
+def _chunk_model():
+    from tinychat.bench import random_model
+    from tinychat.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, max_position_embeddings=1024)
+    return random_model(cfg, "int4")
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_progress():
+    """A prompt of 2.3 chunks runs as 3 forwards (progress after each, in tokens of the part not reused) and gives the
+    greedy tokens of one whole forward (the int4 kernels and attention are batch-invariant on the fp32 paths)."""
+    from tinychat.engine import PREFILL_CHUNK, Engine
+
+    model = _chunk_model()
+    prompt = torch.randint(0, 96, (PREFILL_CHUNK * 2 + 80,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine = Engine(model, _Ids(96), 1024)
+    calls = []
+    got = list(engine.generate(prompt, SamplingParams(max_new_tokens=6), stop_ids=(),
+                               progress=lambda *a: calls.append(a)))
+    total = len(prompt)
+    assert calls == [(PREFILL_CHUNK, total), (2 * PREFILL_CHUNK, total), (total, total)]
+    model.setup_kv_cache(1024)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):  # greedy by whole forwards of the growing sequence
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert got == ids[total:]
+    calls.clear()  # a longer prompt: only its new tokens run, and progress counts them
+    list(engine.generate(prompt + got + [5, 6], SamplingParams(max_new_tokens=1), stop_ids=(),
+                         progress=lambda *a: calls.append(a)))
+    assert engine.last_stats.reused_tokens == total + 5 and calls == [(3, 3)]
+
+
+def test_an_interrupted_prefill_keeps_its_finished_chunks():
+    """Ctrl-C during a long prefill (here: raised by the progress callback after the first chunk) leaves the cache
+    holding that chunk; the next call reuses it and answers as an uninterrupted one."""
+    from tinychat.engine import PREFILL_CHUNK, Engine
+
+    model = _chunk_model()
+    prompt = torch.randint(0, 96, (PREFILL_CHUNK + 100,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(model, _Ids(96), 1024)
+    expected = list(engine.generate(prompt, SamplingParams(max_new_tokens=5), stop_ids=()))
+    engine.reset()
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        list(engine.generate(prompt, SamplingParams(max_new_tokens=5), stop_ids=(), progress=interrupt))
+    assert engine.cached == prompt[:PREFILL_CHUNK]
+    assert list(engine.generate(prompt, SamplingParams(max_new_tokens=5), stop_ids=())) == expected
+    assert engine.last_stats.reused_tokens == PREFILL_CHUNK
+
+
+def _run_tuner(tuner, step_time, steps):
+    """Run `steps` decode steps whose time is step_time(count); returns the counts used."""
+    used = []
+    for _ in range(steps):
+        count = tuner.next_count()
+        used.append(count)
+        tuner.record(count, step_time(count))
+    return used
+
+
+def test_thread_tuner_keeps_the_faster_count():
+    from tinychat.engine import ThreadTuner
+
+    tuner = ThreadTuner(4)
+    assert tuner.counts == [4, 2, 1]
+    tuner.start()  # each other count for 3 steps, then the kept one again, then the fastest
+    used = _run_tuner(tuner, {4: 0.010, 2: 0.012, 1: 0.020}.get, 9 + 5)
+    assert used == [2, 2, 2, 1, 1, 1, 4, 4, 4] + [4] * 5
+    tuner.start()  # a core taken by another process: 4 threads now wait at every barrier
+    used = _run_tuner(tuner, {4: 0.100, 2: 0.012, 1: 0.020}.get, 9 + 5)
+    assert used == [2, 2, 2, 1, 1, 1, 4, 4, 4] + [2] * 5
+
+
+def test_thread_tuner_needs_a_clear_win_and_reacts_to_a_slow_step():
+    from tinychat.engine import ThreadTuner
+
+    tuner = ThreadTuner(2)
+    tuner.start()
+    assert _run_tuner(tuner, {2: 0.010, 1: 0.0095}.get, 6 + 3) == [1, 1, 1, 2, 2, 2, 2, 2, 2]  # 5% is no win
+    tuner.record(2, 0.050)  # a step 5x slower than the kept count's median: try the others at once
+    assert tuner.next_count() == 1
+    assert _run_tuner(tuner, {2: 0.050, 1: 0.015}.get, 6 + 2) == [1, 1, 1, 2, 2, 2, 1, 1]
+    kept = ThreadTuner.PROBE_EVERY - 2  # steps left until the next round (2 ran above)
+    used = _run_tuner(tuner, {2: 0.010, 1: 0.015}.get, kept + 7)  # the core is free again
+    assert used[:kept] == [1] * kept  # tried again only after PROBE_EVERY steps
+    assert used[kept:] == [2, 2, 2, 1, 1, 1, 2]
+
+
+def test_engine_tunes_threads_only_when_asked(monkeypatch):
+    """The engine runs its decode steps with the count the tuner picks (same greedy tokens whatever the count: each
+    output row is computed by one thread); tune_threads=False, or a single thread, leaves torch's count alone."""
+    from tinychat.engine import Engine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n, real=torch.set_num_threads: (seen.append(n), real(n)))
+    try:
+        model = _chunk_model()
+        prompt = list(range(1, 20))
+        fixed = list(Engine(model, _Ids(96), 64, tune_threads=False).generate(prompt, SamplingParams(max_new_tokens=12),
+                                                                             stop_ids=()))
+        assert seen == []
+        engine = Engine(model, _Ids(96), 64)
+        assert list(engine.generate(prompt, SamplingParams(max_new_tokens=12), stop_ids=())) == fixed
+        assert 1 in seen and engine.threads.current in (1, 2)
+        torch.set_num_threads(1)
+        assert Engine(model, _Ids(96), 64).threads is None
+    finally:
+        torch.set_num_threads(before)

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,8 +138,9 @@ def _hold_back(text: str, stops: Sequence[str]) -> int:
 class Model:
     """A loaded model with its tokenizer and one KV cache. Build it with `tinychat.load`."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str, max_seq_len: int | None = None):
-        self.engine = Engine(model, tokenizer, max_seq_len)
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str, max_seq_len: int | None = None,
+                 tune_threads: bool = True):
+        self.engine = Engine(model, tokenizer, max_seq_len, tune_threads=tune_threads)
         self.tokenizer = tokenizer
         self.name = name
         self._lock = threading.Lock()
@@ -186,29 +187,31 @@ class Model:
         return self.tokenizer.encode_chat(list(messages))
 
     def generate(self, prompt: str, *, stream: bool = False, stop: Sequence[str] = (), timeout: float | None = None,
-                 **sampling) -> Completion | TextStream:
+                 progress: Callable[[int, int], None] | None = None, **sampling) -> Completion | TextStream:
         """Continue `prompt` (plain text, no chat template).
 
         sampling: temperature, top_k, top_p, repetition_penalty, seed, max_new_tokens; each unset one takes its
         value from `tinychat.engine.API_SAMPLING` (greedy: temperature 0).
         stop: strings that end the answer (not included in it). timeout: seconds to wait while another call runs
-        (None: as long as it takes; 0: fail at once with BusyError).
+        (None: as long as it takes; 0: fail at once with BusyError). progress(done, total): called as the prompt
+        is prefilled, after each chunk of `tinychat.engine.PREFILL_CHUNK` tokens (total: the tokens not reused).
         """
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        return self._run(self.tokenizer.encode(prompt), stream, stop, timeout, sampling)
+        return self._run(self.tokenizer.encode(prompt), stream, stop, timeout, progress, sampling)
 
     def chat(self, messages: Sequence[Mapping], *, stream: bool = False, stop: Sequence[str] = (),
-             timeout: float | None = None, **sampling) -> Completion | TextStream:
+             timeout: float | None = None, progress: Callable[[int, int], None] | None = None,
+             **sampling) -> Completion | TextStream:
         """Answer OpenAI-style messages ([{"role": "system"|"user"|"assistant", "content": str}, ...]).
 
         A conversation that extends the previous call's messages prefills only its new tokens. Arguments as in
         `generate`.
         """
-        return self._run(self.chat_prompt_ids(messages), stream, stop, timeout, sampling)
+        return self._run(self.chat_prompt_ids(messages), stream, stop, timeout, progress, sampling)
 
     def _run(self, ids: list[int], stream: bool, stop: Sequence[str], timeout: float | None,
-             sampling: dict) -> Completion | TextStream:
+             progress: Callable[[int, int], None] | None, sampling: dict) -> Completion | TextStream:
         unknown = set(sampling) - SAMPLING_ARGS
         if unknown:
             raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}; "
@@ -219,7 +222,7 @@ class Model:
         stop = [s for s in stop if s]
         self._acquire(timeout)
         result: list[Completion] = []
-        pieces = TextStream(self._pieces(ids, params, stop, result), result, self._release)
+        pieces = TextStream(self._pieces(ids, params, stop, progress, result), result, self._release)
         if stream:
             return pieces
         with pieces:
@@ -227,13 +230,14 @@ class Model:
                 pass
         return pieces.completion
 
-    def _pieces(self, ids: list[int], params: SamplingParams, stop: list[str], result: list[Completion]):
+    def _pieces(self, ids: list[int], params: SamplingParams, stop: list[str],
+                progress: Callable[[int, int], None] | None, result: list[Completion]):
         """Generator of text pieces; appends the Completion to `result` when it ends (exhausted, stopped, closed or
         failed)."""
         t0 = time.perf_counter()
         text, sent = "", 0  # text so far; text[:sent] was yielded
         finish = None
-        tokens = self.engine.generate(ids, params)
+        tokens = self.engine.generate(ids, params, progress=progress)
         decoder = StreamDecoder(self.tokenizer)
         try:
             for token in tokens:
@@ -272,12 +276,13 @@ def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: s
     AWQ checkpoint) and quantizes a full-precision one with AWQ (on first use, cached); "awq" quantizes with AWQ
     whatever the source (a GGUF's blocks are dequantized and requantized, which loses accuracy: it says so);
     "none" runs float weights (a GGUF's blocks dequantized). threads: CPU threads (torch's setting is
-    process-wide). max_seq_len: context to allocate (default: the model's own, at most
-    tinychat.model.DEFAULT_CONTEXT = 4096).
+    process-wide); None: torch's count, which decode steps then lower or raise back from their measured times
+    (`tinychat.engine.ThreadTuner`: a core busy with another process). max_seq_len: context to allocate (default:
+    the model's own, at most tinychat.model.DEFAULT_CONTEXT = 4096).
     """
     model, tokenizer, path = load_transformer(path_or_id, device=device, dtype=dtype, quant=quant, threads=threads,
                                               verbose=verbose)
-    return Model(model, tokenizer, name=path.name, max_seq_len=max_seq_len)
+    return Model(model, tokenizer, name=path.name, max_seq_len=max_seq_len, tune_threads=threads is None)
 
 
 def load_transformer(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: str | torch.device = "cpu",

@@ -10,6 +10,7 @@ import re
 import select
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tinychat.engine import CLI_SAMPLING, SamplingParams
 from tinychat.errors import GenerationError, TinychatError
 
 PROMPT = ">>> "
+LONG_PREFILL_S = 2.0  # a prompt expected to take longer than this to read shows its progress
 
 
 class ChatSession:
@@ -61,10 +63,12 @@ class ChatSession:
             )
         return head + self.messages
 
-    def send(self, text: str) -> Iterator[str]:
-        """Add a user message and stream the answer; the answer is kept even when the caller stops early."""
+    def send(self, text: str, progress: Callable[[int, int], None] | None = None) -> Iterator[str]:
+        """Add a user message and stream the answer; the answer is kept even when the caller stops early.
+        progress(done, total): the prefill's progress (`Model.chat`)."""
         self.messages.append({"role": "user", "content": text})
-        stream = self.llm.chat(self._fitted_messages(), stream=True, **dataclasses.asdict(self.params))
+        stream = self.llm.chat(self._fitted_messages(), stream=True, progress=progress,
+                               **dataclasses.asdict(self.params))
         answer: list[str] = []
         try:
             with stream:
@@ -74,6 +78,37 @@ class ChatSession:
         finally:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
             self.last = stream.completion
+
+
+class PrefillProgress:
+    """The progress of a prefill expected to take more than LONG_PREFILL_S, on `err`: a line updated in place on a
+    terminal (cleared when the prefill ends), else one line when it starts. Estimated from the chunks so far."""
+
+    def __init__(self, err):
+        self.err, self.tty = err, getattr(err, "isatty", lambda: False)()
+        self.t0 = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed * (total - done) / done
+        if done >= total:
+            self.clear()
+            return
+        if not self.shown and elapsed + left < LONG_PREFILL_S:
+            return
+        if self.tty:
+            print(f"\r\033[K[reading the prompt: {done} of {total} tokens, about {left:.0f} s left]", end="",
+                  file=self.err, flush=True)
+        elif not self.shown:
+            print(f"[reading a long prompt: {total} tokens, about {elapsed + left:.0f} s]", file=self.err, flush=True)
+        self.shown = True
+
+    def clear(self) -> None:
+        """Remove the terminal's progress line (the answer, or an interruption's note, starts on a clean line)."""
+        if self.shown and self.tty:
+            print("\r\033[K", end="", file=self.err, flush=True)
+            self.shown = False
 
 
 HELP = """commands:
@@ -204,11 +239,13 @@ def run_chat(session: ChatSession, interactive: bool, out=sys.stdout, err=sys.st
             print(f"[unknown command {command}: /help lists them]", file=err)
         else:
             quiet = _held_input(sys.stdin, held) if interactive else contextlib.nullcontext()
+            progress = PrefillProgress(err)
             try:
                 with quiet:
-                    for piece in session.send(line):
+                    for piece in session.send(line, progress):
                         print(piece, end="", flush=True, file=out)
             except KeyboardInterrupt:
+                progress.clear()
                 print(" [stopped]", end="", file=out)
             except TinychatError as e:
                 print(f"error: {e}", file=err)

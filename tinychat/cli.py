@@ -15,7 +15,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF file, Hugging Face model directory or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's count, which decode lowers while other processes "
+                   "keep cores busy)")
     p.add_argument("--quant", choices=("auto", "awq", "none"), default="auto",
                    help="auto (default): a quantized model (GGUF blocks, AWQ checkpoint) runs as stored, a "
                         "full-precision one is quantized with AWQ on first use and cached; awq: quantize with AWQ "

@@ -8,15 +8,20 @@ one thing: the sampled token id, which it needs to stream text and check stop to
 On a CUDA device a decode step (the forward of one token and the sampling of the next) is captured once per sampling
 setting as a CUDA graph and replayed for every token (`_GraphStep`); `Engine(..., cuda_graphs=False)` or
 TINYCHAT_CUDA_GRAPHS=0 decodes eagerly instead. The prefill, and everything on a CPU, runs eagerly.
+
+On a CPU, unless the thread count was fixed, decode steps pick it from their own measured times (`ThreadTuner`): a
+core kept busy by another process makes every one of a step's hundred-odd barriers wait for a time slice, and fewer
+threads then decode several times faster.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +32,8 @@ from tinychat.tokenizer import Tokenizer
 
 GRAPHS_ENV = "TINYCHAT_CUDA_GRAPHS"  # "0" (or "false", "off", "no"): decode eagerly on CUDA too
 MAX_GRAPHS = 8  # captured decode steps an engine keeps, one per sampling setting; the least recently used goes
+PREFILL_CHUNK = 256  # prompt tokens per forward of a prefill: bounded activations, progress, an interruption keeps
+# what ran (as llama.cpp's batches of 512)
 
 
 @dataclass(frozen=True)
@@ -209,13 +216,76 @@ class _GraphStep:
         return self.out
 
 
+class ThreadTuner:
+    """The CPU thread count of decode steps, picked from their measured times among torch's count, half of it and 1.
+
+    Each generation starts by trying every count for PROBE_STEPS steps, then keeps the fastest (by the median of its
+    steps; another count must win by MARGIN to replace the one in use). It tries again every PROBE_EVERY steps, and
+    at once when a step takes SLOW times the kept count's median: another process taking a core makes a step of
+    several threads wait at every barrier, and then fewer threads win; when the core is free again, more win again.
+    torch's thread count is process-wide: the count in use stays set after the generation (the prefill uses it too).
+    """
+
+    PROBE_STEPS = 3
+    PROBE_EVERY = 64
+    MARGIN = 0.85
+    SLOW = 2.0
+
+    def __init__(self, threads: int):
+        self.counts = sorted({threads, max(1, threads // 2), 1}, reverse=True)
+        self.current = threads
+        self.times: dict[int, list[float]] = {}  # count -> its last PROBE_STEPS step times (seconds)
+        self.queue: list[int] = []  # counts still to try in this round, PROBE_STEPS steps each
+        self.since_probe = 0
+
+    def start(self) -> None:
+        """A new generation: try every count again."""
+        self._probe()
+
+    def _probe(self) -> None:
+        self.queue = [c for c in self.counts if c != self.current for _ in range(self.PROBE_STEPS)]
+        self.times.pop(self.current, None)  # measured afresh against the others
+        self.since_probe = 0
+
+    def next_count(self) -> int:
+        """The thread count to run the next step with."""
+        return self.queue[0] if self.queue else self.current
+
+    def record(self, count: int, seconds: float) -> None:
+        """The time of a step run with `count` threads."""
+        mine = self.times.setdefault(count, [])
+        mine.append(seconds)
+        del mine[: -self.PROBE_STEPS]
+        if self.queue:
+            self.queue.pop(0)
+            if not self.queue:  # the round is over once the kept count has its steps again
+                self.queue = [self.current] * (self.PROBE_STEPS - len(self.times.get(self.current, [])))
+                if not self.queue:
+                    self._decide()
+            return
+        self.since_probe += 1
+        kept = self.times.get(self.current, [])
+        if len(kept) < self.PROBE_STEPS:
+            return
+        if self.since_probe >= self.PROBE_EVERY or seconds > self.SLOW * statistics.median(kept):
+            self._probe()
+
+    def _decide(self) -> None:
+        medians = {c: statistics.median(t) for c, t in self.times.items() if len(t) >= self.PROBE_STEPS}
+        best = min(medians, key=medians.get)
+        if best != self.current and medians[best] < self.MARGIN * medians[self.current]:
+            self.current = best
+        self.since_probe = 0
+
+
 class Engine:
     """Generates with one model and one KV cache; one generation at a time."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, tune_threads: bool = True):
         """cuda_graphs: decode through CUDA graphs on a CUDA device (None: unless TINYCHAT_CUDA_GRAPHS=0); never on a
-        CPU."""
+        CPU. tune_threads: on a CPU, let decode steps pick torch's thread count (ThreadTuner: torch's count when the
+        engine is made, half of it or 1); False keeps the count the caller set."""
         self.model, self.tokenizer = model, tokenizer
         ctx = model.config.context_length
         if max_seq_len is not None and not 1 <= max_seq_len <= ctx:
@@ -234,6 +304,8 @@ class Engine:
         self.graph_error: str | None = None  # why a capture failed
         self._graphs: dict[tuple, _GraphStep] = {}  # graph_key -> its step, least recently used first
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # shared: never run at once
+        n = torch.get_num_threads()
+        self.threads = ThreadTuner(n) if tune_threads and self.device.type == "cpu" and n > 1 else None
 
     def reset(self) -> None:
         self.cached = []
@@ -287,35 +359,61 @@ class Engine:
                               stacklevel=3)
             return out
 
-    def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Run the part of the prompt not already cached; return the last logits [V]."""
+    def _timed_decode(self, token: torch.Tensor, position: int, sampler: Sampler, step: _GraphStep | None,
+                      first: bool) -> torch.Tensor:
+        """_decode with the thread count the tuner asks for, and the step's time reported to it (a CPU step is
+        synchronous: its call is its time)."""
+        if self.threads is None:
+            return self._decode(token, position, sampler, step)
+        if first:
+            self.threads.start()
+        count = self.threads.next_count()
+        if count != torch.get_num_threads():
+            torch.set_num_threads(count)
+        t = time.perf_counter()
+        out = self._decode(token, position, sampler, step)
+        self.threads.record(count, time.perf_counter() - t)
+        return out
+
+    def _prefill(self, prompt: list[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Run the part of the prompt not already cached, PREFILL_CHUNK tokens a forward; return the last logits [V].
+        progress(done, total) is called after each chunk with the tokens run so far and all to run."""
         reuse = 0
         for a, b in zip(self.cached, prompt[:-1]):  # at least one token must run to produce logits
             if a != b:
                 break
             reuse += 1
         self.cached = self.cached[:reuse]
-        tokens = torch.tensor([prompt[reuse:]], dtype=torch.long, device=self.device)  # [1, T]
-        logits = self._forward(tokens, reuse)
-        self.cached = list(prompt)
         self.last_stats.reused_tokens = reuse
+        total = len(prompt) - reuse
+        for done in range(0, total, PREFILL_CHUNK):
+            end = min(done + PREFILL_CHUNK, total)
+            tokens = torch.tensor([prompt[reuse + done : reuse + end]], dtype=torch.long, device=self.device)  # [1, T]
+            logits = self._forward(tokens, reuse + done)
+            self.cached = prompt[: reuse + end]  # a prefill stopped between chunks keeps what ran
+            if progress is not None:
+                progress(end, total)
         return logits
 
     def generate(
-        self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] | None = None
+        self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[int]:
         """Yield generated token ids (stop tokens excluded); `last_stats` is filled when the iterator ends. One at a
-        time per engine (one KV cache): a second one started while another is suspended raises GenerationError."""
+        time per engine (one KV cache): a second one started while another is suspended raises GenerationError.
+        progress(done, total): called as the prefill runs (the prompt tokens not reused from the cache), after each
+        chunk of PREFILL_CHUNK tokens."""
         if self._generating:
             raise GenerationError("this engine is in the middle of another generate(): exhaust or close it first "
                                   "(two interleaved generations would write the same KV cache)")
         self._generating = True
         try:
-            yield from self._generate(prompt, params, stop_ids)
+            yield from self._generate(prompt, params, stop_ids, progress)
         finally:
             self._generating = False
 
-    def _generate(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Iterable[int] | None) -> Iterator[int]:
+    def _generate(self, prompt: Sequence[int], params: SamplingParams, stop_ids: Iterable[int] | None,
+                  progress: Callable[[int, int], None] | None) -> Iterator[int]:
         prompt = list(prompt)
         if not prompt:
             raise GenerationError("the prompt is empty")
@@ -332,7 +430,7 @@ class Engine:
         vocab = min(self.model.config.vocab_size, self.tokenizer.vocab_size)
         # no inference_mode around this generator body: it would stay on in the caller's code between yields
         t0 = time.perf_counter()
-        logits = self._prefill(prompt)
+        logits = self._prefill(prompt, progress)
         sampler, step = self._sampler(params, vocab, prompt)
         token_t = sampler(logits)  # 0-d tensor: the first token, from the prefill's logits
         t_first = None
@@ -351,6 +449,6 @@ class Engine:
             if i == budget - 1:
                 stats.finish_reason = "length"
                 return
-            token_t = self._decode(token_t, len(self.cached), sampler, step)
+            token_t = self._timed_decode(token_t, len(self.cached), sampler, step, stats.decode_steps == 0)
             self.cached.append(token)
             stats.decode_steps += 1

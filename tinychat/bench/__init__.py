@@ -143,9 +143,11 @@ def _check_int4_runs(device: torch.device) -> None:
         raise TinychatError(f"int4 does not run on {device} here: {first}") from None
 
 
-def _random_subject(cfg: ModelConfig, dtype: str, opts: BenchOptions, max_seq_len: int) -> Subject:
+def _random_subject(cfg: ModelConfig, dtype: str, opts: BenchOptions, max_seq_len: int,
+                    tune_threads: bool) -> Subject:
     model = random_model(cfg, dtype, opts.device, opts.act_dtype, opts.seed)
-    return Subject(Engine(model, _NoTokenizer(cfg.vocab_size), max_seq_len), "random", cfg.vocab_size)
+    engine = Engine(model, _NoTokenizer(cfg.vocab_size), max_seq_len, tune_threads=tune_threads)
+    return Subject(engine, "random", cfg.vocab_size)
 
 
 def _real_subject(src: ModelSource, args, dtype: str, opts: BenchOptions, max_seq_len: int, plan: str) -> Subject:
@@ -269,7 +271,7 @@ def run_bench(args, log=None) -> dict:
     for dtype in dtypes:
         _free(device)
         if args.shape is not None:
-            subject = _random_subject(cfg, dtype, opts, max_seq_len)
+            subject = _random_subject(cfg, dtype, opts, max_seq_len, tune_threads=not args.threads)
         else:
             subject = _real_subject(src, args, dtype, opts, max_seq_len, plan)
         results.append(bench_subject(subject, dtype, opts, log))
