@@ -47,6 +47,38 @@ def test_matches_reference_and_sdpa(B, T, H, Hkv, S, start, D, dtype, isa, threa
     torch.testing.assert_close(ref.float(), sdpa, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,T,H,Hkv,S,start,D", SHAPES[:8])
+def test_a_half_cache_below_float32_queries(B, T, H, Hkv, S, start, D, kv_dtype, isa, threads):
+    """A float16 / bfloat16 cache under float32 q (the CPU's default cache for a float32 model) is read as its values
+    widened to fp32: the output is bit for bit the fp32 kernel's on those values, and the reference's."""
+    q, k, v = inputs(B, T, H, Hkv, S, D, torch.float32)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    positions = torch.arange(start, start + T)
+    out = tc().attention(q, k, v, positions, D**-0.5)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, tc().attention(q, k.float(), v.float(), positions, D**-0.5))
+    torch.testing.assert_close(out, ops.attention_ref(q, k, v, positions, D**-0.5), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_rope_kv_write_rounds_k_and_v_once_into_a_half_cache(kv_dtype):
+    """float32 qkv into a half cache: q as with a float32 cache, k and v that cache's values rounded once."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 5, 6 + 2 * 2, 32, generator=g)  # H 6, Hkv 2
+    positions = torch.tensor([3, 0, 7, 1, 9])
+    cos_sin = ops.rope_cos_sin(1.0 / 10000.0 ** (torch.arange(0, 32, 2).float() / 32), 16)  # [16, 32]
+    k32, v32 = torch.zeros(2, 2, 12, 32), torch.zeros(2, 2, 12, 32)
+    kh, vh = torch.zeros(2, 2, 12, 32, dtype=kv_dtype), torch.zeros(2, 2, 12, 32, dtype=kv_dtype)
+    q32 = tc().rope_kv_write(qkv, positions, cos_sin, k32, v32)
+    qh = tc().rope_kv_write(qkv, positions, cos_sin, kh, vh)
+    assert torch.equal(qh, q32) and torch.equal(kh, k32.to(kv_dtype)) and torch.equal(vh, v32.to(kv_dtype))
+    kr, vr = torch.zeros_like(kh), torch.zeros_like(vh)  # the reference writes the same (fp32 sums: within an ulp)
+    torch.testing.assert_close(ops.rope_kv_write_ref(qkv, positions, cos_sin, kr, vr), qh, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(kr, kh)
+    assert torch.equal(vr, vh)
+
+
 def test_arbitrary_positions_and_strided_query(isa):
     """Any positions, not only a run (each query sees its own prefix), and q viewed out of a wider tensor."""
     q_all, k, v = inputs(2, 6, 16, 4, 90, 64, torch.float32)
@@ -75,6 +107,8 @@ def _bad():
     yield "positions dtype", (q, k, v, pos.int(), 1.0), "positions must be int64"
     yield "heads", (torch.randn(1, 3, 3, 8), k, v, pos, 1.0), r"must be a multiple of the caches'"
     yield "dtype", (q, k.double(), v, pos, 1.0), r"the caches' dtype must be"
+    yield "half q, float cache", (q.half(), k, v, pos, 1.0), r"dtype must be Half and the same for both, got Float"
+    yield "k and v dtypes differ", (q, k.half(), v.bfloat16(), pos, 1.0), r"the same for both"
     yield "shape", (q, k, v[:, :, :8], pos, 1.0), r"same shape"
     yield "q rank", (q[0], k, v, pos, 1.0), r"q must have shape \[B, T, n_heads, head_dim\]"
     yield "head dim", (torch.randn(1, 3, 4, 16), k, v, pos, 1.0), r"the caches' shape .* must be \[1, Hkv, S, 16\]"

@@ -139,8 +139,8 @@ class Model:
     """A loaded model with its tokenizer and one KV cache. Build it with `tinychat.load`."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str, max_seq_len: int | None = None,
-                 tune_threads: bool = True):
-        self.engine = Engine(model, tokenizer, max_seq_len, tune_threads=tune_threads)
+                 tune_threads: bool = True, kv_dtype: torch.dtype | None = None):
+        self.engine = Engine(model, tokenizer, max_seq_len, tune_threads=tune_threads, kv_dtype=kv_dtype)
         self.tokenizer = tokenizer
         self.name = name
         self._lock = threading.Lock()
@@ -267,7 +267,7 @@ class Model:
 
 def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: str | torch.device = "cpu",
          dtype="float32", quant: str = "auto", threads: int | None = None, max_seq_len: int | None = None,
-         verbose: bool = False) -> Model:
+         kv_dtype: str | torch.dtype | None = None, verbose: bool = False) -> Model:
     """Load a model for generation.
 
     path_or_id: a GGUF file, a Hugging Face model directory (full precision or AWQ 4-bit), a hub id, or a
@@ -278,11 +278,13 @@ def load(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: s
     "none" runs float weights (a GGUF's blocks dequantized). threads: CPU threads (torch's setting is
     process-wide); None: torch's count, which decode steps then lower or raise back from their measured times
     (`tinychat.engine.ThreadTuner`: a core busy with another process). max_seq_len: context to allocate (default:
-    the model's own, at most tinychat.model.DEFAULT_CONTEXT = 4096).
+    the model's own, at most tinychat.model.DEFAULT_CONTEXT = 4096). kv_dtype: the KV cache's, "float32", "float16"
+    or "bfloat16" (None: float16 for a float32 model on a CPU, as llama.cpp; else the model's dtype).
     """
+    kv = None if kv_dtype is None else resolve_dtype(kv_dtype)
     model, tokenizer, path = load_transformer(path_or_id, device=device, dtype=dtype, quant=quant, threads=threads,
                                               verbose=verbose)
-    return Model(model, tokenizer, name=path.name, max_seq_len=max_seq_len, tune_threads=threads is None)
+    return Model(model, tokenizer, name=path.name, max_seq_len=max_seq_len, tune_threads=threads is None, kv_dtype=kv)
 
 
 def load_transformer(path_or_id: str | os.PathLike | ModelSource | None = None, *, device: str | torch.device = "cpu",

@@ -30,6 +30,9 @@ def _add_ctx_arg(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--ctx", type=int, default=None,
                    help=f"context length to allocate (default: the model's, at most {DEFAULT_CONTEXT})")
+    p.add_argument("--kv-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="the KV cache's dtype (default: float16 for a float32 model on a CPU, as llama.cpp; else the "
+                   "model's)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +60,7 @@ def _load(args):
     from tinychat.api import load
 
     return load(args.model, device=args.device, dtype=args.dtype, quant=args.quant, threads=args.threads,
-                max_seq_len=getattr(args, "ctx", None), verbose=True)
+                max_seq_len=getattr(args, "ctx", None), kv_dtype=getattr(args, "kv_dtype", None), verbose=True)
 
 
 def cmd_chat(args) -> int:

@@ -278,22 +278,31 @@ class ThreadTuner:
         self.since_probe = 0
 
 
+def default_kv_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype for a model computing in `dtype` on `device`: float16 below float32 on a CPU (as
+    llama.cpp: half the memory and half the bytes decode attention reads, for a rounding of k and v to 11 bits), else
+    the model's own."""
+    return torch.float16 if device.type == "cpu" and dtype == torch.float32 else dtype
+
+
 class Engine:
     """Generates with one model and one KV cache; one generation at a time."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
-                 cuda_graphs: bool | None = None, tune_threads: bool = True):
+                 cuda_graphs: bool | None = None, tune_threads: bool = True, kv_dtype: torch.dtype | None = None):
         """cuda_graphs: decode through CUDA graphs on a CUDA device (None: unless TINYCHAT_CUDA_GRAPHS=0); never on a
         CPU. tune_threads: on a CPU, let decode steps pick torch's thread count (ThreadTuner: torch's count when the
-        engine is made, half of it or 1); False keeps the count the caller set."""
+        engine is made, half of it or 1); False keeps the count the caller set. kv_dtype: the KV cache's (None:
+        default_kv_dtype; on a CPU float32, float16 or bfloat16 below float32 weights, else the weights' own)."""
         self.model, self.tokenizer = model, tokenizer
         ctx = model.config.context_length
         if max_seq_len is not None and not 1 <= max_seq_len <= ctx:
             raise ValueError(f"the context to allocate (ctx) must be 1 .. {ctx}, this model's context length; "
                              f"got {max_seq_len}")
         self.max_seq_len = max_seq_len or min(ctx, DEFAULT_CONTEXT)
-        model.setup_kv_cache(self.max_seq_len)
         self.device = model.embed.weight.device
+        self.kv_dtype = kv_dtype or default_kv_dtype(self.device, model.embed.weight.dtype)
+        model.setup_kv_cache(self.max_seq_len, dtype=self.kv_dtype)
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order
         self._generating = False  # a generate() is running (maybe suspended between tokens)
         self.last_stats = GenerationStats()

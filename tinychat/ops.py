@@ -49,14 +49,15 @@ def rope_kv_write_ref(qkv: Tensor, positions: Tensor, cos_sin: Tensor, k_cache: 
     """Rotate q and k of the fused projection, write k and v into the caches (in place) at rows `positions`.
 
     qkv [B, T, H + 2 Hkv, D] (heads q | k | v), positions int64 [T], cos_sin fp32 [max_pos, D];
-    k_cache, v_cache [B, Hkv, S, D] in qkv.dtype -> rotated q [B, T, H, D] (contiguous, qkv.dtype).
+    k_cache, v_cache [B, Hkv, S, D] in qkv.dtype (on the CPU also float16 / bfloat16 below a float32 qkv: k and v are
+    rounded to it once) -> rotated q [B, T, H, D] (contiguous, qkv.dtype).
     """
     Hkv = k_cache.shape[1]
     H = qkv.shape[2] - 2 * Hkv
     q = rotary_embedding_ref(qkv[:, :, :H], positions, cos_sin)  # [B, T, H, D]
     k = rotary_embedding_ref(qkv[:, :, H : H + Hkv], positions, cos_sin)  # [B, T, Hkv, D]
-    k_cache[:, :, positions] = k.transpose(1, 2)
-    v_cache[:, :, positions] = qkv[:, :, H + Hkv :].transpose(1, 2)
+    k_cache[:, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[:, :, positions] = qkv[:, :, H + Hkv :].transpose(1, 2).to(v_cache.dtype)
     return q.contiguous()
 
 

@@ -59,7 +59,8 @@ inline void check_positions(const at::Tensor& positions, const at::Tensor& x, in
               ": positions must be a contiguous [T] = [", T, "] tensor, got ", positions.sizes());
 }
 
-// k_cache, v_cache [B, Hkv, S, D]: x's device and dtype, same shape, last dim contiguous (contiguous if `whole`).
+// k_cache, v_cache [B, Hkv, S, D]: x's device, same shape and dtype, last dim contiguous (contiguous if `whole`). The
+// dtype is x's; on the CPU also float16 or bfloat16 below a float32 x (a half-size cache, converted as it is read).
 inline void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& x, int64_t B,
                          int64_t D, bool whole, c10::DeviceType type, const char* op) {
   check_device(k_cache, x, type, op, "k_cache");
@@ -71,9 +72,13 @@ inline void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, c
               " must be [", B, ", Hkv, S, ", D, "]");
   TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, op, ": the caches must have Hkv > 0 and S > 0, got ",
               k_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == x.scalar_type() && v_cache.scalar_type() == x.scalar_type(), op,
-              ": the caches' dtype must be ", x.scalar_type(), ", got ", k_cache.scalar_type(), " and ",
-              v_cache.scalar_type());
+  const at::ScalarType kv = k_cache.scalar_type();
+  const bool half_below_float = type == c10::DeviceType::CPU && x.scalar_type() == at::kFloat &&
+                                (kv == at::kHalf || kv == at::kBFloat16);
+  TORCH_CHECK(v_cache.scalar_type() == kv && (kv == x.scalar_type() || half_below_float), op,
+              ": the caches' dtype must be ", x.scalar_type(),
+              (type == c10::DeviceType::CPU && x.scalar_type() == at::kFloat ? " (or float16 / bfloat16)" : ""),
+              " and the same for both, got ", kv, " and ", v_cache.scalar_type());
   if (whole) {
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": the caches must be contiguous");
   } else {

@@ -75,7 +75,8 @@ TINYCHAT_INLINE const float* block_rows(const scalar_t* src, int64_t stride, int
   }
 }
 
-template <typename scalar_t>
+// scalar_t: q and out; kv_t: the caches (scalar_t, or float16 / bfloat16 below float32 q).
+template <typename scalar_t, typename kv_t>
 TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch& w) {
   const int64_t item = unit / p.row_units, part = unit % p.row_units;
   const int64_t D = p.D, rep = p.rep;
@@ -84,8 +85,8 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch&
   // rows [r0, r0 + rows) of the tile; row r: token t0 + r / rep, query head hk * rep + r % rep
   const int64_t r0 = p.row_units > 1 ? part : 0, rows = p.row_units > 1 ? 1 : tokens * rep;
   const auto* q = static_cast<const scalar_t*>(p.q) + b * p.qs[0] + hk * rep * p.qs[2];
-  const auto* k = static_cast<const scalar_t*>(p.k) + b * p.ks[0] + hk * p.ks[1];
-  const auto* v = static_cast<const scalar_t*>(p.v) + b * p.vs[0] + hk * p.vs[1];
+  const auto* k = static_cast<const kv_t*>(p.k) + b * p.ks[0] + hk * p.ks[1];
+  const auto* v = static_cast<const kv_t*>(p.v) + b * p.vs[0] + hk * p.vs[1];
   int64_t kv_len = 0;  // keys any row of the unit sees
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = r0 + i, t = t0 + r / rep;
@@ -147,29 +148,29 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch&
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename kv_t>
 void attention_items_scalar(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t>(p, u, w);
+  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t, kv_t>(p, u, w);
 }
 
 #ifdef TINYCHAT_X86
-template <typename scalar_t>
+template <typename scalar_t, typename kv_t>
 TINYCHAT_AVX2 void attention_items_avx2(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t>(p, u, w);
+  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t, kv_t>(p, u, w);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename kv_t>
 TINYCHAT_AVX512 void attention_items_avx512(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t>(p, u, w);
+  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t, kv_t>(p, u, w);
 }
 #endif
 
-template <typename scalar_t>
+template <typename scalar_t, typename kv_t>
 void run_attention(const AttnProblem& p, Isa isa) {
-  auto items_fn = attention_items_scalar<scalar_t>;
+  auto items_fn = attention_items_scalar<scalar_t, kv_t>;
 #ifdef TINYCHAT_X86
-  if (isa >= Isa::kAvx512) items_fn = attention_items_avx512<scalar_t>;
-  if (isa == Isa::kAvx2) items_fn = attention_items_avx2<scalar_t>;
+  if (isa >= Isa::kAvx512) items_fn = attention_items_avx512<scalar_t, kv_t>;
+  if (isa == Isa::kAvx2) items_fn = attention_items_avx2<scalar_t, kv_t>;
 #endif
   const int64_t units = p.B * p.Hkv * p.n_tiles * p.row_units;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
@@ -210,8 +211,13 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   const int64_t items = p.B * p.Hkv * p.n_tiles, threads = at::get_num_threads();
   p.row_units = p.T == 1 && threads > 1 && items % threads != 0 && p.rep > 1 ? p.rep : 1;
   const Isa isa = current_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tinychat_attention_cpu",
-                                  [&] { run_attention<scalar_t>(p, isa); });
+  if (k_cache.scalar_type() == q.scalar_type()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tinychat_attention_cpu",
+                                    [&] { run_attention<scalar_t, scalar_t>(p, isa); });
+  } else {  // float32 q over a float16 / bfloat16 cache (checks.h)
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(k_cache.scalar_type(), "tinychat_attention_cpu_half_cache",
+                                       [&] { run_attention<float, scalar_t>(p, isa); });
+  }
   return out;
 }
 

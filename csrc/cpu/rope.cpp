@@ -1,8 +1,9 @@
 // CPU kernel of rope_kv_write (schema in csrc/ops.cpp; the CUDA twin is csrc/cuda/rope.cu): the rotary embedding
 // of q and k fused with the KV-cache write.
 //
-// Head rows are split over threads with at::parallel_for. All math is fp32; each output is rounded to the input
-// dtype once. Positions are checked on the host first: one out of range raises.
+// Head rows are split over threads with at::parallel_for. All math is fp32; each output is rounded once, to the
+// input dtype (q) or the caches' (k, v; float16 or bfloat16 below a float32 qkv: checks.h). Positions are checked on
+// the host first: one out of range raises.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -10,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../common/checks.h"
 
@@ -18,24 +20,58 @@ namespace tinychat {
 namespace {
 
 // One head row of D: rotate-half rotary embedding by the table row cs = [cos | sin] of its position.
-template <typename scalar_t>
-inline void rotate_row(const scalar_t* x, const float* cs, scalar_t* out, int64_t D) {
+template <typename in_t, typename out_t>
+inline void rotate_row(const in_t* x, const float* cs, out_t* out, int64_t D) {
   const int64_t half = D / 2;
   const float* sn = cs + half;
   for (int64_t i = 0; i < half; ++i) {
     const float x1 = static_cast<float>(x[i]);
     const float x2 = static_cast<float>(x[i + half]);
-    out[i] = static_cast<scalar_t>(x1 * cs[i] - x2 * sn[i]);
-    out[i + half] = static_cast<scalar_t>(x2 * cs[i] + x1 * sn[i]);
+    out[i] = static_cast<out_t>(x1 * cs[i] - x2 * sn[i]);
+    out[i + half] = static_cast<out_t>(x2 * cs[i] + x1 * sn[i]);
   }
+}
+
+template <typename scalar_t, typename cache_t>
+void rope_kv_rows(const at::Tensor& qkv, const int64_t* pos, const float* cs, at::Tensor& q, at::Tensor& k_cache,
+                  at::Tensor& v_cache) {
+  const int64_t B = qkv.size(0), T = qkv.size(1), heads = qkv.size(2), D = qkv.size(3);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), H = heads - 2 * Hkv;
+  const int64_t xs0 = qkv.stride(0), xs1 = qkv.stride(1), xs2 = qkv.stride(2);
+  const scalar_t* x = qkv.const_data_ptr<scalar_t>();
+  scalar_t* qo = q.data_ptr<scalar_t>();
+  cache_t* kc = k_cache.data_ptr<cache_t>();
+  cache_t* vc = v_cache.data_ptr<cache_t>();
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / D);
+  at::parallel_for(0, B * T * heads, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // row = (b * T + t) * heads + head
+      const int64_t head = row % heads, t = (row / heads) % T, b = row / (heads * T);
+      const scalar_t* xr = x + b * xs0 + t * xs1 + head * xs2;
+      const float* c = cs + pos[t] * D;
+      if (head < H) {
+        rotate_row(xr, c, qo + ((b * T + t) * H + head) * D, D);
+      } else if (head < H + Hkv) {
+        rotate_row(xr, c, kc + ((b * Hkv + head - H) * S + pos[t]) * D, D);
+      } else {
+        cache_t* vr = vc + ((b * Hkv + head - H - Hkv) * S + pos[t]) * D;
+        for (int64_t i = 0; i < D; ++i) {
+          if constexpr (std::is_same_v<scalar_t, cache_t>) {
+            vr[i] = xr[i];
+          } else {
+            vr[i] = static_cast<cache_t>(static_cast<float>(xr[i]));
+          }
+        }
+      }
+    }
+  });
 }
 
 at::Tensor rope_kv_write_cpu(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
                              at::Tensor& k_cache, at::Tensor& v_cache) {
   check_rope_kv_args(qkv, positions, cos_sin, k_cache, v_cache, c10::DeviceType::CPU);
-  const int64_t B = qkv.size(0), T = qkv.size(1), heads = qkv.size(2), D = qkv.size(3);
-  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), H = heads - 2 * Hkv;
-  const int64_t limit = std::min(S, cos_sin.size(0));
+  const int64_t B = qkv.size(0), T = qkv.size(1), D = qkv.size(3);
+  const int64_t H = qkv.size(2) - 2 * k_cache.size(1);
+  const int64_t limit = std::min(k_cache.size(2), cos_sin.size(0));
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(pos[t] >= 0 && pos[t] < limit, "rope_kv_write: positions must be in [0, ", limit,
@@ -43,29 +79,11 @@ at::Tensor rope_kv_write_cpu(const at::Tensor& qkv, const at::Tensor& positions,
   }
   at::Tensor q = at::empty({B, T, H, D}, qkv.options());
   if (qkv.numel() == 0) return q;
-  const int64_t xs0 = qkv.stride(0), xs1 = qkv.stride(1), xs2 = qkv.stride(2);
   const float* cs = cos_sin.const_data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "tinychat_rope_kv_write_cpu", [&] {
-    const scalar_t* x = qkv.const_data_ptr<scalar_t>();
-    scalar_t* qo = q.data_ptr<scalar_t>();
-    scalar_t* kc = k_cache.data_ptr<scalar_t>();
-    scalar_t* vc = v_cache.data_ptr<scalar_t>();
-    at::parallel_for(0, B * T * heads, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {  // row = (b * T + t) * heads + head
-        const int64_t head = row % heads, t = (row / heads) % T, b = row / (heads * T);
-        const scalar_t* xr = x + b * xs0 + t * xs1 + head * xs2;
-        const float* c = cs + pos[t] * D;
-        if (head < H) {
-          rotate_row(xr, c, qo + ((b * T + t) * H + head) * D, D);
-        } else if (head < H + Hkv) {
-          rotate_row(xr, c, kc + ((b * Hkv + head - H) * S + pos[t]) * D, D);
-        } else {
-          scalar_t* vr = vc + ((b * Hkv + head - H - Hkv) * S + pos[t]) * D;
-          for (int64_t i = 0; i < D; ++i) vr[i] = xr[i];
-        }
-      }
-    });
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "tinychat_rope_kv_write_cache",
+                                    [&] { rope_kv_rows<x_t, scalar_t>(qkv, pos, cs, q, k_cache, v_cache); });
   });
   return q;
 }
