@@ -135,7 +135,9 @@ def test_thread_tuner_keeps_the_faster_count():
     tuner.start()  # each other count for 3 steps, then the kept one again, then the fastest
     used = _run_tuner(tuner, {4: 0.010, 2: 0.012, 1: 0.020}.get, 9 + 5)
     assert used == [2, 2, 2, 1, 1, 1, 4, 4, 4] + [4] * 5
-    tuner.start()  # a core taken by another process: 4 threads now wait at every barrier
+    tuner.start()  # the next generation does not try again by itself
+    assert tuner.next_count() == 4
+    tuner.record(4, 0.100)  # a core taken by another process: 4 threads now wait at every barrier
     used = _run_tuner(tuner, {4: 0.100, 2: 0.012, 1: 0.020}.get, 9 + 5)
     assert used == [2, 2, 2, 1, 1, 1, 4, 4, 4] + [2] * 5
 

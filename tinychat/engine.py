@@ -219,10 +219,11 @@ class _GraphStep:
 class ThreadTuner:
     """The CPU thread count of decode steps, picked from their measured times among torch's count, half of it and 1.
 
-    Each generation starts by trying every count for PROBE_STEPS steps, then keeps the fastest (by the median of its
-    steps; another count must win by MARGIN to replace the one in use). It tries again every PROBE_EVERY steps, and
-    at once when a step takes SLOW times the kept count's median: another process taking a core makes a step of
-    several threads wait at every barrier, and then fewer threads win; when the core is free again, more win again.
+    The first generation starts by trying every count for PROBE_STEPS steps, then keeps the fastest (by the median of
+    its steps; another count must win by MARGIN to replace the one in use). It tries again every PROBE_EVERY steps
+    (counted across generations), and at once when a step takes SLOW times the kept count's median: another process
+    taking a core makes a step of several threads wait at every barrier, and then fewer threads win; when the core is
+    free again, more win again. Each try costs PROBE_STEPS steps at another count.
     torch's thread count is process-wide: the count in use stays set after the generation (the prefill uses it too).
     """
 
@@ -239,8 +240,9 @@ class ThreadTuner:
         self.since_probe = 0
 
     def start(self) -> None:
-        """A new generation: try every count again."""
-        self._probe()
+        """A new generation: try every count if none was measured yet."""
+        if self.current not in self.times:
+            self._probe()
 
     def _probe(self) -> None:
         self.queue = [c for c in self.counts if c != self.current for _ in range(self.PROBE_STEPS)]
