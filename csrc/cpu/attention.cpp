@@ -46,6 +46,7 @@ struct AttnProblem {
   float scale;
   // Units per item: 1, or (a decode step whose items do not spread evenly over the threads) one per query row.
   int64_t row_units;
+  Isa isa;
 };
 
 // Per-thread fp32 scratch of one work item.
@@ -61,18 +62,25 @@ TINYCHAT_INLINE void to_float(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Rows [0, n) of a cache block as fp32 rows of D: the cache itself for fp32, else converted into buf.
+// Rows [0, n) of a cache block as fp32 rows of D: the cache itself for fp32, else converted into buf (fp16 with
+// F16C on the x86 paths: a float16 cache is the CPU's default, read once per query group at every decode step).
 template <typename scalar_t>
 TINYCHAT_INLINE const float* block_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t D, float* buf,
-                                        int64_t& out_stride) {
+                                        int64_t& out_stride, Isa isa) {
+  out_stride = D;
   if constexpr (std::is_same_v<scalar_t, float>) {
     out_stride = stride;
     return src;
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    if (stride == D) {
+      widen_halves(src, buf, n * D, isa);
+    } else {
+      for (int64_t j = 0; j < n; ++j) widen_halves(src + j * stride, buf + j * D, D, isa);
+    }
   } else {
     for (int64_t j = 0; j < n; ++j) to_float(src + j * stride, buf + j * D, D);
-    out_stride = D;
-    return buf;
   }
+  return buf;
 }
 
 // scalar_t: q and out; kv_t: the caches (scalar_t, or float16 / bfloat16 below float32 q).
@@ -101,7 +109,7 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch&
   for (int64_t j0 = 0; j0 < kv_len; j0 += kKeys) {
     const int64_t n = std::min(kKeys, kv_len - j0);
     int64_t kstride, vstride;
-    const float* kb = block_rows(k + j0 * p.ks[2], p.ks[2], n, D, w.kv.data(), kstride);
+    const float* kb = block_rows(k + j0 * p.ks[2], p.ks[2], n, D, w.kv.data(), kstride, p.isa);
     for (int64_t i = 0; i < rows; ++i) {  // scores and online softmax over the keys row i sees in this block
       const int64_t seen = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
       if (seen == 0) continue;  // a block past the row's limit leaves the row exactly as it was
@@ -116,7 +124,7 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch&
       for (int64_t d = 0; d < D; ++d) a[d] *= correction;
     }
     // n keys: kv_len is the largest limit, so some row sees all of them
-    const float* vb = block_rows(v + j0 * p.vs[2], p.vs[2], n, D, w.kv.data(), vstride);
+    const float* vb = block_rows(v + j0 * p.vs[2], p.vs[2], n, D, w.kv.data(), vstride, p.isa);
     for (int64_t i = 0; i < rows; ++i) {  // acc[i] += p @ v over the row's keys, kDotLanes columns in registers
       const int64_t seen = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
       const float* s = w.s.data() + i * kKeys;
@@ -211,6 +219,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   const int64_t items = p.B * p.Hkv * p.n_tiles, threads = at::get_num_threads();
   p.row_units = p.T == 1 && threads > 1 && items % threads != 0 && p.rep > 1 ? p.rep : 1;
   const Isa isa = current_isa();
+  p.isa = isa;
   if (k_cache.scalar_type() == q.scalar_type()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tinychat_attention_cpu",
                                     [&] { run_attention<scalar_t, scalar_t>(p, isa); });

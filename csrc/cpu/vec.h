@@ -7,9 +7,38 @@
 #include <cstdint>
 #include <cstring>
 
+#include <c10/util/Half.h>
+
 #include "isa.h"
 
 namespace tinychat {
+
+// fp16 -> fp32 for `count` values, exactly: F16C 16 or 8 at a time on the x86 paths (isa), else one by one.
+#ifdef TINYCHAT_X86
+TINYCHAT_AVX512 inline void widen_halves_avx512(const at::Half* src, float* dst, int64_t count) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  }
+  for (; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+TINYCHAT_AVX2 inline void widen_halves_avx2(const at::Half* src, float* dst, int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+}
+#endif
+
+inline void widen_halves(const at::Half* src, float* dst, int64_t count, Isa isa) {
+#ifdef TINYCHAT_X86
+  if (isa >= Isa::kAvx512) return widen_halves_avx512(src, dst, count);
+  if (isa == Isa::kAvx2) return widen_halves_avx2(src, dst, count);
+#endif
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+}
 
 constexpr int kDotLanes = 16;
 
