@@ -11,11 +11,15 @@ Two tables:
 * models: the same 128-token prompt (token ids from tinychat's tokenizer of the GGUF) and 128 new greedy tokens (no
   stop) through tinychat on the shipped Q4_1 blocks (the chat's default), tinychat int4 AWQ g64 (a requantization),
   tinychat fp32, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF and a Q4_0 requantization of it) and
-  transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS; for tinychat also the
+  transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS and its growth over the child's imports (torch,
+  which every child imports, llama.cpp's too: the growth is what compares; tinychat and llama.cpp allocate the same
+  context, 512 tokens or prompt + new tokens); for tinychat also the
   bytes a decode step reads (decoder linears, output projection, KV cache at the mean context) and the share of the
   read bandwidth that decoding reaches. Each engine runs in a fresh subprocess (peak RSS is per process); one
   warm-up run, then the median of --repeats; all engines run --rounds times in alternating order and each row keeps
-  its best round (the machine's speed drifts over minutes; every round is in the JSON).
+  its best round (the machine's speed drifts over minutes; every round is in the JSON);
+* contention (--contention): decode tok/s of tinychat (default settings, and --threads fixed) and llama.cpp on the
+  shipped blocks, idle and while another process keeps one core busy (a Python loop), and the ratio of the two.
 
 llama-cpp-python is optional (its rows are skipped with a note when it is missing). Build it for this CPU with
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON
@@ -49,6 +53,7 @@ SHAPES = {
 # int4 parameter forms of the kernel table -> group size: AWQ's (fp32 scales and offsets, the quantizer's default
 # group for these shapes) and the shipped model's (GGUF Q4_1 blocks: fp16 scales and offsets per 32)
 FORMS = {"AWQ g64 fp32": 64, "Q4_1 g32 fp16": 32}
+MIN_CTX = 512  # the least context (KV cache) tinychat and llama.cpp allocate, the same for both (memory)
 
 
 def read_bandwidth(threads: int) -> float:
@@ -107,7 +112,8 @@ def bytes_per_token(model, context: float) -> int:
 
     cfg, head = model.config, model.lm_head
     head_bytes = sum(t.numel() * t.element_size() for t in [*head.parameters(), *head.buffers()])
-    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * model.embed.weight.element_size()
+    kv_size = model.layers[0].attn.kv_cache.k.element_size()  # the engine's cache dtype
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * kv_size
     return int(weight_bytes(model)["linear_bytes"] + head_bytes + kv_bytes)
 
 
@@ -116,7 +122,8 @@ def run_tinychat(spec: dict) -> dict:
 
     if spec.get("isa"):
         os.environ["TINYCHAT_CPU_ISA"] = spec["isa"]
-    llm = load(spec.get("path"), quant=spec["quant"], dtype="float32")
+    threads = spec["threads"] if spec.get("fixed_threads") else None  # None: decode tunes the count (the default)
+    llm = load(spec.get("path"), quant=spec["quant"], dtype="float32", threads=threads, max_seq_len=spec["ctx"])
     prefill, decode = time_generation(llm.engine, spec["prompt"], spec["new_tokens"], spec["repeats"])
     nbytes = bytes_per_token(llm.engine.model, len(spec["prompt"]) + spec["new_tokens"] / 2)
     return {"prefill_tok_s": prefill, "decode_tok_s": decode, "model": llm.name,
@@ -126,7 +133,7 @@ def run_tinychat(spec: dict) -> dict:
 def run_llama_cpp(spec: dict) -> dict:
     import llama_cpp
 
-    llm = llama_cpp.Llama(spec["path"], n_ctx=512, n_threads=spec["threads"], n_threads_batch=spec["threads"],
+    llm = llama_cpp.Llama(spec["path"], n_ctx=spec["ctx"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
                           n_batch=512, verbose=False)
     prompt = spec["prompt"]
     prefill, decode = [], []
@@ -180,8 +187,10 @@ def child_main(spec_json: str) -> None:
 
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
+    before = peak_rss_bytes()  # this script's imports (torch), which every engine's child pays alike
     result = RUNNERS[spec["engine"]](spec)
     result["peak_rss_MB"] = peak_rss_bytes() / 2**20
+    result["rss_growth_MB"] = (peak_rss_bytes() - before) / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -211,7 +220,8 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
     _, tokenizer = load_model(gguf)
     # one prompt for every engine (they share the GGUF's vocabulary), tokenized here, not in each child
     prompt = prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), args.prompt_tokens)
-    base = {"prompt": prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads}
+    base = {"prompt": prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
+            "ctx": max(MIN_CTX, args.prompt_tokens + args.new_tokens)}
     configs = [
         ("tinychat", "shipped Q4_1 blocks", {"quant": "auto", "path": gguf}),
         ("tinychat", "int4 AWQ g64", {"quant": "awq", "path": gguf}),
@@ -262,7 +272,47 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
                 if "error" not in r:
                     r[f"decode_vs_{key}"] = r["decode_tok_s"] / ref["decode_tok_s"]
                     r[f"prefill_vs_{key}"] = r["prefill_tok_s"] / ref["prefill_tok_s"]
+                    r[f"rss_growth_vs_{key}"] = r["rss_growth_MB"] / ref["rss_growth_MB"]
     return rows, notes
+
+
+def contention_rows(args) -> list[dict]:
+    """Decode speed idle and with one core kept busy by another process, each engine in turn, --rounds times."""
+    from tinychat.io.loader import load_model, resolve_source
+
+    gguf = str(resolve_source(args.model))
+    _, tokenizer = load_model(gguf)
+    prompt = prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), args.prompt_tokens)
+    base = {"prompt": prompt, "new_tokens": 64, "repeats": 1, "threads": args.threads, "path": gguf,
+            "ctx": max(MIN_CTX, args.prompt_tokens + 64)}
+    configs = [("tinychat", "shipped Q4_1 blocks, default threads", {"quant": "auto"}),
+               ("tinychat", f"shipped Q4_1 blocks, --threads {args.threads}", {"quant": "auto", "fixed_threads": True})]
+    try:
+        import llama_cpp  # noqa: F401
+
+        configs.append(("llama.cpp", f"shipped Q4_1, {args.threads} threads", {}))
+    except ImportError:
+        pass
+    runs = {(i, busy): [] for i in range(len(configs)) for busy in (False, True)}
+    for round_ in range(args.rounds):
+        for i, (engine, label, extra) in enumerate(configs):
+            for busy in (False, True):
+                print(f"contention round {round_ + 1}/{args.rounds}: {engine} {label}, {'busy' if busy else 'idle'}",
+                      file=sys.stderr, flush=True)
+                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+                try:
+                    runs[i, busy].append(in_subprocess({**base, **extra, "engine": engine}))
+                finally:
+                    if hog is not None:
+                        hog.kill()
+                        hog.wait()
+    rows = []
+    for i, (engine, label, _) in enumerate(configs):
+        idle, busy = ([r.get("decode_tok_s", 0.0) for r in runs[i, b]] for b in (False, True))
+        rows.append({"engine": engine, "weights": label, "idle_decode_tok_s": max(idle),
+                     "busy_decode_tok_s": max(busy), "busy_vs_idle": max(busy) / max(idle) if max(idle) else None,
+                     "rounds": {"idle": idle, "busy": busy}})
+    return rows
 
 
 def main():
@@ -277,6 +327,8 @@ def main():
     ap.add_argument("--kernel-repeats", type=int, default=50)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-models", action="store_true", help="the kernel table only")
+    ap.add_argument("--contention", action="store_true",
+                    help="also decode with one core kept busy by another process (the contention table)")
     ap.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "tinychat", "bench"),
                     help="where the Q4_0 requantization is written (default: ~/.cache/tinychat/bench)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
@@ -304,12 +356,18 @@ def main():
         "kernels": kernels,
         "rows": models,
     }
+    if args.contention:
+        result["contention"] = contention_rows(args)
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)")
     emit({"rows": kernels}, ["model", "linear", "form", "N", "K", "int4_MB", "avx512_vnni_GBs", "avx512_GBs", "avx2_GBs",
                              "scalar_GBs", "fp32_GBs", "bf16_GBs", "best_vs_bandwidth"], None)
-    emit(result, ["engine", "weights", "prefill_tok_s", "decode_tok_s", "peak_rss_MB", "prefill_vs_llama_q4_0",
+    emit(result, ["engine", "weights", "prefill_tok_s", "decode_tok_s", "peak_rss_MB", "rss_growth_MB",
+                  "rss_growth_vs_llama_q4_1", "prefill_vs_llama_q4_0",
                   "decode_vs_llama_q4_0", "prefill_vs_llama_q4_1", "decode_vs_llama_q4_1", "MB_per_token",
                   "bandwidth_use", "error"], args.out)
+    if args.contention:
+        emit({"rows": result["contention"]}, ["engine", "weights", "idle_decode_tok_s", "busy_decode_tok_s",
+                                              "busy_vs_idle"], None)
 
 
 if __name__ == "__main__":

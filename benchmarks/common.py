@@ -101,7 +101,7 @@ def median_time(fn, repeats: int) -> float:
 def emit(result: dict, columns: list[str], out: str | None) -> None:
     """Print a table of result['rows'] and the JSON; write the JSON to `out` when given."""
     rows = result["rows"]
-    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    widths = [max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
