@@ -174,11 +174,11 @@ TINYCHAT_AVX512 void attention_items_avx512(const AttnProblem& p, int64_t begin,
 #endif
 
 template <typename scalar_t, typename kv_t>
-void run_attention(const AttnProblem& p, Isa isa) {
+void run_attention(const AttnProblem& p) {
   auto items_fn = attention_items_scalar<scalar_t, kv_t>;
 #ifdef TINYCHAT_X86
-  if (isa >= Isa::kAvx512) items_fn = attention_items_avx512<scalar_t, kv_t>;
-  if (isa == Isa::kAvx2) items_fn = attention_items_avx2<scalar_t, kv_t>;
+  if (p.isa >= Isa::kAvx512) items_fn = attention_items_avx512<scalar_t, kv_t>;
+  if (p.isa == Isa::kAvx2) items_fn = attention_items_avx2<scalar_t, kv_t>;
 #endif
   const int64_t units = p.B * p.Hkv * p.n_tiles * p.row_units;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
@@ -218,14 +218,13 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   // same either way; its key and value rows are then read once per row instead of once per group)
   const int64_t items = p.B * p.Hkv * p.n_tiles, threads = at::get_num_threads();
   p.row_units = p.T == 1 && threads > 1 && items % threads != 0 && p.rep > 1 ? p.rep : 1;
-  const Isa isa = current_isa();
-  p.isa = isa;
+  p.isa = current_isa();
   if (k_cache.scalar_type() == q.scalar_type()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tinychat_attention_cpu",
-                                    [&] { run_attention<scalar_t, scalar_t>(p, isa); });
+                                    [&] { run_attention<scalar_t, scalar_t>(p); });
   } else {  // float32 q over a float16 / bfloat16 cache (checks.h)
     AT_DISPATCH_REDUCED_FLOATING_TYPES(k_cache.scalar_type(), "tinychat_attention_cpu_half_cache",
-                                       [&] { run_attention<float, scalar_t>(p, isa); });
+                                       [&] { run_attention<float, scalar_t>(p); });
   }
   return out;
 }

@@ -52,7 +52,7 @@ constexpr int64_t kExactRows = 64;         // and leaves x in fp32 (the AVX-512 
 // 64-byte load of qweight (a chunk) holds 4 blocks, whose low nibbles are channels 32b + j and high nibbles
 // 32b + 16 + j. So for chunk c and row m of x, q8[c, m] holds 64 bytes "lo" (x[m, 32b + j] for the chunk's blocks b
 // in turn, 16 bytes a block) then 64 bytes "hi" (x[m, 32b + 16 + j]); chunk-major, so that the rows of x a kernel
-// call multiplies sit at constant offsets. With two levels (kLevels2), 64 bytes "lo" and "hi" of the fine level
+// call multiplies sit at constant offsets. With two levels (levels = 2), 64 bytes "lo" and "hi" of the fine level
 // follow: x = s * (q1 + q2 / 256), q1 the block's int8 code (s = absmax / 127) and q2 = round(256 (x / s - q1)), in
 // [-127, 127]: about 16 bits, for 2 more vpdpbusd a chunk. lane_scales [chunks, M, 16]: the scale of the unit the
 // int32 dot products of each lane count (s, or s / 256 with two levels: lanes 4i..4i+3: block 4c + i); blocks past K
