@@ -4,6 +4,8 @@ blocks, and the shipped SmolLM2 (its Q4_1 blocks) against its fp32 dequantizatio
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from tinychat.errors import ModelLoadError
 from tinychat.io.gguf import read_gguf
 from tinychat.io.gguf_blocks import NATIVE_BITS, bytes_per_weight, decode
 from tinychat.io.loader import build_model
-from tinychat.linear import Int8Linear, RowStack, WQLinear
+from tinychat.linear import GroupEmbedding, Int8Linear, RowStack, WQLinear
 
 # block types gguf.quants can write from floats; the K types are written as random bytes with finite fp16 fields
 QUANTIZABLE = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
@@ -106,6 +108,8 @@ def test_tiny_model_runs_its_blocks(tmp_path, tied, isa, threads):
     assert [type(p).__name__ for p in layer1.attn.wqkv.parts] == ["WQLinear", "Int8Linear", "Linear"]
     assert isinstance(native.lm_head, Int8Linear) and native.lm_head.group_size == 32
     assert (native.lm_head.offsets is None) == tied  # Q8_0 embedding (tied) or Q5_1 output
+    assert isinstance(native.embed, GroupEmbedding)  # the Q8_0 embedding looked up in its blocks
+    assert (native.embed.table is native.lm_head) == tied  # tied: one table for both
     assert_same_model(native, floats, isa, TINY["vocab"])
 
 
@@ -114,6 +118,8 @@ def assert_same_model(native, floats, isa, vocab):
     path), and the logits match the dequantized model's on the fp32 paths (the VNNI path rounds x to int8 per block
     of 32, which the random weights of a tiny model amplify layer after layer: the real model's perplexity bounds
     that path, tests/test_smollm2.py)."""
+    every_token = torch.arange(vocab)
+    torch.testing.assert_close(native.embed(every_token), floats.embed(every_token), rtol=0, atol=0)  # bit for bit
     names = [n for n, m in native.named_modules() if n.count(".") <= 3 and n.endswith(("wqkv", "wo", "w13", "w2"))]
     for name in names + ["lm_head"]:
         a, b = native.get_submodule(name), floats.get_submodule(name)
@@ -144,6 +150,52 @@ def test_tiny_model_k_quants(tmp_path, isa):
     assert isinstance(gate_up, RowStack) and [type(p) for p in gate_up.parts] == [WQLinear, Int8Linear]
     assert native.layers[1].mlp.w2.group_size == 16
     assert_same_model(native, floats, isa, TINY["vocab"])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_embedding_stays_in_its_blocks(tmp_path, qtype):
+    """An embedding of any block type with a group form is looked up in its blocks (no float copy of the table):
+    each row dequantized equals the dequantized file's, at any token shape, and follows the model's dtype casts."""
+    path = tmp_path / "tiny-embed.gguf"
+    V, C = TINY["vocab"], K_SIZE["hidden"]
+    write_tiny_model(path, size=K_SIZE, replace={"token_embd.weight": (random_blocks(qtype, V, C), qtype)})
+    native, floats = load_both(path)
+    assert isinstance(native.embed, GroupEmbedding) and "embed.weight" not in dict(native.named_parameters())
+    assert isinstance(native.embed.table, WQLinear if NATIVE_BITS[qtype] == 4 else Int8Linear)
+    tokens = torch.tensor([[3, 0, V - 1], [7, 7, 1]])
+    want = floats.embed(tokens)  # [2, 3, C]
+    assert want.abs().max() > 0
+    torch.testing.assert_close(native.embed(tokens), want, rtol=0, atol=0)
+    assert native.to(torch.bfloat16).embed(tokens).dtype == torch.bfloat16
+
+
+def _mapped_kb(path) -> int:
+    """Resident kB of this process's mappings of file `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line: its file is the last field
+                inside = line.rstrip().endswith(str(path))
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_loading_leaves_the_file_out_of_resident_memory(tmp_path):
+    """Each tensor's pages of the file mapping leave the process's RSS once copied (a loaded model does not count
+    the file it came from); the mapping stays readable (a tensor read again is the same)."""
+    path = (tmp_path / "tiny.gguf").resolve()
+    write_tiny_model(path, size=dict(TINY, vocab=4096, hidden=256, inter=512), types=NATIVE_TYPES)
+    config, refs, reader = read_gguf(path)
+    ModelConfig.from_hf(config, str(path))
+    before = _mapped_kb(path)  # the header and metadata pages read so far
+    for ref in refs.values():
+        ref.groups() if ref.groups is not None else ref.load()
+    assert path.stat().st_size > 1000 * 1024 and _mapped_kb(path) <= before + 8
+    embed = refs["model.embed_tokens.weight"].groups()
+    torch.testing.assert_close(embed.dequantize(), refs["model.embed_tokens.weight"].load(), rtol=0, atol=0)
 
 
 # ---- bad blocks ----
@@ -210,5 +262,5 @@ def test_rows_not_in_whole_blocks_are_refused(tmp_path):
 
     t = SimpleNamespace(name="blk.0.ffn_up.weight", tensor_type=Q.Q4_0, data=np.zeros(4 * 27, np.uint8))
     with pytest.raises(ModelLoadError) as exc:
-        _group_loader(t, tmp_path / "x.gguf", (4, 48), None)()
+        _group_loader(None, t, tmp_path / "x.gguf", (4, 48), None)()  # refused before the reader is used
     assert_message(exc, "blk.0.ffn_up.weight", "Q4_0", "rows of 48 weights, not a whole number of 32-weight blocks")

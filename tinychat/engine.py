@@ -302,8 +302,8 @@ class Engine:
             raise ValueError(f"the context to allocate (ctx) must be 1 .. {ctx}, this model's context length; "
                              f"got {max_seq_len}")
         self.max_seq_len = max_seq_len or min(ctx, DEFAULT_CONTEXT)
-        self.device = model.embed.weight.device
-        self.kv_dtype = kv_dtype or default_kv_dtype(self.device, model.embed.weight.dtype)
+        self.device = model.device
+        self.kv_dtype = kv_dtype or default_kv_dtype(self.device, model.dtype)
         model.setup_kv_cache(self.max_seq_len, dtype=self.kv_dtype)
         self.cached: list[int] = []  # the tokens whose keys/values are in the cache, in order
         self._generating = False  # a generate() is running (maybe suspended between tokens)

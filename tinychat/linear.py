@@ -1,5 +1,6 @@
 """The model's quantized linear layers: WQLinear (4-bit weights, `tinychat::int4_linear`), Int8Linear (8-bit
-weights, `tinychat::int8_linear`), and RowStack (linears side by side).
+weights, `tinychat::int8_linear`), RowStack (linears side by side), and GroupEmbedding (an embedding that looks its
+rows up in one of them).
 
 WQLinear holds the int4 op layout of tinychat/int4_layout.py (qweight uint8 [N, K/2] in blocks of 32 input channels,
 scales and offsets [N, K/G]: W = q * s + m per group) and an optional bias. `Transformer.swap_linears` puts them in
@@ -14,7 +15,7 @@ from torch import nn
 from tinychat import ops
 from tinychat.ops import KQUANT_SUPER_BYTES
 from tinychat.errors import TinychatError
-from tinychat.int4_layout import OP_BLOCK, awq_group_params, check_plain, pack_int4_op
+from tinychat.int4_layout import OP_BLOCK, awq_group_params, check_plain, pack_int4_op, unpack_int4_op
 
 
 class _GroupParamBuffers(nn.Module):
@@ -113,6 +114,11 @@ class WQLinear(_GroupParamBuffers):
         y = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
         return y if self.bias is None else y + self.bias
 
+    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (int64 [R]) of W, dequantized as the op computes them -> fp32 [R, K]."""
+        return ops.group_weights(unpack_int4_op(self.qweight[index]), self.scales[index],
+                                 None if self.offsets is None else self.offsets[index], self.group_size, -8.0)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"params={str(self.scales.dtype).removeprefix('torch.')}, offsets={self.offsets is not None}, "
@@ -174,6 +180,11 @@ class Int8Linear(_GroupParamBuffers):
         y = ops.int8_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
         return y if self.bias is None else y + self.bias
 
+    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (int64 [R]) of W, dequantized as the op computes them -> fp32 [R, K]."""
+        return ops.group_weights(self.qweight[index], self.scales[index],
+                                 None if self.offsets is None else self.offsets[index], self.group_size, 0.0)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"params={str(self.scales.dtype).removeprefix('torch.')}, offsets={self.offsets is not None}")
@@ -191,6 +202,34 @@ class RowStack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)  # [..., sum of N]
+
+
+class GroupEmbedding(nn.Module):
+    """An embedding whose table stays in a quantized linear's group form (a WQLinear or an Int8Linear: a GGUF's
+    blocks as stored, or the tied output projection itself): a lookup dequantizes only the rows it reads, exactly
+    as the ops compute W, so no float copy of the table is kept (113 MB for SmolLM2 in fp32; 1 GB for a 262k
+    vocabulary). The rows are cast to the model's dtype, as a float embedding of that dtype would hold them."""
+
+    def __init__(self, table: WQLinear | Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.table = table  # W [V, C]
+        # [0]: no data; its dtype and device are the output's, and follow the model's casts and moves
+        self.register_buffer("like", torch.empty(0, dtype=dtype, device=table.qweight.device), persistent=False)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table.in_features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.table.weight_rows(tokens.reshape(-1))  # fp32 [numel, C]
+        return rows.to(self.like.dtype).view(*tokens.shape, self.embedding_dim)  # [..., C]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={str(self.like.dtype).removeprefix('torch.')}"
 
 
 def int8_lm_head(model: nn.Module) -> nn.Module:

@@ -179,19 +179,30 @@ class Transformer(nn.Module):
         return self
 
     def tie_weights(self) -> None:
+        """A float output projection takes the embedding's weight (a quantized one is the embedding's table
+        instead: tinychat.linear.GroupEmbedding)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype: the float weights' (norms, embedding rows)."""
+        return self.norm.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
 
     def setup_kv_cache(self, max_seq_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         """Allocate each layer's KV cache once, on the device of the weights, in `dtype` (default: the weights'; on a
         CPU also float16 or bfloat16 below float32 weights, which the kernels convert as they read)."""
-        cfg, w = self.config, self.embed.weight
+        cfg = self.config
         if max_seq_len > cfg.context_length:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context length {cfg.context_length}")
         self._rope_rows(max_seq_len)
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype or w.dtype,
-                                          w.device)
+            layer.attn.kv_cache = KVCache(batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype or self.dtype,
+                                          self.device)
 
     @property
     def max_seq_len(self) -> int | None:

@@ -53,7 +53,7 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int
         raise TinychatError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
-    device = model.embed.weight.device
+    device = model.device
     windows = torch.tensor(ids[: n_windows * seqlen], dtype=torch.int64).view(n_windows, seqlen)
 
     nll_sum = 0.0

@@ -10,6 +10,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from pathlib import Path
@@ -312,7 +313,22 @@ def _rope_rows(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(rows)
 
 
-def _group_loader(t: Any, path: Path, shape: tuple[int, ...], order: np.ndarray | None):
+def _drop_pages(reader: GGUFReader, t: Any) -> None:
+    """Take tensor t's pages of the file mapping out of this process's resident memory once its data is copied: the
+    mapping stays valid (a later read faults them back in from the page cache), but a loading or loaded model no
+    longer counts the file it came from in its RSS (the whole file by the end of a load, otherwise, for as long as
+    the reader lives)."""
+    mapping = getattr(reader.data, "_mmap", None)  # np.memmap's mmap.mmap
+    if mapping is None:
+        return
+    # the kernel maps up to 64 KiB around a faulting page ("fault-around"): reading this tensor may have mapped a
+    # neighbour's pages again, which dropping them here too takes back out (a page not yet read refaults as usual)
+    margin = 64 << 10
+    start = max(0, t.data_offset - margin) // mmap.PAGESIZE * mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, start, min(len(mapping), t.data_offset + t.n_bytes + margin) - start)
+
+
+def _group_loader(reader: GGUFReader, t: Any, path: Path, shape: tuple[int, ...], order: np.ndarray | None):
     """A function reading tensor `t` [N, K] as its group form (rows in Hugging Face order), checking it first."""
     qtype = t.tensor_type
 
@@ -321,7 +337,8 @@ def _group_loader(t: Any, path: Path, shape: tuple[int, ...], order: np.ndarray 
         if K % block_weights(qtype):
             raise ModelLoadError(f"{path}: tensor {t.name!r} ({qtype.name}) has rows of {K} weights, not a whole "
                                  f"number of {block_weights(qtype)}-weight blocks")
-        gw = decode(t.data, qtype, N, K)
+        gw = decode(t.data, qtype, N, K)  # copies
+        _drop_pages(reader, t)
         for what, v in (("scales", gw.scales), ("offsets", gw.offsets)):
             if v is not None and not torch.isfinite(v).all():
                 bad = int((~torch.isfinite(v)).sum())
@@ -348,7 +365,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, TensorRef], GGUF
 
     def loader(t, order: np.ndarray | None):
         def load() -> torch.Tensor:
-            arr = dequantize_tensor(t, path)
+            arr = dequantize_tensor(t, path)  # a copy
+            _drop_pages(reader, t)
             return torch.from_numpy(arr if order is None else np.ascontiguousarray(arr[order]))
 
         return load
@@ -364,5 +382,5 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, TensorRef], GGUF
         order = _rope_rows(shape[0], n_head) if n_head is not None else None
         native = t.tensor_type in NATIVE_BITS
         refs[name] = TensorRef(path, shape, loader(t, order), kind=_type_name(t.tensor_type), name=t.name,
-                               groups=_group_loader(t, path, shape, order) if native else None)
+                               groups=_group_loader(reader, t, path, shape, order) if native else None)
     return config, refs, reader

@@ -26,7 +26,7 @@ from tinychat.io.gguf import read_gguf
 from tinychat.io.hf import TensorRef, read_hf_dir, resolve_hub_id
 from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules, hf_tensor_shapes
 from tinychat.io.gguf_blocks import GroupWeights, group_linear, stack_rows
-from tinychat.linear import RowStack, WQLinear, int8_lm_head
+from tinychat.linear import GroupEmbedding, RowStack, WQLinear, int8_lm_head
 from tinychat.model import Transformer, layer_linears
 from tinychat.tokenizer import Tokenizer
 
@@ -206,8 +206,9 @@ def build_model(
     With `awq` the decoder linears are AWQ-quantized: each is unpacked, fused by concatenating rows of the plain
     quantization, and repacked into the int4 op's layout (a WQLinear); biases, norms and embeddings go to `dtype`.
     With `blocks` (a GGUF source) every quantized linear and output projection runs its blocks as stored (a
-    WQLinear or Int8Linear of the group form; a fused linear whose parts differ in form runs them side by side); a
-    tied output projection runs the embedding's blocks. Float tensors, norms and the embedding go to `dtype`.
+    WQLinear or Int8Linear of the group form; a fused linear whose parts differ in form runs them side by side), and
+    a quantized embedding stays in its blocks too (a GroupEmbedding, which a tied output projection shares). Float
+    tensors, norms and a float embedding go to `dtype`.
     """
     expected = hf_tensor_shapes(cfg, awq.shapes if awq is not None else None)
     if "rope_freqs" in tensors:
@@ -230,9 +231,12 @@ def build_model(
                 f"{tensors[name].file}: tensor {name!r} has shape {tensors[name].shape}, expected {shape}"
             )
 
-    head_ref = HF_GLOBALS["embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+    embed_ref = HF_GLOBALS["embed.weight"]
+    head_ref = embed_ref if cfg.tie_word_embeddings else HF_GLOBALS["lm_head.weight"]
     native_head = blocks and tensors[head_ref].kind not in FLOAT_KINDS  # the output projection as its blocks
-    reads = len(expected) - ("rope_freqs" in expected) + (native_head and cfg.tie_word_embeddings)  # embedding twice
+    # the embedding as its blocks, looked up row by row (GroupEmbedding): no float copy of the table
+    native_embed = blocks and tensors[embed_ref].kind not in FLOAT_KINDS and tensors[embed_ref].groups is not None
+    reads = len(expected) - ("rope_freqs" in expected)
     bar = tqdm(total=reads, desc="loading weights", unit="tensor", disable=None, leave=False)
 
     def finite(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -296,7 +300,12 @@ def build_model(
             model.swap_linears(lambda name, linear: WQLinear(linear.in_features, linear.out_features, awq.group_size,
                                                              linear.bias is not None, dtype=dtype))
     sd = {name: get(hf) for name, hf in HF_GLOBALS.items()
-          if name != "lm_head.weight" or not (cfg.tie_word_embeddings or native_head)}
+          if not (name == "lm_head.weight" and (cfg.tie_word_embeddings or native_head))
+          and not (name == "embed.weight" and native_embed)}
+    embed = head = None
+    if native_embed:
+        embed = group_linear(get_groups(embed_ref), None)
+        head = embed if cfg.tie_word_embeddings else None  # tied: the output projection is the table itself
     swapped: dict[str, nn.Module] = {}  # decoder linears built as they are stored (blocks)
     for i in range(cfg.num_layers):
         p, o = hf_layer_prefix(i), f"layers.{i}."
@@ -318,16 +327,21 @@ def build_model(
                            o + fused + ".offsets": offsets})
             if has_bias:
                 sd[o + fused + ".bias"] = cat([get(p + f"{x}.bias") for x in parts])
-    head = group_linear(get_groups(head_ref), None) if native_head else None
+    if native_head and head is None:
+        head = group_linear(get_groups(head_ref), None)
     bar.close()
     result = model.load_state_dict(sd, strict=False, assign=True)
     unexpected_missing = [k for k in result.missing_keys
                           if not (k == "lm_head.weight" and (cfg.tie_word_embeddings or native_head))
+                          and not (k == "embed.weight" and native_embed)
                           and k.rpartition(".")[0] not in swapped]
     assert not unexpected_missing and not result.unexpected_keys, result
     if swapped:
         model.swap_linears(lambda name, linear: swapped[name])
-    model.tie_weights()
+    if embed is not None:
+        model.embed = GroupEmbedding(embed, dtype)
+    else:
+        model.tie_weights()
     if head is not None:
         model.lm_head = head
     return model

@@ -385,8 +385,7 @@ def quantize_model(
 @torch.no_grad()
 def _embed(model: Transformer, calib: Tensor, device: torch.device) -> Tensor:
     """Token embeddings of the calibration blocks [n, T] -> [n, T, C] on `device`, in the model's dtype."""
-    weight = model.embed.weight
-    return torch.cat([model.embed(c.to(weight.device)).to(device) for c in _chunks(calib)])
+    return torch.cat([model.embed(c.to(model.device)).to(device) for c in _chunks(calib)])
 
 
 def _working_copy(layer: DecoderLayer, device: torch.device) -> DecoderLayer:
