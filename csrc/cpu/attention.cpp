@@ -3,10 +3,12 @@
 //
 // out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / rep, j], j <= positions[t]) @ v[b, h / rep, :]
 //
-// Work items are (b, kv head, tile of query tokens), split over threads (a decode step whose items do not spread
-// evenly over the threads also splits each item's query rows: one unit per row). An item holds every query head that
-// reads its kv head (the rep = H / Hkv heads of a grouped-query group) for up to kTileRows / rep tokens, so each key
-// and value row is read once for the whole tile. Keys are taken kKeys at a time, from key 0, with an online softmax:
+// Work items are (b, kv head, tile of query tokens), split over threads. An item holds every query head that reads
+// its kv head (the rep = H / Hkv heads of a grouped-query group) for up to kTileRows / rep tokens, so each key and
+// value row is read once for the whole tile. A decode step whose items do not spread evenly over the threads splits
+// the query rows of all items evenly instead: each thread takes a contiguous range of rows and runs the rows of one
+// item that fall in its range together (each thread then reads a kv head once per item it touches: 9 query heads
+// over 3 kv heads on 2 threads read 4 kv heads' caches, not 9 as one row at a time did). Keys are taken kKeys at a time, from key 0, with an online softmax:
 // the running max and sum of each query row rescale its fp32 accumulator, so one pass over the cache suffices.
 //
 // Each query row is computed in the same order whatever else shares its call: scores by one dot product per (row,
@@ -21,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -44,10 +47,35 @@ struct AttnProblem {
   int64_t qs[3], ks[3], vs[3];  // strides of dims 0..2 (the last is 1)
   int64_t B, T, H, Hkv, D, rep, tile_tokens, n_tiles;
   float scale;
-  // Units per item: 1, or (a decode step whose items do not spread evenly over the threads) one per query row.
-  int64_t row_units;
+  // Whether threads take ranges of query rows across items (a decode step whose items do not spread evenly over
+  // the threads), not whole items.
+  bool split_rows;
   Isa isa;
 };
+
+// kDotLanes fp32 lanes as one GCC vector, lowered to the target's registers (one zmm, two ymm, four xmm) with the
+// arithmetic (and FMA contraction) of a scalar loop over the lanes.
+typedef float Lanes __attribute__((vector_size(kDotLanes * sizeof(float))));
+
+constexpr int kPvLanes = 4;  // vectors of kDotLanes columns that p @ v updates together
+
+// a[0 .. V * kDotLanes) += sum_j s[j] * v[j, same columns] over `seen` rows of v (row stride vstride), in V GCC
+// vectors: each column sums its keys in order (one FMA a key), V independent chains hide the FMA's latency (gcc kept
+// an array of 16 lanes in scalar registers: 16 scalar FMAs a key, one chain).
+template <int V>
+TINYCHAT_INLINE void pv_columns(float* a, const float* s, const float* v, int64_t vstride, int64_t seen) {
+  Lanes lanes[V];
+  std::memcpy(lanes, a, sizeof(lanes));
+  for (int64_t j = 0; j < seen; ++j) {
+    #pragma GCC unroll 4
+    for (int c = 0; c < V; ++c) {
+      Lanes vr;
+      std::memcpy(&vr, v + j * vstride + c * kDotLanes, sizeof(vr));
+      lanes[c] += s[j] * vr;
+    }
+  }
+  std::memcpy(a, lanes, sizeof(lanes));
+}
 
 // Per-thread fp32 scratch of one work item.
 struct Scratch {
@@ -83,15 +111,13 @@ TINYCHAT_INLINE const float* block_rows(const scalar_t* src, int64_t stride, int
   return buf;
 }
 
+// Rows [r0, r0 + rows) of work item `item` (row r: token t0 + r / rep, query head hk * rep + r % rep).
 // scalar_t: q and out; kv_t: the caches (scalar_t, or float16 / bfloat16 below float32 q).
 template <typename scalar_t, typename kv_t>
-TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch& w) {
-  const int64_t item = unit / p.row_units, part = unit % p.row_units;
+TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, int64_t r0, int64_t rows, Scratch& w) {
   const int64_t D = p.D, rep = p.rep;
   const int64_t tile = item % p.n_tiles, hk = (item / p.n_tiles) % p.Hkv, b = item / (p.n_tiles * p.Hkv);
-  const int64_t t0 = tile * p.tile_tokens, tokens = std::min(p.tile_tokens, p.T - t0);
-  // rows [r0, r0 + rows) of the tile; row r: token t0 + r / rep, query head hk * rep + r % rep
-  const int64_t r0 = p.row_units > 1 ? part : 0, rows = p.row_units > 1 ? 1 : tokens * rep;
+  const int64_t t0 = tile * p.tile_tokens;
   const auto* q = static_cast<const scalar_t*>(p.q) + b * p.qs[0] + hk * rep * p.qs[2];
   const auto* k = static_cast<const kv_t*>(p.k) + b * p.ks[0] + hk * p.ks[1];
   const auto* v = static_cast<const kv_t*>(p.v) + b * p.vs[0] + hk * p.vs[1];
@@ -125,25 +151,17 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch&
     }
     // n keys: kv_len is the largest limit, so some row sees all of them
     const float* vb = block_rows(v + j0 * p.vs[2], p.vs[2], n, D, w.kv.data(), vstride, p.isa);
-    for (int64_t i = 0; i < rows; ++i) {  // acc[i] += p @ v over the row's keys, kDotLanes columns in registers
+    for (int64_t i = 0; i < rows; ++i) {  // acc[i] += p @ v over the row's keys, columns in registers
       const int64_t seen = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
       const float* s = w.s.data() + i * kKeys;
-      for (int64_t d0 = 0; d0 < D; d0 += kDotLanes) {
-        const int64_t width = std::min<int64_t>(kDotLanes, D - d0);
-        float* a = w.acc.data() + i * D + d0;
-        if (width == kDotLanes) {
-          float lanes[kDotLanes];
-          for (int l = 0; l < kDotLanes; ++l) lanes[l] = a[l];
-          for (int64_t j = 0; j < seen; ++j) {
-            const float* vr = vb + j * vstride + d0;
-            for (int l = 0; l < kDotLanes; ++l) lanes[l] += s[j] * vr[l];
-          }
-          for (int l = 0; l < kDotLanes; ++l) a[l] = lanes[l];
-        } else {
-          for (int64_t j = 0; j < seen; ++j) {
-            for (int64_t l = 0; l < width; ++l) a[l] += s[j] * vb[j * vstride + d0 + l];
-          }
-        }
+      int64_t d0 = 0;
+      for (; d0 + kPvLanes * kDotLanes <= D; d0 += kPvLanes * kDotLanes) {  // kPvLanes vectors of columns at once
+        pv_columns<kPvLanes>(w.acc.data() + i * D + d0, s, vb + d0, vstride, seen);
+      }
+      for (; d0 + kDotLanes <= D; d0 += kDotLanes) pv_columns<1>(w.acc.data() + i * D + d0, s, vb + d0, vstride, seen);
+      float* a = w.acc.data() + i * D;
+      for (int64_t j = 0; j < seen; ++j) {
+        for (int64_t d = d0; d < D; ++d) a[d] += s[j] * vb[j * vstride + d];
       }
     }
   }
@@ -156,34 +174,52 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t unit, Scratch&
   }
 }
 
+// Units [begin, end) of a thread: whole items, or (split_rows, a decode step: one token per item) query rows, the
+// rows of each item in the range run together.
 template <typename scalar_t, typename kv_t>
-void attention_items_scalar(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t, kv_t>(p, u, w);
+TINYCHAT_INLINE void attention_units(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
+  if (!p.split_rows) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t tokens = std::min(p.tile_tokens, p.T - (item % p.n_tiles) * p.tile_tokens);
+      attention_item<scalar_t, kv_t>(p, item, 0, tokens * p.rep, w);
+    }
+    return;
+  }
+  for (int64_t u = begin; u < end;) {
+    const int64_t item = u / p.rep, r0 = u % p.rep, rows = std::min(p.rep - r0, end - u);
+    attention_item<scalar_t, kv_t>(p, item, r0, rows, w);
+    u += rows;
+  }
+}
+
+template <typename scalar_t, typename kv_t>
+void attention_units_scalar(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
+  attention_units<scalar_t, kv_t>(p, begin, end, w);
 }
 
 #ifdef TINYCHAT_X86
 template <typename scalar_t, typename kv_t>
-TINYCHAT_AVX2 void attention_items_avx2(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t, kv_t>(p, u, w);
+TINYCHAT_AVX2 void attention_units_avx2(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
+  attention_units<scalar_t, kv_t>(p, begin, end, w);
 }
 
 template <typename scalar_t, typename kv_t>
-TINYCHAT_AVX512 void attention_items_avx512(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  for (int64_t u = begin; u < end; ++u) attention_item<scalar_t, kv_t>(p, u, w);
+TINYCHAT_AVX512 void attention_units_avx512(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
+  attention_units<scalar_t, kv_t>(p, begin, end, w);
 }
 #endif
 
 template <typename scalar_t, typename kv_t>
 void run_attention(const AttnProblem& p) {
-  auto items_fn = attention_items_scalar<scalar_t, kv_t>;
+  auto units_fn = attention_units_scalar<scalar_t, kv_t>;
 #ifdef TINYCHAT_X86
-  if (p.isa >= Isa::kAvx512) items_fn = attention_items_avx512<scalar_t, kv_t>;
-  if (p.isa == Isa::kAvx2) items_fn = attention_items_avx2<scalar_t, kv_t>;
+  if (p.isa >= Isa::kAvx512) units_fn = attention_units_avx512<scalar_t, kv_t>;
+  if (p.isa == Isa::kAvx2) units_fn = attention_units_avx2<scalar_t, kv_t>;
 #endif
-  const int64_t units = p.B * p.Hkv * p.n_tiles * p.row_units;
+  const int64_t units = p.B * p.Hkv * p.n_tiles * (p.split_rows ? p.rep : 1);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     Scratch w(p.tile_tokens * p.rep, p.D);
-    items_fn(p, begin, end, w);
+    units_fn(p, begin, end, w);
   });
 }
 
@@ -214,10 +250,10 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   p.tile_tokens = std::max<int64_t>(1, kTileRows / p.rep);
   p.n_tiles = (p.T + p.tile_tokens - 1) / p.tile_tokens;
   p.scale = static_cast<float>(scale);
-  // decode items that do not spread evenly over the threads: one unit per query row (each row's arithmetic is the
-  // same either way; its key and value rows are then read once per row instead of once per group)
+  // decode items that do not spread evenly over the threads: ranges of query rows (each row's arithmetic is the
+  // same either way)
   const int64_t items = p.B * p.Hkv * p.n_tiles, threads = at::get_num_threads();
-  p.row_units = p.T == 1 && threads > 1 && items % threads != 0 && p.rep > 1 ? p.rep : 1;
+  p.split_rows = p.T == 1 && threads > 1 && items % threads != 0 && p.rep > 1;
   p.isa = current_isa();
   if (k_cache.scalar_type() == q.scalar_type()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tinychat_attention_cpu",
