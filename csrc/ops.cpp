@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/decode_step.h"
 #include "cpu/isa.h"
 
 TORCH_LIBRARY(tinychat, m) {
@@ -48,6 +49,11 @@ TORCH_LIBRARY(tinychat, m) {
   // The instruction set the CPU kernels use: the best this CPU has ("avx512", "avx2", "scalar"), or the lower
   // one the environment variable TINYCHAT_CPU_ISA names.
   m.def("cpu_isa() -> str", &tinychat::cpu_isa_name);
+  // The whole decoder in one call on the CPU (csrc/cpu/decode_step.h): built once per KV cache from the model's
+  // tensors (a flat list, described by spec), forward(x, positions, cos_sin, last_only) -> logits.
+  m.class_<tinychat::CpuDecoder>("CpuDecoder")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double, double>())
+      .def("forward", &tinychat::CpuDecoder::forward);
 }
 
 // A Python module with no functions: importing it loads the library above. Its one attribute,

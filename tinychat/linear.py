@@ -24,6 +24,14 @@ class _GroupParamBuffers(nn.Module):
     (fp32 or fp16) and the ops compute in fp32 from them."""
 
     PARAM_BUFFERS: tuple[str, ...] = ()
+    BITS = 0  # the codes' width: 4 (int4_linear) or 8 (int8_linear)
+
+    def op_form(self) -> tuple[list[int], list[torch.Tensor]]:
+        """How the one-call decoder (tinychat/model.py) runs this linear: [bits, group size, has offsets, has bias]
+        and the tensors qweight, scales, then offsets and bias where present."""
+        extra = [t for t in (self.offsets, self.bias) if t is not None]
+        return ([self.BITS, self.group_size, int(self.offsets is not None), int(self.bias is not None)],
+                [self.qweight, self.scales, *extra])
 
     def _apply(self, fn, recurse=True):
         kept = {name: getattr(self, name) for name in self.PARAM_BUFFERS if getattr(self, name) is not None}
@@ -66,6 +74,7 @@ class WQLinear(_GroupParamBuffers):
     """
 
     PARAM_BUFFERS = ("scales", "offsets")
+    BITS = 4
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
                  device=None, dtype: torch.dtype = torch.float32, params_dtype: torch.dtype = torch.float32,
@@ -137,6 +146,7 @@ class Int8Linear(_GroupParamBuffers):
     """
 
     PARAM_BUFFERS = ("scales", "offsets")
+    BITS = 8
 
     def __init__(self, in_features: int, out_features: int, group_size: int | None = None, bias: bool = False,
                  device=None, dtype: torch.dtype = torch.float32, params_dtype: torch.dtype = torch.float32,

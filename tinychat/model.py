@@ -74,6 +74,16 @@ def linear_spec(cfg: ModelConfig, name: str) -> LinearSpec:
     raise KeyError(f"a decoder layer has no linear {name!r}")
 
 
+def _op_form(linear: nn.Module) -> tuple[list[int], list[torch.Tensor]] | None:
+    """How the one-call decoder runs `linear`: [bits, group size, has offsets, has bias] and its tensors (a float
+    nn.Linear: bits 0, the weight and bias; the group forms of tinychat/linear.py say theirs); None if it cannot."""
+    if type(linear) is nn.Linear:
+        return [0, 0, 0, int(linear.bias is not None)], [linear.weight] + ([linear.bias] if linear.bias is not None
+                                                                          else [])
+    op_form = getattr(linear, "op_form", None)
+    return None if op_form is None else op_form()
+
+
 def _linear(cfg: ModelConfig, name: str) -> nn.Linear:
     spec = linear_spec(cfg, name)
     return nn.Linear(spec.in_features, spec.out_features, bias=spec.bias)
@@ -159,6 +169,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._decoder = None  # the one-call decoder over these tensors and caches (one_call_decoder), once built
         with torch.device("cpu"):  # real values even when the loader builds the module on the meta device
             self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, rope_freq_factors)  # [D/2], stays on the CPU
             rows = min(cfg.context_length, DEFAULT_CONTEXT)
@@ -173,6 +184,7 @@ class Transformer(nn.Module):
     def swap_linears(self, make: Callable[[str, nn.Module], nn.Module]) -> Transformer:
         """Replace every decoder linear by make(name, linear) ("layers.{i}.attn.wqkv", ...): how float linears
         become 4-bit ones, at load and after quantization. Returns the model (changed in place)."""
+        self._decoder = None
         for name in linear_names(self.config):
             parent, _, attr = name.rpartition(".")
             setattr(self.get_submodule(parent), attr, make(name, self.get_submodule(name)))
@@ -200,9 +212,37 @@ class Transformer(nn.Module):
         if max_seq_len > cfg.context_length:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context length {cfg.context_length}")
         self._rope_rows(max_seq_len)
+        self._decoder = None
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype or self.dtype,
                                           self.device)
+
+    def _apply(self, fn, recurse=True):
+        self._decoder = None  # a move or cast makes new tensors: the decoder is built again over them
+        return super()._apply(fn, recurse)
+
+    def one_call_decoder(self):
+        """The CpuDecoder (tinychat.ops.cpu_decoder) over this model's tensors and KV caches, built on first use:
+        the same kernels as forward's, in the same order, in one C++ call. None where it cannot run: without the
+        compiled extension, KV caches, or the CPU, or with a linear it does not know (a RowStack)."""
+        if self._decoder is None and self.max_seq_len is not None and self.device.type == "cpu":
+            cfg = self.config
+            spec, tensors = [cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim], [self.norm]
+            for layer in self.layers:
+                tensors += [layer.attn_norm, layer.mlp_norm, layer.attn.kv_cache.k, layer.attn.kv_cache.v]
+                forms = [_op_form(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)]
+                if None in forms:
+                    return None
+                for numbers, ts in forms:
+                    spec += numbers
+                    tensors += ts
+            head = _op_form(self.lm_head)
+            if head is None:
+                return None
+            spec += head[0]
+            tensors += head[1]
+            self._decoder = ops.cpu_decoder(tensors, spec, cfg.rms_norm_eps, cfg.head_dim**-0.5)
+        return self._decoder
 
     @property
     def max_seq_len(self) -> int | None:
@@ -210,11 +250,13 @@ class Transformer(nn.Module):
         return cache.max_seq_len if cache is not None else None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, one_call: bool = True) -> torch.Tensor:
         """tokens [B, T] at positions [T] (int64, on the tokens' device) -> logits [B, T, V] ([B, 1, V] with last_only).
 
         With KV caches set up, token t's key and value go to cache row positions[t] and it attends to rows
         0..positions[t]; without, the tokens attend to each other alone, and positions must be 0..T-1 (the default).
+        On the CPU with caches, the layers run in one C++ call (one_call_decoder; the same logits bit for bit);
+        one_call=False runs them op by op, the reference.
         """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)  # [T]
@@ -222,6 +264,9 @@ class Transformer(nn.Module):
             self._rope_rows(tokens.shape[1])
         eps = self.config.rms_norm_eps
         x, residual = self.embed(tokens), None  # [B, T, C]
+        decoder = self.one_call_decoder() if one_call else None
+        if decoder is not None:
+            return decoder.forward(x, positions, self.cos_sin, last_only)
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.cos_sin)
         x = ops.rms_norm(x, self.norm, eps) if residual is None else ops.add_rms_norm(x, residual, self.norm, eps)[0]

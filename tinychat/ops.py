@@ -232,3 +232,10 @@ int4_linear = _op("int4_linear", int4_linear_ref, _int4_linear_fake)
 # instruction set as int4_linear; on CUDA the reference stands in (the CUDA backend keeps the output projection in
 # half precision). int4_linear has no stand-in: a 4-bit model on CUDA needs the real kernel.
 int8_linear = _op("int8_linear", int8_linear_ref, _int8_linear_fake, cuda_stand_in=True)
+
+
+def cpu_decoder(tensors: list[Tensor], spec: list[int], eps: float, scale: float):
+    """The whole decoder in one C++ call on the CPU (csrc/cpu/decode_step.h: the flat lists `tensors` and `spec`
+    it is built from): a torch.classes.tinychat.CpuDecoder, whose forward(x, positions, cos_sin, last_only) runs the
+    kernels above in Transformer.forward's order; None without the compiled extension."""
+    return torch.classes.tinychat.CpuDecoder(tensors, spec, eps, scale) if EXTENSION_AVAILABLE else None

@@ -13,6 +13,7 @@
 
 #include "../common/checks.h"
 #include "isa.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace tinychat {
@@ -31,6 +32,8 @@ TINYCHAT_AVX512 void silu_mul_avx512(const float* g, const float* u, float* o, i
   silu_mul_body(g, u, o, n);
 }
 #endif
+
+}  // namespace
 
 at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   check_silu_and_mul_args(x, c10::DeviceType::CPU);
@@ -58,7 +61,6 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   return out;
 }
 
-}  // namespace
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {

@@ -29,6 +29,7 @@
 
 #include "../common/checks.h"
 #include "isa.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace tinychat {
@@ -223,6 +224,8 @@ void run_attention(const AttnProblem& p) {
   });
 }
 
+}  // namespace
+
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& positions, double scale) {
   check_attention_args(q, k_cache, v_cache, positions, c10::DeviceType::CPU);
@@ -265,7 +268,6 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
   return out;
 }
 
-}  // namespace
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {

@@ -35,6 +35,7 @@
 
 #include "../common/checks.h"
 #include "isa.h"
+#include "kernels.h"
 #include "linear.h"
 #include "vec.h"
 
@@ -392,6 +393,8 @@ GemvRowFn gemv_row_fn_fine(Isa isa, int mb) {
   return gemv_row_fn(isa, mb);
 }
 
+}  // namespace
+
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& offsets, int64_t group_size) {
   check_int4_linear_args(x, qweight, scales, offsets, group_size, c10::DeviceType::CPU);
@@ -425,7 +428,6 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   return y.to(x.scalar_type()).view(out_shape);
 }
 
-}  // namespace
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {

@@ -19,6 +19,7 @@
 
 #include "../common/checks.h"
 #include "isa.h"
+#include "kernels.h"
 #include "linear.h"
 #include "vec.h"
 
@@ -174,6 +175,8 @@ GemvFn gemv_fn(Isa isa, int mb) {
   }
 }
 
+}  // namespace
+
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& offsets, int64_t group_size) {
   check_int8_linear_args(x, qweight, scales, offsets, group_size, c10::DeviceType::CPU);
@@ -207,7 +210,6 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   return y.to(x.scalar_type()).view(out_shape);
 }
 
-}  // namespace
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "kernels.h"
 #include "vec.h"
 
 namespace tinychat {
@@ -77,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor> norm_cpu(const at::Tensor& x, const c10::opti
   return {out, r_out};
 }
 
+}  // namespace
+
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_norm_args(x, weight, eps, c10::DeviceType::CPU, "rms_norm");
   return std::get<0>(norm_cpu(x, c10::nullopt, weight, eps));
@@ -89,7 +92,6 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const a
   return norm_cpu(x, residual, weight, eps);
 }
 
-}  // namespace
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "../common/checks.h"
+#include "kernels.h"
 
 namespace tinychat {
 
@@ -66,6 +67,8 @@ void rope_kv_rows(const at::Tensor& qkv, const int64_t* pos, const float* cs, at
   });
 }
 
+}  // namespace
+
 at::Tensor rope_kv_write_cpu(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos_sin,
                              at::Tensor& k_cache, at::Tensor& v_cache) {
   check_rope_kv_args(qkv, positions, cos_sin, k_cache, v_cache, c10::DeviceType::CPU);
@@ -88,7 +91,6 @@ at::Tensor rope_kv_write_cpu(const at::Tensor& qkv, const at::Tensor& positions,
   return q;
 }
 
-}  // namespace
 }  // namespace tinychat
 
 TORCH_LIBRARY_IMPL(tinychat, CPU, m) {
