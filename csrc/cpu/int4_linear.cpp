@@ -226,8 +226,54 @@ constexpr int64_t kChunkBytes = 64;  // 4 blocks of qweight
 
 bool vnni_supports(int64_t G) { return 128 % G == 0 || G % 128 == 0; }
 
-// An int8 code: round to nearest, v in [-127.5, 127.5] (+-0.5 then truncation).
-TINYCHAT_INLINE int8_t round_int8(float v) { return static_cast<int8_t>(v + (v >= 0.f ? 0.5f : -0.5f)); }
+#ifdef TINYCHAT_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// int8 codes of 16 values v, |v| <= 127.5: round to nearest, halves away from zero (+-0.5, then truncation).
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m512i round_int8(__m512 v) {
+  const __mmask16 nonneg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ);
+  return _mm512_cvttps_epi32(_mm512_add_ps(v, _mm512_mask_blend_ps(nonneg, _mm512_set1_ps(-0.5f),
+                                                                   _mm512_set1_ps(0.5f))));
+}
+
+// Row m of x [M, K] rounded into a (Int8Activations' layout, above), a block of 32 channels at a time in two
+// vectors (a scalar loop here cost several us a call: as much as a decode step's GEMV of a small matrix).
+TINYCHAT_AVX512_VNNI void quantize_row(const float* x, int64_t m, int64_t M, int64_t K, int64_t G,
+                                       Int8Activations& a) {
+  const int64_t blocks = K / kBlock, ng = K / G, row_bytes = a.levels * 2 * kChunkBytes;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* xb = x + m * K + b * kBlock;
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);  // channels 32b + j, 32b + 16 + j
+    // a NaN or infinity in x must reach y: such a block gets the scale NaN (and codes 0)
+    const bool finite = (_mm512_fpclass_ps_mask(x0, 0x99) | _mm512_fpclass_ps_mask(x1, 0x99)) == 0;
+    float absmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    if (!finite) absmax = std::numeric_limits<float>::quiet_NaN();
+    const __m512 inv = _mm512_set1_ps(finite && absmax > 0.f ? 127.f / absmax : 0.f);
+    int8_t* lo = a.q8.data() + ((b / 4) * M + m) * row_bytes + (b % 4) * 16;  // then hi, fine lo, fine hi
+    __m512i qsum = _mm512_setzero_si512();  // in the unit of the lane scale
+    for (int half = 0; half < 2; ++half) {
+      const __m512 v = finite ? _mm512_mul_ps(half == 0 ? x0 : x1, inv) : _mm512_setzero_ps();  // |v| <= 127
+      const __m512i q1 = round_int8(v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + half * kChunkBytes), _mm512_cvtepi32_epi8(q1));
+      if (a.levels == 2) {  // q2 = round(256 (v - q1)), clamped to [-127, 127]
+        const __m512 fine = _mm512_mul_ps(_mm512_set1_ps(256.f), _mm512_sub_ps(v, _mm512_cvtepi32_ps(q1)));
+        const __m512i q2 = round_int8(_mm512_min_ps(_mm512_max_ps(fine, _mm512_set1_ps(-127.f)),
+                                                    _mm512_set1_ps(127.f)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + (2 + half) * kChunkBytes), _mm512_cvtepi32_epi8(q2));
+        qsum = _mm512_add_epi32(qsum, _mm512_add_epi32(_mm512_slli_epi32(q1, 8), q2));
+      } else {
+        qsum = _mm512_add_epi32(qsum, q1);
+      }
+    }
+    const float scale = absmax / (a.levels == 2 ? 127.f * 256.f : 127.f);
+    for (int l = 0; l < 4; ++l) a.lane_scales[((b / 4) * M + m) * 16 + (b % 4) * 4 + l] = scale;
+    a.group_sums[m * ng + b * kBlock / G] += scale * static_cast<float>(_mm512_reduce_add_epi32(qsum));
+  }
+}
+
+#pragma GCC diagnostic pop
 
 Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64_t G, int levels) {
   Int8Activations a;
@@ -246,40 +292,11 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
   for (int l = 0; l < 16; ++l) a.lane_group[l] = static_cast<int32_t>((l / 4) * kBlock / G);
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (8 * K));
   at::parallel_for(0, M, grain, [&](int64_t m_begin, int64_t m_end) {
-    for (int64_t m = m_begin; m < m_end; ++m) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        const float* xb = x + m * K + b * kBlock;
-        float absmax = 0.f;
-        bool finite = true;  // a NaN or infinity in x must reach y: such a block gets the scale NaN
-        for (int64_t j = 0; j < kBlock; ++j) {
-          absmax = std::max(absmax, std::abs(xb[j]));
-          finite = finite && std::abs(xb[j]) <= std::numeric_limits<float>::max();
-        }
-        if (!finite) absmax = std::numeric_limits<float>::quiet_NaN();
-        const float inv = finite && absmax > 0.f ? 127.f / absmax : 0.f;
-        int8_t* lo = a.q8.data() + ((b / 4) * M + m) * row_bytes + (b % 4) * 16;  // then hi, fine lo, fine hi
-        int32_t qsum = 0;  // in the unit of the lane scale
-        for (int half = 0; half < 2; ++half) {  // channels 32b + j, then 32b + 16 + j
-          int8_t* q = lo + half * kChunkBytes;
-          for (int64_t j = 0; j < 16; ++j) {
-            const float v = finite ? xb[16 * half + j] * inv : 0.f;  // |v| <= 127
-            q[j] = round_int8(v);
-            if (levels == 2) {
-              q[2 * kChunkBytes + j] = round_int8(std::clamp(256.f * (v - q[j]), -127.f, 127.f));
-              qsum += 256 * q[j] + q[2 * kChunkBytes + j];
-            } else {
-              qsum += q[j];
-            }
-          }
-        }
-        const float scale = absmax / (levels == 2 ? 127.f * 256.f : 127.f);
-        for (int l = 0; l < 4; ++l) a.lane_scales[((b / 4) * M + m) * 16 + (b % 4) * 4 + l] = scale;
-        a.group_sums[m * ng + b * kBlock / G] += scale * static_cast<float>(qsum);
-      }
-    }
+    for (int64_t m = m_begin; m < m_end; ++m) quantize_row(x, m, M, K, G, a);
   });
   return a;
 }
+#endif  // TINYCHAT_X86
 
 #ifdef TINYCHAT_X86
 #pragma GCC diagnostic push
@@ -416,10 +433,13 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   }
   std::vector<float> xsum;  // [M, K/G], the fp32 paths' offset term
   Int8Activations xq;
+#ifdef TINYCHAT_X86
   if (gemv_isa == Isa::kAvx512Vnni) {
     xq = quantize_activations(p.x, M, K, group_size, M <= kFineRows ? 2 : 1);
     p.xq = &xq;
-  } else {
+  }
+#endif
+  if (p.xq == nullptr) {
     xsum = group_sums(p.x, M, K, group_size);
     p.xsum = xsum.data();
   }

@@ -20,7 +20,10 @@ TINYCHAT_AVX512 inline void widen_halves_avx512(const at::Half* src, float* dst,
   for (; i + 16 <= count; i += 16) {
     _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
   }
-  for (; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+  if (i < count) {  // the last count % 16 values masked (a row's 18 group scales: one call per row of W)
+    const __mmask16 live = static_cast<__mmask16>((1u << (count - i)) - 1);
+    _mm512_mask_storeu_ps(dst + i, live, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, src + i)));
+  }
 }
 
 TINYCHAT_AVX2 inline void widen_halves_avx2(const at::Half* src, float* dst, int64_t count) {
