@@ -303,56 +303,103 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-template <int MB, int L>
-TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
+// Rows n .. n + RB - 1 of W against rows m0 .. m0 + MB - 1 of x; sw[r], mw[r]: row n + r's scales and offsets
+// (fp32, row_params). RB > 1 (a decode step's one row of x, two rows of W) loads x's codes and scales once for every
+// row of W: each row's arithmetic is the single row's, the same ops in the same order.
+template <int MB, int L, int RB>
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n, int64_t m0, const float* const* sw,
+                                                    const float* const* mw) {
   const Int8Activations& a = *p.xq;
   const int64_t half = p.K / 2, ng = p.ng;
-  const uint8_t* qrow = p.q + n * half;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i lane_group = _mm512_loadu_si512(a.lane_group.data());
-  __m512 acc[MB];
-  #pragma GCC unroll 8  // keep the MB accumulators in registers
-  for (int mb = 0; mb < MB; ++mb) acc[mb] = _mm512_setzero_ps();
+  __m512 acc[RB][MB];
+  #pragma GCC unroll 8  // keep the accumulators in registers
+  for (int r = 0; r < RB; ++r) {
+    #pragma GCC unroll 8
+    for (int mb = 0; mb < MB; ++mb) acc[r][mb] = _mm512_setzero_ps();
+  }
   for (int64_t c = 0; c < a.chunks; ++c) {
-    const int64_t left = half - c * kChunkBytes;  // qweight bytes of this row from this chunk on
-    const uint8_t* qc = qrow + c * kChunkBytes;
-    const __m512i bytes = left >= kChunkBytes ? _mm512_loadu_si512(qc)  // a masked load only at the row's end (slow)
-                                               : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, qc);
-    const __m512i lo = _mm512_and_si512(bytes, low4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
-    // up to 4 scales from the chunk's first group; masked loads only near the row's end (they are slow)
-    const int64_t g0 = p.block_group[4 * c];
-    const __m128 s4 = g0 + 4 <= ng ? _mm_loadu_ps(sw + g0) : _mm_maskz_loadu_ps(a.group_mask[c], sw + g0);
-    const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
+    const int64_t left = half - c * kChunkBytes;  // qweight bytes of a row from this chunk on
+    const int64_t g0 = p.block_group[4 * c];      // the chunk's first group
     constexpr int64_t row_bytes = L * 2 * kChunkBytes;
     const int8_t* xq = a.q8.data() + (c * p.M + m0) * row_bytes;  // rows m0.. of this chunk
     const float* xs = a.lane_scales.data() + (c * p.M + m0) * 16;
-    #pragma GCC unroll 8  // keep the MB accumulators in registers
-    for (int mb = 0; mb < MB; ++mb) {
-      const int8_t* xr = xq + mb * row_bytes;
-      __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
-      dots = _mm512_dpbusd_epi32(dots, hi, _mm512_loadu_si512(xr + kChunkBytes));
-      if constexpr (L == 2) {  // 256 * coarse + fine, exact in int32 (|.| < 2^22) and in the fp32 conversion
-        __m512i fine = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr + 2 * kChunkBytes));
-        fine = _mm512_dpbusd_epi32(fine, hi, _mm512_loadu_si512(xr + 3 * kChunkBytes));
-        dots = _mm512_add_epi32(_mm512_slli_epi32(dots, 8), fine);
+    #pragma GCC unroll 2
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* qc = p.q + (n + r) * half + c * kChunkBytes;
+      const __m512i bytes = left >= kChunkBytes ? _mm512_loadu_si512(qc)  // masked only at the row's end (slow)
+                                                 : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, qc);
+      const __m512i lo = _mm512_and_si512(bytes, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+      // up to 4 scales from the chunk's first group; masked loads only near the row's end (they are slow)
+      const __m128 s4 = g0 + 4 <= ng ? _mm_loadu_ps(sw[r] + g0) : _mm_maskz_loadu_ps(a.group_mask[c], sw[r] + g0);
+      const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
+      for (int mb = 0; mb < MB; ++mb) {
+        const int8_t* xr = xq + mb * row_bytes;
+        __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+        dots = _mm512_dpbusd_epi32(dots, hi, _mm512_loadu_si512(xr + kChunkBytes));
+        if constexpr (L == 2) {  // 256 * coarse + fine, exact in int32 (|.| < 2^22) and in the fp32 conversion
+          __m512i fine = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr + 2 * kChunkBytes));
+          fine = _mm512_dpbusd_epi32(fine, hi, _mm512_loadu_si512(xr + 3 * kChunkBytes));
+          dots = _mm512_add_epi32(_mm512_slli_epi32(dots, 8), fine);
+        }
+        const __m512 xscale = _mm512_loadu_ps(xs + mb * 16);
+        acc[r][mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xscale), acc[r][mb]);
       }
-      const __m512 xscale = _mm512_loadu_ps(xs + mb * 16);
-      acc[mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xscale), acc[mb]);
     }
   }
   // the offset terms m * sum(x) over the row's groups, 16 at a time into the same accumulators (a scalar loop here
   // was one chain of ng dependent FMAs a row: a third of the row's time at SmolLM2's and Llama's shapes)
   for (int64_t g = 0; g < ng; g += 16) {
     const __mmask16 live = ng - g >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (ng - g)) - 1);
-    const __m512 mv = _mm512_maskz_loadu_ps(live, mw + g);
-    #pragma GCC unroll 8  // keep the MB accumulators in registers
-    for (int mb = 0; mb < MB; ++mb) {
-      acc[mb] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(live, a.group_sums.data() + (m0 + mb) * ng + g), acc[mb]);
+    #pragma GCC unroll 2
+    for (int r = 0; r < RB; ++r) {
+      const __m512 mv = _mm512_maskz_loadu_ps(live, mw[r] + g);
+      #pragma GCC unroll 8  // keep the MB accumulators in registers
+      for (int mb = 0; mb < MB; ++mb) {
+        acc[r][mb] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(live, a.group_sums.data() + (m0 + mb) * ng + g),
+                                     acc[r][mb]);
+      }
     }
   }
-  #pragma GCC unroll 8  // keep the MB accumulators in registers
-  for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n] = _mm512_reduce_add_ps(acc[mb]);
+  #pragma GCC unroll 2
+  for (int r = 0; r < RB; ++r) {
+    #pragma GCC unroll 8
+    for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n + r] = _mm512_reduce_add_ps(acc[r][mb]);
+  }
+}
+
+template <int MB, int L>
+TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
+  vnni_rows<MB, L, 1>(p, n, m0, &sw, &mw);
+}
+
+// A call with one row of x at two levels (a decode step): rows of W two at a time (vnni_rows), an odd last row
+// alone; rows split over threads as run_rows does.
+TINYCHAT_AVX512_VNNI void gemv_row_pair_vnni(const Problem& p, int64_t n, const RowParams* rp) {
+  const float* sw[2] = {rp[0].s, rp[1].s};
+  const float* mw[2] = {rp[0].m, rp[1].m};
+  vnni_rows<1, 2, 2>(p, n, 0, sw, mw);
+}
+
+void run_row_pairs_vnni(const Problem& p) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (2 * p.K));
+  at::parallel_for(0, (p.N + 1) / 2, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(4 * p.ng);  // [2, 2, K/G]: the two rows' parameters when they must be widened
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = 2 * i;
+      const RowParams rp[2] = {row_params(p.w, n, p.ng, buf.data(), Isa::kAvx512Vnni),
+                               n + 1 < p.N ? row_params(p.w, n + 1, p.ng, buf.data() + 2 * p.ng, Isa::kAvx512Vnni)
+                                           : RowParams{}};
+      if (n + 1 < p.N) {
+        gemv_row_pair_vnni(p, n, rp);
+      } else {
+        gemv_row_vnni<1, 2>(p, n, 0, rp[0].s, rp[0].m);
+      }
+    }
+  });
 }
 
 #pragma GCC diagnostic pop
@@ -443,6 +490,12 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     xsum = group_sums(p.x, M, K, group_size);
     p.xsum = xsum.data();
   }
+#ifdef TINYCHAT_X86
+  if (p.xq != nullptr && M == 1) {  // a decode step: rows of W in pairs
+    run_row_pairs_vnni(p);
+    return y.to(x.scalar_type()).view(out_shape);
+  }
+#endif
   run_rows(p, gemv_isa, gemv_isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB,
            p.xq && p.xq->levels == 2 ? gemv_row_fn_fine : gemv_row_fn);
   return y.to(x.scalar_type()).view(out_shape);
