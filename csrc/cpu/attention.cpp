@@ -58,6 +58,47 @@ struct AttnProblem {
 // arithmetic (and FMA contraction) of a scalar loop over the lanes.
 typedef float Lanes __attribute__((vector_size(kDotLanes * sizeof(float))));
 
+// Lane indices of __builtin_shuffle over two Lanes (0..15: the first, 16..31: the second).
+typedef int32_t LaneIndex __attribute__((vector_size(kDotLanes * sizeof(int32_t))));
+
+// Scores of 16 keys (rows of k, stride kstride) against one query row q, D a multiple of kDotLanes: out[j] is
+// dot(q, k_j, D) bit for bit (vec.h: kDotLanes partial sums along D, then halves added to halves), the 16 keys' trees
+// reduced together by shuffles, each step pairing the vectors of two key sets (a tree a key cost as many shuffles and
+// adds as the key's FMAs).
+TINYCHAT_INLINE void dots16(const float* q, const float* k, int64_t kstride, int64_t D, float* out) {
+  static_assert(kDotLanes == 16, "dots16 reduces trees of 16 lanes");
+  Lanes v[16] = {};
+  for (int64_t d = 0; d < D; d += kDotLanes) {  // 16 independent FMA chains, each key's in dot's order
+    Lanes qv;
+    std::memcpy(&qv, q + d, sizeof(qv));
+    #pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      Lanes kv;
+      std::memcpy(&kv, k + j * kstride + d, sizeof(kv));
+      v[j] += qv * kv;
+    }
+  }
+  // step 1, lanes l + lanes l + 8: the halves of keys 2i and 2i + 1 -> v[i] (8 lanes a key)
+  const LaneIndex lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const LaneIndex hi8 = lo8 + 8;
+  for (int i = 0; i < 8; ++i) v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo8) +
+                                     __builtin_shuffle(v[2 * i], v[2 * i + 1], hi8);
+  // step 2, lanes l + lanes l + 4 of each key's 8 -> v[i] (4 lanes a key, keys 4i .. 4i + 3)
+  const LaneIndex lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const LaneIndex hi4 = lo4 + 4;
+  for (int i = 0; i < 4; ++i) v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo4) +
+                                     __builtin_shuffle(v[2 * i], v[2 * i + 1], hi4);
+  // step 3, lanes (0, 1) + lanes (2, 3) of each key's 4 -> v[i] (2 lanes a key, keys 8i .. 8i + 7)
+  const LaneIndex lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const LaneIndex hi2 = lo2 + 2;
+  for (int i = 0; i < 2; ++i) v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo2) +
+                                     __builtin_shuffle(v[2 * i], v[2 * i + 1], hi2);
+  // step 4, lane 0 + lane 1 of each key: the 16 scores in key order
+  const LaneIndex even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const Lanes scores = __builtin_shuffle(v[0], v[1], even) + __builtin_shuffle(v[0], v[1], even + 1);
+  std::memcpy(out, &scores, sizeof(scores));
+}
+
 constexpr int kPvLanes = 4;  // vectors of kDotLanes columns that p @ v updates together
 
 // a[0 .. V * kDotLanes) += sum_j s[j] * v[j, same columns] over `seen` rows of v (row stride vstride), in V GCC
@@ -141,7 +182,11 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, int64_t 
       const int64_t seen = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
       if (seen == 0) continue;  // a block past the row's limit leaves the row exactly as it was
       float* s = w.s.data() + i * kKeys;
-      for (int64_t j = 0; j < seen; ++j) s[j] = dot(w.q.data() + i * D, kb + j * kstride, D);
+      int64_t j = 0;
+      if (D % kDotLanes == 0) {
+        for (; j + 16 <= seen; j += 16) dots16(w.q.data() + i * D, kb + j * kstride, kstride, D, s + j);
+      }
+      for (; j < seen; ++j) s[j] = dot(w.q.data() + i * D, kb + j * kstride, D);
       const float new_max = std::max(w.m[i], max_of(s, seen));
       const float correction = exp_approx(w.m[i] - new_max);
       const float sum = exp_shifted_sum(s, seen, new_max);
