@@ -18,9 +18,9 @@
 // M = 16 / 64 / 256 against 1.16 / 2.17 / 7.60 for the GEMM (AVX-512; AVX2 0.63 / 2.88 / 12.09 against 2.54 / 5.07 /
 // 10.45).)
 //
-// Instruction sets: AVX-512 with VNNI (x rounded to int8 by M, 8 rows of x a pass; see "AVX-512 VNNI" below), AVX-512
-// (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can; NEON on ARM through that
-// path), picked at run time (isa.h).
+// Instruction sets: AVX-512 with VNNI (x rounded to int8 by M, 8 rows of x and 2 rows of W a pass; see "AVX-512
+// VNNI" below), AVX-512 (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can; NEON on
+// ARM through that path), picked at run time (isa.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -371,32 +371,51 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
   }
 }
 
-template <int MB, int L>
-TINYCHAT_AVX512_VNNI void gemv_row_vnni(const Problem& p, int64_t n, int64_t m0, const float* sw, const float* mw) {
-  vnni_rows<MB, L, 1>(p, n, m0, &sw, &mw);
+// The VNNI kernels as the driver below calls them: RB = 1 or 2 rows of W from n (rp: their parameters) against MB
+// rows of x from m0.
+using VnniFn = void (*)(const Problem&, int64_t n, int64_t m0, const RowParams* rp);
+
+template <int MB, int L, int RB>
+TINYCHAT_AVX512_VNNI void gemv_vnni(const Problem& p, int64_t n, int64_t m0, const RowParams* rp) {
+  const float* sw[2] = {rp[0].s, rp[RB - 1].s};
+  const float* mw[2] = {rp[0].m, rp[RB - 1].m};
+  vnni_rows<MB, L, RB>(p, n, m0, sw, mw);
 }
 
-// A call with one row of x at two levels (a decode step): rows of W two at a time (vnni_rows), an odd last row
-// alone; rows split over threads as run_rows does.
-TINYCHAT_AVX512_VNNI void gemv_row_pair_vnni(const Problem& p, int64_t n, const RowParams* rp) {
-  const float* sw[2] = {rp[0].s, rp[1].s};
-  const float* mw[2] = {rp[0].m, rp[1].m};
-  vnni_rows<1, 2, 2>(p, n, 0, sw, mw);
+template <int L, int RB>
+VnniFn vnni_fn(int64_t mb) {
+  static_assert(kMaxMBVnni == 8, "vnni_fn instantiates MB = 1..8");
+  switch (mb) {
+    case 1: return gemv_vnni<1, L, RB>;
+    case 2: return gemv_vnni<2, L, RB>;
+    case 3: return gemv_vnni<3, L, RB>;
+    case 4: return gemv_vnni<4, L, RB>;
+    case 5: return gemv_vnni<5, L, RB>;
+    case 6: return gemv_vnni<6, L, RB>;
+    case 7: return gemv_vnni<7, L, RB>;
+    default: return gemv_vnni<8, L, RB>;
+  }
 }
 
-void run_row_pairs_vnni(const Problem& p) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (2 * p.K));
+// The VNNI path's driver: rows of W two at a time (an odd last row alone), split over threads, each pair against
+// every chunk of kMaxMBVnni rows of x; x's codes and scales are loaded once for both rows of a pair (vnni_rows).
+template <int L>
+void run_vnni(const Problem& p) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (2 * p.K * p.M));
+  const int64_t full_mb = std::min<int64_t>(kMaxMBVnni, p.M), tail_mb = p.M % kMaxMBVnni;
+  const VnniFn pair_full = vnni_fn<L, 2>(full_mb), pair_tail = vnni_fn<L, 2>(tail_mb);
+  const VnniFn one_full = vnni_fn<L, 1>(full_mb), one_tail = vnni_fn<L, 1>(tail_mb);
   at::parallel_for(0, (p.N + 1) / 2, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(4 * p.ng);  // [2, 2, K/G]: the two rows' parameters when they must be widened
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = 2 * i;
+      const bool pair = n + 1 < p.N;
       const RowParams rp[2] = {row_params(p.w, n, p.ng, buf.data(), Isa::kAvx512Vnni),
-                               n + 1 < p.N ? row_params(p.w, n + 1, p.ng, buf.data() + 2 * p.ng, Isa::kAvx512Vnni)
-                                           : RowParams{}};
-      if (n + 1 < p.N) {
-        gemv_row_pair_vnni(p, n, rp);
-      } else {
-        gemv_row_vnni<1, 2>(p, n, 0, rp[0].s, rp[0].m);
+                               pair ? row_params(p.w, n + 1, p.ng, buf.data() + 2 * p.ng, Isa::kAvx512Vnni)
+                                    : RowParams{}};
+      for (int64_t m0 = 0; m0 < p.M; m0 += kMaxMBVnni) {
+        const bool full = p.M - m0 >= kMaxMBVnni || tail_mb == 0;
+        (pair ? (full ? pair_full : pair_tail) : (full ? one_full : one_tail))(p, n, m0, rp);
       }
     }
   });
@@ -419,42 +438,15 @@ GemvRowFn gemv_row_for(Isa isa) {
   return gemv_row_scalar<MB>;
 }
 
-#ifdef TINYCHAT_X86
-// The VNNI kernel for mb rows of x, x rounded at L levels.
-template <int L>
-GemvRowFn vnni_row_fn(int mb) {
-  switch (mb) {
-    case 1: return gemv_row_vnni<1, L>;
-    case 2: return gemv_row_vnni<2, L>;
-    case 3: return gemv_row_vnni<3, L>;
-    case 4: return gemv_row_vnni<4, L>;
-    case 5: return gemv_row_vnni<5, L>;
-    case 6: return gemv_row_vnni<6, L>;
-    case 7: return gemv_row_vnni<7, L>;
-    default: return gemv_row_vnni<8, L>;
-  }
-}
-#endif
-
+// The fp32 paths' GEMV kernel for `isa` and mb rows of x (the VNNI path has its own driver, run_vnni).
 GemvRowFn gemv_row_fn(Isa isa, int mb) {
-  static_assert(kMaxMB == 4 && kMaxMBVnni == 8, "gemv_row_fn instantiates MB = 1..4 (1..8 on VNNI)");
-#ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512Vnni) return vnni_row_fn<1>(mb);
-#endif
+  static_assert(kMaxMB == 4, "gemv_row_fn instantiates MB = 1..4");
   switch (mb) {
     case 1: return gemv_row_for<1>(isa);
     case 2: return gemv_row_for<2>(isa);
     case 3: return gemv_row_for<3>(isa);
     default: return gemv_row_for<4>(isa);
   }
-}
-
-// The VNNI kernels with x at two int8 levels (only ever asked for on the VNNI path).
-GemvRowFn gemv_row_fn_fine(Isa isa, int mb) {
-#ifdef TINYCHAT_X86
-  if (isa == Isa::kAvx512Vnni) return vnni_row_fn<2>(mb);
-#endif
-  return gemv_row_fn(isa, mb);
 }
 
 }  // namespace
@@ -478,26 +470,18 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (isa == Isa::kAvx512Vnni && (!vnni_supports(group_size) || (M > kFineRows && M <= kExactRows))) {
     gemv_isa = Isa::kAvx512;
   }
-  std::vector<float> xsum;  // [M, K/G], the fp32 paths' offset term
-  Int8Activations xq;
 #ifdef TINYCHAT_X86
   if (gemv_isa == Isa::kAvx512Vnni) {
-    xq = quantize_activations(p.x, M, K, group_size, M <= kFineRows ? 2 : 1);
+    const int levels = M <= kFineRows ? 2 : 1;
+    const Int8Activations xq = quantize_activations(p.x, M, K, group_size, levels);
     p.xq = &xq;
-  }
-#endif
-  if (p.xq == nullptr) {
-    xsum = group_sums(p.x, M, K, group_size);
-    p.xsum = xsum.data();
-  }
-#ifdef TINYCHAT_X86
-  if (p.xq != nullptr && M == 1) {  // a decode step: rows of W in pairs
-    run_row_pairs_vnni(p);
+    levels == 2 ? run_vnni<2>(p) : run_vnni<1>(p);
     return y.to(x.scalar_type()).view(out_shape);
   }
 #endif
-  run_rows(p, gemv_isa, gemv_isa == Isa::kAvx512Vnni ? kMaxMBVnni : kMaxMB,
-           p.xq && p.xq->levels == 2 ? gemv_row_fn_fine : gemv_row_fn);
+  const std::vector<float> xsum = group_sums(p.x, M, K, group_size);  // [M, K/G], the offset term's factor
+  p.xsum = xsum.data();
+  run_rows(p, gemv_isa, kMaxMB, gemv_row_fn);
   return y.to(x.scalar_type()).view(out_shape);
 }
 
