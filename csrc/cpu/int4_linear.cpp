@@ -328,6 +328,10 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
     #pragma GCC unroll 2
     for (int r = 0; r < RB; ++r) {
       const uint8_t* qc = p.q + (n + r) * half + c * kChunkBytes;
+      // the same chunk of the rows RB further on, which this thread most likely runs next: streaming a matrix larger
+      // than the caches, the hardware prefetcher alone kept the GEMV at half the read bandwidth (prefetches never
+      // fault past the end)
+      _mm_prefetch(reinterpret_cast<const char*>(qc + RB * half), _MM_HINT_T0);
       const __m512i bytes = left >= kChunkBytes ? _mm512_loadu_si512(qc)  // masked only at the row's end (slow)
                                                  : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, qc);
       const __m512i lo = _mm512_and_si512(bytes, low4);
