@@ -8,13 +8,15 @@
 // value row is read once for the whole tile. A decode step whose items do not spread evenly over the threads splits
 // the query rows of all items evenly instead: each thread takes a contiguous range of rows and runs the rows of one
 // item that fall in its range together (each thread then reads a kv head once per item it touches: 9 query heads
-// over 3 kv heads on 2 threads read 4 kv heads' caches, not 9 as one row at a time did). Keys are taken kKeys at a time, from key 0, with an online softmax:
-// the running max and sum of each query row rescale its fp32 accumulator, so one pass over the cache suffices.
+// over 3 kv heads on 2 threads read 4 kv heads' caches, not 9 as one row at a time did). Keys are taken kKeys at a
+// time, from key 0, with an online softmax: the running max and sum of each query row rescale its fp32 accumulator,
+// so one pass over the cache suffices.
 //
 // Each query row is computed in the same order whatever else shares its call: scores by one dot product per (row,
-// key) along the head dim, blocks of keys from 0 to the row's own causal limit (blocks past it change nothing), the
-// same operations on its accumulator. So a prefill that reuses a cached prefix gives bit for bit the rows a full
-// prefill gives (tests/test_attention.py), and greedy output does not depend on how much of a prompt was cached.
+// key) along the head dim (16 keys at once: dots16), blocks of keys from 0 to the row's own causal limit (blocks past
+// it change nothing), the same operations on its accumulator. So a prefill that reuses a cached prefix gives bit for
+// bit the rows a full prefill gives (tests/test_attention.py), and greedy output does not depend on how much of a
+// prompt was cached.
 // The body is written once and compiled per instruction set (isa.h).
 
 #include <ATen/ATen.h>
@@ -58,13 +60,11 @@ struct AttnProblem {
 // arithmetic (and FMA contraction) of a scalar loop over the lanes.
 typedef float Lanes __attribute__((vector_size(kDotLanes * sizeof(float))));
 
-// Lane indices of __builtin_shuffle over two Lanes (0..15: the first, 16..31: the second).
-typedef int32_t LaneIndex __attribute__((vector_size(kDotLanes * sizeof(int32_t))));
-
 // Scores of 16 keys (rows of k, stride kstride) against one query row q, D a multiple of kDotLanes: out[j] is
 // dot(q, k_j, D) bit for bit (vec.h: kDotLanes partial sums along D, then halves added to halves), the 16 keys' trees
 // reduced together by shuffles, each step pairing the vectors of two key sets (a tree a key cost as many shuffles and
-// adds as the key's FMAs).
+// adds as the key's FMAs). __builtin_shufflevector (gcc >= 12, clang): lanes 0..15 of the first vector, 16..31 of
+// the second.
 TINYCHAT_INLINE void dots16(const float* q, const float* k, int64_t kstride, int64_t D, float* out) {
   static_assert(kDotLanes == 16, "dots16 reduces trees of 16 lanes");
   Lanes v[16] = {};
@@ -79,23 +79,26 @@ TINYCHAT_INLINE void dots16(const float* q, const float* k, int64_t kstride, int
     }
   }
   // step 1, lanes l + lanes l + 8: the halves of keys 2i and 2i + 1 -> v[i] (8 lanes a key)
-  const LaneIndex lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const LaneIndex hi8 = lo8 + 8;
-  for (int i = 0; i < 8; ++i) v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo8) +
-                                     __builtin_shuffle(v[2 * i], v[2 * i + 1], hi8);
+  for (int i = 0; i < 8; ++i) {
+    const Lanes a = v[2 * i], b = v[2 * i + 1];
+    v[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
   // step 2, lanes l + lanes l + 4 of each key's 8 -> v[i] (4 lanes a key, keys 4i .. 4i + 3)
-  const LaneIndex lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-  const LaneIndex hi4 = lo4 + 4;
-  for (int i = 0; i < 4; ++i) v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo4) +
-                                     __builtin_shuffle(v[2 * i], v[2 * i + 1], hi4);
+  for (int i = 0; i < 4; ++i) {
+    const Lanes a = v[2 * i], b = v[2 * i + 1];
+    v[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
   // step 3, lanes (0, 1) + lanes (2, 3) of each key's 4 -> v[i] (2 lanes a key, keys 8i .. 8i + 7)
-  const LaneIndex lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-  const LaneIndex hi2 = lo2 + 2;
-  for (int i = 0; i < 2; ++i) v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo2) +
-                                     __builtin_shuffle(v[2 * i], v[2 * i + 1], hi2);
+  for (int i = 0; i < 2; ++i) {
+    const Lanes a = v[2 * i], b = v[2 * i + 1];
+    v[i] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
   // step 4, lane 0 + lane 1 of each key: the 16 scores in key order
-  const LaneIndex even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  const Lanes scores = __builtin_shuffle(v[0], v[1], even) + __builtin_shuffle(v[0], v[1], even + 1);
+  const Lanes scores = __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+                       __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   std::memcpy(out, &scores, sizeof(scores));
 }
 
