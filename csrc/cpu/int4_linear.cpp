@@ -303,12 +303,28 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// Rows n .. n + RB - 1 of W against rows m0 .. m0 + MB - 1 of x; sw[r], mw[r]: row n + r's scales and offsets
-// (fp32, row_params). RB > 1 (a decode step's one row of x, two rows of W) loads x's codes and scales once for every
-// row of W: each row's arithmetic is the single row's, the same ops in the same order.
-template <int MB, int L, int RB>
-TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n, int64_t m0, const float* const* sw,
-                                                    const float* const* mw) {
+// 4 group parameters from p (masked by `mask` unless `whole`) and 16 (masked by `live`) as fp32: as stored (float),
+// or fp16 widened exactly in the register (a Q4_1 row's scales and mins, without widening each row into a buffer).
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m128 load4(const float* p, __mmask8 mask, bool whole) {
+  return whole ? _mm_loadu_ps(p) : _mm_maskz_loadu_ps(mask, p);
+}
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m128 load4(const at::Half* p, __mmask8 mask, bool whole) {
+  const __m128i h = whole ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi16(mask, p);
+  return _mm512_castps512_ps128(_mm512_cvtph_ps(_mm256_zextsi128_si256(h)));  // (the 128-bit form needs F16C)
+}
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m512 load16(const float* p, __mmask16 live) {
+  return _mm512_maskz_loadu_ps(live, p);
+}
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m512 load16(const at::Half* p, __mmask16 live) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, p));
+}
+
+// Rows n .. n + RB - 1 of W against rows m0 .. m0 + MB - 1 of x; sw[r], mw[r]: row n + r's scales and offsets (fp32
+// from row_params, or the fp16 tensors themselves: PT). RB > 1 (two rows of W) loads x's codes and scales once for
+// every row of W: each row's arithmetic is the single row's, the same ops in the same order.
+template <int MB, int L, int RB, typename PT>
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n, int64_t m0, const PT* const* sw,
+                                                    const PT* const* mw) {
   const Int8Activations& a = *p.xq;
   const int64_t half = p.K / 2, ng = p.ng;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -337,7 +353,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
       const __m512i lo = _mm512_and_si512(bytes, low4);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
       // up to 4 scales from the chunk's first group; masked loads only near the row's end (they are slow)
-      const __m128 s4 = g0 + 4 <= ng ? _mm_loadu_ps(sw[r] + g0) : _mm_maskz_loadu_ps(a.group_mask[c], sw[r] + g0);
+      const __m128 s4 = load4(sw[r] + g0, a.group_mask[c], g0 + 4 <= ng);
       const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
       #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
@@ -360,7 +376,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
     const __mmask16 live = ng - g >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (ng - g)) - 1);
     #pragma GCC unroll 2
     for (int r = 0; r < RB; ++r) {
-      const __m512 mv = _mm512_maskz_loadu_ps(live, mw[r] + g);
+      const __m512 mv = load16(mw[r] + g, live);
       #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
         acc[r][mb] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(live, a.group_sums.data() + (m0 + mb) * ng + g),
@@ -375,48 +391,59 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
   }
 }
 
-// The VNNI kernels as the driver below calls them: RB = 1 or 2 rows of W from n (rp: their parameters) against MB
-// rows of x from m0.
+// The VNNI kernels as the driver below calls them: RB = 1 or 2 rows of W from n against MB rows of x from m0, with
+// their parameters rp (row_params), or (Half) read straight from the fp16 scales and offsets.
 using VnniFn = void (*)(const Problem&, int64_t n, int64_t m0, const RowParams* rp);
 
-template <int MB, int L, int RB>
+template <int MB, int L, int RB, bool Half>
 TINYCHAT_AVX512_VNNI void gemv_vnni(const Problem& p, int64_t n, int64_t m0, const RowParams* rp) {
-  const float* sw[2] = {rp[0].s, rp[RB - 1].s};
-  const float* mw[2] = {rp[0].m, rp[RB - 1].m};
-  vnni_rows<MB, L, RB>(p, n, m0, sw, mw);
+  if constexpr (Half) {
+    const auto* s = static_cast<const at::Half*>(p.w.scales) + n * p.ng;
+    const auto* m = static_cast<const at::Half*>(p.w.offsets) + n * p.ng;
+    const at::Half* sw[2] = {s, s + (RB - 1) * p.ng};
+    const at::Half* mw[2] = {m, m + (RB - 1) * p.ng};
+    vnni_rows<MB, L, RB>(p, n, m0, sw, mw);
+  } else {
+    const float* sw[2] = {rp[0].s, rp[RB - 1].s};
+    const float* mw[2] = {rp[0].m, rp[RB - 1].m};
+    vnni_rows<MB, L, RB>(p, n, m0, sw, mw);
+  }
 }
 
-template <int L, int RB>
+template <int L, int RB, bool Half>
 VnniFn vnni_fn(int64_t mb) {
   static_assert(kMaxMBVnni == 8, "vnni_fn instantiates MB = 1..8");
   switch (mb) {
-    case 1: return gemv_vnni<1, L, RB>;
-    case 2: return gemv_vnni<2, L, RB>;
-    case 3: return gemv_vnni<3, L, RB>;
-    case 4: return gemv_vnni<4, L, RB>;
-    case 5: return gemv_vnni<5, L, RB>;
-    case 6: return gemv_vnni<6, L, RB>;
-    case 7: return gemv_vnni<7, L, RB>;
-    default: return gemv_vnni<8, L, RB>;
+    case 1: return gemv_vnni<1, L, RB, Half>;
+    case 2: return gemv_vnni<2, L, RB, Half>;
+    case 3: return gemv_vnni<3, L, RB, Half>;
+    case 4: return gemv_vnni<4, L, RB, Half>;
+    case 5: return gemv_vnni<5, L, RB, Half>;
+    case 6: return gemv_vnni<6, L, RB, Half>;
+    case 7: return gemv_vnni<7, L, RB, Half>;
+    default: return gemv_vnni<8, L, RB, Half>;
   }
 }
 
 // The VNNI path's driver: rows of W two at a time (an odd last row alone), split over threads, each pair against
 // every chunk of kMaxMBVnni rows of x; x's codes and scales are loaded once for both rows of a pair (vnni_rows).
-template <int L>
+// fp16 scales with fp16 offsets (Q4_1) are read as stored; other forms are widened a row at a time (row_params).
+template <int L, bool Half>
 void run_vnni(const Problem& p) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (2 * p.K * p.M));
   const int64_t full_mb = std::min<int64_t>(kMaxMBVnni, p.M), tail_mb = p.M % kMaxMBVnni;
-  const VnniFn pair_full = vnni_fn<L, 2>(full_mb), pair_tail = vnni_fn<L, 2>(tail_mb);
-  const VnniFn one_full = vnni_fn<L, 1>(full_mb), one_tail = vnni_fn<L, 1>(tail_mb);
+  const VnniFn pair_full = vnni_fn<L, 2, Half>(full_mb), pair_tail = vnni_fn<L, 2, Half>(tail_mb);
+  const VnniFn one_full = vnni_fn<L, 1, Half>(full_mb), one_tail = vnni_fn<L, 1, Half>(tail_mb);
   at::parallel_for(0, (p.N + 1) / 2, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(4 * p.ng);  // [2, 2, K/G]: the two rows' parameters when they must be widened
+    std::vector<float> buf(Half ? 0 : 4 * p.ng);  // [2, 2, K/G]: the two rows' parameters when widened
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = 2 * i;
       const bool pair = n + 1 < p.N;
-      const RowParams rp[2] = {row_params(p.w, n, p.ng, buf.data(), Isa::kAvx512Vnni),
-                               pair ? row_params(p.w, n + 1, p.ng, buf.data() + 2 * p.ng, Isa::kAvx512Vnni)
-                                    : RowParams{}};
+      RowParams rp[2] = {};
+      if constexpr (!Half) {
+        rp[0] = row_params(p.w, n, p.ng, buf.data(), Isa::kAvx512Vnni);
+        if (pair) rp[1] = row_params(p.w, n + 1, p.ng, buf.data() + 2 * p.ng, Isa::kAvx512Vnni);
+      }
       for (int64_t m0 = 0; m0 < p.M; m0 += kMaxMBVnni) {
         const bool full = p.M - m0 >= kMaxMBVnni || tail_mb == 0;
         (pair ? (full ? pair_full : pair_tail) : (full ? one_full : one_tail))(p, n, m0, rp);
@@ -479,7 +506,11 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const int levels = M <= kFineRows ? 2 : 1;
     const Int8Activations xq = quantize_activations(p.x, M, K, group_size, levels);
     p.xq = &xq;
-    levels == 2 ? run_vnni<2>(p) : run_vnni<1>(p);
+    if (p.w.kind == GroupParams::Kind::kHalf && p.w.offsets != nullptr) {
+      levels == 2 ? run_vnni<2, true>(p) : run_vnni<1, true>(p);
+    } else {
+      levels == 2 ? run_vnni<2, false>(p) : run_vnni<1, false>(p);
+    }
     return y.to(x.scalar_type()).view(out_shape);
   }
 #endif
