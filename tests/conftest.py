@@ -1,5 +1,10 @@
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +148,38 @@ def make_hf_dir(byte_level_tokenizer_json):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """start_server(model, log, *args): a context manager that runs `tinychat serve model --port P *args` on a free
+    port P of 127.0.0.1 (its output into the file `log`) and yields (base URL, the process) once /health answers; the
+    server is stopped on exit. The test fails, showing the log, if the server exits or does not come up in 150 s."""
+    httpx = pytest.importorskip("httpx")
+
+    @contextlib.contextmanager
+    def start(model, log: Path, *args: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "tinychat", "serve", str(model), "--port", str(port), *args],
+                                    stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                if proc.poll() is not None:
+                    pytest.fail(f"the server exited: {log.read_text()}")
+                try:
+                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.5)
+            else:
+                pytest.fail(f"the server did not come up: {log.read_text()}")
+            yield base, proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    return start

@@ -4,7 +4,6 @@ Each test starts the real program on the default model, lets it answer once, the
 (utime + stime from /proc) over 3 s of waiting: below 2% of one core."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,26 +42,8 @@ def test_chat_waiting_for_input_is_idle(smollm2_gguf):
         proc.wait(timeout=60)
 
 
-def test_server_waiting_for_requests_is_idle(smollm2_gguf, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tinychat", "serve", str(smollm2_gguf), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(300):
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+def test_server_waiting_for_requests_is_idle(smollm2_gguf, tmp_path, start_server):
+    with start_server(smollm2_gguf, tmp_path / "serve.log") as (base, proc):
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
         assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300).status_code == 200
         assert idle_fraction(proc.pid) < IDLE_LIMIT
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

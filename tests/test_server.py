@@ -1,10 +1,6 @@
 """`tinychat serve` as clients use it: a live server on 127.0.0.1, the official `openai` client, raw HTTP."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,37 +16,12 @@ CTX = 1024
 MAX_BODY = 1 << 20  # the test server's request size limit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(smollm2_gguf, tmp_path_factory):
-    port = _free_port()
+def server(smollm2_gguf, tmp_path_factory, start_server):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tinychat", "serve", str(smollm2_gguf), "--quant", "none",
-                                 "--ctx", str(CTX), "--port", str(port), "--api-key", KEY,
-                                 "--max-request-bytes", str(MAX_BODY)],
-                                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited: {log.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"the server did not come up: {log.read_text()}")
+    with start_server(smollm2_gguf, log, "--quant", "none", "--ctx", str(CTX), "--api-key", KEY,
+                      "--max-request-bytes", str(MAX_BODY)) as (base, _):
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture
