@@ -98,6 +98,10 @@ def test_what_it_cannot_run_falls_back():
     assert first is not None and model.one_call_decoder() is first  # built once
     model.setup_kv_cache(16)
     assert model.one_call_decoder() is not first  # new caches: a new decoder
+    twin = copy.deepcopy(model)  # a copy builds its own, over its own tensors
+    assert twin.one_call_decoder() is not None and twin.one_call_decoder() is not model.one_call_decoder()
+    with torch.no_grad():
+        assert torch.equal(twin(torch.tensor([[1, 2]])), model(torch.tensor([[1, 2]])))
     model.layers[1].attn.wo = RowStack([nn.Linear(64, 32), nn.Linear(64, 32)])
     model.swap_linears(lambda name, linear: linear)
     assert model.one_call_decoder() is None

@@ -221,6 +221,11 @@ class Transformer(nn.Module):
         self._decoder = None  # a move or cast makes new tensors: the decoder is built again over them
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):
+        """A copy or pickle leaves the one-call decoder out (it holds this model's tensors, and cannot be copied): the
+        copy builds its own on first use."""
+        return {**self.__dict__, "_decoder": None}
+
     def one_call_decoder(self):
         """The CpuDecoder (tinychat.ops.cpu_decoder) over this model's tensors and KV caches, built on first use:
         the same kernels as forward's, in the same order, in one C++ call. None where it cannot run: without the
