@@ -229,7 +229,9 @@ class Transformer(nn.Module):
     def one_call_decoder(self):
         """The CpuDecoder (tinychat.ops.cpu_decoder) over this model's tensors and KV caches, built on first use:
         the same kernels as forward's, in the same order, in one C++ call. None where it cannot run: without the
-        compiled extension, KV caches, or the CPU, or with a linear it does not know (a RowStack)."""
+        compiled extension, KV caches, or the CPU, or with a linear it does not know (a RowStack). It is built again
+        after swap_linears, setup_kv_cache, a move or a cast; code that replaces a module by other means must call
+        one of those (no code of tinychat does)."""
         if self._decoder is None and self.max_seq_len is not None and self.device.type == "cpu":
             cfg = self.config
             spec, tensors = [cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim], [self.norm]
