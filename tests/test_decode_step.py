@@ -107,6 +107,7 @@ def test_what_it_cannot_run_falls_back():
     assert model.one_call_decoder() is None
     with torch.no_grad():
         assert model(torch.tensor([[1, 2]])).shape == (1, 2, CFG.vocab_size)
+    assert model._decoder is False  # the verdict is kept: forward does not walk the layers again at every step
 
 
 @pytest.mark.parametrize("spec, tensors, message", [

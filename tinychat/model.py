@@ -169,7 +169,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._decoder = None  # the one-call decoder over these tensors and caches (one_call_decoder), once built
+        self._decoder = None  # the one-call decoder over these tensors and caches once built, False if none can be
         with torch.device("cpu"):  # real values even when the loader builds the module on the meta device
             self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, rope_freq_factors)  # [D/2], stays on the CPU
             rows = min(cfg.context_length, DEFAULT_CONTEXT)
@@ -230,26 +230,30 @@ class Transformer(nn.Module):
         """The CpuDecoder (tinychat.ops.cpu_decoder) over this model's tensors and KV caches, built on first use:
         the same kernels as forward's, in the same order, in one C++ call. None where it cannot run: without the
         compiled extension, KV caches, or the CPU, or with a linear it does not know (a RowStack). It is built again
-        after swap_linears, setup_kv_cache, a move or a cast; code that replaces a module by other means must call
-        one of those (no code of tinychat does)."""
+        (or found impossible again) after swap_linears, setup_kv_cache, a move or a cast; code that replaces a module
+        by other means must call one of those (no code of tinychat does)."""
         if self._decoder is None and self.max_seq_len is not None and self.device.type == "cpu":
-            cfg = self.config
-            spec, tensors = [cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim], [self.norm]
-            for layer in self.layers:
-                tensors += [layer.attn_norm, layer.mlp_norm, layer.attn.kv_cache.k, layer.attn.kv_cache.v]
-                forms = [_op_form(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)]
-                if None in forms:
-                    return None
-                for numbers, ts in forms:
-                    spec += numbers
-                    tensors += ts
-            head = _op_form(self.lm_head)
-            if head is None:
-                return None
-            spec += head[0]
-            tensors += head[1]
-            self._decoder = ops.cpu_decoder(tensors, spec, cfg.rms_norm_eps, cfg.head_dim**-0.5)
-        return self._decoder
+            self._decoder = self._build_decoder()
+        return None if self._decoder is False else self._decoder
+
+    def _build_decoder(self):
+        """A CpuDecoder over this model's tensors, or False where its linears or the build cannot make one (kept, so
+        that forward does not walk the layers again at every step)."""
+        cfg = self.config
+        spec, tensors = [cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim], [self.norm]
+        for layer in self.layers:
+            tensors += [layer.attn_norm, layer.mlp_norm, layer.attn.kv_cache.k, layer.attn.kv_cache.v]
+            forms = [_op_form(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)]
+            if None in forms:
+                return False
+            for numbers, ts in forms:
+                spec += numbers
+                tensors += ts
+        head = _op_form(self.lm_head)
+        if head is None:
+            return False
+        decoder = ops.cpu_decoder(tensors + head[1], spec + head[0], cfg.rms_norm_eps, cfg.head_dim**-0.5)
+        return False if decoder is None else decoder  # None: no compiled extension
 
     @property
     def max_seq_len(self) -> int | None:
