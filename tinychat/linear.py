@@ -33,6 +33,15 @@ class _GroupParamBuffers(nn.Module):
         return ([self.BITS, self.group_size, int(self.offsets is not None), int(self.bias is not None)],
                 [self.qweight, self.scales, *extra])
 
+    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (int64 [R]) of W, dequantized as the op computes them -> fp32 [R, K] (4-bit codes are
+        unpacked from the int4 op layout, and m = -8 s without offsets; 8-bit: m = 0)."""
+        codes = self.qweight[index]
+        four = self.BITS == 4
+        return ops.group_weights(unpack_int4_op(codes) if four else codes, self.scales[index],
+                                 None if self.offsets is None else self.offsets[index], self.group_size,
+                                 -8.0 if four else 0.0)
+
     def _apply(self, fn, recurse=True):
         kept = {name: getattr(self, name) for name in self.PARAM_BUFFERS if getattr(self, name) is not None}
         super()._apply(fn, recurse)
@@ -123,11 +132,6 @@ class WQLinear(_GroupParamBuffers):
         y = ops.int4_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
         return y if self.bias is None else y + self.bias
 
-    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` (int64 [R]) of W, dequantized as the op computes them -> fp32 [R, K]."""
-        return ops.group_weights(unpack_int4_op(self.qweight[index]), self.scales[index],
-                                 None if self.offsets is None else self.offsets[index], self.group_size, -8.0)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"params={str(self.scales.dtype).removeprefix('torch.')}, offsets={self.offsets is not None}, "
@@ -189,11 +193,6 @@ class Int8Linear(_GroupParamBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ops.int8_linear(x, self.qweight, self.scales, self.offsets, self.group_size)  # [..., N]
         return y if self.bias is None else y + self.bias
-
-    def weight_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` (int64 [R]) of W, dequantized as the op computes them -> fp32 [R, K]."""
-        return ops.group_weights(self.qweight[index], self.scales[index],
-                                 None if self.offsets is None else self.offsets[index], self.group_size, 0.0)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
