@@ -273,8 +273,6 @@ TINYCHAT_AVX512_VNNI void quantize_row(const float* x, int64_t m, int64_t M, int
   }
 }
 
-#pragma GCC diagnostic pop
-
 Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64_t G, int levels) {
   Int8Activations a;
   const int64_t blocks = K / kBlock, ng = K / G;
@@ -296,12 +294,6 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
   });
   return a;
 }
-#endif  // TINYCHAT_X86
-
-#ifdef TINYCHAT_X86
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // 4 group parameters from p (masked by `mask` unless `whole`) and 16 (masked by `live`) as fp32: as stored (float),
 // or fp16 widened exactly in the register (a Q4_1 row's scales and mins, without widening each row into a buffer).
