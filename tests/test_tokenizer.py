@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tinychat.errors import ModelLoadError, TinychatError
-from tinychat.tokenizer import FALLBACK_TEMPLATE_NAME, StreamDecoder, Tokenizer
+from tinychat.tokenizer import StreamDecoder, Tokenizer
 
 SAMPLES = [
     "Hello, world! How are you today?",
@@ -544,8 +544,8 @@ def test_sentencepiece_dir_metadata(sp_dir, sp):
     assert ids == sp.encode("the fox") + [sp.eos_id()] + sp.encode("the dog")
     assert tok.decode(ids, skip_special_tokens=True) == "the fox the dog"
     assert tok.encode("<think>", add_special_tokens=False) == [sp.piece_to_id("<think>")]
-    # No template in the directory: the ChatML fallback.
-    assert tok.chat_template is None and tok.chat_template_name == FALLBACK_TEMPLATE_NAME == "chatml"
+    # No template in the directory, no Gemma turn markers in the vocabulary: the ChatML fallback.
+    assert tok.chat_template is None and tok.chat_template_name == "chatml"
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     )

@@ -33,12 +33,12 @@ from tinychat.tokenizer.backends import _HFBackend, _load_sentencepiece_dir, _lo
 from tinychat.tokenizer.gguf_vocab import build_gguf_tokenizer
 from tinychat.tokenizer.stream import StreamDecoder
 from tinychat.tokenizer.templates import (
-    FALLBACK_CHAT_TEMPLATE,
-    FALLBACK_TEMPLATE_NAME,
+    BUILTIN_TEMPLATES,
     _alias_reasoning,
     _compile_template,
     _dir_chat_template,
     _plain,
+    builtin_template,
 )
 from tinychat.tokenizer.tokens import END_OF_TURN_TOKENS, NAMED_TOKENS, _optional_json, _token_content
 
@@ -46,8 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import gguf
 
 __all__ = [
-    "FALLBACK_CHAT_TEMPLATE",
-    "FALLBACK_TEMPLATE_NAME",
+    "BUILTIN_TEMPLATES",
     "StreamDecoder",
     "Tokenizer",
 ]
@@ -128,16 +127,23 @@ class Tokenizer:
             without = backend.encode("a", False)
             self.add_bos = len(with_special) > len(without) and with_special[0] == bos_token_id
 
+        def holds(token: str) -> bool:
+            token_id = backend.token_to_id(token)
+            return token_id is not None and backend.id_to_token(token_id) == token
+
+        # The template used when the model's own is not there (also after chat_template is set to None).
+        self._builtin_template = builtin_template(holds)
+
+        # Stop ids: EOS, the extra ones, the end-of-turn tokens the vocabulary holds that are special or written by the
+        # model's own template, and the built-in template's end-of-turn token when that template is used.
         stop = set(extra_eos)
         if eos_token_id is not None:
             stop.add(eos_token_id)
-        template = self.chat_template or FALLBACK_CHAT_TEMPLATE
-        for token in END_OF_TURN_TOKENS:
-            token_id = backend.token_to_id(token)
-            if token_id is None or backend.id_to_token(token_id) != token:
-                continue
-            if token_id in backend.special_ids or token in template:
-                stop.add(token_id)
+        turn_ends = [t for t in END_OF_TURN_TOKENS
+                     if backend.token_to_id(t) in backend.special_ids or t in (self.chat_template or "")]
+        if not self.chat_template:
+            turn_ends.append(self._builtin_template.end_of_turn)
+        stop.update(backend.token_to_id(t) for t in turn_ends if holds(t))
         self.stop_token_ids = frozenset(stop)
 
     # -- basic encode / decode -------------------------------------------------------------------------------------
@@ -181,11 +187,14 @@ class Tokenizer:
 
     @property
     def chat_template_name(self) -> str | None:
-        """None when the model's own template is used, else the fallback's name (``"chatml"``)."""
-        return None if self.chat_template else FALLBACK_TEMPLATE_NAME
+        """None when the model's own template is used, else the name of the built-in one used in its place:
+        ``"gemma"`` when the vocabulary holds ``<start_of_turn>`` and ``<end_of_turn>``, else ``"chatml"``
+        (:data:`~tinychat.tokenizer.templates.BUILTIN_TEMPLATES`)."""
+        return None if self.chat_template else self._builtin_template.name
 
     def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, **extra) -> str:
-        """Render ``messages`` with the model's chat template (or ChatML when it has none).
+        """Render ``messages`` with the model's chat template (or, when it has none, the built-in template its
+        vocabulary calls for: :attr:`chat_template_name`).
 
         Anything that goes wrong while rendering (``raise_exception`` in the template, a sandbox limit, a runaway
         recursion) is a TinychatError.
@@ -197,7 +206,7 @@ class Tokenizer:
         for message in messages:
             if not isinstance(message, Mapping):
                 raise TinychatError(f"chat messages must be dicts, got {message!r}")
-        template = _compile_template(self.chat_template or FALLBACK_CHAT_TEMPLATE)
+        template = _compile_template(self.chat_template or self._builtin_template.source)
         context: dict[str, Any] = {"tools": None, "documents": None}
         context.update({name: getattr(self, name) for name in NAMED_TOKENS if getattr(self, name) is not None})
         context.update(_plain(extra))
