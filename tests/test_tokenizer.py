@@ -1,4 +1,5 @@
-"""tinychat.tokenizer against the real thing: transformers on the SmolLM2 GGUF, sentencepiece on a trained model."""
+"""tinychat.tokenizer against the real thing: transformers on the SmolLM2 GGUF, sentencepiece on a trained model,
+llama.cpp on the Gemma 3 GGUF."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from tinychat.errors import ModelLoadError, TinychatError
-from tinychat.tokenizer import StreamDecoder, Tokenizer
+from tinychat.tokenizer import BUILTIN_TEMPLATES, StreamDecoder, Tokenizer
 
 SAMPLES = [
     "Hello, world! How are you today?",
@@ -493,7 +494,12 @@ def _sentencepiece_types(sp) -> list[int]:
     return types
 
 
-def _write_sentencepiece_gguf(path: Path, sp, pieces: list[str], scores: list[float], types: list[int]) -> None:
+SP_GGUF_TEMPLATE = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
+
+
+def _write_sentencepiece_gguf(path: Path, sp, pieces: list[str], scores: list[float], types: list[int],
+                              chat_template: str | None = SP_GGUF_TEMPLATE) -> None:
+    """A GGUF holding the sentencepiece vocabulary ``pieces`` (and ``chat_template`` unless None)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -506,7 +512,8 @@ def _write_sentencepiece_gguf(path: Path, sp, pieces: list[str], scores: list[fl
     writer.add_unk_token_id(sp.unk_id())
     writer.add_add_bos_token(True)
     writer.add_add_space_prefix(True)
-    writer.add_chat_template("{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}")
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     writer.add_tensor("dummy", np.zeros(4, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -688,6 +695,103 @@ def test_gguf_duplicate_tokens_map_to_the_last_id(byte_level_vocab, sp, tmp_path
         expected = [len(pieces) if i == index else i for i in sp.encode(text)]
         assert tok.encode(text, add_special_tokens=False) == expected, text
         assert tok.decode(expected) == text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Built-in chat templates, for models that ship none: chosen by the vocabulary
+# ---------------------------------------------------------------------------------------------------------------------
+
+GEMMA_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
+
+
+def _sp_gguf_with(sp, path: Path, extra: list[str], extra_type: int, chat_template: str | None = None) -> Tokenizer:
+    """The tokenizer of a GGUF holding the sentencepiece vocabulary plus the tokens ``extra`` (of GGUF token type
+    ``extra_type``), with ``chat_template`` (None: the model ships none)."""
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    scores = [sp.get_score(i) for i in range(len(pieces))]
+    _write_sentencepiece_gguf(path, sp, pieces + extra, scores + [0.0] * len(extra),
+                              _sentencepiece_types(sp) + [extra_type] * len(extra), chat_template=chat_template)
+    return Tokenizer.from_gguf(_open_reader(path), path)
+
+
+def test_builtin_templates_table():
+    assert [t.name for t in BUILTIN_TEMPLATES] == ["gemma", "chatml"]
+    assert BUILTIN_TEMPLATES[-1].markers == ()  # the last one is for any vocabulary
+
+
+@pytest.mark.parametrize("marker_type", [3, 4], ids=["control", "user-defined"])
+def test_gemma_fallback_for_a_vocabulary_with_gemma_turn_markers(sp, tmp_path, marker_type):
+    tok = _sp_gguf_with(sp, tmp_path / "gemma-like.gguf", GEMMA_MARKERS, marker_type)
+    assert tok.chat_template is None and tok.chat_template_name == "gemma"
+    conversation = [
+        {"role": "system", "content": "You are terse. Answer in one word. "},
+        {"role": "user", "content": "  Hi! Grüße 😀\n"},
+        {"role": "assistant", "content": "\nHello. "},
+        {"role": "user", "content": "What's 2+2?"},
+    ]
+    # Google's Gemma 3 template: BOS, the system text (untrimmed) and a blank line opening the first user turn,
+    # "model" for the assistant, message texts trimmed.
+    turns = ("<s><start_of_turn>user\nYou are terse. Answer in one word. \n\nHi! Grüße 😀<end_of_turn>\n"
+             "<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nWhat's 2+2?<end_of_turn>\n")
+    assert tok.apply_chat_template(conversation, add_generation_prompt=True) == turns + "<start_of_turn>model\n"
+    assert tok.apply_chat_template(conversation, add_generation_prompt=False) == turns
+    assert tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": " a "},
+                                                                 {"type": "text", "text": "b"}]}]) == (
+        "<s><start_of_turn>user\nab<end_of_turn>\n<start_of_turn>model\n"
+    )
+    # Generation stops at <end_of_turn> (as at EOS), which encode_chat writes as its single token.
+    start, end = tok.token_to_id("<start_of_turn>"), tok.token_to_id("<end_of_turn>")
+    assert {end, sp.eos_id()} <= tok.stop_token_ids and start not in tok.stop_token_ids
+    ids = tok.encode_chat(conversation)
+    assert ids[:2] == [sp.bos_id(), start] and ids.count(end) == 3 and ids.count(start) == 4
+    assert ids == tok.encode(turns + "<start_of_turn>model\n", add_special_tokens=False)
+
+    for bad in ([{"role": "assistant", "content": "hi"}],
+                [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]):
+        with pytest.raises(TinychatError, match="Conversation roles must alternate user/assistant"):
+            tok.apply_chat_template(bad)
+    with pytest.raises(TinychatError, match="renders text only, got a content part of type image"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}])
+    with pytest.raises(TinychatError, match="must be a string or a list of text parts"):
+        tok.apply_chat_template([{"role": "user", "content": None}])
+
+
+def test_a_model_template_wins_over_the_gemma_fallback(sp, tmp_path):
+    tok = _sp_gguf_with(sp, tmp_path / "own.gguf", GEMMA_MARKERS, 4, chat_template=SP_GGUF_TEMPLATE)
+    assert tok.chat_template_name is None
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi</s>"
+    # A user-defined <end_of_turn> that the model's own template does not write is no stop token.
+    assert tok.token_to_id("<end_of_turn>") not in tok.stop_token_ids
+    tok.chat_template = None
+    assert tok.chat_template_name == "gemma"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<s><start_of_turn>user\nhi")
+
+
+def test_chatml_fallback_without_both_gemma_markers(sp, tmp_path):
+    tok = _sp_gguf_with(sp, tmp_path / "half.gguf", ["<end_of_turn>", "<|im_start|>", "<|im_end|>"], 4)
+    assert tok.chat_template_name == "chatml"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # ChatML ends a turn with <|im_end|>: a stop token; the user-defined <end_of_turn> it does not write is not.
+    assert tok.stop_token_ids == {sp.eos_id(), tok.token_to_id("<|im_end|>")}
+
+
+def test_gemma3_gguf_gets_the_gemma_template_and_matches_llama_cpp(gemma3_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = Tokenizer.from_gguf(_open_reader(gemma3_gguf), gemma3_gguf)
+    assert tok.chat_template is None and tok.chat_template_name == "gemma"
+    assert (tok.token_to_id("<end_of_turn>"), tok.eos_token_id) == (106, 1)
+    assert {1, 106} <= tok.stop_token_ids
+    text = tok.apply_chat_template(CONVERSATION)
+    assert text == ("<bos><start_of_turn>user\nYou are terse. Answer in one word.\n\nHi! Grüße 😀<end_of_turn>\n"
+                    "<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nWhat's 2+2?<end_of_turn>\n"
+                    "<start_of_turn>model\n")
+    llama = llama_cpp.Llama(str(gemma3_gguf), vocab_only=True, verbose=False)
+    expected = llama.tokenize(text.encode(), add_bos=False, special=True)
+    assert tok.encode_chat(CONVERSATION) == expected
+    assert expected[:2] == [2, 105] and expected.count(106) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------
