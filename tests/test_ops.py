@@ -268,8 +268,6 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: tc().add_rms_norm(x, x.half(), w, EPS), "residual dtype"),
         (lambda: rope(pos=torch.tensor([0, 1, 32])), r"positions must be in \[0, 32\)"),  # past cos_sin
         (lambda: rope(pos=torch.tensor([0, -1, 2])), r"positions must be in \[0, 32\)"),
-        (lambda: rope(k=torch.zeros(1, 1, 8, 16), v=torch.zeros(1, 1, 8, 16), pos=torch.tensor([0, 1, 8])),
-         r"positions must be in \[0, 8\)"),  # past the cache
         (lambda: rope(qkv=qkv[0]), r"qkv must have shape \[B, T, n_heads \+ 2 n_kv_heads, head_dim\]"),
         (lambda: rope(pos=pos.int()), "positions must be int64"),
         (lambda: rope(pos=torch.arange(4)), r"positions must be a contiguous \[T\] = \[3\]"),
@@ -282,6 +280,7 @@ def test_bad_inputs_raise_clear_errors():
          "caches must be contiguous"),
         (lambda: tc().silu_and_mul(torch.randn(3, 5)), "last dimension must be even"),
         (lambda: tc().silu_and_mul(torch.randn(3, 4).long()), "x must be float32, bfloat16 or float16"),
+        (lambda: tc().attention(qkv[:, :, :4], kc, kc, pos, 1.0, -2), "attention: window must be >= 0"),
     ]
     for fn, msg in cases:
         with pytest.raises(RuntimeError, match=msg):

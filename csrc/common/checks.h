@@ -112,10 +112,11 @@ inline void check_rope_kv_args(const at::Tensor& qkv, const at::Tensor& position
 }
 
 // attention: q [B, T, H, D] last-dim contiguous, caches [B, Hkv, S, D] last-dim contiguous, H % Hkv == 0,
-// positions int64 [T].
+// positions int64 [T], window >= 0.
 inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                 const at::Tensor& positions, c10::DeviceType type) {
+                                 const at::Tensor& positions, int64_t window, c10::DeviceType type) {
   const char* op = "attention";
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: no sliding window), got ", window);
   check_device(q, q, type, op, "q");
   check_float_dtype(q, op, "q");
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape [B, T, n_heads, head_dim], got ", q.sizes());
