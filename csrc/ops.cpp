@@ -37,6 +37,10 @@ TORCH_LIBRARY(tinychat, m) {
   // silu(x[..., :I]) * x[..., I:] (the gated MLP's activation on the fused gate|up projection), fp32 math, cast
   // once to x.dtype. x [..., 2I] (last dim contiguous). Returns a new contiguous [..., I] tensor.
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  // gelu_tanh(x[..., :I]) * x[..., I:] (Gemma's gated MLP: GELU with the tanh approximation, as
+  // torch.nn.functional.gelu(approximate="tanh")), fp32 math, cast once to x.dtype. x [..., 2I] (last dim
+  // contiguous). Returns a new contiguous [..., I] tensor.
+  m.def("gelu_tanh_and_mul(Tensor x) -> Tensor");
   // y = x @ W.T with 4-bit weights in groups of G input channels, fp32 accumulation, cast once to x.dtype.
   // x [..., K] (fp32/bf16/fp16, any strides; K % 32 == 0); qweight uint8 [N, K/2] in blocks of 32 input channels
   // (byte j of block b: low nibble = channel 32b + j, high nibble = channel 32b + 16 + j); scales [N, K/G] fp32 or

@@ -429,6 +429,32 @@ def test_silu_and_mul(tc, dtype, shape):
 
 @needs_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("shape", [(1, 2 * 6912), (3, 5, 2 * 64), (4, 2 * 7), (2, 2 * 1)])
+def test_gelu_tanh_and_mul(tc, dtype, shape):
+    from tinychat.ops import gelu_tanh_and_mul_ref
+
+    x = (3 * torch.randn(*shape, device="cuda")).to(dtype)
+    out = tc.gelu_tanh_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous() and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, gelu_tanh_and_mul_ref(x), atol=1e-6, rtol=1e-5)
+    else:
+        torch.testing.assert_close(out, gelu_tanh_and_mul_ref(x))
+        exact = gelu_tanh_and_mul_ref(x.float())
+        g, u = x.chunk(2, dim=-1)
+        _err_bound_check(out, exact, torch.nn.functional.gelu(g, approximate="tanh") * u, atol=1e-6)
+    wide = torch.randn(*shape[:-1], shape[-1] + 8, device="cuda").to(dtype)
+    xs = wide[..., :shape[-1]]  # rows with a stride
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(tc.gelu_tanh_and_mul(xs), gelu_tanh_and_mul_ref(xs), **tol)
+    extremes = torch.tensor([[-1e30, -1000.0, -20.0, 0.0, 20.0, 1000.0] + [2.0] * 6], device="cuda")
+    torch.testing.assert_close(tc.gelu_tanh_and_mul(extremes), gelu_tanh_and_mul_ref(extremes), atol=1e-6,
+                               rtol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.cuda
 def test_rope_kv_write_ring(tc):
     """Position p lands at cache row p % S, as in the reference (a ring of 5 rows, positions wrapping it)."""
     from tinychat.ops import rope_kv_write_ref

@@ -1,8 +1,8 @@
 """tinychat's fused ops: the compiled kernels (torch.ops.tinychat.*) and their PyTorch references.
 
 The model calls only the public wrappers (rms_norm, add_rms_norm, rope_kv_write, attention, silu_and_mul,
-int4_linear, int8_linear). They run the compiled kernels when the tinychat._C extension is built, else the *_ref
-functions below, which define the semantics: fp32 math, each result cast once to the input dtype.
+gelu_tanh_and_mul, int4_linear, int8_linear). They run the compiled kernels when the tinychat._C extension is built,
+else the *_ref functions below, which define the semantics: fp32 math, each result cast once to the input dtype.
 """
 
 from __future__ import annotations
@@ -97,6 +97,13 @@ def silu_and_mul_ref(x: Tensor) -> Tensor:
     return (F.silu(gate) * up).to(x.dtype)
 
 
+def gelu_tanh_and_mul_ref(x: Tensor) -> Tensor:
+    """gelu_tanh(gate) * up for x [..., 2I] = [gate | up] (GELU with the tanh approximation, Gemma's), in fp32 ->
+    [..., I] in x.dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.gelu(gate, approximate="tanh") * up).to(x.dtype)
+
+
 def rope_cos_sin(inv_freq: Tensor, max_pos: int) -> Tensor:
     """The rotary table: inv_freq [D/2] -> fp32 [max_pos, D] = [cos(p * inv_freq) | sin(p * inv_freq)]."""
     pos = torch.arange(max_pos, dtype=torch.float32, device=inv_freq.device)  # [max_pos]
@@ -176,6 +183,10 @@ def _silu_and_mul_fake(x: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
+def _gelu_tanh_and_mul_fake(x: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
 def _int4_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor, offsets: Tensor | None, group_size: int
                       ) -> Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
@@ -238,6 +249,8 @@ rope_kv_write = _op("rope_kv_write", rope_kv_write_ref, _rope_kv_write_fake, cud
 attention = _op("attention", attention_ref, _attention_fake, cuda_stand_in=True)
 # x [..., 2I] -> silu(x[..., :I]) * x[..., I:] [..., I]; see silu_and_mul_ref.
 silu_and_mul = _op("silu_and_mul", silu_and_mul_ref, _silu_and_mul_fake, cuda_stand_in=True)
+# x [..., 2I] -> gelu_tanh(x[..., :I]) * x[..., I:] [..., I] (Gemma's MLP); see gelu_tanh_and_mul_ref.
+gelu_tanh_and_mul = _op("gelu_tanh_and_mul", gelu_tanh_and_mul_ref, _gelu_tanh_and_mul_fake, cuda_stand_in=True)
 # x [..., K], qweight uint8 [N, K/2], scales/offsets [N, K/G] (offsets may be None; or K-quant superblocks),
 # group_size -> [..., N]; see int4_linear_ref. CPU kernels: AVX-512 VNNI, AVX-512, AVX2 or portable, picked at run
 # time (torch.ops.tinychat.cpu_isa() says which); CUDA kernels (sm_80+): a GEMV for M <= 4 and a tensor-core GEMM

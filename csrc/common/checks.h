@@ -128,9 +128,8 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
   check_positions(positions, q, q.size(1), type, op);
 }
 
-// silu_and_mul: x [..., 2I] with float dtype, last dim contiguous.
-inline void check_silu_and_mul_args(const at::Tensor& x, c10::DeviceType type) {
-  const char* op = "silu_and_mul";
+// silu_and_mul, gelu_tanh_and_mul (op): x [..., 2I] with float dtype, last dim contiguous.
+inline void check_gated_act_args(const at::Tensor& x, c10::DeviceType type, const char* op) {
   check_device(x, x, type, op, "x");
   check_float_dtype(x, op, "x");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., 2 I], got a 0-dim tensor");

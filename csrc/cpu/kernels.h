@@ -16,6 +16,7 @@ at::Tensor rope_kv_write_cpu(const at::Tensor& qkv, const at::Tensor& positions,
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& positions, double scale, int64_t window);
 at::Tensor silu_and_mul_cpu(const at::Tensor& x);
+at::Tensor gelu_tanh_and_mul_cpu(const at::Tensor& x);
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& offsets, int64_t group_size);
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
