@@ -17,19 +17,30 @@ TORCH_LIBRARY(tinychat, m) {
   // Rotary embedding of q and k fused with the KV-cache write, in one pass over the fused q/k/v projection.
   // qkv [B, T, H + 2 Hkv, D] (last dim contiguous; heads q | k | v); positions int64 [T]: token t is rotated by
   // cos_sin[positions[t]] (fp32 [max_pos, D] = [cos | sin], rotate-half as GPT-NeoX / Hugging Face Llama) and its
-  // key and value land at row positions[t] of k_cache, v_cache [B, Hkv, S, D] (contiguous, qkv's dtype), which are
-  // written in place. Returns the rotated queries, a new contiguous [B, T, H, D] tensor. Positions must lie in
-  // [0, min(S, max_pos)): the CPU kernel raises otherwise; CUDA kernels never sync to check (they skip such rows).
+  // key and value land at row positions[t] % S of k_cache, v_cache [B, Hkv, S, D] (contiguous, qkv's dtype), which
+  // are written in place: row p for a cache longer than every position, a ring for a shorter one (a sliding-window
+  // layer's). Returns the rotated queries, a new contiguous [B, T, H, D] tensor. Positions must lie in
+  // [0, max_pos): the CPU kernel raises otherwise; CUDA kernels never sync to check (they skip such rows).
   m.def("rope_kv_write(Tensor qkv, Tensor positions, Tensor cos_sin, Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
-  // Causal attention of T queries over the KV cache: query t (at position positions[t]) attends to cache rows
-  // 0..positions[t]; scores scaled by `scale`, softmax in fp32, result cast once to q.dtype. Grouped-query
-  // attention: query head h reads kv head h / (H / Hkv). q [B, T, H, D]; k_cache, v_cache [B, Hkv, S, D]
-  // (last dim contiguous, q's dtype); positions int64 [T] in [0, S). Returns a new contiguous [B, T, H, D] tensor.
+  // Causal attention of T queries over the KV cache, optionally within a sliding window: query t at position
+  // p_t = positions[t] attends to the positions max(0, p_t - window + 1) .. p_t (window 0: 0 .. p_t), reading
+  // position j at cache row j % S (S = the caches' rows). A cache longer than every position is the plain one (row j
+  // = position j); a shorter one is a ring, which the caller keeps at S >= window + T - 1 rows (positions ascending
+  // within a call) so that no position a query sees was overwritten by a later one of the same call. Keys are
+  // summed in ascending position (a ring's: two contiguous runs of rows). Scores scaled by `scale`, softmax in fp32,
+  // result cast once to q.dtype. Grouped-query attention: query head h reads kv head h / (H / Hkv). q [B, T, H, D];
+  // k_cache, v_cache [B, Hkv, S, D] (last dim contiguous, q's dtype); positions int64 [T], >= 0; window >= 0.
+  // The CPU kernel raises where a query would see more positions than the cache has rows (window 0: a position
+  // >= S); the CUDA kernels never sync to check. Returns a new contiguous [B, T, H, D] tensor.
   // T = 1 is the decode step; T > 1 is a prefill, or a chunk of one on top of an existing cache.
-  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, float scale) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, float scale, int window=0) -> Tensor");
   // silu(x[..., :I]) * x[..., I:] (the gated MLP's activation on the fused gate|up projection), fp32 math, cast
   // once to x.dtype. x [..., 2I] (last dim contiguous). Returns a new contiguous [..., I] tensor.
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  // gelu_tanh(x[..., :I]) * x[..., I:] (Gemma's gated MLP: GELU with the tanh approximation, as
+  // torch.nn.functional.gelu(approximate="tanh")), fp32 math, cast once to x.dtype. x [..., 2I] (last dim
+  // contiguous). Returns a new contiguous [..., I] tensor.
+  m.def("gelu_tanh_and_mul(Tensor x) -> Tensor");
   // y = x @ W.T with 4-bit weights in groups of G input channels, fp32 accumulation, cast once to x.dtype.
   // x [..., K] (fp32/bf16/fp16, any strides; K % 32 == 0); qweight uint8 [N, K/2] in blocks of 32 input channels
   // (byte j of block b: low nibble = channel 32b + j, high nibble = channel 32b + 16 + j); scales [N, K/G] fp32 or

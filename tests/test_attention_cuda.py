@@ -33,17 +33,25 @@ std::vector<int64_t> plan(int64_t rows, int64_t hkv, int64_t group, int64_t S, i
   const DecodePlan p = decode_plan(rows, hkv, group, S, sms);
   return {p.heads_per_block, p.head_blocks, p.splits, p.chunk};
 }
-int64_t visible(int64_t p, int64_t S) { return visible_keys(p, S); }
-int64_t clamp_pos(int64_t p, int64_t S) { return clamp_position(p, S); }
-bool rope_ok(int64_t p, int64_t S, int64_t max_pos) { return rope_position_ok(p, S, max_pos); }
+std::vector<int64_t> visible(int64_t p, int64_t window, int64_t S) {
+  const KeyRange r = visible_range(p, window, S);
+  return {r.first, r.count};
+}
+int64_t row_of(int64_t p, int64_t S) { return cache_row(p, S); }
+int64_t ring(int64_t row0, int64_t i, int64_t S) { return ring_row(row0, i, S); }
+bool rope_ok(int64_t p, int64_t max_pos) { return rope_position_ok(p, max_pos); }
 int64_t head_kind(int64_t hh, int64_t H, int64_t Hkv) { return qkv_head_kind(hh, H, Hkv); }
 int64_t active_splits(int64_t n, int64_t chunk) { return decode_active_splits(n, chunk); }
 std::vector<int64_t> split_range(int64_t s, int64_t chunk, int64_t n) {
   return {split_begin(s, chunk), split_end(s, chunk, n)};
 }
-int64_t key_tiles(int64_t max_visible) { return prefill_key_tiles(max_visible); }
-bool needs_mask(int64_t tile, int64_t min_visible) { return prefill_tile_needs_mask(tile, min_visible); }
-bool warp_skips(int64_t tile, int64_t warp_max) { return prefill_warp_skips_tile(tile, warp_max); }
+int64_t key_tiles(int64_t first, int64_t last) { return prefill_key_tiles(first, last); }
+bool needs_mask(int64_t tile_first, int64_t first_max, int64_t last_min) {
+  return prefill_tile_needs_mask(tile_first, first_max, last_min);
+}
+bool warp_skips(int64_t tile_first, int64_t first_min, int64_t last_max) {
+  return prefill_warp_skips_tile(tile_first, first_min, last_max);
+}
 std::vector<int64_t> constants() {
   return {kPrefillRows, kPrefillKeys, kPrefillWarps, kSmemPad, kDecodeKeyAlign, kDecodeMaxSplits};
 }
@@ -63,7 +71,7 @@ std::vector<int64_t> lane_maps() {
 }
 int64_t smem_off(int64_t row, int64_t col, int64_t D) { return smem_offset(row, col, D); }
 """
-_PLAN_FUNCS = ["plan", "visible", "clamp_pos", "rope_ok", "head_kind", "active_splits", "split_range", "key_tiles",
+_PLAN_FUNCS = ["plan", "visible", "row_of", "ring", "rope_ok", "head_kind", "active_splits", "split_range", "key_tiles",
                "needs_mask", "warp_skips", "constants", "lane_maps", "smem_off", "prefill_smem"]
 
 
@@ -78,10 +86,23 @@ def hp():
 
 def test_positions_and_heads(hp):
     S = 10
-    assert [hp.clamp_pos(p, S) for p in (-5, 0, 3, 9, 10, 99)] == [0, 0, 3, 9, 9, 9]
-    assert [hp.visible(p, S) for p in (0, 3, 9, 10, 1000)] == [1, 4, 10, 10, 10]
-    assert [hp.rope_ok(p, S, 8) for p in (-1, 0, 7, 8, 9, 10)] == [False, True, True, False, False, False]
-    assert [hp.rope_ok(p, 6, 8) for p in (5, 6)] == [True, False]
+    # window 0: positions 0 .. p (a negative p counts as 0; past the cache, the latest S positions: every row once)
+    assert [hp.visible(p, 0, S) for p in (-5, 0, 3, 9, 10, 99)] == [[0, 1], [0, 1], [0, 4], [0, 10], [1, 10],
+                                                                   [90, 10]]
+    # a window: max(0, p - window + 1) .. p, at most S positions
+    assert [hp.visible(p, 3, S) for p in (-1, 0, 1, 2, 3, 57)] == [[0, 1], [0, 1], [0, 2], [0, 3], [1, 3], [55, 3]]
+    assert [hp.visible(p, 1, S) for p in (0, 5, 99)] == [[0, 1], [5, 1], [99, 1]]
+    assert [hp.visible(p, 25, S) for p in (4, 30)] == [[0, 5], [21, 10]]  # a ring shorter than the window
+    assert [hp.row_of(p, S) for p in (0, 9, 10, 23)] == [0, 9, 0, 3]
+    assert [hp.ring(7, i, S) for i in range(5)] == [7, 8, 9, 0, 1]
+    for p in range(40):  # the keys of a query: its positions, in ascending order, at their rows, each row once
+        for window in (0, 1, 4, 10, 13):
+            first, n = hp.visible(p, window, S)
+            rows = [hp.ring(hp.row_of(first, S), i, S) for i in range(n)]
+            assert rows == [(first + i) % S for i in range(n)] and len(set(rows)) == n
+            assert first + n - 1 == p and n == min(p + 1, window or p + 1, S)
+    # rope_kv_write: any position with a cos_sin row (the cache row is p % S)
+    assert [hp.rope_ok(p, 8) for p in (-1, 0, 7, 8, 9)] == [False, True, True, False, False]
     H, Hkv = 6, 2
     assert [hp.head_kind(h, H, Hkv) for h in range(H + 2 * Hkv)] == [0] * 6 + [1] * 2 + [2] * 2
 
@@ -134,24 +155,29 @@ def test_prefill_smem_layout(hp, D):
     assert 2 * (nbytes + 16 + 1024) <= 164 * 1024  # + the kernel's 16 bytes of static shared memory
 
 
-def _attention_exact(q, k, v, positions, scale):
-    """fp64 causal attention, tinychat.ops.attention_ref's formula with positions clamped into [0, S - 1] (the CUDA
-    kernels' convention); written out here so that the CPU tests need neither tinychat._C nor tinychat.ops."""
+def _attention_exact(q, k, v, positions, scale, window=0):
+    """fp64 attention by positions: query t sees positions max(0, p_t - window + 1) .. p_t (window 0: from 0) at rows
+    j % S, at most the latest S of them (the CUDA kernels' convention); written out here so that the CPU tests need
+    neither tinychat._C nor tinychat.ops."""
     H, S = q.shape[2], k.shape[2]
     rep = H // k.shape[1]
     kk, vv = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
     scores = scale * q.double().transpose(1, 2) @ kk.transpose(-1, -2)  # [B, H, T, S]
-    visible = torch.arange(S)[None, :] <= positions.clamp(0, S - 1)[:, None]
+    last = positions.clamp(min=0)[:, None]  # [T, 1]
+    held = last - (last - torch.arange(S)[None, :]) % S  # [T, S]: the latest position <= p_t at row r
+    visible = held >= ((last - window + 1).clamp(min=0) if window > 0 else 0)
     return (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
 
 
-def test_split_kv_simulation(hp):
-    """The split-KV algorithm with the kernel's plan, log2-domain partials and combine, in fp64 on the CPU."""
+@pytest.mark.parametrize("window", [0, 1, 3, 130, 5000])
+def test_split_kv_simulation(hp, window):
+    """The split-KV algorithm with the kernel's plan, log2-domain partials and combine, in fp64 on the CPU; keys
+    by position from visible_range, read at their ring rows."""
     torch.manual_seed(0)
     B, T, Hkv, group, D, S = 2, 3, 2, 3, 16, 1000
     H = Hkv * group
     q, k, v = torch.randn(B, T, H, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
-    positions = torch.tensor([0, 700, S + 50])  # S + 50 is clamped to S - 1
+    positions = torch.tensor([0, 700, S + 50])  # S + 50: the ring's latest positions
     scale = D ** -0.5
     hpb, hb, splits, chunk = hp.plan(B * T, Hkv, group, S, 4)
     assert splits > 1
@@ -159,7 +185,8 @@ def test_split_kv_simulation(hp):
     log2e = 1 / math.log(2)
     for b in range(B):
         for t in range(T):
-            n = hp.visible(int(positions[t]), S)
+            first, n = hp.visible(int(positions[t]), window, S)
+            rows = torch.tensor([hp.ring(hp.row_of(first, S), i, S) for i in range(n)])  # key i's row
             for h in range(H):
                 kvh = h // group
                 parts = []
@@ -167,45 +194,54 @@ def test_split_kv_simulation(hp):
                     lo, hi = hp.split_range(s, chunk, n)
                     if lo >= n:
                         continue
-                    sc = (q[b, t, h].double() * scale * log2e) @ k[b, kvh, lo:hi].double().T
+                    sc = (q[b, t, h].double() * scale * log2e) @ k[b, kvh, rows[lo:hi]].double().T
                     m = sc.max()
                     p = torch.exp2(sc - m)
-                    parts.append((m, p.sum(), p @ v[b, kvh, lo:hi].double()))
+                    parts.append((m, p.sum(), p @ v[b, kvh, rows[lo:hi]].double()))
                 assert len(parts) == hp.active_splits(n, chunk)
                 M = max(m for m, _, _ in parts)
                 L = sum(l * torch.exp2(m - M) for m, l, _ in parts)
                 A = sum(a * torch.exp2(m - M) for m, _, a in parts)
                 out[b, t, h] = A / L
-    torch.testing.assert_close(out, _attention_exact(q, k, v, positions, scale))
+    torch.testing.assert_close(out, _attention_exact(q, k, v, positions, scale, window))
 
 
+@pytest.mark.parametrize("window", [0, 1, 50, 64, 200])
 @pytest.mark.parametrize("T,start", [(1, 0), (17, 0), (256, 0), (1000, 0), (17, 100), (256, 1023), (200, 37)])
-def test_prefill_tile_schedule(hp, T, start):
-    """Every key a row sees lies in a tile its block loads and its warp computes, and a tile left unmasked is
-    fully visible to every valid row of the warp."""
+def test_prefill_tile_schedule(hp, T, start, window):
+    """Every position a row sees lies in a tile its block loads and its warp computes, and a tile left unmasked is
+    fully visible to every valid row of the warp (tiles over positions, from the block's first visible one)."""
     rows, keys, warps = hp.constants()[:3]
     S = start + T + 5
     positions = list(range(start, start + T))
-    if T > 1:  # out-of-order and duplicated positions, and one past the cache (clamped)
+    if T > 1:  # out-of-order and duplicated positions, and one past the cache (the latest S positions)
         positions[1], positions[-1] = positions[-1], positions[1]
         positions[0] = S + 3
-    vis = [hp.visible(p, S) for p in positions]
+    spans = []  # [first, last] of each row
+    for p in positions:
+        first, n = hp.visible(p, window, S)
+        spans.append((first, first + n - 1))
     for t0 in range(0, T, rows):
-        block = [vis[t] for t in range(t0, min(t0 + rows, T))]
-        n_tiles = hp.key_tiles(max(block))
-        assert n_tiles * keys >= max(block) and (n_tiles - 1) * keys < max(block)
+        block = spans[t0:t0 + rows]
+        bfirst, blast = min(f for f, _ in block), max(e for _, e in block)
+        n_tiles = hp.key_tiles(bfirst, blast)
+        assert n_tiles * keys >= blast - bfirst + 1 and (n_tiles - 1) * keys < blast - bfirst + 1
         for w in range(warps):
-            wrows = [vis[t] for t in range(t0 + 16 * w, min(t0 + 16 * w + 16, T))]
-            wmax = max(wrows, default=0)
-            wmin = min(wrows, default=2**31 - 1)
+            wrows = spans[t0 + 16 * w:min(t0 + 16 * w + 16, T)]
+            first_min = min((f for f, _ in wrows), default=2**62)
+            last_max = max((e for _, e in wrows), default=-2**62)
+            first_max = max((f for f, _ in wrows), default=-2**62)
+            last_min = min((e for _, e in wrows), default=2**62)
             for tile in range(n_tiles):
-                lo, hi = tile * keys, (tile + 1) * keys
-                if hp.warp_skips(tile, wmax):
-                    assert all(n <= lo for n in wrows)
-                elif not hp.needs_mask(tile, wmin):
-                    assert all(n >= hi for n in wrows)
+                lo = bfirst + tile * keys
+                hi = lo + keys - 1  # the tile's positions [lo, hi]
+                seen = [max(f, lo) <= min(e, hi) for f, e in wrows]  # rows that see part of the tile
+                if hp.warp_skips(lo, first_min, last_max):
+                    assert not any(seen)
+                elif not hp.needs_mask(lo, first_max, last_min):
+                    assert all(f <= lo and hi <= e for f, e in wrows)
                 else:
-                    assert any(n < hi for n in wrows)
+                    assert any(not (f <= lo and hi <= e) for f, e in wrows)
 
 
 def _ldmatrix(smem, addrs, trans):
@@ -389,6 +425,129 @@ def test_silu_and_mul(tc, dtype, shape):
     xs = wide[..., :shape[-1]]
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(tc.silu_and_mul(xs), silu_and_mul_ref(xs), **tol)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("shape", [(1, 2 * 6912), (3, 5, 2 * 64), (4, 2 * 7), (2, 2 * 1)])
+def test_gelu_tanh_and_mul(tc, dtype, shape):
+    from tinychat.ops import gelu_tanh_and_mul_ref
+
+    x = (3 * torch.randn(*shape, device="cuda")).to(dtype)
+    out = tc.gelu_tanh_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous() and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, gelu_tanh_and_mul_ref(x), atol=1e-6, rtol=1e-5)
+    else:
+        torch.testing.assert_close(out, gelu_tanh_and_mul_ref(x))
+        exact = gelu_tanh_and_mul_ref(x.float())
+        g, u = x.chunk(2, dim=-1)
+        _err_bound_check(out, exact, torch.nn.functional.gelu(g, approximate="tanh") * u, atol=1e-6)
+    wide = torch.randn(*shape[:-1], shape[-1] + 8, device="cuda").to(dtype)
+    xs = wide[..., :shape[-1]]  # rows with a stride
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(tc.gelu_tanh_and_mul(xs), gelu_tanh_and_mul_ref(xs), **tol)
+    extremes = torch.tensor([[-1e30, -1000.0, -20.0, 0.0, 20.0, 1000.0] + [2.0] * 6], device="cuda")
+    torch.testing.assert_close(tc.gelu_tanh_and_mul(extremes), gelu_tanh_and_mul_ref(extremes), atol=1e-6,
+                               rtol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_rope_kv_write_ring(tc):
+    """Position p lands at cache row p % S, as in the reference (a ring of 5 rows, positions wrapping it)."""
+    from tinychat.ops import rope_kv_write_ref
+
+    dev, D, H, Hkv = "cuda", 64, 4, 2
+    qkv = torch.randn(2, 5, H + 2 * Hkv, D, device=dev, dtype=torch.float16)
+    positions = torch.arange(13, 18, device=dev)  # rows 3, 4, 0, 1, 2
+    cos_sin = _cos_sin(32, D, dev)
+    k, v = torch.zeros(2, Hkv, 5, D, device=dev, dtype=torch.float16), torch.zeros(2, Hkv, 5, D, device=dev,
+                                                                                   dtype=torch.float16)
+    k_ref, v_ref = k.clone(), v.clone()
+    q = tc.rope_kv_write(qkv, positions, cos_sin, k, v)
+    torch.testing.assert_close(q, rope_kv_write_ref(qkv, positions, cos_sin, k_ref, v_ref))
+    torch.testing.assert_close(k, k_ref)
+    assert torch.equal(v, v_ref)
+    assert torch.equal(v[:, :, 3], qkv[:, 0, H + Hkv:]) and torch.equal(v[:, :, 0], qkv[:, 2, H + Hkv:])
+
+
+def _naive_band_attention(q, k, v, positions, scale, window):
+    """Attention with every step in q.dtype over a plain cache, query t seeing positions max(0, p_t - window + 1) ..
+    p_t: the low-precision torch baseline of a sliding window."""
+    rep = q.shape[2] // k.shape[1]
+    kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q.transpose(1, 2) @ kk.transpose(-1, -2)) * scale  # [B, H, T, L]
+    j = torch.arange(k.shape[2], device=q.device)[None, :]
+    visible = (j <= positions[:, None]) & (j > positions[:, None] - window)
+    return (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vv).transpose(1, 2)
+
+
+def _ring_of(full, S, upto):
+    """The ring cache of S rows after positions 0 .. upto - 1 of `full` [B, Hkv, L, D] were written in order."""
+    ring = torch.full((*full.shape[:2], S, full.shape[3]), float("nan"), dtype=full.dtype, device=full.device)
+    for j in range(max(0, upto - S), upto):
+        ring[:, :, j % S] = full[:, :, j]
+    return ring
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("T,start,window", [(1, 0, 1), (1, 500, 3), (1, 4000, 1000), (3, 77, 64), (17, 0, 5),
+                                            (100, 300, 70), (256, 1000, 512), (300, 0, 4096)])
+def test_attention_window_and_ring(tc, dtype, D, T, start, window):
+    """A sliding window over a plain cache (unwritten rows NaN) and over a ring of window + T - 1 rows (position j
+    at row j % S, wrapped): both match the reference on the plain cache (fp32 math; low precision within twice the
+    error of plain torch in that dtype). Decode, multi-token decode and the tensor-core prefill (T > 4 in fp16 /
+    bf16), the tuned head dims and the ATen fallback (256)."""
+    from tinychat.ops import attention_ref
+
+    dev, B, H, Hkv = "cuda", 2, 8, 2
+    L = start + T
+    q = torch.randn(B, T, H, D, device=dev).to(dtype)
+    k = torch.randn(B, Hkv, L, D, device=dev).to(dtype)
+    v = torch.randn(B, Hkv, L, D, device=dev).to(dtype)
+    positions = torch.arange(start, L, device=dev)
+    scale = D ** -0.5
+    exact = attention_ref(q.float(), k.float(), v.float(), positions, scale, window)
+    plain_k = torch.cat([k, torch.full_like(k[:, :, :40], float("nan"))], 2)  # rows past the positions: NaN
+    plain_v = torch.cat([v, torch.full_like(v[:, :, :40], float("nan"))], 2)
+    S = window + T - 1
+    for kc, vc in ((plain_k, plain_v), (_ring_of(k, S, L), _ring_of(v, S, L))):
+        out = tc.attention(q, kc, vc, positions, scale, window)
+        assert out.shape == (B, T, H, D) and out.dtype == dtype and not torch.isnan(out).any()
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, exact, atol=2e-5, rtol=1e-4)
+        else:
+            _err_bound_check(out, exact, _naive_band_attention(q, k, v, positions, scale, window), atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_attention_ring_written_by_rope_kv_write(tc):
+    """A sliding-window layer over a ring of window + chunk - 1 rows, written by rope_kv_write in prefill chunks
+    and decode steps while the sequence wraps the ring several times: each call matches the reference over a full
+    cache."""
+    from tinychat.ops import attention_ref
+
+    dev, dtype, H, Hkv, D, window, chunk = "cuda", torch.float16, 8, 2, 128, 70, 100
+    S = window + chunk - 1
+    L = 4 * S + 7
+    qkv = torch.randn(1, L, H + 2 * Hkv, D, device=dev).to(dtype)
+    cos_sin = _cos_sin(L, D, dev)
+    k_ring, v_ring = (torch.zeros(1, Hkv, S, D, device=dev, dtype=dtype) for _ in range(2))
+    k_full, v_full = (torch.zeros(1, Hkv, L, D, device=dev, dtype=dtype) for _ in range(2))
+    bounds = list(range(0, 3 * S, chunk)) + list(range(3 * S, L + 1))
+    for a, b in zip(bounds, bounds[1:]):
+        positions = torch.arange(a, b, device=dev)
+        q = tc.rope_kv_write(qkv[:, a:b], positions, cos_sin, k_ring, v_ring)
+        tc.rope_kv_write(qkv[:, a:b], positions, cos_sin, k_full, v_full)
+        out = tc.attention(q, k_ring, v_ring, positions, D ** -0.5, window)
+        exact = attention_ref(q.float(), k_full.float(), v_full.float(), positions, D ** -0.5, window)
+        torch.testing.assert_close(out.float(), exact, atol=2e-3, rtol=2e-2)
 
 
 def _naive_attention(q, k, v, positions, scale):

@@ -55,12 +55,12 @@ def test_extension_is_built():
     assert ops.EXTENSION_AVAILABLE
     import tinychat._C
 
-    for name in ("rms_norm", "add_rms_norm", "rope_kv_write", "attention", "silu_and_mul"):
+    for name in ("rms_norm", "add_rms_norm", "rope_kv_write", "attention", "silu_and_mul", "gelu_tanh_and_mul"):
         assert hasattr(torch.ops.tinychat, name)
         has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"tinychat::{name}", "CUDA")
         # without compiled CUDA kernels, the references stand in on CUDA for the attention ops (ops.py)
         assert has_cuda_kernel == (bool(tinychat._C.WITH_CUDA) or name in ("rope_kv_write", "attention",
-                                                                            "silu_and_mul"))
+                                                                            "silu_and_mul", "gelu_tanh_and_mul"))
 
 
 # ---- rms_norm / add_rms_norm ----
@@ -243,6 +243,53 @@ def test_silu_and_mul_extremes_and_strided(device):
     torch.testing.assert_close(tc().silu_and_mul(wide), ops.silu_and_mul_ref(wide), atol=1e-6, rtol=1e-6)
 
 
+# ---- gelu_tanh_and_mul ----
+
+
+def naive_gelu_tanh_and_mul(x):  # every step in x.dtype
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("shape", [(1, 2), (3, 2 * 1536), (2, 5, 2 * 17), (4, 1, 2 * 6913)])
+def test_gelu_tanh_and_mul(device, dtype, shape):
+    x = (torch.randn(shape) * 4).to(device, dtype)  # gates far into both tails of gelu
+    out = tc().gelu_tanh_and_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous() and out.dtype == dtype
+    check_close(out, (x,), ops.gelu_tanh_and_mul_ref, naive_gelu_tanh_and_mul, dtype)
+
+
+@pytest.mark.parametrize("I", [1, 7, 16, 33, 1000])
+def test_gelu_tanh_and_mul_every_isa(I, isa):
+    """Each CPU path against torch's F.gelu(approximate="tanh") in fp32, within 1e-6 relative to the output's scale
+    (torch's own 0.5 g (1 + tanh) cancels in the negative tail: an error of about eps |gate * up| there), and
+    elementwise within 3e-5 relative of the exact value (fp64), odd sizes taking the vector loops' tails."""
+    x = torch.randn(3, 2 * I) * 5
+    gate, up = x.chunk(2, dim=-1)
+    expected = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    out = tc().gelu_tanh_and_mul(x)
+    scale = 1e-6 * expected.abs().max().item()
+    torch.testing.assert_close(out, expected, atol=scale, rtol=1e-6)
+    torch.testing.assert_close(out, ops.gelu_tanh_and_mul_ref(x), atol=scale, rtol=1e-6)
+    g = gate.double()
+    exact = g / (1 + torch.exp(-2 * 0.7978845608028654 * (g + 0.044715 * g**3))) * up.double()  # 0.5 g (1 + tanh)
+    torch.testing.assert_close(out.double(), exact, atol=1e-30, rtol=3e-5)
+    for dtype in LOW:
+        torch.testing.assert_close(tc().gelu_tanh_and_mul(x.to(dtype)), ops.gelu_tanh_and_mul_ref(x.to(dtype)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gelu_tanh_and_mul_extremes_and_strided(device):
+    x = torch.tensor([[-1e30, -1000.0, -90.0, -20.0, 0.0, 20.0, 90.0, 1000.0, 3.0] + [2.0] * 9]).to(device)  # [1, 18]
+    out = tc().gelu_tanh_and_mul(x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ops.gelu_tanh_and_mul_ref(x), atol=1e-6, rtol=1e-6)
+    wide = torch.randn(6, 3, 40).to(device)[:, 1]  # [6, 40], rows 120 apart
+    torch.testing.assert_close(tc().gelu_tanh_and_mul(wide), ops.gelu_tanh_and_mul_ref(wide), atol=1e-6, rtol=1e-6)
+
+
 # ---- bad input ----
 
 
@@ -268,8 +315,6 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: tc().add_rms_norm(x, x.half(), w, EPS), "residual dtype"),
         (lambda: rope(pos=torch.tensor([0, 1, 32])), r"positions must be in \[0, 32\)"),  # past cos_sin
         (lambda: rope(pos=torch.tensor([0, -1, 2])), r"positions must be in \[0, 32\)"),
-        (lambda: rope(k=torch.zeros(1, 1, 8, 16), v=torch.zeros(1, 1, 8, 16), pos=torch.tensor([0, 1, 8])),
-         r"positions must be in \[0, 8\)"),  # past the cache
         (lambda: rope(qkv=qkv[0]), r"qkv must have shape \[B, T, n_heads \+ 2 n_kv_heads, head_dim\]"),
         (lambda: rope(pos=pos.int()), "positions must be int64"),
         (lambda: rope(pos=torch.arange(4)), r"positions must be a contiguous \[T\] = \[3\]"),
@@ -282,6 +327,9 @@ def test_bad_inputs_raise_clear_errors():
          "caches must be contiguous"),
         (lambda: tc().silu_and_mul(torch.randn(3, 5)), "last dimension must be even"),
         (lambda: tc().silu_and_mul(torch.randn(3, 4).long()), "x must be float32, bfloat16 or float16"),
+        (lambda: tc().gelu_tanh_and_mul(torch.randn(3, 5)), "gelu_tanh_and_mul: .*last dimension must be even"),
+        (lambda: tc().gelu_tanh_and_mul(torch.randn(3, 4).long()), "x must be float32, bfloat16 or float16"),
+        (lambda: tc().attention(qkv[:, :, :4], kc, kc, pos, 1.0, -2), "attention: window must be >= 0"),
     ]
     for fn, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
@@ -324,6 +372,7 @@ def test_opcheck(device):
         torch.library.opcheck(t.rms_norm.default, (x, w, 1e-6))
         torch.library.opcheck(t.add_rms_norm.default, (x, torch.randn_like(x), w, 1e-6))
         torch.library.opcheck(t.silu_and_mul.default, (x,))
+        torch.library.opcheck(t.gelu_tanh_and_mul.default, (x,))
         qkv = torch.randn(2, 5, 6, 16).to(device, dtype)
         caches = [torch.zeros(2, 2, 32, 16).to(device, dtype) for _ in range(2)]
         torch.library.opcheck(t.rope_kv_write.default, (qkv, torch.arange(3, 8, device=device), cs, *caches))
@@ -340,6 +389,7 @@ def test_public_ops_are_the_compiled_ops():
     assert ops.rope_kv_write is torch.ops.tinychat.rope_kv_write.default
     assert ops.attention is torch.ops.tinychat.attention.default
     assert ops.silu_and_mul is torch.ops.tinychat.silu_and_mul.default
+    assert ops.gelu_tanh_and_mul is torch.ops.tinychat.gelu_tanh_and_mul.default
 
 
 FALLBACK_SCRIPT = """
@@ -351,7 +401,7 @@ from tinychat import ops, model  # noqa: F401  (a second module importing ops mu
 assert not ops.EXTENSION_AVAILABLE
 assert ops.rms_norm is ops.rms_norm_ref and ops.add_rms_norm is ops.add_rms_norm_ref
 assert ops.rope_kv_write is ops.rope_kv_write_ref and ops.attention is ops.attention_ref
-assert ops.silu_and_mul is ops.silu_and_mul_ref
+assert ops.silu_and_mul is ops.silu_and_mul_ref and ops.gelu_tanh_and_mul is ops.gelu_tanh_and_mul_ref
 from tinychat.config import ModelConfig
 cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8)

@@ -1,8 +1,8 @@
 """tinychat's fused ops: the compiled kernels (torch.ops.tinychat.*) and their PyTorch references.
 
 The model calls only the public wrappers (rms_norm, add_rms_norm, rope_kv_write, attention, silu_and_mul,
-int4_linear, int8_linear). They run the compiled kernels when the tinychat._C extension is built, else the *_ref
-functions below, which define the semantics: fp32 math, each result cast once to the input dtype.
+gelu_tanh_and_mul, int4_linear, int8_linear). They run the compiled kernels when the tinychat._C extension is built,
+else the *_ref functions below, which define the semantics: fp32 math, each result cast once to the input dtype.
 """
 
 from __future__ import annotations
@@ -46,33 +46,47 @@ def rotary_embedding_ref(x: Tensor, positions: Tensor, cos_sin: Tensor) -> Tenso
 
 
 def rope_kv_write_ref(qkv: Tensor, positions: Tensor, cos_sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-    """Rotate q and k of the fused projection, write k and v into the caches (in place) at rows `positions`.
+    """Rotate q and k of the fused projection, write k and v into the caches (in place) at rows `positions` % S.
 
     qkv [B, T, H + 2 Hkv, D] (heads q | k | v), positions int64 [T], cos_sin fp32 [max_pos, D];
     k_cache, v_cache [B, Hkv, S, D] in qkv.dtype (on the CPU also float16 / bfloat16 below a float32 qkv: k and v are
-    rounded to it once) -> rotated q [B, T, H, D] (contiguous, qkv.dtype).
+    rounded to it once) -> rotated q [B, T, H, D] (contiguous, qkv.dtype). Position p goes to row p % S: row p of a
+    cache longer than every position, a ring for a shorter one (a sliding-window layer's, see attention_ref).
     """
     Hkv = k_cache.shape[1]
     H = qkv.shape[2] - 2 * Hkv
     q = rotary_embedding_ref(qkv[:, :, :H], positions, cos_sin)  # [B, T, H, D]
     k = rotary_embedding_ref(qkv[:, :, H : H + Hkv], positions, cos_sin)  # [B, T, Hkv, D]
-    k_cache[:, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-    v_cache[:, :, positions] = qkv[:, :, H + Hkv :].transpose(1, 2).to(v_cache.dtype)
+    rows = positions % k_cache.shape[2]  # [T]
+    k_cache[:, :, rows] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache[:, :, rows] = qkv[:, :, H + Hkv :].transpose(1, 2).to(v_cache.dtype)
     return q.contiguous()
 
 
-def attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, scale: float) -> Tensor:
-    """Causal attention over the cache: query t attends to rows 0..positions[t], softmax in fp32.
+def attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, scale: float, window: int = 0
+                  ) -> Tensor:
+    """Causal attention over the cache, optionally within a sliding window, softmax in fp32.
 
-    q [B, T, H, D]; k_cache, v_cache [B, Hkv, S, D] with H % Hkv == 0 (query head h reads kv head h // (H // Hkv));
-    positions int64 [T] -> [B, T, H, D] in q.dtype.
+    Query t at position p_t = positions[t] attends to the positions max(0, p_t - window + 1) .. p_t (window 0:
+    0 .. p_t), reading position j at cache row j % S (S = the caches' rows). A cache longer than every position is
+    the plain one (row j = position j); a shorter one is a ring, which the caller keeps at S >= window + T - 1 rows
+    (positions ascending within a call), so that no position a query sees was overwritten. q [B, T, H, D];
+    k_cache, v_cache [B, Hkv, S, D] with H % Hkv == 0 (query head h reads kv head h // (H // Hkv)); positions int64
+    [T], >= 0; window >= 0 -> [B, T, H, D] in q.dtype.
+
+    Computed by rows, with no host sync: for query t, row r holds position j = p_t - ((p_t - r) mod S), the latest
+    position <= p_t that lands on r, and the row is visible when that j is in the window (j >= 0 for window 0). Each
+    visible position is one row as long as a query sees at most S positions (the kernels' condition).
     """
     H, S = q.shape[2], k_cache.shape[2]
     rep = H // k_cache.shape[1]
     k = k_cache.float().repeat_interleave(rep, dim=1)  # [B, H, S, D]
     v = v_cache.float().repeat_interleave(rep, dim=1)
     scores = scale * q.float().transpose(1, 2) @ k.transpose(-1, -2)  # [B, H, T, S]
-    visible = torch.arange(S, device=q.device)[None, :] <= positions[:, None]  # [T, S]
+    rows = torch.arange(S, device=q.device)[None, :]  # [1, S]
+    held = positions[:, None] - (positions[:, None] - rows) % S  # [T, S]: the position row r holds for query t
+    first = (positions - window + 1).clamp(min=0) if window > 0 else torch.zeros_like(positions)  # [T]
+    visible = held >= first[:, None]  # [T, S]
     probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
     return (probs @ v).transpose(1, 2).to(q.dtype).contiguous()  # [B, T, H, D]
 
@@ -81,6 +95,13 @@ def silu_and_mul_ref(x: Tensor) -> Tensor:
     """silu(gate) * up for x [..., 2I] = [gate | up], in fp32 -> [..., I] in x.dtype."""
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
+
+
+def gelu_tanh_and_mul_ref(x: Tensor) -> Tensor:
+    """gelu_tanh(gate) * up for x [..., 2I] = [gate | up] (GELU with the tanh approximation, Gemma's), in fp32 ->
+    [..., I] in x.dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.gelu(gate, approximate="tanh") * up).to(x.dtype)
 
 
 def rope_cos_sin(inv_freq: Tensor, max_pos: int) -> Tensor:
@@ -153,11 +174,16 @@ def _rope_kv_write_fake(qkv: Tensor, positions: Tensor, cos_sin: Tensor, k_cache
     return qkv.new_empty((B, T, heads - 2 * k_cache.shape[1], D))
 
 
-def _attention_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, scale: float) -> Tensor:
+def _attention_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, scale: float, window: int = 0
+                    ) -> Tensor:
     return q.new_empty(q.shape)
 
 
 def _silu_and_mul_fake(x: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+def _gelu_tanh_and_mul_fake(x: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
@@ -215,13 +241,16 @@ rms_norm = _op("rms_norm", rms_norm_ref, _rms_norm_fake)
 # x, residual [..., H], weight [H] -> (normed [..., H], x + residual [..., H]); see add_rms_norm_ref
 add_rms_norm = _op("add_rms_norm", add_rms_norm_ref, _add_rms_norm_fake)
 # qkv [B, T, H + 2 Hkv, D], positions [T], cos_sin [max_pos, D], k_cache/v_cache [B, Hkv, S, D] (written in
-# place) -> rotated q [B, T, H, D]; see rope_kv_write_ref.
+# place at rows positions % S) -> rotated q [B, T, H, D]; see rope_kv_write_ref.
 rope_kv_write = _op("rope_kv_write", rope_kv_write_ref, _rope_kv_write_fake, cuda_stand_in=True)
-# q [B, T, H, D], k_cache/v_cache [B, Hkv, S, D], positions [T], scale -> [B, T, H, D]; see attention_ref. CPU
-# kernel: online softmax, GQA groups share each key/value read; T = 1 (decode) and T > 1 (prefill) alike.
+# q [B, T, H, D], k_cache/v_cache [B, Hkv, S, D], positions [T], scale, window=0 (0: no sliding window; a ring
+# cache of S rows holds position j at row j % S) -> [B, T, H, D]; see attention_ref. CPU kernel: online softmax,
+# GQA groups share each key/value read; T = 1 (decode) and T > 1 (prefill) alike.
 attention = _op("attention", attention_ref, _attention_fake, cuda_stand_in=True)
 # x [..., 2I] -> silu(x[..., :I]) * x[..., I:] [..., I]; see silu_and_mul_ref.
 silu_and_mul = _op("silu_and_mul", silu_and_mul_ref, _silu_and_mul_fake, cuda_stand_in=True)
+# x [..., 2I] -> gelu_tanh(x[..., :I]) * x[..., I:] [..., I] (Gemma's MLP); see gelu_tanh_and_mul_ref.
+gelu_tanh_and_mul = _op("gelu_tanh_and_mul", gelu_tanh_and_mul_ref, _gelu_tanh_and_mul_fake, cuda_stand_in=True)
 # x [..., K], qweight uint8 [N, K/2], scales/offsets [N, K/G] (offsets may be None; or K-quant superblocks),
 # group_size -> [..., N]; see int4_linear_ref. CPU kernels: AVX-512 VNNI, AVX-512, AVX2 or portable, picked at run
 # time (torch.ops.tinychat.cpu_isa() says which); CUDA kernels (sm_80+): a GEMV for M <= 4 and a tensor-core GEMM

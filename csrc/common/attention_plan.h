@@ -1,7 +1,8 @@
 // Index math of the CUDA attention and rope_kv_write kernels (csrc/cuda/attention.cu, csrc/cuda/rope.cu),
 // kept free of CUDA and ATen so that tests/test_attention_cuda.py can compile it with g++ alone and check it on the
-// CPU: how decode splits the cache, which key tiles prefill visits and masks, and the mma.sync / ldmatrix fragment
-// coordinates of the prefill kernel.
+// CPU: which positions a query sees and at which cache rows (sliding windows, ring caches), how decode splits the
+// cache, which key tiles prefill visits and masks, and the mma.sync / ldmatrix fragment coordinates of the prefill
+// kernel.
 #pragma once
 
 #include <cstdint>
@@ -17,15 +18,29 @@ namespace attn {
 
 // ---- positions ----
 
-// The last cache row query t may read: positions[t] clamped into [0, S - 1] (the kernels never check positions on
-// the host, so a position >= S reads the whole cache and a negative one reads row 0 only).
-TC_HD int64_t clamp_position(int64_t p, int64_t S) { return p < 0 ? 0 : (p >= S ? S - 1 : p); }
+// The positions a query at position p sees, [first, first + count): max(0, p - window + 1) .. p (window 0: 0 .. p),
+// position j read at cache row cache_row(j, S) (below). The kernels never check positions on the host: a negative
+// p counts as 0, and a query that would see more than S positions (window 0: p >= S; a ring shorter than the
+// window) sees the latest S, each row once. count is in [1, S].
+struct KeyRange {
+  int64_t first, count;
+};
+TC_HD KeyRange visible_range(int64_t p, int64_t window, int64_t S) {
+  const int64_t last = p < 0 ? 0 : p;
+  int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+  if (last - first + 1 > S) first = last - S + 1;
+  return {first, last - first + 1};
+}
 
-// Number of keys query t attends to: clamp_position + 1, in [1, S].
-TC_HD int64_t visible_keys(int64_t p, int64_t S) { return clamp_position(p, S) + 1; }
+// rope_kv_write touches a token only when its position indexes cos_sin.
+TC_HD bool rope_position_ok(int64_t p, int64_t max_pos) { return p >= 0 && p < max_pos; }
 
-// rope_kv_write touches a token only when its position indexes both cos_sin and the caches.
-TC_HD bool rope_position_ok(int64_t p, int64_t S, int64_t max_pos) { return p >= 0 && p < S && p < max_pos; }
+// The cache row of position p >= 0 in a cache of S rows: p itself in a cache longer than every position, a ring's
+// row otherwise (sliding-window layers).
+TC_HD int64_t cache_row(int64_t p, int64_t S) { return p % S; }
+
+// The cache row of the key i of a run of keys whose first one is at row row0 (< S), i < S: row0 + i, wrapped.
+TC_HD int64_t ring_row(int64_t row0, int64_t i, int64_t S) { return row0 + i < S ? row0 + i : row0 + i - S; }
 
 // What head hh of qkv [B, T, H + 2 Hkv, D] is: 0 query, 1 key, 2 value.
 TC_HD int qkv_head_kind(int64_t hh, int64_t H, int64_t Hkv) { return hh < H ? 0 : (hh < H + Hkv ? 1 : 2); }
@@ -89,19 +104,23 @@ constexpr int kPrefillKeys = 64;  // keys per K/V tile
 constexpr int kPrefillWarps = 4;
 constexpr int kSmemPad = 8;       // elements of padding per shared-memory row (keeps ldmatrix conflict-free)
 
-// Key tiles a block visits: those holding a key visible to one of its rows (max_visible = the largest
-// visible_keys among its rows); tiles past it are skipped (causal tile skipping).
-TC_HD int64_t prefill_key_tiles(int64_t max_visible) { return (max_visible + kPrefillKeys - 1) / kPrefillKeys; }
-
-// A tile needs the per-element causal mask when some row of the block sees only part of it (min_visible = the
-// smallest visible_keys among the block's rows).
-TC_HD bool prefill_tile_needs_mask(int64_t tile, int64_t min_visible) {
-  return (tile + 1) * kPrefillKeys > min_visible;
+// A block's key tiles cover the positions [first, last] its rows see (first: the smallest first position among its
+// rows' visible_range, last: the largest position), tile i holding positions first + 64 i .. first + 64 i + 63;
+// positions outside it are skipped (causal and sliding-window tile skipping).
+TC_HD int64_t prefill_key_tiles(int64_t first, int64_t last) {
+  return (last - first + 1 + kPrefillKeys - 1) / kPrefillKeys;
 }
 
-// A warp skips the math of a tile none of its 16 rows sees (it still helps load it).
-TC_HD bool prefill_warp_skips_tile(int64_t tile, int64_t warp_max_visible) {
-  return tile * kPrefillKeys >= warp_max_visible;
+// A tile starting at position tile_first needs the per-element mask unless every row of the warp sees all of it
+// (first_max: the largest first position among the warp's rows, last_min: the smallest last one).
+TC_HD bool prefill_tile_needs_mask(int64_t tile_first, int64_t first_max, int64_t last_min) {
+  return tile_first < first_max || tile_first + kPrefillKeys - 1 > last_min;
+}
+
+// A warp skips the math of a tile outside the positions its 16 rows see (first_min .. last_max; it still helps load
+// it).
+TC_HD bool prefill_warp_skips_tile(int64_t tile_first, int64_t first_min, int64_t last_max) {
+  return tile_first + kPrefillKeys - 1 < first_min || tile_first > last_max;
 }
 
 // Element offset of (row, col) in a shared-memory tile of rows of D elements, padded to D + kSmemPad.

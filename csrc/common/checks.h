@@ -112,10 +112,11 @@ inline void check_rope_kv_args(const at::Tensor& qkv, const at::Tensor& position
 }
 
 // attention: q [B, T, H, D] last-dim contiguous, caches [B, Hkv, S, D] last-dim contiguous, H % Hkv == 0,
-// positions int64 [T].
+// positions int64 [T], window >= 0.
 inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                 const at::Tensor& positions, c10::DeviceType type) {
+                                 const at::Tensor& positions, int64_t window, c10::DeviceType type) {
   const char* op = "attention";
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: no sliding window), got ", window);
   check_device(q, q, type, op, "q");
   check_float_dtype(q, op, "q");
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape [B, T, n_heads, head_dim], got ", q.sizes());
@@ -127,9 +128,8 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
   check_positions(positions, q, q.size(1), type, op);
 }
 
-// silu_and_mul: x [..., 2I] with float dtype, last dim contiguous.
-inline void check_silu_and_mul_args(const at::Tensor& x, c10::DeviceType type) {
-  const char* op = "silu_and_mul";
+// silu_and_mul, gelu_tanh_and_mul (op): x [..., 2I] with float dtype, last dim contiguous.
+inline void check_gated_act_args(const at::Tensor& x, c10::DeviceType type, const char* op) {
   check_device(x, x, type, op, "x");
   check_float_dtype(x, op, "x");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have shape [..., 2 I], got a 0-dim tensor");

@@ -1,7 +1,10 @@
-// CPU kernel of attention (schema in csrc/ops.cpp): causal attention of T queries over the KV cache, for the
-// decode step (T = 1) and prefill alike.
+// CPU kernel of attention (schema in csrc/ops.cpp): causal attention of T queries over the KV cache, optionally
+// within a sliding window, for the decode step (T = 1) and prefill alike.
 //
-// out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / rep, j], j <= positions[t]) @ v[b, h / rep, :]
+// out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / rep, j % S], lo_t <= j <= positions[t])
+//                @ v[b, h / rep, j % S]
+// with lo_t = max(0, positions[t] - window + 1) (window 0: lo_t = 0) and S the cache rows: position j is read at row
+// j % S, the plain cache's row j when S exceeds every position, a ring's otherwise.
 //
 // Work items are (b, kv head, tile of query tokens), split over threads. An item holds every query head that reads
 // its kv head (the rep = H / Hkv heads of a grouped-query group) for up to kTileRows / rep tokens, so each key and
@@ -10,13 +13,15 @@
 // item that fall in its range together (each thread then reads a kv head once per item it touches: 9 query heads
 // over 3 kv heads on 2 threads read 4 kv heads' caches, not 9 as one row at a time did). Keys are taken kKeys at a
 // time, from key 0, with an online softmax: the running max and sum of each query row rescale its fp32 accumulator,
-// so one pass over the cache suffices.
+// so one pass over the cache suffices. Keys go in ascending position, in blocks on a grid of positions fixed for
+// every call: a block ends at each multiple of kKeys and, in a ring, at each multiple of S (where the rows wrap), so
+// a block's rows are contiguous.
 //
 // Each query row is computed in the same order whatever else shares its call: scores by one dot product per (row,
-// key) along the head dim (16 keys at once: dots16), blocks of keys from 0 to the row's own causal limit (blocks past
-// it change nothing), the same operations on its accumulator. So a prefill that reuses a cached prefix gives bit for
-// bit the rows a full prefill gives (tests/test_attention.py), and greedy output does not depend on how much of a
-// prompt was cached.
+// key) along the head dim (16 keys at once: dots16), the grid's blocks from its own first visible position to its
+// own causal limit (blocks outside its window change nothing), the same operations on its accumulator. So a prefill
+// that reuses a cached prefix gives bit for bit the rows a full prefill gives (tests/test_attention.py), and greedy
+// output does not depend on how much of a prompt was cached.
 // The body is written once and compiled per instruction set (isa.h).
 
 #include <ATen/ATen.h>
@@ -48,7 +53,7 @@ struct AttnProblem {
   void* out;      // [B, T, H, D], contiguous
   const int64_t* pos;  // [T]
   int64_t qs[3], ks[3], vs[3];  // strides of dims 0..2 (the last is 1)
-  int64_t B, T, H, Hkv, D, rep, tile_tokens, n_tiles;
+  int64_t B, T, H, Hkv, D, S, window, rep, tile_tokens, n_tiles;
   float scale;
   // Whether threads take ranges of query rows across items (a decode step whose items do not spread evenly over
   // the threads), not whole items.
@@ -125,9 +130,9 @@ TINYCHAT_INLINE void pv_columns(float* a, const float* s, const float* v, int64_
 // Per-thread fp32 scratch of one work item.
 struct Scratch {
   std::vector<float> q, acc, kv, s, m, l;
-  std::vector<int64_t> limit;
+  std::vector<int64_t> first, limit;  // each row's visible positions [first, limit)
   Scratch(int64_t rows, int64_t D)
-      : q(rows * D), acc(rows * D), kv(kKeys * D), s(rows * kKeys), m(rows), l(rows), limit(rows) {}
+      : q(rows * D), acc(rows * D), kv(kKeys * D), s(rows * kKeys), m(rows), l(rows), first(rows), limit(rows) {}
 };
 
 template <typename scalar_t>
@@ -166,51 +171,64 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, int64_t 
   const auto* q = static_cast<const scalar_t*>(p.q) + b * p.qs[0] + hk * rep * p.qs[2];
   const auto* k = static_cast<const kv_t*>(p.k) + b * p.ks[0] + hk * p.ks[1];
   const auto* v = static_cast<const kv_t*>(p.v) + b * p.vs[0] + hk * p.vs[1];
-  int64_t kv_len = 0;  // keys any row of the unit sees
+  int64_t first = INT64_MAX, end = 0;  // positions any row of the unit sees: [first, end)
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = r0 + i, t = t0 + r / rep;
     to_float(q + t * p.qs[1] + (r % rep) * p.qs[2], w.q.data() + i * D, D);
     for (int64_t d = 0; d < D; ++d) w.q[i * D + d] *= p.scale;
+    w.first[i] = p.window > 0 ? std::max<int64_t>(0, p.pos[t] - p.window + 1) : 0;
     w.limit[i] = p.pos[t] + 1;
-    kv_len = std::max(kv_len, w.limit[i]);
+    first = std::min(first, w.first[i]);
+    end = std::max(end, w.limit[i]);
     w.m[i] = -1e30f;  // finite: exp_approx(m_old - m_new) must give 0 on the first block, never NaN
     w.l[i] = 0.f;
   }
   std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.f);
-  for (int64_t j0 = 0; j0 < kv_len; j0 += kKeys) {
-    const int64_t n = std::min(kKeys, kv_len - j0);
+  // blocks from the last grid point at or before `first` (multiples of kKeys and S)
+  for (int64_t j0 = std::max(first / kKeys * kKeys, first / p.S * p.S), n; j0 < end; j0 += n) {  // [j0, j0 + n)
+    const int64_t row0 = j0 % p.S;  // their cache rows: [row0, row0 + n)
+    n = std::min({kKeys - j0 % kKeys, p.S - row0, end - j0});
+    const int64_t skip = std::clamp<int64_t>(first - j0, 0, n);  // leading keys no row sees: not read
     int64_t kstride, vstride;
-    const float* kb = block_rows(k + j0 * p.ks[2], p.ks[2], n, D, w.kv.data(), kstride, p.isa);
+    const float* kb = block_rows(k + (row0 + skip) * p.ks[2], p.ks[2], n - skip, D, w.kv.data() + skip * D, kstride,
+                                 p.isa);
+    kb -= skip * kstride;  // kb + j * kstride: the key at position j0 + j
+    bool seen_any = false;
     for (int64_t i = 0; i < rows; ++i) {  // scores and online softmax over the keys row i sees in this block
-      const int64_t seen = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
-      if (seen == 0) continue;  // a block past the row's limit leaves the row exactly as it was
-      float* s = w.s.data() + i * kKeys;
-      int64_t j = 0;
+      const int64_t a = std::clamp<int64_t>(w.first[i] - j0, 0, n), e = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
+      if (e <= a) continue;  // a block outside the row's window leaves the row exactly as it was
+      seen_any = true;
+      float* s = w.s.data() + i * kKeys;  // s[a .. e): the scores of positions j0 + a .. j0 + e - 1
+      int64_t j = a;
       if (D % kDotLanes == 0) {
-        for (; j + 16 <= seen; j += 16) dots16(w.q.data() + i * D, kb + j * kstride, kstride, D, s + j);
+        for (; j + 16 <= e; j += 16) dots16(w.q.data() + i * D, kb + j * kstride, kstride, D, s + j);
       }
-      for (; j < seen; ++j) s[j] = dot(w.q.data() + i * D, kb + j * kstride, D);
-      const float new_max = std::max(w.m[i], max_of(s, seen));
+      for (; j < e; ++j) s[j] = dot(w.q.data() + i * D, kb + j * kstride, D);
+      const float new_max = std::max(w.m[i], max_of(s + a, e - a));
       const float correction = exp_approx(w.m[i] - new_max);
-      const float sum = exp_shifted_sum(s, seen, new_max);
+      const float sum = exp_shifted_sum(s + a, e - a, new_max);
       w.l[i] = w.l[i] * correction + sum;
       w.m[i] = new_max;
-      float* a = w.acc.data() + i * D;
-      for (int64_t d = 0; d < D; ++d) a[d] *= correction;
+      float* acc = w.acc.data() + i * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
     }
-    // n keys: kv_len is the largest limit, so some row sees all of them
-    const float* vb = block_rows(v + j0 * p.vs[2], p.vs[2], n, D, w.kv.data(), vstride, p.isa);
+    if (!seen_any) continue;  // positions between the windows of the rows (scattered positions)
+    const float* vb = block_rows(v + (row0 + skip) * p.vs[2], p.vs[2], n - skip, D, w.kv.data() + skip * D, vstride,
+                                 p.isa);
+    vb -= skip * vstride;
     for (int64_t i = 0; i < rows; ++i) {  // acc[i] += p @ v over the row's keys, columns in registers
-      const int64_t seen = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
-      const float* s = w.s.data() + i * kKeys;
+      const int64_t a = std::clamp<int64_t>(w.first[i] - j0, 0, n), e = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
+      if (e <= a) continue;
+      const float* s = w.s.data() + i * kKeys + a;
+      const float* vr = vb + a * vstride;  // the values of positions j0 + a ..
+      float* acc = w.acc.data() + i * D;
       int64_t d0 = 0;
       for (; d0 + kPvLanes * kDotLanes <= D; d0 += kPvLanes * kDotLanes) {  // kPvLanes vectors of columns at once
-        pv_columns<kPvLanes>(w.acc.data() + i * D + d0, s, vb + d0, vstride, seen);
+        pv_columns<kPvLanes>(acc + d0, s, vr + d0, vstride, e - a);
       }
-      for (; d0 + kDotLanes <= D; d0 += kDotLanes) pv_columns<1>(w.acc.data() + i * D + d0, s, vb + d0, vstride, seen);
-      float* a = w.acc.data() + i * D;
-      for (int64_t j = 0; j < seen; ++j) {
-        for (int64_t d = d0; d < D; ++d) a[d] += s[j] * vb[j * vstride + d];
+      for (; d0 + kDotLanes <= D; d0 += kDotLanes) pv_columns<1>(acc + d0, s, vr + d0, vstride, e - a);
+      for (int64_t j = 0; j < e - a; ++j) {
+        for (int64_t d = d0; d < D; ++d) acc[d] += s[j] * vr[j * vstride + d];
       }
     }
   }
@@ -275,13 +293,19 @@ void run_attention(const AttnProblem& p) {
 }  // namespace
 
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& positions, double scale) {
-  check_attention_args(q, k_cache, v_cache, positions, c10::DeviceType::CPU);
+                         const at::Tensor& positions, double scale, int64_t window) {
+  check_attention_args(q, k_cache, v_cache, positions, window, c10::DeviceType::CPU);
   const int64_t S = k_cache.size(2);
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < positions.numel(); ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < S, "attention: positions must be in [0, ", S, ") (the cache size), got ",
-                pos[t]);
+    // a query sees each of its positions at its own row: at most S of them (window 0: a position past the cache
+    // would read rows overwritten by later positions)
+    TORCH_CHECK(window > 0 || (pos[t] >= 0 && pos[t] < S), "attention: positions must be in [0, ", S,
+                ") (the cache size) without a window, got ", pos[t]);
+    TORCH_CHECK(pos[t] >= 0, "attention: positions must be >= 0, got ", pos[t]);
+    const int64_t span = pos[t] + 1 - std::max<int64_t>(0, pos[t] - window + 1);  // positions query t sees
+    TORCH_CHECK(span <= S, "attention: the query at position ", pos[t], " sees ", span, " positions (window ", window,
+                ") but the caches hold ", S, " rows: a ring cache needs S >= window + T - 1");
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (q.numel() == 0) return out;
@@ -297,6 +321,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
     p.vs[i] = v_cache.stride(i);
   }
   p.B = q.size(0), p.T = q.size(1), p.H = q.size(2), p.D = q.size(3), p.Hkv = k_cache.size(1);
+  p.S = S, p.window = window;
   p.rep = p.H / p.Hkv;
   p.tile_tokens = std::max<int64_t>(1, kTileRows / p.rep);
   p.n_tiles = (p.T + p.tile_tokens - 1) / p.tile_tokens;

@@ -102,7 +102,7 @@ at::Tensor CpuDecoder::forward(const at::Tensor& x_in, const at::Tensor& positio
     }
     const at::Tensor qkv = l.wqkv(x).view({B, T, H + 2 * Hkv, D});
     const at::Tensor q = rope_kv_write_cpu(qkv, positions, cos_sin, l.k_cache, l.v_cache);  // [B, T, H, D]
-    const at::Tensor y = attention_cpu(q, l.k_cache, l.v_cache, positions, scale_);          // [B, T, H, D]
+    const at::Tensor y = attention_cpu(q, l.k_cache, l.v_cache, positions, scale_, 0);       // [B, T, H, D]
     x = l.wo(y.view({B, T, H * D}));
     std::tie(x, residual) = add_rms_norm_cpu(x, residual, l.mlp_norm, eps_);
     x = l.w2(silu_and_mul_cpu(l.w13(x)));

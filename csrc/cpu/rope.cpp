@@ -2,8 +2,9 @@
 // of q and k fused with the KV-cache write.
 //
 // Head rows are split over threads with at::parallel_for. All math is fp32; each output is rounded once, to the
-// input dtype (q) or the caches' (k, v; float16 or bfloat16 below a float32 qkv: checks.h). Positions are checked on
-// the host first: one out of range raises.
+// input dtype (q) or the caches' (k, v; float16 or bfloat16 below a float32 qkv: checks.h). Position p is written at
+// cache row p % S (row p of a cache longer than every position; a ring otherwise). Positions are checked on the host
+// first: one outside cos_sin's rows raises.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -49,12 +50,13 @@ void rope_kv_rows(const at::Tensor& qkv, const int64_t* pos, const float* cs, at
       const int64_t head = row % heads, t = (row / heads) % T, b = row / (heads * T);
       const scalar_t* xr = x + b * xs0 + t * xs1 + head * xs2;
       const float* c = cs + pos[t] * D;
+      const int64_t cache_row = pos[t] % S;
       if (head < H) {
         rotate_row(xr, c, qo + ((b * T + t) * H + head) * D, D);
       } else if (head < H + Hkv) {
-        rotate_row(xr, c, kc + ((b * Hkv + head - H) * S + pos[t]) * D, D);
+        rotate_row(xr, c, kc + ((b * Hkv + head - H) * S + cache_row) * D, D);
       } else {
-        cache_t* vr = vc + ((b * Hkv + head - H - Hkv) * S + pos[t]) * D;
+        cache_t* vr = vc + ((b * Hkv + head - H - Hkv) * S + cache_row) * D;
         for (int64_t i = 0; i < D; ++i) {
           if constexpr (std::is_same_v<scalar_t, cache_t>) {
             vr[i] = xr[i];
@@ -74,11 +76,11 @@ at::Tensor rope_kv_write_cpu(const at::Tensor& qkv, const at::Tensor& positions,
   check_rope_kv_args(qkv, positions, cos_sin, k_cache, v_cache, c10::DeviceType::CPU);
   const int64_t B = qkv.size(0), T = qkv.size(1), D = qkv.size(3);
   const int64_t H = qkv.size(2) - 2 * k_cache.size(1);
-  const int64_t limit = std::min(k_cache.size(2), cos_sin.size(0));
+  const int64_t max_pos = cos_sin.size(0);
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < limit, "rope_kv_write: positions must be in [0, ", limit,
-                ") (the cache size and the rows of cos_sin), got ", pos[t]);
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos, "rope_kv_write: positions must be in [0, ", max_pos,
+                ") (the rows of cos_sin), got ", pos[t]);
   }
   at::Tensor q = at::empty({B, T, H, D}, qkv.options());
   if (qkv.numel() == 0) return q;

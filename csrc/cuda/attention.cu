@@ -1,9 +1,12 @@
-// CUDA kernels of attention (schema in csrc/ops.cpp): causal attention of T queries over the KV cache,
-// out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / G, j], j <= positions[t]) @ v[b, h / G, :], G = H / Hkv.
+// CUDA kernels of attention (schema in csrc/ops.cpp): causal attention of T queries over the KV cache, optionally
+// within a sliding window, out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / G, j % S], lo_t <= j <= p_t)
+// @ v[b, h / G, j % S], G = H / Hkv, p_t = positions[t], lo_t = max(0, p_t - window + 1) (window 0: 0), S the cache
+// rows (a ring when shorter than the positions: position j at row j % S).
 //
 // Positions are read on the device only (never on the host), so a decode step can be captured in a CUDA graph with
-// positions in a static buffer; query t sees cache rows 0..clamp(positions[t], 0, S - 1) (attention_plan.h). The
-// host picks a path from shapes alone:
+// positions in a static buffer; query t sees the positions of attention_plan.h's visible_range (at most S of them:
+// the latest S where a query would see more), key i of them at row ring_row(first % S, i, S), keys in ascending
+// position. The host picks a path from shapes alone:
 //
 // * split-KV ("flash-decoding"), for T <= kDecodeMaxT, for every T in float32, and as the fallback: the cache is cut
 //   into `splits` chunks (decode_plan: from the allocated size S, never the runtime length, so the launch is
@@ -12,14 +15,16 @@
 //   memory (a key row is spread over D / (16 / sizeof(T)) lanes, each warp takes a few keys at a time, several
 //   keys unrolled per step to keep loads in flight) and keep an online softmax (running max, sum, fp32
 //   accumulator) per lane group, merged over the block at the end. Blocks whose chunk starts past the query's last
-//   visible key exit at once. A second kernel combines the partials (skipped when there is one split).
+//   visible key exit at once (a window's query: all but the first ceil(window / chunk) splits). A second kernel
+//   combines the partials (skipped when there is one split).
 // * prefill (fp16/bf16, T > kDecodeMaxT): FlashAttention-2 style on tensor cores. A block owns 64 query rows of one
 //   head (4 warps x 16 rows); K/V tiles of 64 keys go to shared memory by cp.async, double buffered (Q, read into
 //   registers at the first tile, shares stage 1's K slot: attention_plan.h, prefill_smem_bytes); S = Q K^T and
 //   O += P V by mma.sync m16n8k16 with fp32 accumulators, operands by ldmatrix (.trans for V); online softmax in
-//   registers, P reused from the S accumulators as the A operand. Causal skipping: a block loads only the tiles up
-//   to the largest visible key among its rows, a warp skips the math of tiles none of its rows sees, and only tiles
-//   straddling a row's limit are masked. Works for a fresh prompt and for a chunk on top of an existing cache alike.
+//   registers, P reused from the S accumulators as the A operand. Tiles run over positions, from the smallest first
+//   visible position among the block's rows to their largest position (each key loaded from its ring row): a warp
+//   skips the math of tiles outside its rows' positions, and only tiles straddling a row's window are masked. Works
+//   for a fresh prompt and for a chunk on top of an existing cache alike.
 //
 // Softmax runs in the log2 domain (scores scaled by scale * log2(e), exp2f). Head dims 64 and 128; any other head dim
 // runs the same function by ATen ops on the device (attention_any_head_dim: correct, not tuned).
@@ -109,7 +114,7 @@ struct SplitParams {
   float* part_acc;     // [B * T, H, splits, D]: unnormalized accumulators of each split
   float* part_ml;      // [B * T, H, splits, 2]: (max, sum) of each split, log2 domain
   int64_t q_sb, q_st, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;
-  int64_t S, chunk;
+  int64_t S, chunk, window;
   int T, H, Hkv, group, head_blocks, splits;
   float scale_log2;  // scale * log2(e)
 };
@@ -133,10 +138,12 @@ __global__ void __launch_bounds__(kDecodeThreads) split_kv_kernel(const SplitPar
   const int h_end = min(h0 + GB, (kvh + 1) * p.group);
   const int split = blockIdx.z;
 
-  const int64_t n = visible_keys(p.pos[t], p.S);
+  const KeyRange range = visible_range(p.pos[t], p.window, p.S);  // keys i in [0, n): position range.first + i
+  const int64_t n = range.count;
   const int64_t kb = split_begin(split, p.chunk);
   if (kb >= n) return;  // chunk past the last visible key (block-uniform exit)
   const int64_t ke = split_end(split, p.chunk, n);
+  const int64_t row0 = cache_row(range.first, p.S);  // key i at cache row ring_row(row0, i, S)
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -179,8 +186,9 @@ __global__ void __launch_bounds__(kDecodeThreads) split_kv_kernel(const SplitPar
       const int64_t key = base + gid + u * NG;
       ok[u] = key < ke;
       if (ok[u]) {
-        kr[u] = __ldg(reinterpret_cast<const uint4*>(kbase + key * p.k_ss));
-        vr[u] = __ldg(reinterpret_cast<const uint4*>(vbase + key * p.v_ss));
+        const int64_t crow = ring_row(row0, key, p.S);
+        kr[u] = __ldg(reinterpret_cast<const uint4*>(kbase + crow * p.k_ss));
+        vr[u] = __ldg(reinterpret_cast<const uint4*>(vbase + crow * p.v_ss));
       } else {
         kr[u] = make_uint4(0, 0, 0, 0);
         vr[u] = make_uint4(0, 0, 0, 0);
@@ -295,7 +303,7 @@ __global__ void __launch_bounds__(D) combine_kernel(const SplitParams p) {
   const int64_t orow = blockIdx.x;  // (b * T + t) * H + h
   const int t = static_cast<int>((orow / p.H) % p.T);
   const int d = threadIdx.x;
-  const int64_t active = decode_active_splits(visible_keys(p.pos[t], p.S), p.chunk);
+  const int64_t active = decode_active_splits(visible_range(p.pos[t], p.window, p.S).count, p.chunk);
   const float* ml = p.part_ml + orow * p.splits * 2;
   const float* acc = p.part_acc + orow * p.splits * D;
   float mx = -INFINITY;
@@ -340,7 +348,8 @@ struct PrefillParams {
   const int64_t* pos;  // [T]
   void* out;           // [B, T, H, D] contiguous
   int64_t q_sb, q_st, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;
-  int T, H, group, S;
+  int64_t S, window;
+  int T, H, group;
   float scale_log2;
 };
 
@@ -387,25 +396,45 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
   const int h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / p.group;
 
-  // Visible keys of this thread's two accumulator rows (lane / 4 and lane / 4 + 8 of its warp's 16).
+  // Visible positions [first, last] of this thread's two accumulator rows (lane / 4 and lane / 4 + 8 of its warp's
+  // 16); a row past T sees none (first > last, neutral in the reductions below).
+  constexpr long long kNone = INT64_MAX;
   const int tr0 = t0 + warp * 16 + (lane >> 2), tr1 = tr0 + 8;
-  const int vis0 = tr0 < p.T ? static_cast<int>(visible_keys(p.pos[tr0], p.S)) : 0;
-  const int vis1 = tr1 < p.T ? static_cast<int>(visible_keys(p.pos[tr1], p.S)) : 0;
-  // Warp max (tile skipping) and min over valid rows (mask-free tiles); then the block max (tiles to load).
-  int wmax = max(vis0, vis1);
-  int wmin = min(tr0 < p.T ? vis0 : INT32_MAX, tr1 < p.T ? vis1 : INT32_MAX);
+  long long first0 = kNone, last0 = -kNone, first1 = kNone, last1 = -kNone;
+  if (tr0 < p.T) {
+    const KeyRange r = visible_range(p.pos[tr0], p.window, p.S);
+    first0 = r.first, last0 = r.first + r.count - 1;
+  }
+  if (tr1 < p.T) {
+    const KeyRange r = visible_range(p.pos[tr1], p.window, p.S);
+    first1 = r.first, last1 = r.first + r.count - 1;
+  }
+  // Over the warp's valid rows: the span of their positions (tile skipping) and the positions all of them see
+  // (mask-free tiles: [wfirst_max, wlast_min]); then the block's span (tiles to load).
+  long long wfirst_min = min(first0, first1), wlast_max = max(last0, last1);
+  long long wfirst_max = max(tr0 < p.T ? first0 : -kNone, tr1 < p.T ? first1 : -kNone);
+  long long wlast_min = min(tr0 < p.T ? last0 : kNone, tr1 < p.T ? last1 : kNone);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, off));
-    wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, off));
+    wfirst_min = min(wfirst_min, __shfl_xor_sync(0xffffffffu, wfirst_min, off));
+    wlast_max = max(wlast_max, __shfl_xor_sync(0xffffffffu, wlast_max, off));
+    wfirst_max = max(wfirst_max, __shfl_xor_sync(0xffffffffu, wfirst_max, off));
+    wlast_min = min(wlast_min, __shfl_xor_sync(0xffffffffu, wlast_min, off));
   }
-  __shared__ int sm_max[kPrefillWarps];
-  if (lane == 0) sm_max[warp] = wmax;
+  __shared__ long long sm_first[kPrefillWarps], sm_last[kPrefillWarps];
+  if (lane == 0) {
+    sm_first[warp] = wfirst_min;
+    sm_last[warp] = wlast_max;
+  }
   __syncthreads();
-  int bmax = 0;
+  long long bfirst = kNone, blast = -kNone;
 #pragma unroll
-  for (int w = 0; w < kPrefillWarps; ++w) bmax = max(bmax, sm_max[w]);
-  const int n_tiles = static_cast<int>(prefill_key_tiles(bmax));  // >= 1: row t0 is valid
+  for (int w = 0; w < kPrefillWarps; ++w) {
+    bfirst = min(bfirst, sm_first[w]);
+    blast = max(blast, sm_last[w]);
+  }
+  const int n_tiles = static_cast<int>(prefill_key_tiles(bfirst, blast));  // >= 1: row t0 is valid
+  const int64_t brow0 = cache_row(bfirst, p.S);  // the cache row of position bfirst
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh;
@@ -417,17 +446,20 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
     const bool ok = t0 + r < p.T;
     cp_async16(sQ + smem_offset(r, col, D), ok ? qg + (t0 + r) * p.q_st + col : qg, ok);
   }
-  // K/V tile `tile` into stage `st`; keys past bmax zero-filled (never reading unwritten cache rows, whose
-  // contents could be NaN and would poison P V through 0 * NaN).
+  // K/V tile `tile` (positions bfirst + 64 tile ..) into stage `st`; positions past blast zero-filled (never reading
+  // unwritten cache rows, whose contents could be NaN and would poison P V through 0 * NaN). A block's span of
+  // positions exceeds S only where its rows' windows lie apart (scattered positions): a row then sees no position
+  // twice, as each row sees at most S.
   auto load_kv = [&](int tile, int st) {
     T* dk = smem + prefill_k_row(st) * LD;
     T* dv = smem + prefill_v_row(st) * LD;
     for (int c = tid; c < kPrefillKeys * CHUNKS; c += kThreads) {
       const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
-      const int key = tile * kPrefillKeys + r;
-      const bool ok = key < bmax;
-      cp_async16(dk + smem_offset(r, col, D), ok ? kg + key * p.k_ss + col : kg, ok);
-      cp_async16(dv + smem_offset(r, col, D), ok ? vg + key * p.v_ss + col : vg, ok);
+      const int64_t key = static_cast<int64_t>(tile) * kPrefillKeys + r;  // position bfirst + key
+      const bool ok = key <= blast - bfirst;
+      const int64_t crow = ok ? cache_row(brow0 + key, p.S) : 0;
+      cp_async16(dk + smem_offset(r, col, D), kg + crow * p.k_ss + col, ok);
+      cp_async16(dv + smem_offset(r, col, D), vg + crow * p.v_ss + col, ok);
     }
   };
   load_kv(0, 0);
@@ -462,7 +494,8 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
       }
       __syncthreads();
     }
-    if (!prefill_warp_skips_tile(tile, wmax)) {
+    const int64_t tile_first = bfirst + static_cast<int64_t>(tile) * kPrefillKeys;  // its first position
+    if (!prefill_warp_skips_tile(tile_first, wfirst_min, wlast_max)) {
       const T* tk = smem + prefill_k_row(st) * LD;
       const T* tv = smem + prefill_v_row(st) * LD;
       float s[NT_S][4];
@@ -478,7 +511,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
           mma_m16n8k16<T>(s[2 * np + 1], qa[ks], kb[2], kb[3]);
         }
       }
-      const bool mask = prefill_tile_needs_mask(tile, wmin);
+      const bool mask = prefill_tile_needs_mask(tile_first, wfirst_max, wlast_min);
       float mx0 = m0, mx1 = m1;
 #pragma unroll
       for (int i = 0; i < NT_S; ++i) {
@@ -486,8 +519,8 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(const Prefi
         for (int e = 0; e < 4; ++e) {
           float x = s[i][e] * p.scale_log2;
           if (mask) {
-            const int key = tile * kPrefillKeys + i * 8 + mma_c_col(lane, e);
-            if (key >= (e < 2 ? vis0 : vis1)) x = -INFINITY;
+            const int64_t key = tile_first + i * 8 + mma_c_col(lane, e);  // its position
+            if (e < 2 ? (key < first0 || key > last0) : (key < first1 || key > last1)) x = -INFINITY;
           }
           s[i][e] = x;
         }
@@ -580,15 +613,18 @@ void launch_prefill(const PrefillParams& p, int B, cudaStream_t stream) {
 // ---- host ----
 
 // Head dims without a tuned kernel (not 64 or 128; Gemma 3's 256, a test model's 16): the same function by ATen ops on
-// the device, in fp32, rounded once to q's dtype. Positions stay on the device (no host sync: graph-safe). Cache rows
-// past every query's position are zeroed before P V, as the kernels never read them (they may hold NaN).
+// the device, in fp32, rounded once to q's dtype. Positions stay on the device (no host sync: graph-safe). By rows, as
+// tinychat.ops.attention_ref: for query t, row r holds position p_t - ((p_t - r) mod S), visible when in the window
+// (visible_range: a negative position counts as 0; at most the latest S positions). Cache rows no query sees are
+// zeroed before P V, as the kernels never read them (they may hold NaN).
 at::Tensor attention_any_head_dim(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& positions, double scale) {
+                                  const at::Tensor& positions, double scale, int64_t window) {
   const int64_t H = q.size(2), Hkv = k.size(1), S = k.size(2);
-  const at::Tensor last = positions.clamp(0, S - 1);                              // [T]
-  const at::Tensor keys = at::arange(S, positions.options());                     // [S]
-  const at::Tensor visible = keys.unsqueeze(0) <= last.unsqueeze(1);              // [T, S]
-  const at::Tensor unread = (keys > last.max()).view({1, 1, S, 1});               // [1, 1, S, 1]
+  const at::Tensor last = positions.clamp_min(0).unsqueeze(1);                    // [T, 1]
+  const at::Tensor rows = at::arange(S, positions.options()).unsqueeze(0);        // [1, S]
+  const at::Tensor held = last - at::remainder(last - rows, S);                   // [T, S]: the position at row r
+  const at::Tensor visible = window > 0 ? held >= last - (window - 1) : held >= 0;  // [T, S]
+  const at::Tensor unread = visible.any(0).logical_not().view({1, 1, S, 1});      // [1, 1, S, 1]
   const at::Tensor qf = q.transpose(1, 2).to(at::kFloat);                         // [B, H, T, D]
   const at::Tensor kf = k.to(at::kFloat).masked_fill(unread, 0).repeat_interleave(H / Hkv, 1);  // [B, H, S, D]
   const at::Tensor vf = v.to(at::kFloat).masked_fill(unread, 0).repeat_interleave(H / Hkv, 1);  // [B, H, S, D]
@@ -598,14 +634,14 @@ at::Tensor attention_any_head_dim(const at::Tensor& q, const at::Tensor& k, cons
 }
 
 at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                          const at::Tensor& positions, double scale) {
-  check_attention_args(q_in, k_in, v_in, positions, c10::DeviceType::CUDA);
+                          const at::Tensor& positions, double scale, int64_t window) {
+  check_attention_args(q_in, k_in, v_in, positions, window, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(q_in.device());
   check_sm80("attention");
   const int64_t B = q_in.size(0), T = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), S = k_in.size(2);
   TORCH_CHECK(std::isfinite(scale), "attention: scale must be finite, got ", scale);
-  if (D != 64 && D != 128) return attention_any_head_dim(q_in, k_in, v_in, positions, scale);
+  if (D != 64 && D != 128) return attention_any_head_dim(q_in, k_in, v_in, positions, scale, window);
   TORCH_CHECK(S <= INT32_MAX / 2 && B * T <= INT32_MAX && H <= 65535 && B <= 65535,
               "attention: shapes too large for the CUDA kernels: q ", q_in.sizes(), ", caches ", k_in.sizes());
   at::Tensor out = at::empty({B, T, H, D}, q_in.options());
@@ -629,7 +665,7 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
     p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
     p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
     p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
-    p.T = static_cast<int>(T), p.H = static_cast<int>(H), p.group = group, p.S = static_cast<int>(S);
+    p.T = static_cast<int>(T), p.H = static_cast<int>(H), p.group = group, p.S = S, p.window = window;
     p.scale_log2 = static_cast<float>(scale) * kLog2e;
     if (dtype == at::kHalf) {
       D == 64 ? launch_prefill<__half, 64>(p, B, stream) : launch_prefill<__half, 128>(p, B, stream);
@@ -659,7 +695,7 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
   p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
   p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
-  p.S = S, p.chunk = plan.chunk;
+  p.S = S, p.chunk = plan.chunk, p.window = window;
   p.T = static_cast<int>(T), p.H = static_cast<int>(H), p.Hkv = static_cast<int>(Hkv), p.group = group;
   p.head_blocks = plan.head_blocks, p.splits = plan.splits;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;

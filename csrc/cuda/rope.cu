@@ -2,10 +2,10 @@
 // q and k fused with the KV-cache write. fp32 math, each result rounded to the input dtype once.
 //
 // One launch for q, k and v; one thread per (token, head, pair (i, i + D/2)) of qkv [B, T, H + 2 Hkv, D]. Query
-// heads are rotated into the new [B, T, H, D] output, key heads rotated into k_cache[b, :, positions[t]], value
-// heads copied into v_cache[b, :, positions[t]]. Positions are never read on the host (no device sync): a token whose
-// position is outside [0, min(S, max_pos)) writes no cache row and gets NaN queries (so the mistake shows instead of
-// reading out of bounds).
+// heads are rotated into the new [B, T, H, D] output, key heads rotated into k_cache[b, :, positions[t] % S], value
+// heads copied into v_cache[b, :, positions[t] % S] (row p of a cache longer than every position; a ring's row
+// otherwise). Positions are never read on the host (no device sync): a token whose position is outside [0, max_pos)
+// writes no cache row and gets NaN queries (so the mistake shows instead of reading out of bounds).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -46,19 +46,20 @@ __global__ void rope_kv_write_kernel(const scalar_t* __restrict__ qkv, const int
     const int64_t bt = row / heads;
     const int64_t t = bt % p.T, b = bt / p.T;
     const int64_t pp = pos[t];
-    const bool ok = attn::rope_position_ok(pp, p.S, p.max_pos);
+    const bool ok = attn::rope_position_ok(pp, p.max_pos);
+    const int64_t crow = ok ? attn::cache_row(pp, p.S) : 0;  // the cache row of position pp
     const int kind = attn::qkv_head_kind(hh, p.H, p.Hkv);
     const scalar_t* x = qkv + b * p.s0 + t * p.s1 + hh * p.s2;
     if (kind == 2) {  // value: copied
       if (ok) {
-        scalar_t* dst = v_cache + b * p.v0 + (hh - p.H - p.Hkv) * p.v1 + pp * p.v2;
+        scalar_t* dst = v_cache + b * p.v0 + (hh - p.H - p.Hkv) * p.v1 + crow * p.v2;
         dst[i] = x[i];
         dst[i + p.half] = x[i + p.half];
       }
       continue;
     }
     scalar_t* dst = kind == 0 ? q_out + (bt * p.H + hh) * 2 * p.half
-                              : k_cache + b * p.k0 + (hh - p.H) * p.k1 + pp * p.k2;
+                              : k_cache + b * p.k0 + (hh - p.H) * p.k1 + crow * p.k2;
     if (!ok) {
       if (kind == 0) dst[i] = dst[i + p.half] = static_cast<scalar_t>(NAN);  // no cache row is written
       continue;
