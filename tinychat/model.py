@@ -22,6 +22,10 @@ from tinychat.config import ModelConfig, rope_inv_freq
 # The context allocated when none is asked for (the KV cache of Engine, `--ctx`'s default), at most the model's own;
 # also the rotary table's first size (it grows with the context in use). llama.cpp's default context, too.
 DEFAULT_CONTEXT = 4096
+# Rows a sliding layer's KV cache keeps beyond its window (a ring: position p at row p % rows): a forward of more
+# than WINDOW_SLACK + 1 tokens runs in pieces, so that no token's window is overwritten by a later token of its own
+# forward (tinychat.ops.attention).
+WINDOW_SLACK = 512
 
 
 @dataclass(frozen=True)
@@ -90,25 +94,27 @@ def _linear(cfg: ModelConfig, name: str) -> nn.Linear:
 
 
 class KVCache(nn.Module):
-    """Keys and values of one layer, preallocated once for `max_seq_len` positions: k, v [B, Hkv, S, D]."""
+    """Keys and values of one layer for positions 0 .. max_seq_len - 1, preallocated once: k, v [B, Hkv, S, D] with
+    S = rows <= max_seq_len; position p is at row p % S (a ring, for a sliding window, where S < max_seq_len)."""
 
-    def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, max_seq_len: int, rows: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        shape = (batch, n_kv_heads, rows, head_dim)
+        self.max_seq_len = max_seq_len
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    @property
-    def max_seq_len(self) -> int:
-        return self.k.shape[2]
-
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window, self.scale, self.eps = window, cfg.attn_scale, cfg.rms_norm_eps  # window 0: every position
         self.wqkv = _linear(cfg, "attn.wqkv")  # q | k | v
         self.wo = _linear(cfg, "attn.wo")
+        # RMSNorm of each query and key head (Qwen3, Gemma 3)
+        self.q_norm = nn.Parameter(torch.ones(cfg.head_dim)) if cfg.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(cfg.head_dim)) if cfg.qk_norm else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -116,13 +122,20 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D)
+        if self.q_norm is not None:
+            q, k, v = qkv.split((H, Hkv, Hkv), dim=2)  # [B, T, H | Hkv | Hkv, D]
+            qkv = torch.cat((ops.rms_norm(q, self.q_norm, self.eps), ops.rms_norm(k, self.k_norm, self.eps), v), 2)
         if self.kv_cache is not None:
             k_cache, v_cache = self.kv_cache.k, self.kv_cache.v  # [B, Hkv, S, D]
         else:  # no cache: the T tokens alone, at positions 0..T-1
             k_cache, v_cache = x.new_empty(B, Hkv, T, D), x.new_empty(B, Hkv, T, D)
         q = ops.rope_kv_write(qkv, positions, cos_sin, k_cache, v_cache)  # [B, T, H, D]; k, v into the caches
-        y = ops.attention(q, k_cache, v_cache, positions, D**-0.5)  # [B, T, H, D]
+        y = ops.attention(q, k_cache, v_cache, positions, self.scale, self.window)  # [B, T, H, D]
         return self.wo(y.view(B, T, H * D))
+
+
+# ModelConfig.hidden_act -> the gated activation op: x [..., 2I] = gate | up -> act(gate) * up [..., I]
+GATED_ACTIVATIONS = {"silu": ops.silu_and_mul, "gelu_tanh": ops.gelu_tanh_and_mul}
 
 
 class MLP(nn.Module):
@@ -130,18 +143,23 @@ class MLP(nn.Module):
         super().__init__()
         self.w13 = _linear(cfg, "mlp.w13")  # gate | up
         self.w2 = _linear(cfg, "mlp.w2")
+        self.act = GATED_ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(ops.silu_and_mul(self.w13(x)))  # w13: [B, T, 2I] = gate | up
+        return self.w2(self.act(self.w13(x)))  # w13: [B, T, 2I] = gate | up
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, cfg.layer_window(i))
         self.mlp = MLP(cfg)
         self.attn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        # norms of the attention's and the MLP's outputs (Gemma 3)
+        self.post_attn_norm = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.post_norms else None
+        self.post_mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.post_norms else None
+        self.local_rope = cfg.layer_rope(i) is not cfg.rope  # rotary table: Transformer.cos_sin_local
         self.eps = cfg.rms_norm_eps
 
     def forward(
@@ -156,8 +174,13 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = ops.add_rms_norm(x, residual, self.attn_norm, self.eps)
         x = self.attn(x, positions, cos_sin)
+        if self.post_attn_norm is not None:
+            x = ops.rms_norm(x, self.post_attn_norm, self.eps)
         x, residual = ops.add_rms_norm(x, residual, self.mlp_norm, self.eps)
-        return self.mlp(x), residual
+        x = self.mlp(x)
+        if self.post_mlp_norm is not None:
+            x = ops.rms_norm(x, self.post_mlp_norm, self.eps)
+        return x, residual
 
 
 class Transformer(nn.Module):
@@ -166,20 +189,26 @@ class Transformer(nn.Module):
         self.config = cfg
         # an explicit weight skips the random init (costly on the meta device, and overwritten at load anyway)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._decoder = None  # the one-call decoder over these tensors and caches once built, False if none can be
         with torch.device("cpu"):  # real values even when the loader builds the module on the meta device
-            self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, rope_freq_factors)  # [D/2], stays on the CPU
+            # [D/2] each, stay on the CPU: the global layers' and, where it differs, the sliding layers' (Gemma 3)
+            self._inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, rope_freq_factors)
+            self._inv_freq_local = rope_inv_freq(cfg.rope_local, cfg.head_dim) if cfg.rope_local else None
             rows = min(cfg.context_length, DEFAULT_CONTEXT)
             self.register_buffer("cos_sin", ops.rope_cos_sin(self._inv_freq, rows), persistent=False)  # [rows, D]
+            self.register_buffer("cos_sin_local", None if self._inv_freq_local is None else
+                                 ops.rope_cos_sin(self._inv_freq_local, rows), persistent=False)  # [rows, D]
 
     def _rope_rows(self, rows: int) -> None:
         """Grow the rotary table to `rows` positions (built on the CPU, as at init): it follows the context in use,
         never the model's maximum, which a config may set to a billion."""
         if self.cos_sin.shape[0] < rows:
             self.cos_sin = ops.rope_cos_sin(self._inv_freq, rows).to(self.cos_sin.device)
+            if self.cos_sin_local is not None:
+                self.cos_sin_local = ops.rope_cos_sin(self._inv_freq_local, rows).to(self.cos_sin.device)
 
     def swap_linears(self, make: Callable[[str, nn.Module], nn.Module]) -> Transformer:
         """Replace every decoder linear by make(name, linear) ("layers.{i}.attn.wqkv", ...): how float linears
@@ -207,15 +236,18 @@ class Transformer(nn.Module):
 
     def setup_kv_cache(self, max_seq_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         """Allocate each layer's KV cache once, on the device of the weights, in `dtype` (default: the weights'; on a
-        CPU also float16 or bfloat16 below float32 weights, which the kernels convert as they read)."""
+        CPU also float16 or bfloat16 below float32 weights, which the kernels convert as they read). A sliding
+        layer's holds its window and WINDOW_SLACK rows more (a ring), where that is less than `max_seq_len`."""
         cfg = self.config
         if max_seq_len > cfg.context_length:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context length {cfg.context_length}")
         self._rope_rows(max_seq_len)
         self._decoder = None
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype or self.dtype,
-                                          self.device)
+            window = layer.attn.window
+            rows = min(max_seq_len, window + WINDOW_SLACK) if window else max_seq_len
+            layer.attn.kv_cache = KVCache(batch, max_seq_len, rows, cfg.num_kv_heads, cfg.head_dim,
+                                          dtype or self.dtype, self.device)
 
     def _apply(self, fn, recurse=True):
         self._decoder = None  # a move or cast makes new tensors: the decoder is built again over them
@@ -240,6 +272,9 @@ class Transformer(nn.Module):
         """A CpuDecoder over this model's tensors, or False where its linears or the build cannot make one (kept, so
         that forward does not walk the layers again at every step)."""
         cfg = self.config
+        if (cfg.qk_norm or cfg.post_norms or cfg.hidden_act != "silu" or cfg.rope_local is not None
+                or any(0 < layer.attn.window < self.max_seq_len for layer in self.layers)):
+            return False  # what the one-call decoder does not run (yet): Qwen3's and Gemma 3's extras
         spec, tensors = [cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim], [self.norm]
         for layer in self.layers:
             tensors += [layer.attn_norm, layer.mlp_norm, layer.attn.kv_cache.k, layer.attn.kv_cache.v]
@@ -252,7 +287,7 @@ class Transformer(nn.Module):
         head = _op_form(self.lm_head)
         if head is None:
             return False
-        decoder = ops.cpu_decoder(tensors + head[1], spec + head[0], cfg.rms_norm_eps, cfg.head_dim**-0.5)
+        decoder = ops.cpu_decoder(tensors + head[1], spec + head[0], cfg.rms_norm_eps, cfg.attn_scale)
         return False if decoder is None else decoder  # None: no compiled extension
 
     @property
@@ -264,22 +299,33 @@ class Transformer(nn.Module):
                 last_only: bool = False, one_call: bool = True) -> torch.Tensor:
         """tokens [B, T] at positions [T] (int64, on the tokens' device) -> logits [B, T, V] ([B, 1, V] with last_only).
 
-        With KV caches set up, token t's key and value go to cache row positions[t] and it attends to rows
-        0..positions[t]; without, the tokens attend to each other alone, and positions must be 0..T-1 (the default).
-        On the CPU with caches, the layers run in one C++ call (one_call_decoder; the same logits bit for bit);
-        one_call=False runs them op by op, the reference.
+        With KV caches set up, token t's key and value go to the caches at position positions[t] and it attends to
+        positions 0..positions[t] (the last `window` of them in a sliding layer); without, the tokens attend to each
+        other alone, and positions must be 0..T-1 (the default). On the CPU with caches, the layers run in one C++
+        call where the one-call decoder can run them (one_call_decoder; the same logits bit for bit); one_call=False
+        runs them op by op, the reference. More than WINDOW_SLACK + 1 tokens run in pieces where a sliding layer's
+        cache is a ring.
         """
+        cfg = self.config
+        T = tokens.shape[1]
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)  # [T]
+            positions = torch.arange(T, device=tokens.device)  # [T]
         if self.max_seq_len is None:  # no cache: positions are 0 .. T-1 (a shape, no sync)
-            self._rope_rows(tokens.shape[1])
-        eps = self.config.rms_norm_eps
+            self._rope_rows(T)
+        elif T > (piece := WINDOW_SLACK + 1) and any(layer.attn.kv_cache.k.shape[2] < self.max_seq_len
+                                                       for layer in self.layers):
+            outs = [self(tokens[:, i : i + piece], positions[i : i + piece], last_only, one_call)
+                    for i in range(0, T, piece)]
+            return outs[-1] if last_only else torch.cat(outs, dim=1)
         x, residual = self.embed(tokens), None  # [B, T, C]
+        if cfg.embed_scale != 1.0:  # rounded to the activations' dtype first, as transformers does
+            x = x * torch.tensor(cfg.embed_scale).to(x.dtype).item()
         decoder = self.one_call_decoder() if one_call else None
         if decoder is not None:
             return decoder.forward(x, positions, self.cos_sin, last_only)
+        eps = cfg.rms_norm_eps
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.cos_sin)
+            x, residual = layer(x, residual, positions, self.cos_sin_local if layer.local_rope else self.cos_sin)
         x = ops.rms_norm(x, self.norm, eps) if residual is None else ops.add_rms_norm(x, residual, self.norm, eps)[0]
         if last_only:
             x = x[:, -1:]

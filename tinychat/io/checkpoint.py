@@ -24,7 +24,7 @@ from tinychat.errors import TinychatError
 from tinychat.files import read_json
 from tinychat.io.awq_format import awq_quantization_config, pack_awq_gemm
 from tinychat.io.loader import LoadedModel
-from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules
+from tinychat.io.names import HF_GLOBALS, hf_layer_norms, hf_layer_prefix, hf_modules
 from tinychat.model import Transformer, layer_linears, linear_names
 from tinychat.quant.quantize import QuantConfig, QuantResult
 
@@ -199,12 +199,15 @@ def fp16_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def _unquantized_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """Embeddings, norms and the untied lm_head, Hugging Face-named, in float16."""
-    tensors = {hf: _fp16(hf, model.get_parameter(name)) for name, hf in HF_GLOBALS.items()
-               if name != "lm_head.weight" or not model.config.tie_word_embeddings}
+    """Embeddings, norms and the untied lm_head, Hugging Face-named, in float16. The model's norm weights are
+    applied as they are; a checkpoint's as config.norm_offset + w (Gemma), so the offset comes off here."""
+    cfg = model.config
+    tensors = {hf: _fp16(hf, model.get_parameter(name) - (cfg.norm_offset if name == "norm" else 0.0))
+               for name, hf in HF_GLOBALS.items() if name != "lm_head.weight" or not cfg.tie_word_embeddings}
     for i, layer in enumerate(model.layers):
         p = hf_layer_prefix(i)
-        tensors.update({p + hf: _fp16(p + hf, layer.get_parameter(name)) for name, hf in HF_LAYER_NORMS.items()})
+        tensors.update({p + hf: _fp16(p + hf, layer.get_parameter(name) - cfg.norm_offset)
+                        for name, hf in hf_layer_norms(cfg).items()})
     return tensors
 
 

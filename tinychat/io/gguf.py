@@ -1,7 +1,8 @@
 """Read a llama.cpp GGUF file into a Hugging Face style config and its tensors, under Hugging Face names.
 
 Only the metadata keys and tensors of decoder-only Llama-family models are understood
-(``general.architecture`` ``llama`` or ``qwen2``). Each tensor can be read two ways: as its blocks, exactly, in
+(``general.architecture`` ``llama``, ``qwen2``, ``qwen3`` or ``gemma3``; a Gemma 3 file's norm weights hold the
+1 + w its model applies, as llama.cpp's converter stored them: tinychat.io.loader adds nothing to them). Each tensor can be read two ways: as its blocks, exactly, in
 the group form tinychat's int4 / int8 ops run (block types with one: tinychat/io/gguf_blocks.py), or expanded to
 float32 with the ``gguf`` package (every type it can dequantize). Either way the llama.cpp rotary permutation of the
 query and key rows is undone (a reordering of rows), so that the result can be used like a ``config.json`` plus a
@@ -42,7 +43,13 @@ __all__ = [
 GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
+# What llama.cpp fixes for Gemma 3 where a file has no key (src/llama-model.cpp): every 6th layer is global, the
+# sliding layers' rotary base is 10000.
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 
 # Architectures whose q/k projections llama.cpp's converter permutes for its rotary layout.
 _PERMUTED_ARCHITECTURES = frozenset({"llama"})
@@ -72,7 +79,11 @@ _LAYER_PARTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "attn_k": ("self_attn.k_proj", ("weight", "bias")),
     "attn_v": ("self_attn.v_proj", ("weight", "bias")),
     "attn_output": ("self_attn.o_proj", ("weight", "bias")),
-    "ffn_norm": ("post_attention_layernorm", ("weight",)),
+    "ffn_norm": ("post_attention_layernorm", ("weight",)),  # pre_feedforward_layernorm in Gemma 3
+    "attn_q_norm": ("self_attn.q_norm", ("weight",)),
+    "attn_k_norm": ("self_attn.k_norm", ("weight",)),
+    "post_attention_norm": ("post_attention_layernorm", ("weight",)),
+    "post_ffw_norm": ("post_feedforward_layernorm", ("weight",)),
     "ffn_gate": ("mlp.gate_proj", ("weight",)),
     "ffn_up": ("mlp.up_proj", ("weight",)),
     "ffn_down": ("mlp.down_proj", ("weight",)),
@@ -234,6 +245,22 @@ def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
             if original is not None:
                 rope_scaling["original_max_position_embeddings"] = int(original)
 
+    extra: dict[str, Any] = {}
+    if arch == "gemma3":  # the only architecture here whose sliding window llama.cpp applies
+        # every n-th layer is global (llama.cpp's set_swa_pattern; n = 6 where the file does not say)
+        pattern = int_key("attention.sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
+        sliding = [i % pattern < pattern - 1 for i in range(layers)]
+        local_base = float(key("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))
+        # llama.cpp's attention scale: 1/sqrt(head dim), but 1/sqrt(hidden / heads) for the 27B model (62 layers)
+        extra = {
+            "sliding_window": int_key("attention.sliding_window"),
+            "hidden_activation": "gelu_pytorch_tanh",
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "rope_parameters": {"full_attention": {"rope_type": "default", **(rope_scaling or {}),
+                                                   "rope_theta": rope_theta},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": local_base}},
+            "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+        }
     return {
         "architectures": [hf_class],
         "model_type": model_type,
@@ -254,11 +281,12 @@ def gguf_config(reader: GGUFReader, path: str | os.PathLike = "<gguf>") -> dict:
         "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id", path, None),
         "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id", path, None),
         "torch_dtype": "float32",
+        **extra,
     }
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor, or None when tinychat does not know it."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor of architecture `arch`, or None when tinychat does not know it."""
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     m = _LAYER_RE.fullmatch(gguf_name)
@@ -268,6 +296,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     if part not in _LAYER_PARTS:
         return None
     module, suffixes = _LAYER_PARTS[part]
+    if arch == "gemma3" and part == "ffn_norm":  # Gemma 3's post_attention_layernorm is post_attention_norm
+        module = "pre_feedforward_layernorm"
     if suffix not in suffixes:
         return None
     return f"model.layers.{int(layer)}.{module}.{suffix}"
@@ -373,7 +403,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, TensorRef], GGUF
 
     refs: dict[str, TensorRef] = {}
     for t in reader.tensors:
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, arch)
         if name is None:
             raise ModelLoadError(f"{path}: unknown tensor {t.name!r} for architecture {arch!r}")
         _check_type(t, path)

@@ -24,7 +24,7 @@ from tinychat.io.awq_format import AwqFormat, awq_format_from_hf
 from tinychat.io.default import default_model_path
 from tinychat.io.gguf import read_gguf
 from tinychat.io.hf import TensorRef, read_hf_dir, resolve_hub_id
-from tinychat.io.names import HF_GLOBALS, HF_LAYER_NORMS, hf_layer_prefix, hf_modules, hf_tensor_shapes
+from tinychat.io.names import HF_GLOBALS, hf_layer_norms, hf_layer_prefix, hf_modules, hf_tensor_shapes
 from tinychat.io.gguf_blocks import GroupWeights, group_linear, stack_rows
 from tinychat.linear import GroupEmbedding, RowStack, WQLinear, int8_lm_head
 from tinychat.model import Transformer, layer_linears
@@ -145,7 +145,9 @@ class ModelSource:
         4-bit types.
         """
         blocks = self.has_blocks if blocks is None else blocks
-        model = build_model(self.config, self.tensors, resolve_dtype(dtype), awq=self.awq, blocks=blocks)
+        gguf = self.path.suffix == ".gguf"  # its norms hold config.norm_offset already (build_model)
+        model = build_model(self.config, self.tensors, resolve_dtype(dtype), awq=self.awq, blocks=blocks,
+                            norm_offset=0.0 if gguf else None)
         if int8_head or (int8_head is None and self.quantized and torch.device(device).type == "cpu"):
             int8_lm_head(model)
         model = model.to(device).eval().requires_grad_(False)
@@ -198,7 +200,7 @@ def _is_decoder_linear(name: str) -> bool:
 
 def build_model(
     cfg: ModelConfig, tensors: Mapping[str, TensorRef], dtype: torch.dtype, awq: AwqFormat | None = None,
-    blocks: bool = False,
+    blocks: bool = False, norm_offset: float | None = None,
 ) -> Transformer:
     """Check names and shapes of Hugging Face-named tensors, then load them one at a time (converted to `dtype`),
     fuse q/k/v and gate/up, and build the model on the CPU.
@@ -209,7 +211,12 @@ def build_model(
     WQLinear or Int8Linear of the group form; a fused linear whose parts differ in form runs them side by side), and
     a quantized embedding stays in its blocks too (a GroupEmbedding, which a tied output projection shares). Float
     tensors, norms and a float embedding go to `dtype`.
+
+    norm_offset: added to every norm weight (in fp32) before it goes to `dtype`: the model applies its norm weights
+    as they are. None (a Hugging Face checkpoint) adds the config's (Gemma stores w and applies 1 + w); a GGUF
+    file's norms hold the offset already (llama.cpp's converter added it), so its loader passes 0.
     """
+    offset = cfg.norm_offset if norm_offset is None else norm_offset
     expected = hf_tensor_shapes(cfg, awq.shapes if awq is not None else None)
     if "rope_freqs" in tensors:
         expected["rope_freqs"] = (cfg.head_dim // 2,)
@@ -246,13 +253,13 @@ def build_model(
             raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} holds {bad} NaN or infinite value(s)")
         return t
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str, add: float = 0.0) -> torch.Tensor:
         bar.update()
         t = tensors[name].load()
         if not t.is_floating_point():
             raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} has dtype {t.dtype}, expected a "
                                  "floating-point type (a weight)")
-        return finite(name, t).to(dtype)
+        return (finite(name, t) if not add else finite(name, t).float() + add).to(dtype)
 
     def get_packed(name: str) -> torch.Tensor:  # an AWQ tensor, as stored (int32 or fp16 scales)
         bar.update()
@@ -284,10 +291,13 @@ def build_model(
             if bias is not None:
                 linear.bias = nn.Parameter(bias, requires_grad=False)
             return linear
-        if len({tensors[n].kind for n in names}) > 1:  # parts of different types (float among them, or not)
-            biases = bias.split([tensors[n].shape[0] for n in names]) if bias is not None else [None] * len(names)
+        biases = bias.split([tensors[n].shape[0] for n in names]) if bias is not None else [None] * len(names)
+        if any(tensors[n].kind in FLOAT_KINDS for n in names):  # float and block parts side by side
             return RowStack([native([n], b) for n, b in zip(names, biases)])
-        return group_linear(stack_rows([get_groups(n) for n in names]), bias)
+        parts = [get_groups(n) for n in names]
+        if len({gw.form() for gw in parts}) == 1:  # one form, one op (Q5_0 and Q8_0 rows, say: int8, G32)
+            return group_linear(stack_rows(parts), bias)
+        return RowStack([group_linear(gw, b) for gw, b in zip(parts, biases)])  # parts of different forms
 
     freq_factors = None
     if "rope_freqs" in tensors:
@@ -299,7 +309,7 @@ def build_model(
         if awq is not None:
             model.swap_linears(lambda name, linear: WQLinear(linear.in_features, linear.out_features, awq.group_size,
                                                              linear.bias is not None, dtype=dtype))
-    sd = {name: get(hf) for name, hf in HF_GLOBALS.items()
+    sd = {name: get(hf, offset if name == "norm" else 0.0) for name, hf in HF_GLOBALS.items()
           if not (name == "lm_head.weight" and (cfg.tie_word_embeddings or native_head))
           and not (name == "embed.weight" and native_embed)}
     embed = head = None
@@ -309,7 +319,7 @@ def build_model(
     swapped: dict[str, nn.Module] = {}  # decoder linears built as they are stored (blocks)
     for i in range(cfg.num_layers):
         p, o = hf_layer_prefix(i), f"layers.{i}."
-        sd.update({o + name: get(p + hf) for name, hf in HF_LAYER_NORMS.items()})
+        sd.update({o + name: get(p + hf, offset) for name, hf in hf_layer_norms(cfg).items()})
         for spec in layer_linears(cfg):
             fused, parts, has_bias = spec.name, [module for module, _ in hf_modules(spec)], spec.bias
             if blocks:

@@ -17,8 +17,6 @@ HF_LINEAR_PARTS = {
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
     "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
 }
-# a decoder layer's norm parameter -> its Hugging Face tensor within the layer
-HF_LAYER_NORMS = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
 # the model's other parameters -> their Hugging Face tensors (lm_head only when not tied to the embedding)
 HF_GLOBALS = {"embed.weight": "model.embed_tokens.weight", "norm": "model.norm.weight",
               "lm_head.weight": "lm_head.weight"}
@@ -26,6 +24,20 @@ HF_GLOBALS = {"embed.weight": "model.embed_tokens.weight", "norm": "model.norm.w
 
 def hf_layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
+
+
+def hf_layer_norms(cfg: ModelConfig) -> dict[str, str]:
+    """A decoder layer's norm parameters -> their Hugging Face tensors within the layer. Gemma 3's names differ:
+    its post_attention_layernorm is the attention's output norm (Llama's is the MLP's input norm)."""
+    if cfg.post_norms:
+        norms = {"attn_norm": "input_layernorm.weight", "mlp_norm": "pre_feedforward_layernorm.weight",
+                 "post_attn_norm": "post_attention_layernorm.weight",
+                 "post_mlp_norm": "post_feedforward_layernorm.weight"}
+    else:
+        norms = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
+    if cfg.qk_norm:
+        norms.update({"attn.q_norm": "self_attn.q_norm.weight", "attn.k_norm": "self_attn.k_norm.weight"})
+    return norms
 
 
 def hf_modules(spec: LinearSpec) -> list[tuple[str, int]]:
@@ -54,7 +66,8 @@ def hf_tensor_shapes(cfg: ModelConfig,
         shapes[HF_GLOBALS["lm_head.weight"]] = (V, C)
     for i in range(cfg.num_layers):
         p = hf_layer_prefix(i)
-        shapes.update({p + name: (C,) for name in HF_LAYER_NORMS.values()})
+        shapes.update({p + hf: (cfg.head_dim,) if name.startswith("attn.") else (C,)
+                       for name, hf in hf_layer_norms(cfg).items()})
         for spec in layer_linears(cfg):
             for module, rows in hf_modules(spec):
                 if linear_tensors is None:
