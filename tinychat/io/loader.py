@@ -173,7 +173,11 @@ def open_source(source: str | os.PathLike | ModelSource | None = None) -> ModelS
         _require_gguf(path)
         cfg_dict, tensors, reader = read_gguf(path)
         config = ModelConfig.from_hf(cfg_dict, source=str(path))
-        return ModelSource(path, cfg_dict, config, tensors, Tokenizer.from_gguf(reader, path), None)
+        tokenizer = Tokenizer.from_gguf(reader, path)
+        # the vocabulary's fields are read once, into the tokenizer; the reader (which the tensors' loaders keep)
+        # holds a numpy array per token of them: ~300 MB for a 262k vocabulary (Gemma 3)
+        reader.fields = {k: v for k, v in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        return ModelSource(path, cfg_dict, config, tensors, tokenizer, None)
     cfg_dict, tensors = read_hf_dir(path)
     where = str(path / "config.json")
     config = ModelConfig.from_hf(cfg_dict, source=where)
