@@ -18,6 +18,10 @@ _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 TINY_ARCHS = {
     "llama": ("LlamaConfig", dict(_TINY, tie_word_embeddings=False)),  # untied lm_head
     "qwen2": ("Qwen2Config", dict(_TINY, tie_word_embeddings=True)),  # q/k/v bias, tied embeddings
+    "qwen3": ("Qwen3Config", dict(_TINY, head_dim=16, tie_word_embeddings=True)),  # q/k norms
+    # 1 + w norms (written back as w), post norms, a window shorter than the test prompts, a global layer
+    "gemma3": ("Gemma3TextConfig", dict(_TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention"])),
 }
 
 
@@ -140,7 +144,7 @@ def byte_level_tokenizer_json():
 
 @pytest.fixture(scope="session")
 def make_hf_dir(byte_level_tokenizer_json):
-    """make_hf_dir(path, arch): a tiny random transformers model ("llama" or "qwen2", TINY_ARCHS) saved with
+    """make_hf_dir(path, arch): a tiny random transformers model (an arch of TINY_ARCHS) saved with
     save_pretrained, plus tokenizer files (the byte-level BPE tokenizer, a chat template); returns path."""
     transformers = pytest.importorskip("transformers")
 
@@ -152,6 +156,10 @@ def make_hf_dir(byte_level_tokenizer_json):
             for layer in model.model.layers:  # nonzero biases, so that their save and split are tested
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     torch.nn.init.normal_(proj.bias, std=0.1)
+        with torch.no_grad():  # norms other than 1 (Gemma's: other than 0), so that each one's save is tested
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(torch.randn_like(p) * 0.1)
         model.save_pretrained(path)
         (path / "tokenizer.json").write_text(byte_level_tokenizer_json)
         (path / "tokenizer_config.json").write_text(json.dumps(

@@ -86,7 +86,7 @@ def outlier_inputs(n=4, seqlen=32, k=64, channels=(3, 20, 41), factor=50.0):
                                    ScaleGroup("mlp.w13", "mlp_norm", None, "mlp")], ids=["linear", "mlp-block"])
 def test_scale_search_beats_rtn_on_outlier_channels(group):
     cfg = dataclasses.replace(MHA, intermediate_size=64)
-    layer = DecoderLayer(cfg).eval().requires_grad_(False)
+    layer = DecoderLayer(cfg, 0).eval().requires_grad_(False)
     x = outlier_inputs()
     linear = layer.get_submodule(group.linear)
     w = linear.weight.clone()
@@ -113,7 +113,7 @@ def test_scale_search_beats_rtn_on_outlier_channels(group):
 
 def test_block_losses_run_on_evenly_spaced_whole_blocks():
     group = ScaleGroup("mlp.w13", "mlp_norm", None, "mlp")
-    layer = DecoderLayer(dataclasses.replace(MHA, intermediate_size=64)).eval().requires_grad_(False)
+    layer = DecoderLayer(dataclasses.replace(MHA, intermediate_size=64), 0).eval().requires_grad_(False)
     x = outlier_inputs(n=7)  # [7, 32, 64]
     assert torch.equal(_spaced_blocks(x, 3 * 32 + 5), x[[0, 3, 6]])
     assert torch.equal(_spaced_blocks(x, 10), x[[0]]) and _spaced_blocks(x, None) is x

@@ -22,7 +22,7 @@ from tinychat.tokenizer import Tokenizer
 transformers = pytest.importorskip("transformers")
 
 CHAT_TEMPLATE = "{% for m in messages %}<bos>{{ m['content'] }}<eos>{% endfor %}"  # as conftest's make_hf_dir
-GROUP = {"llama": 32, "qwen2": 64}  # AWQ group size per tiny architecture (conftest's TINY_ARCHS)
+GROUP = {"llama": 32, "qwen2": 64, "qwen3": 32, "gemma3": 64}  # AWQ group size per tiny architecture (conftest's TINY_ARCHS)
 PROMPT = "hello world, the quick brown fox"
 
 
@@ -37,10 +37,12 @@ def quantized(src, G):
 
 def fp16_reference(model, qdict, G):
     """The float model as the checkpoint holds it: W = dequantize(q, fp16-rounded scales, z); every other tensor
-    (embeddings, norms, biases, lm_head) rounded through fp16."""
+    (embeddings, norms, biases, lm_head) rounded through fp16; a norm g as the checkpoint's w = g - offset (Gemma)."""
+    offset = model.config.norm_offset
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
+        for name, p in model.named_parameters():
+            shift = offset if name.rpartition(".")[2].endswith("norm") else 0.0
+            p.copy_((p - shift).half().float() + shift)
         for name, (q, scales, zeros) in qdict.items():
             model.get_submodule(name).weight.copy_(dequantize(q, scales.half().float(), zeros, G))
     return model
