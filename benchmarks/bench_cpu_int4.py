@@ -9,8 +9,9 @@ Two tables:
   measured in the same run (a large tensor summed with the same threads) and to fp32 / bf16 torch matmuls of the
   same shape;
 * models: the same 128-token prompt (token ids from tinychat's tokenizer of the GGUF) and 128 new greedy tokens (no
-  stop) through tinychat on the shipped Q4_1 blocks (the chat's default), tinychat int4 AWQ g64 (a requantization),
-  tinychat fp32, llama.cpp (`llama-cpp-python`, the shipped Q4_1 GGUF and a Q4_0 requantization of it) and
+  stop) through tinychat on the shipped blocks (the chat's default; SmolLM2's are Q4_1, --model gives another GGUF),
+  tinychat int4 AWQ g64 (a requantization; --no-awq leaves it out), tinychat fp32, llama.cpp (`llama-cpp-python`,
+  the shipped GGUF and a Q4_0 requantization of it) and
   transformers fp32 / bf16: prefill tok/s, decode tok/s, peak RSS and its growth over the child's imports (torch,
   which every child imports, llama.cpp's too: the growth is what compares; tinychat and llama.cpp allocate the same
   context, 512 tokens or prompt + new tokens); for tinychat also the
@@ -203,6 +204,14 @@ def in_subprocess(spec: dict) -> dict:
     return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
 
 
+def file_type(gguf_path: str) -> str:
+    """The GGUF's general.file_type as llama.cpp names it ("Q4_1", "Q4_K_M", ...)."""
+    import gguf
+
+    field = gguf.GGUFReader(gguf_path).fields.get("general.file_type")
+    return "blocks" if field is None else gguf.LlamaFileType(int(field.contents())).name.removeprefix("MOSTLY_")
+
+
 def requantize_q4_0(src: str, dst: str) -> None:
     import llama_cpp
 
@@ -222,23 +231,26 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
     prompt = prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), args.prompt_tokens)
     base = {"prompt": prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
             "ctx": max(MIN_CTX, args.prompt_tokens + args.new_tokens)}
+    shipped = f"shipped {file_type(gguf)}"
     configs = [
-        ("tinychat", "shipped Q4_1 blocks", {"quant": "auto", "path": gguf}),
+        ("tinychat", f"{shipped} blocks", {"quant": "auto", "path": gguf}),
         ("tinychat", "int4 AWQ g64", {"quant": "awq", "path": gguf}),
         ("tinychat", "fp32", {"quant": "none", "path": gguf}),
     ]
+    if args.no_awq:
+        del configs[1]
     if torch.ops.tinychat.cpu_isa() == "avx512_vnni":  # the default rounds activations to int8: the fp32 path too
-        configs.insert(1, ("tinychat", "shipped Q4_1 blocks, fp32 activations", {"quant": "auto", "path": gguf,
-                                                                                  "isa": "avx512"}))
+        configs.insert(1, ("tinychat", f"{shipped} blocks, fp32 activations", {"quant": "auto", "path": gguf,
+                                                                              "isa": "avx512"}))
     notes = []
     try:
         import llama_cpp  # noqa: F401
 
-        q4_0 = os.path.join(args.workdir, "model-Q4_0.gguf")
+        q4_0 = os.path.join(args.workdir, os.path.basename(gguf).removesuffix(".gguf") + "-Q4_0.gguf")
         if not os.path.exists(q4_0):
             os.makedirs(args.workdir, exist_ok=True)
             requantize_q4_0(gguf, q4_0)
-        configs += [("llama.cpp", "shipped Q4_1", {"path": gguf}), ("llama.cpp", "Q4_0", {"path": q4_0})]
+        configs += [("llama.cpp", shipped, {"path": gguf}), ("llama.cpp", "Q4_0", {"path": q4_0})]
     except ImportError:
         notes.append("llama-cpp-python is not installed: no llama.cpp rows (see this script's docstring)")
     if not args.no_transformers:
@@ -265,7 +277,7 @@ def model_rows(args) -> tuple[list[dict], list[str]]:
         if "MB_per_token" in r:  # the share of the memory-bandwidth bound that decoding reaches
             r["bandwidth_use"] = r["decode_tok_s"] * r["MB_per_token"] * 1e6 / (args.bandwidth * 1e9)
     by = {(r["engine"], r["weights"]): r for r in rows}
-    for weights, key in (("Q4_0", "llama_q4_0"), ("shipped Q4_1", "llama_q4_1")):
+    for weights, key in (("Q4_0", "llama_q4_0"), (shipped, "llama_shipped")):
         ref = by.get(("llama.cpp", weights))
         if ref and "error" not in ref:
             for r in rows:
@@ -285,12 +297,13 @@ def contention_rows(args) -> list[dict]:
     prompt = prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), args.prompt_tokens)
     base = {"prompt": prompt, "new_tokens": 64, "repeats": 1, "threads": args.threads, "path": gguf,
             "ctx": max(MIN_CTX, args.prompt_tokens + 64)}
-    configs = [("tinychat", "shipped Q4_1 blocks, default threads", {"quant": "auto"}),
-               ("tinychat", f"shipped Q4_1 blocks, --threads {args.threads}", {"quant": "auto", "fixed_threads": True})]
+    shipped = f"shipped {file_type(gguf)}"
+    configs = [("tinychat", f"{shipped} blocks, default threads", {"quant": "auto"}),
+               ("tinychat", f"{shipped} blocks, --threads {args.threads}", {"quant": "auto", "fixed_threads": True})]
     try:
         import llama_cpp  # noqa: F401
 
-        configs.append(("llama.cpp", f"shipped Q4_1, {args.threads} threads", {}))
+        configs.append(("llama.cpp", f"{shipped}, {args.threads} threads", {}))
     except ImportError:
         pass
     runs = {(i, busy): [] for i in range(len(configs)) for busy in (False, True)}
@@ -326,6 +339,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="runs of every engine, in alternating order (best kept)")
     ap.add_argument("--kernel-repeats", type=int, default=50)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-awq", action="store_true", help="leave out tinychat's AWQ requantization of the model")
     ap.add_argument("--no-models", action="store_true", help="the kernel table only")
     ap.add_argument("--contention", action="store_true",
                     help="also decode with one core kept busy by another process (the contention table)")
@@ -362,8 +376,8 @@ def main():
     emit({"rows": kernels}, ["model", "linear", "form", "N", "K", "int4_MB", "avx512_vnni_GBs", "avx512_GBs", "avx2_GBs",
                              "scalar_GBs", "fp32_GBs", "bf16_GBs", "best_vs_bandwidth"], None)
     emit(result, ["engine", "weights", "prefill_tok_s", "decode_tok_s", "peak_rss_MB", "rss_growth_MB",
-                  "rss_growth_vs_llama_q4_1", "prefill_vs_llama_q4_0",
-                  "decode_vs_llama_q4_0", "prefill_vs_llama_q4_1", "decode_vs_llama_q4_1", "MB_per_token",
+                  "rss_growth_vs_llama_shipped", "prefill_vs_llama_q4_0",
+                  "decode_vs_llama_q4_0", "prefill_vs_llama_shipped", "decode_vs_llama_shipped", "MB_per_token",
                   "bandwidth_use", "error"], args.out)
     if args.contention:
         emit({"rows": result["contention"]}, ["engine", "weights", "idle_decode_tok_s", "busy_decode_tok_s",
