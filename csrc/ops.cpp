@@ -61,7 +61,7 @@ TORCH_LIBRARY(tinychat, m) {
   // one the environment variable TINYCHAT_CPU_ISA names.
   m.def("cpu_isa() -> str", &tinychat::cpu_isa_name);
   // The whole decoder in one call on the CPU (csrc/cpu/decode_step.h): built once per KV cache from the model's
-  // tensors (a flat list, described by spec), forward(x, positions, cos_sin, last_only) -> logits.
+  // tensors (a flat list, described by spec), forward(x, positions, cos_sin, cos_sin_local, last_only) -> logits.
   m.class_<tinychat::CpuDecoder>("CpuDecoder")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double, double>())
       .def("forward", &tinychat::CpuDecoder::forward);

@@ -7,17 +7,24 @@ Models it cannot run fall back to the op-by-op path; a bad description is refuse
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
-from tinychat.config import ModelConfig
+import tinychat.model
+from tinychat.config import ModelConfig, RopeConfig
 from tinychat.linear import Int8Linear, RowStack, WQLinear, int8_lm_head
 from tinychat.model import Transformer
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=16, qkv_bias=True, max_position_embeddings=64)
+# Gemma 3's extras: q/k norms, post norms, GELU-tanh, a sliding layer (window 5) with its own rotary table before a
+# global one, a scaled embedding, an attention scale of its own
+GEMMA = dataclasses.replace(CFG, qkv_bias=False, qk_norm=True, post_norms=True, hidden_act="gelu_tanh",
+                            sliding_window=5, layer_types=("sliding_attention", "full_attention"),
+                            rope_local=RopeConfig(theta=100.0), embed_scale=8.0, query_pre_attn_scalar=10.0)
 
 
 def _int4(linear: nn.Linear, params: torch.dtype, offsets: bool) -> WQLinear:
@@ -46,9 +53,9 @@ FORMS = {
 }
 
 
-def _model(forms: str) -> Transformer:
+def _model(forms: str, cfg: ModelConfig = CFG) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(CFG)
+    model = Transformer(cfg)
     nn.init.normal_(model.embed.weight)
     for p in model.layers.parameters():
         nn.init.normal_(p, std=0.2)
@@ -65,18 +72,23 @@ def _model(forms: str) -> Transformer:
 
 @pytest.mark.parametrize("forms", sorted(FORMS))
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["kv32", "kv16"])
-def test_one_call_decoder_equals_op_by_op(forms, kv_dtype, isa, threads):
-    reference = _model(forms)
+@pytest.mark.parametrize("cfg", [CFG, GEMMA], ids=["llama", "gemma3"])
+def test_one_call_decoder_equals_op_by_op(forms, kv_dtype, cfg, isa, threads, monkeypatch):
+    """Gemma 3's sliding layer keeps a ring of window + 2 rows, which the 15 positions wrap twice (the prompt runs in
+    pieces of 3 tokens)."""
+    monkeypatch.setattr(tinychat.model, "WINDOW_SLACK", 2)
+    reference = _model(forms, cfg)
     fused = copy.deepcopy(reference)
     for m in (reference, fused):
         m.setup_kv_cache(32, dtype=kv_dtype)
     assert fused.one_call_decoder() is not None
+    assert [layer.attn.kv_cache.k.shape[2] for layer in fused.layers] == ([7, 32] if cfg is GEMMA else [32, 32])
     prompt = torch.randint(0, CFG.vocab_size, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = reference(prompt, torch.arange(7), one_call=False), fused(prompt, torch.arange(7))
         assert torch.equal(got, want)  # a prefill runs in one call too
         tokens = []
-        for pos in range(7, 15):  # greedy decode steps
+        for pos in range(7, 17):  # greedy decode steps
             token = want[:, -1:].argmax(-1)  # [1, 1]
             tokens.append(int(token))
             want = reference(token, torch.tensor([pos]), one_call=False)
@@ -111,9 +123,11 @@ def test_what_it_cannot_run_falls_back():
 
 
 @pytest.mark.parametrize("spec, tensors, message", [
-    ([1, 4, 2, 16], 0, "fewer tensors than the spec describes"),
-    ([0, 4, 2, 16, 3, 32, 0, 0], 2, "a linear's bits must be 0, 4 or 8, got 3"),
-    ([0, 4, 2, 16, 0, 0, 0, 0], 3, "1 tensors and 0 spec numbers left over"),
+    ([1, 4, 2, 16, 0, 0, 0, 0, 0], 0, "fewer tensors than the spec describes"),
+    ([0, 4, 2, 16, 0, 0, 0, 3, 32, 0, 0], 2, "a linear's bits must be 0, 4 or 8, got 3"),
+    ([0, 4, 2, 16, 0, 0, 0, 0, 0, 0, 0], 3, "1 tensors and 0 spec numbers left over"),
+    ([0, 4, 2, 16, 2, 0, 0], 0, "the activation must be 0"),
+    ([1, 4, 2, 16, 0, 0, 0, -1, 0], 1, "a layer's window must be >= 0"),
     ([0, 4, 2], 0, "the spec is too short"),
 ])
 def test_a_bad_description_is_refused(spec, tensors, message):

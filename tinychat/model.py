@@ -272,12 +272,15 @@ class Transformer(nn.Module):
         """A CpuDecoder over this model's tensors, or False where its linears or the build cannot make one (kept, so
         that forward does not walk the layers again at every step)."""
         cfg = self.config
-        if (cfg.qk_norm or cfg.post_norms or cfg.hidden_act != "silu" or cfg.rope_local is not None
-                or any(0 < layer.attn.window < self.max_seq_len for layer in self.layers)):
-            return False  # what the one-call decoder does not run (yet): Qwen3's and Gemma 3's extras
-        spec, tensors = [cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim], [self.norm]
+        spec = [cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, int(cfg.hidden_act == "gelu_tanh"),
+                int(cfg.qk_norm), int(cfg.post_norms)]
+        tensors = [self.norm]
         for layer in self.layers:
-            tensors += [layer.attn_norm, layer.mlp_norm, layer.attn.kv_cache.k, layer.attn.kv_cache.v]
+            spec += [layer.attn.window, int(layer.local_rope)]
+            tensors += [layer.attn_norm, layer.mlp_norm]
+            tensors += [layer.post_attn_norm, layer.post_mlp_norm] if cfg.post_norms else []
+            tensors += [layer.attn.q_norm, layer.attn.k_norm] if cfg.qk_norm else []
+            tensors += [layer.attn.kv_cache.k, layer.attn.kv_cache.v]
             forms = [_op_form(m) for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)]
             if None in forms:
                 return False
@@ -322,7 +325,7 @@ class Transformer(nn.Module):
             x = x * torch.tensor(cfg.embed_scale).to(x.dtype).item()
         decoder = self.one_call_decoder() if one_call else None
         if decoder is not None:
-            return decoder.forward(x, positions, self.cos_sin, last_only)
+            return decoder.forward(x, positions, self.cos_sin, self.cos_sin_local, last_only)
         eps = cfg.rms_norm_eps
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.cos_sin_local if layer.local_rope else self.cos_sin)

@@ -69,11 +69,26 @@ CpuDecoder::CpuDecoder(std::vector<at::Tensor> tensors, std::vector<int64_t> spe
   head_dim_ = r.number();
   TORCH_CHECK(n_layers >= 0 && heads_ > 0 && kv_heads_ > 0 && head_dim_ > 0,
               "CpuDecoder: layers, heads, kv heads and head dim must be positive");
+  const int64_t act = r.number();
+  TORCH_CHECK(act == 0 || act == 1, "CpuDecoder: the activation must be 0 (silu) or 1 (GELU-tanh), got ", act);
+  gelu_ = act == 1;
+  const bool qk_norm = r.number() != 0, post_norms = r.number() != 0;
   norm_ = r.tensor();
   for (int64_t i = 0; i < n_layers; ++i) {
     DecoderLayerTensors l;
+    l.window = r.number();
+    TORCH_CHECK(l.window >= 0, "CpuDecoder: a layer's window must be >= 0, got ", l.window);
+    l.local_rope = r.number() != 0;
     l.attn_norm = r.tensor();
     l.mlp_norm = r.tensor();
+    if (post_norms) {
+      l.post_attn_norm = r.tensor();
+      l.post_mlp_norm = r.tensor();
+    }
+    if (qk_norm) {
+      l.q_norm = r.tensor();
+      l.k_norm = r.tensor();
+    }
     l.k_cache = r.tensor();
     l.v_cache = r.tensor();
     l.wqkv = r.linear();
@@ -87,7 +102,7 @@ CpuDecoder::CpuDecoder(std::vector<at::Tensor> tensors, std::vector<int64_t> spe
 }
 
 at::Tensor CpuDecoder::forward(const at::Tensor& x_in, const at::Tensor& positions, const at::Tensor& cos_sin,
-                               bool last_only) {
+                               const c10::optional<at::Tensor>& cos_sin_local, bool last_only) {
   TORCH_CHECK(x_in.dim() == 3 && x_in.device().is_cpu(), "CpuDecoder: x must be a CPU tensor [B, T, C], got ",
               x_in.sizes());
   const int64_t B = x_in.size(0), T = x_in.size(1);
@@ -100,12 +115,21 @@ at::Tensor CpuDecoder::forward(const at::Tensor& x_in, const at::Tensor& positio
     } else {
       std::tie(x, residual) = add_rms_norm_cpu(x, residual, l.attn_norm, eps_);
     }
-    const at::Tensor qkv = l.wqkv(x).view({B, T, H + 2 * Hkv, D});
-    const at::Tensor q = rope_kv_write_cpu(qkv, positions, cos_sin, l.k_cache, l.v_cache);  // [B, T, H, D]
-    const at::Tensor y = attention_cpu(q, l.k_cache, l.v_cache, positions, scale_, 0);       // [B, T, H, D]
+    at::Tensor qkv = l.wqkv(x).view({B, T, H + 2 * Hkv, D});
+    if (l.q_norm.defined()) {
+      const auto parts = qkv.split_with_sizes({H, Hkv, Hkv}, 2);  // q | k | v [B, T, *, D]
+      qkv = at::cat({rms_norm_cpu(parts[0], l.q_norm, eps_), rms_norm_cpu(parts[1], l.k_norm, eps_), parts[2]}, 2);
+    }
+    TORCH_CHECK(!l.local_rope || cos_sin_local.has_value(), "CpuDecoder: a layer needs cos_sin_local");
+    const at::Tensor& table = l.local_rope ? *cos_sin_local : cos_sin;
+    const at::Tensor q = rope_kv_write_cpu(qkv, positions, table, l.k_cache, l.v_cache);    // [B, T, H, D]
+    const at::Tensor y = attention_cpu(q, l.k_cache, l.v_cache, positions, scale_, l.window);  // [B, T, H, D]
     x = l.wo(y.view({B, T, H * D}));
+    if (l.post_attn_norm.defined()) x = rms_norm_cpu(x, l.post_attn_norm, eps_);
     std::tie(x, residual) = add_rms_norm_cpu(x, residual, l.mlp_norm, eps_);
-    x = l.w2(silu_and_mul_cpu(l.w13(x)));
+    const at::Tensor h = l.w13(x);  // [B, T, 2I] = gate | up
+    x = l.w2(gelu_ ? gelu_tanh_and_mul_cpu(h) : silu_and_mul_cpu(h));
+    if (l.post_mlp_norm.defined()) x = rms_norm_cpu(x, l.post_mlp_norm, eps_);
   }
   x = residual.defined() ? std::get<0>(add_rms_norm_cpu(x, residual, norm_, eps_)) : rms_norm_cpu(x, norm_, eps_);
   if (last_only) x = x.narrow(1, T - 1, 1);
