@@ -9,10 +9,11 @@ import warnings
 import pytest
 import torch
 
-from tinychat.config import ModelConfig
+from tinychat.config import ModelConfig, RopeConfig
 from tinychat.errors import TinychatError
 from tinychat.model import DecoderLayer, Transformer, layer_linears, linear_names
 from tinychat.pipeline.calib import BUILTIN_CORPUS, load_calibration
+from tinychat.quant import awq
 from tinychat.quant.awq import (
     ScaleGroup,
     _spaced_blocks,
@@ -30,6 +31,11 @@ MHA = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layer
                   head_dim=16, max_position_embeddings=128)
 MHA_BIAS = dataclasses.replace(MHA, qkv_bias=True, o_bias=True, mlp_bias=True, architecture="Qwen2ForCausalLM")
 GQA = dataclasses.replace(MHA, num_kv_heads=2)
+# Gemma 3's extras: a sliding layer (window 8 < the blocks) with its own rotary table, then a global one
+GEMMA = dataclasses.replace(MHA, qk_norm=True, post_norms=True, hidden_act="gelu_tanh", sliding_window=8,
+                            layer_types=("sliding_attention", "full_attention"), rope_local=RopeConfig(theta=100.0),
+                            embed_scale=8.0, query_pre_attn_scalar=10.0, norm_offset=1.0,
+                            architecture="Gemma3ForCausalLM")
 Q32 = QuantConfig(w_bit=4, group_size=32)
 
 
@@ -173,7 +179,7 @@ def awq_and_rtn(cfg, **kwargs):
     return model, calib, ref, (awq_model, awq), (rtn_model, rtn)
 
 
-@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("cfg", [MHA, GQA, GEMMA], ids=["mha", "gqa", "gemma"])
 def test_quantize_model_shapes_and_error(cfg):
     model, calib, ref, (awq_model, awq), (rtn_model, rtn) = awq_and_rtn(cfg)
     names = linear_names(cfg)
@@ -200,6 +206,37 @@ def test_awq_without_clip_preserves_the_function_and_is_deterministic():
     again = quantize_model(copy.deepcopy(model), calib, Q32, clip=False, progress=False)
     for name, tensors in awq.items():
         assert all(torch.equal(a, b) for a, b in zip(tensors, again[name])), name
+
+
+def test_awq_without_clip_preserves_a_gemma_like_function():
+    model, calib, ref, (awq_model, _), _ = awq_and_rtn(GEMMA, clip=False)
+    torch.testing.assert_close(awq_model(calib), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_searches_on_the_model_own_activations(monkeypatch):
+    """Each layer's searches see the activations of the model's own forward: a sliding layer's window and rotary
+    table included (the input of attn.wo is its attention's output)."""
+    model = tiny_model(GEMMA, outliers=False)
+    calib = tokens(2, 32)
+    want, seen = {}, []
+    hooks = [layer.attn.wo.register_forward_hook(lambda m, args, out, i=i: want.__setitem__(i, args[0].clone()))
+             for i, layer in enumerate(model.layers)]
+    with torch.no_grad():
+        model(calib)
+    for h in hooks:
+        h.remove()
+    search = awq.search_scale
+
+    def spy(layer, group, x, *args, **kwargs):
+        if group.linear == "attn.wo":
+            seen.append(x.clone())
+        return search(layer, group, x, *args, **kwargs)
+
+    monkeypatch.setattr(awq, "search_scale", spy)
+    quantize_model(copy.deepcopy(model), calib, Q32, progress=False)
+    assert len(seen) == 2
+    for i in range(2):
+        torch.testing.assert_close(seen[i], want[i], atol=1e-5, rtol=1e-5)
 
 
 def test_awq_is_deterministic_and_quantized_inputs_option():

@@ -159,7 +159,7 @@ class DecoderLayer(nn.Module):
         # norms of the attention's and the MLP's outputs (Gemma 3)
         self.post_attn_norm = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.post_norms else None
         self.post_mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.post_norms else None
-        self.local_rope = cfg.layer_rope(i) is not cfg.rope  # rotary table: Transformer.cos_sin_local
+        self.local_rope = cfg.layer_rope(i) is not cfg.rope  # its rotary table: Transformer.rope_table
         self.eps = cfg.rms_norm_eps
 
     def forward(
@@ -293,6 +293,17 @@ class Transformer(nn.Module):
         decoder = ops.cpu_decoder(tensors + head[1], spec + head[0], cfg.rms_norm_eps, cfg.attn_scale)
         return False if decoder is None else decoder  # None: no compiled extension
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for tokens [...]: their embedding rows [..., C], scaled by config.embed_scale (Gemma;
+        rounded to the activations' dtype first, as transformers does)."""
+        x = self.embed(tokens)
+        scale = self.config.embed_scale
+        return x if scale == 1.0 else x * torch.tensor(scale).to(x.dtype).item()
+
+    def rope_table(self, layer: DecoderLayer) -> torch.Tensor:
+        """The rotary table [rows, D] of `layer` (one of self.layers): the sliding layers' own where they have one."""
+        return self.cos_sin_local if layer.local_rope else self.cos_sin
+
     @property
     def max_seq_len(self) -> int | None:
         cache = self.layers[0].attn.kv_cache if self.layers else None
@@ -320,15 +331,13 @@ class Transformer(nn.Module):
             outs = [self(tokens[:, i : i + piece], positions[i : i + piece], last_only, one_call)
                     for i in range(0, T, piece)]
             return outs[-1] if last_only else torch.cat(outs, dim=1)
-        x, residual = self.embed(tokens), None  # [B, T, C]
-        if cfg.embed_scale != 1.0:  # rounded to the activations' dtype first, as transformers does
-            x = x * torch.tensor(cfg.embed_scale).to(x.dtype).item()
+        x, residual = self.embed_tokens(tokens), None  # [B, T, C]
         decoder = self.one_call_decoder() if one_call else None
         if decoder is not None:
             return decoder.forward(x, positions, self.cos_sin, self.cos_sin_local, last_only)
         eps = cfg.rms_norm_eps
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.cos_sin_local if layer.local_rope else self.cos_sin)
+            x, residual = layer(x, residual, positions, self.rope_table(layer))
         x = ops.rms_norm(x, self.norm, eps) if residual is None else ops.add_rms_norm(x, residual, self.norm, eps)[0]
         if last_only:
             x = x[:, -1:]

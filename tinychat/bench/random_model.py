@@ -58,4 +58,6 @@ def random_model(cfg: ModelConfig, dtype: str, device: str | torch.device = "cpu
                 made[id(p)] = nn.Parameter(t, requires_grad=False)
             module._parameters[name] = made[id(p)]
     model.cos_sin = model.cos_sin.to(device)  # [context, D] fp32, built for real on the CPU by the constructor
+    if model.cos_sin_local is not None:
+        model.cos_sin_local = model.cos_sin_local.to(device)
     return model.eval()

@@ -348,11 +348,12 @@ def quantize_model(
     if calib.shape[1] > cfg.context_length:
         raise TinychatError(f"calibration seqlen {calib.shape[1]} exceeds the model's context {cfg.context_length}")
     device = torch.device(device)
-    rope = _Rope(torch.arange(calib.shape[1], device=device), model.cos_sin.to(device))
+    positions = torch.arange(calib.shape[1], device=device)  # [T]
     h = _embed(model, calib, device)  # [n, T, C] residual stream, model dtype
     result: QuantResult = {}
     bar = tqdm(model.layers, desc=f"AWQ w{qcfg.w_bit} g{qcfg.group_size}", unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
+        rope = _Rope(positions, model.rope_table(layer).to(device))
         work = _working_copy(layer, device)  # fp32 copy on `device`
         captured: dict[str, list] = {name: [] for name in names}
         h_next = _layer_outputs(work, h, rope, captured)  # full-precision outputs: the next layer's inputs
@@ -384,8 +385,8 @@ def quantize_model(
 
 @torch.no_grad()
 def _embed(model: Transformer, calib: Tensor, device: torch.device) -> Tensor:
-    """Token embeddings of the calibration blocks [n, T] -> [n, T, C] on `device`, in the model's dtype."""
-    return torch.cat([model.embed(c.to(model.device)).to(device) for c in _chunks(calib)])
+    """The decoder's inputs for the calibration blocks [n, T] -> [n, T, C] on `device`, in the model's dtype."""
+    return torch.cat([model.embed_tokens(c.to(model.device)).to(device) for c in _chunks(calib)])
 
 
 def _working_copy(layer: DecoderLayer, device: torch.device) -> DecoderLayer:
