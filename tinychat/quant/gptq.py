@@ -14,6 +14,8 @@ input channels in channel order (no activation-order permutation), each with its
 A group's scale and zero are computed by quantize()'s own rule from the group's current weights (with the updates
 of every column rounded before it) when the sweep reaches the group's first column; its columns are then rounded
 on that grid, so that dequantize(q, scales, zeros, G) gives exactly the weights each column was rounded to.
+(The reference takes a group's grid from its weights without the pending updates of the current block's earlier
+columns when the group starts inside a block; its static_groups option takes every grid from the original weights.)
 """
 
 from __future__ import annotations
