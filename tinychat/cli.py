@@ -8,6 +8,7 @@ import sys
 import threading
 
 from tinychat.errors import TinychatError
+from tinychat.quant.awq import METHODS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     p.set_defaults(func=cmd_ppl)
 
-    p = sub.add_parser("quantize", help="quantize a model with AWQ (or RTN) into a 4-bit AutoAWQ checkpoint",
+    p = sub.add_parser("quantize", help="quantize a model with AWQ (or AWQ + GPTQ, or RTN) into a 4-bit AutoAWQ "
+                       "checkpoint",
                        description="Writes a Hugging Face directory in the AutoAWQ GEMM format (tinychat, "
                                    "transformers and vLLM load it); with --w-bit 3, a float16 directory of the "
                                    "fake-quantized weights, for evaluation. The write is atomic.")
@@ -188,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-bit", type=int, choices=(4, 3), default=4)
     p.add_argument("--group-size", type=int, choices=(128, 64, 32), default=None,
                    help="input channels per scale and zero (default: the largest of 128/64/32 that fits the model)")
-    p.add_argument("--method", choices=("awq", "rtn"), default="awq")
+    p.add_argument("--method", choices=METHODS, default="awq",
+                   help="awq: the paper's scale search and clip, rounded to nearest (default); awq-gptq: the same "
+                   "search, then GPTQ's error-compensated rounding; rtn: round to nearest")
     p.add_argument("--calib", default=None,
                    help="calibration text: a .txt/.jsonl file or a Hugging Face dataset name (AWQ's own: "
                         "mit-han-lab/pile-val-backup; needs `datasets` and a network); default: built-in corpus")

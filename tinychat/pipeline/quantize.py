@@ -22,7 +22,7 @@ from tinychat.io.checkpoint import check_output_dir, save_awq_checkpoint, save_f
 from tinychat.io.loader import ModelSource, open_source, resolve_source
 from tinychat.io.names import hf_tensor_shapes
 from tinychat.pipeline.calib import load_calibration
-from tinychat.quant.awq import SEARCH_TOKENS, quantize_model
+from tinychat.quant.awq import METHODS, SEARCH_TOKENS, quantize_model
 from tinychat.quant.quantize import QuantConfig, apply_pseudo_quantized, auto_group_size
 
 __all__ = ["SEARCH_TOKENS", "QuantizeOptions", "cache_dir", "cached_quantized_model", "quantize_checkpoint",
@@ -36,7 +36,7 @@ CACHE_FORMAT = 1  # bump when a change to the quantizer should invalidate cached
 class QuantizeOptions:
     w_bit: int = 4
     group_size: int | None = None  # None: auto_group_size
-    method: str = "awq"  # "awq" or "rtn"
+    method: str = "awq"  # one of tinychat.quant.awq.METHODS
     calib: str | None = None  # .txt / .jsonl path or a Hugging Face dataset name; None: the built-in corpus
     n_samples: int = 128  # calibration blocks
     seqlen: int | None = None  # tokens per calibration block; None: 512, or the model's context if shorter
@@ -48,8 +48,8 @@ class QuantizeOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in ("awq", "rtn"):
-            raise TinychatError(f"method must be 'awq' or 'rtn', got {self.method!r}")
+        if self.method not in METHODS:
+            raise TinychatError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.w_bit not in (3, 4):
             raise TinychatError(f"w_bit must be 4 (packed int4 checkpoint) or 3 (fake quantization), got {self.w_bit}")
         if self.group_size is not None and self.group_size <= 0:
@@ -87,7 +87,7 @@ def quantize_checkpoint(source: str | os.PathLike | ModelSource | None, out_dir,
     group_size = opts.group_size or auto_group_size(src.config)
     qcfg = QuantConfig(opts.w_bit, group_size)
     calib = None
-    if opts.method == "awq":
+    if opts.method != "rtn":
         seqlen = opts.seqlen or min(512, src.config.context_length)
         calib = load_calibration(opts.calib, loaded.tokenizer, opts.n_samples, seqlen, seed=opts.seed)
         where = opts.calib or "the built-in corpus"

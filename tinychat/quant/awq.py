@@ -40,15 +40,26 @@ from tqdm.auto import tqdm
 
 from tinychat.errors import TinychatError
 from tinychat.model import DecoderLayer, Transformer, layer_linears, linear_spec
-from tinychat.quant.quantize import QuantConfig, QuantResult, check_group_size, pseudo_quantize, quantize
+from tinychat.quant.gptq import gptq_quantize, hessian
+from tinychat.quant.quantize import (
+    CHUNK_TOKENS,
+    QuantConfig,
+    QuantResult,
+    check_group_size,
+    dequantize,
+    pseudo_quantize,
+    quantize,
+)
 
 __all__ = ["ScaleGroup", "awq_scales", "clip_weight", "fold_scales", "quantize_model", "scale_groups", "search_clip",
            "search_scale"]
 
-CHUNK_TOKENS = 8192  # calibration tokens per forward chunk (bounds activation memory)
 CLIP_TOKENS = 512  # tokens the clip search samples (AutoAWQ's n_sample_token)
 SEARCH_TOKENS = 8192  # tokens (whole blocks) on which a grid point's module output error is measured
 CLIP_ROW_BATCH = 64  # output channels per clip-search batch (AutoAWQ's oc_batch_size)
+# rtn: round to nearest; awq: the paper's scale search, fold and clip, then round to nearest; awq-gptq: the same
+# search and fold, then GPTQ's error-compensated rounding (tinychat/quant/gptq.py) within the clipping ranges
+METHODS = ("rtn", "awq", "awq-gptq")
 
 # ---- scale groups and folding ----
 
@@ -168,15 +179,6 @@ def _weight_magnitude(w: Tensor, group_size: int) -> Tensor:
     return (wg / (wg.amax(dim=1, keepdim=True) + 1e-6)).view(N, K).mean(0)
 
 
-def _gram(x: Tensor) -> Tensor:
-    """X^T X [K, K] (fp64) of all tokens of x [n, T, K], accumulated chunk by chunk."""
-    gram = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
-    for chunk in _chunks(x):
-        c = chunk.reshape(-1, x.shape[-1]).float()
-        gram += (c.t() @ c).double()
-    return gram
-
-
 def _linear_loss(dw: Tensor, gram: Tensor, n_tokens: int) -> float:
     """MSE of a linear's output for a weight error dw [N, K]: ||X dw^T||^2 / (T * N) = sum((dw G) * dw) / (T * N),
     the same number as running the linear on every token, for a fraction of the work (fp32 products: the grid's
@@ -206,7 +208,7 @@ def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantC
     x_mean = _channel_abs_mean(x)  # [K]
     w_mean = _weight_magnitude(w, qcfg.group_size) if duo_scaling else None
     if group.inspect == group.linear:  # the loss is the linear's own output error: a quadratic form in dW
-        gram, n_tok = _gram(x).float(), x.shape[0] * x.shape[1]  # [K, K] = X^T X
+        gram, n_tok = hessian(x).float(), x.shape[0] * x.shape[1]  # [K, K] = X^T X
 
         def output_loss() -> float:
             return _linear_loss(linear.weight - w, gram, n_tok)
@@ -292,16 +294,21 @@ def clip_weight(w: Tensor, lo: Tensor, hi: Tensor, group_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def _clip_layer(layer: DecoderLayer, inputs: dict[str, Tensor], qcfg: QuantConfig, cfg, n_grid: int,
-                max_shrink: float) -> None:
-    """Clip every linear of the fp32 layer in place, except the q and k rows of wqkv (AutoAWQ skips q/k)."""
+def _clip_ranges(layer: DecoderLayer, inputs: dict[str, Tensor], qcfg: QuantConfig, cfg, n_grid: int,
+                 max_shrink: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """The searched clipping range of every linear of the fp32 layer: name -> (lo, hi) [N, K/G]; the q and k rows
+    of wqkv are not clipped (AutoAWQ skips q/k): their range is (-inf, inf)."""
+    ranges = {}
     for spec in layer_linears(cfg):
-        name = spec.name
-        weight = layer.get_submodule(name).weight
-        rows = spec.rows("v") if name == "attn.wqkv" else slice(None)
-        w = weight[rows]
-        lo, hi = search_clip(w, inputs[name], qcfg, n_grid, max_shrink)
-        weight[rows] = clip_weight(w, lo, hi, qcfg.group_size)
+        weight = layer.get_submodule(spec.name).weight  # [N, K]
+        rows = spec.rows("v") if spec.name == "attn.wqkv" else slice(None)
+        lo_rows, hi_rows = search_clip(weight[rows], inputs[spec.name], qcfg, n_grid, max_shrink)
+        shape = (weight.shape[0], weight.shape[1] // qcfg.group_size)
+        lo = torch.full(shape, -math.inf, device=weight.device)
+        hi = torch.full(shape, math.inf, device=weight.device)
+        lo[rows], hi[rows] = lo_rows, hi_rows
+        ranges[spec.name] = (lo, hi)
+    return ranges
 
 
 # ---- the whole model ----
@@ -326,13 +333,15 @@ def quantize_model(
     method "rtn" quantizes the weights as they are (calib may be None). method "awq" runs the search on the
     calibration blocks calib [n, seqlen] int64: it folds the AWQ scales into the model's norms and weights in place
     (which alone keeps its function), clips the weights in place when `clip`, and quantizes the final weights.
+    method "awq-gptq" searches and folds the same way, then rounds each linear with GPTQ (its inputs' X^T X from
+    the same calibration pass), each weight group's grid within its searched clipping range when `clip`.
     The model keeps full-precision weights: apply the result with `apply_pseudo_quantized` (or pack it). The search
     runs on `device` (fp32, one layer at a time); `quantized_inputs` feeds each layer the outputs of the previous
     one with pseudo-quantized weights instead of its full-precision outputs. `search_tokens` bounds the tokens on
     which each grid point runs the attention and MLP blocks (search_scale; None: every calibration token).
     """
-    if method not in ("awq", "rtn"):
-        raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     cfg = model.config
     names = [spec.name for spec in layer_linears(cfg)]
     for i, layer in enumerate(model.layers):  # fail before any work
@@ -366,17 +375,24 @@ def quantize_model(
             fold_scales(work, group, found.scales, cfg)
             for c in _chunks(inputs[group.linear]):  # the linear now sees x / s
                 c.div_(found.scales.to(c.dtype))
-        if clip:
-            _clip_layer(work, inputs, qcfg, cfg, n_grid, max_shrink)
-        del inputs
+        ranges = _clip_ranges(work, inputs, qcfg, cfg, n_grid, max_shrink) if clip else {}
         for name in names:
-            result[f"layers.{i}.{name}"] = tuple(t.cpu() for t in quantize(work.get_submodule(name).weight, qcfg))
+            w = work.get_submodule(name).weight  # [N, K], scales folded
+            if method == "awq-gptq":  # error-compensated rounding, each group's grid within its clipping range
+                found = gptq_quantize(w, hessian(inputs[name]), qcfg, clip=ranges.get(name))
+            else:
+                if name in ranges:
+                    w.copy_(clip_weight(w, *ranges[name], qcfg.group_size))
+                found = quantize(w, qcfg)
+            result[f"layers.{i}.{name}"] = tuple(t.cpu() for t in found)
+        del inputs
         _copy_back(work, layer)
 
         if quantized_inputs:
             for name in names:
+                q, scales, zeros = result[f"layers.{i}.{name}"]
                 w = work.get_submodule(name).weight
-                w.copy_(pseudo_quantize(w, qcfg))
+                w.copy_(dequantize(q, scales, zeros, qcfg.group_size))
             h_next = _layer_outputs(work, h, rope)
         h = h_next
         bar.set_postfix(alpha=",".join(f"{found.alpha:.2f}" for _, found in searches))

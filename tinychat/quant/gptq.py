@@ -24,19 +24,21 @@ import torch
 from torch import Tensor
 
 from tinychat.errors import TinychatError
-from tinychat.quant.awq import _gram
-from tinychat.quant.quantize import QuantConfig, quantize
+from tinychat.quant.quantize import CHUNK_TOKENS, QuantConfig, quantize
 
 __all__ = ["gptq_quantize", "hessian"]
 
 
 def hessian(x: Tensor) -> Tensor:
-    """H = X^T X [K, K] (fp64) over every token of x [..., K], accumulated in fp64 chunk by chunk.
-
-    This is awq._gram (chunks of CHUNK_TOKENS tokens, each chunk's product in fp32, summed in fp64); x is viewed as
-    one-token blocks so that its leading dims may be anything. The reference's 2 / n factor is left out: GPTQ's
-    result does not depend on H's scale (the damping is relative to mean(diag(H)))."""
-    return _gram(x.reshape(-1, 1, x.shape[-1]))  # [T, 1, K] -> [K, K]
+    """H = X^T X [K, K] (fp64) over every token of x [..., K]: each chunk of CHUNK_TOKENS tokens multiplied in fp32,
+    the chunks summed in fp64. The reference's 2 / n factor is left out: GPTQ's result does not depend on H's scale
+    (the damping is relative to mean(diag(H))); AWQ's loss of a single linear divides by the tokens itself."""
+    K = x.shape[-1]
+    h = torch.zeros(K, K, dtype=torch.float64, device=x.device)
+    for chunk in x.reshape(-1, K).split(CHUNK_TOKENS):  # [<= CHUNK_TOKENS, K]
+        c = chunk.float()
+        h += (c.t() @ c).double()
+    return h
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:

@@ -20,6 +20,7 @@ from tinychat.linear import WQLinear
 from tinychat.model import Transformer, layer_linears, linear_names
 
 GROUP_SIZES = (128, 64, 32)  # the automatic group size: the largest of these that divides every linear
+CHUNK_TOKENS = 8192  # calibration tokens per piece of work (a forward, a Gram matrix): bounds activation memory
 
 # decoder linear name -> (q uint8 [N, K], scales fp32 [N, K/G], zeros fp32 [N, K/G])
 QuantResult = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
