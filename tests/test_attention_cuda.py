@@ -403,54 +403,35 @@ def test_rope_kv_write_skips_bad_positions(tc):
     assert torch.equal(k[:, :, keep], k0[:, :, keep]) and torch.equal(v[:, :, keep], v0[:, :, keep])
 
 
+# gated activation op -> its function in x's dtype, through torch
+GATED = {"silu_and_mul": lambda g, u: torch.nn.functional.silu(g) * u,
+         "gelu_tanh_and_mul": lambda g, u: torch.nn.functional.gelu(g, approximate="tanh") * u}
+
+
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("shape", [(1, 2 * 11008), (3, 5, 2 * 64), (4, 2 * 7), (2, 2 * 1)])
-def test_silu_and_mul(tc, dtype, shape):
-    from tinychat.ops import silu_and_mul_ref
+@pytest.mark.parametrize("act", sorted(GATED))
+def test_gated_activation(tc, dtype, shape, act):
+    from tinychat import ops
 
+    reference = getattr(ops, f"{act}_ref")
     x = (3 * torch.randn(*shape, device="cuda")).to(dtype)
-    out = tc.silu_and_mul(x)
-    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous()
+    out = getattr(tc, act)(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous() and out.dtype == dtype
     if dtype == torch.float32:
-        torch.testing.assert_close(out, silu_and_mul_ref(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out, reference(x), atol=1e-6, rtol=1e-5)
     else:
-        torch.testing.assert_close(out, silu_and_mul_ref(x))
-        exact = silu_and_mul_ref(x.float())
-        g, u = x.chunk(2, dim=-1)
-        _err_bound_check(out, exact, torch.nn.functional.silu(g) * u, atol=1e-6)
+        torch.testing.assert_close(out, reference(x))
+        _err_bound_check(out, reference(x.float()), GATED[act](*x.chunk(2, dim=-1)), atol=1e-6)
     # rows with a stride (a slice of a wider tensor) take the same kernel
     wide = torch.randn(*shape[:-1], shape[-1] + 8, device="cuda").to(dtype)
     xs = wide[..., :shape[-1]]
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else {}
-    torch.testing.assert_close(tc.silu_and_mul(xs), silu_and_mul_ref(xs), **tol)
-
-
-@needs_cuda
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
-@pytest.mark.parametrize("shape", [(1, 2 * 6912), (3, 5, 2 * 64), (4, 2 * 7), (2, 2 * 1)])
-def test_gelu_tanh_and_mul(tc, dtype, shape):
-    from tinychat.ops import gelu_tanh_and_mul_ref
-
-    x = (3 * torch.randn(*shape, device="cuda")).to(dtype)
-    out = tc.gelu_tanh_and_mul(x)
-    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous() and out.dtype == dtype
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, gelu_tanh_and_mul_ref(x), atol=1e-6, rtol=1e-5)
-    else:
-        torch.testing.assert_close(out, gelu_tanh_and_mul_ref(x))
-        exact = gelu_tanh_and_mul_ref(x.float())
-        g, u = x.chunk(2, dim=-1)
-        _err_bound_check(out, exact, torch.nn.functional.gelu(g, approximate="tanh") * u, atol=1e-6)
-    wide = torch.randn(*shape[:-1], shape[-1] + 8, device="cuda").to(dtype)
-    xs = wide[..., :shape[-1]]  # rows with a stride
-    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else {}
-    torch.testing.assert_close(tc.gelu_tanh_and_mul(xs), gelu_tanh_and_mul_ref(xs), **tol)
+    torch.testing.assert_close(getattr(tc, act)(xs), reference(xs), **tol)
     extremes = torch.tensor([[-1e30, -1000.0, -20.0, 0.0, 20.0, 1000.0] + [2.0] * 6], device="cuda")
-    torch.testing.assert_close(tc.gelu_tanh_and_mul(extremes), gelu_tanh_and_mul_ref(extremes), atol=1e-6,
-                               rtol=1e-6)
+    torch.testing.assert_close(getattr(tc, act)(extremes), reference(extremes), atol=1e-6, rtol=1e-6)
 
 
 @needs_cuda

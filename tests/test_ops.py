@@ -226,16 +226,6 @@ def naive_silu_and_mul(x):  # every step in x.dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
-@pytest.mark.parametrize("shape", [(1, 2), (3, 2 * 1536), (2, 5, 2 * 17), (4, 1, 2 * 11008)])
-def test_silu_and_mul(device, dtype, shape):
-    x = (torch.randn(shape) * 6).to(device, dtype)  # gates far into both tails of silu
-    out = tc().silu_and_mul(x)
-    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous()
-    check_close(out, (x,), ops.silu_and_mul_ref, naive_silu_and_mul, dtype)
-
-
-@pytest.mark.parametrize("device", DEVICES)
 def test_silu_and_mul_extremes_and_strided(device):
     x = torch.tensor([[-1000.0, -90.0, -20.0, 0.0, 20.0, 90.0, 1000.0, 3.0] + [2.0] * 8]).to(device)  # [1, 16]
     torch.testing.assert_close(tc().silu_and_mul(x), ops.silu_and_mul_ref(x), atol=1e-6, rtol=1e-6)
@@ -251,14 +241,21 @@ def naive_gelu_tanh_and_mul(x):  # every step in x.dtype
     return torch.nn.functional.gelu(gate, approximate="tanh") * up
 
 
+# gated activation op -> (reference, every step in x.dtype, a gate scale reaching far into both tails)
+GATED = {"silu_and_mul": (ops.silu_and_mul_ref, naive_silu_and_mul, 6.0),
+         "gelu_tanh_and_mul": (ops.gelu_tanh_and_mul_ref, naive_gelu_tanh_and_mul, 4.0)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("shape", [(1, 2), (3, 2 * 1536), (2, 5, 2 * 17), (4, 1, 2 * 6913)])
-def test_gelu_tanh_and_mul(device, dtype, shape):
-    x = (torch.randn(shape) * 4).to(device, dtype)  # gates far into both tails of gelu
-    out = tc().gelu_tanh_and_mul(x)
+@pytest.mark.parametrize("act", sorted(GATED))
+def test_gated_activation(device, dtype, shape, act):
+    reference, naive, spread = GATED[act]
+    x = (torch.randn(shape) * spread).to(device, dtype)
+    out = getattr(tc(), act)(x)
     assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous() and out.dtype == dtype
-    check_close(out, (x,), ops.gelu_tanh_and_mul_ref, naive_gelu_tanh_and_mul, dtype)
+    check_close(out, (x,), reference, naive, dtype)
 
 
 @pytest.mark.parametrize("I", [1, 7, 16, 33, 1000])
