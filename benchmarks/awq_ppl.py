@@ -7,11 +7,16 @@ can run in several invocations.
         --configs fp rtn-w4-g64 awq-w4-g64 rtn-w4-g32 awq-w4-g32 rtn-w3-g64 awq-w3-g64 \\
         --out benchmarks/results/awq_ppl_smollm2.json
 
-A config is `fp` or `{rtn|awq}-w{bits}-g{group}`, and for AWQ any of the suffixes `-builtin` (calibrate on the
+A config is `fp` or `{rtn|awq|awq-gptq}-w{bits}-g{group}` (awq-gptq: AWQ's search and fold, then GPTQ's
+error-compensated rounding), and for AWQ any of the suffixes `-builtin` (calibrate on the
 built-in offline corpus instead of --calib), `-duo` (duo scaling), `-qin` (each layer's search sees the previous
 layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The quantized model is evaluated with
 pseudo-quantized weights (dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration
 corpus is never the evaluation text.
+
+`--data python-stdlib` evaluates on a held-out domain instead, code: the .py files of a fixed list of this Python's
+standard-library packages (PYTHON_STDLIB_PACKAGES), sorted by path, joined by blank lines, as they are (the Python
+version is in the JSON); e.g. `--data python-stdlib --max-windows 20 --out benchmarks/results/awq_ppl_smollm2_code.json`.
 """
 
 from __future__ import annotations
@@ -30,11 +35,21 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine_info  # noqa: E402
 
-CONFIG = re.compile(r"^(fp|(rtn|awq)-w(\d)-g(\d+)((?:-builtin|-duo|-qin|-noclip)*))$")
+CONFIG = re.compile(r"^(fp|(rtn|awq-gptq|awq)-w(\d)-g(\d+)((?:-builtin|-duo|-qin|-noclip)*))$")
+PYTHON_STDLIB_PACKAGES = ("asyncio", "email", "json", "logging", "concurrent", "http", "urllib", "xml")
+
+
+def python_stdlib_text() -> str:
+    """The held-out code text: this Python's standard-library .py files of PYTHON_STDLIB_PACKAGES."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for pkg in PYTHON_STDLIB_PACKAGES for f in (root / pkg).rglob("*.py"))
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
 
 
 def run_config(name: str, args, text: str) -> dict:
-    from tinychat.io.loader import load_model
+    from tinychat.io.loader import open_source
     from tinychat.pipeline.calib import load_calibration
     from tinychat.ppl import perplexity
     from tinychat.quant.awq import quantize_model
@@ -42,14 +57,16 @@ def run_config(name: str, args, text: str) -> dict:
 
     m = CONFIG.match(name)
     if not m:
-        raise SystemExit(f"bad config {name!r}: use fp or rtn|awq-w<bits>-g<group>[-builtin][-duo][-qin][-noclip]")
-    model, tokenizer = load_model(args.model)
+        raise SystemExit(f"bad config {name!r}: use fp or rtn|awq|awq-gptq-w<bits>-g<group>[-builtin][-duo][-qin]"
+                         "[-noclip]")
+    loaded = open_source(args.model).load(blocks=False)  # a GGUF's blocks dequantized: the fp32 reference
+    model, tokenizer = loaded.model, loaded.tokenizer
     row: dict = {"config": name, "method": m.group(2) or "fp"}
     if m.group(2):
         qcfg = QuantConfig(int(m.group(3)), int(m.group(4)))
         row.update(w_bit=qcfg.w_bit, group_size=qcfg.group_size)
         calib, flags = None, set(m.group(5).split("-")[1:])
-        if m.group(2) == "awq":
+        if m.group(2) != "rtn":
             source = None if "builtin" in flags else args.calib
             calib = load_calibration(source, tokenizer, n_samples=args.n_samples, seqlen=args.seqlen_calib)
             row.update(calib=str(source) if source else "built-in", calib_blocks=calib.shape[0],
@@ -69,11 +86,12 @@ def run_config(name: str, args, text: str) -> dict:
 
 
 def add_derived(rows: dict) -> None:
-    """For each AWQ row: the share of RTN's perplexity increase (over fp) that AWQ removes, same bits and group."""
+    """For each AWQ (or AWQ + GPTQ) row: the share of RTN's perplexity increase (over fp) that it removes, same bits
+    and group."""
     fp = rows.get("fp")
     for name, row in rows.items():
-        rtn = rows.get(re.sub(r"^awq-(w\d-g\d+).*", r"rtn-\1", name))
-        if row["method"] == "awq" and fp and rtn and rtn["windows"] == row["windows"] == fp["windows"]:
+        rtn = rows.get(re.sub(r"^awq(?:-gptq)?-(w\d-g\d+).*", r"rtn-\1", name))
+        if row["method"] in ("awq", "awq-gptq") and fp and rtn and rtn["windows"] == row["windows"] == fp["windows"]:
             added = rtn["ppl"] - fp["ppl"]
             row["rtn_increase_removed"] = round((rtn["ppl"] - row["ppl"]) / added, 3) if added > 0 else None
 
@@ -81,7 +99,8 @@ def add_derived(rows: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--data", required=True, help="WikiText-2 test split (wiki.test.raw or the rows as .json)")
+    p.add_argument("--data", required=True, help="WikiText-2 test split (wiki.test.raw or the rows as .json), or "
+                   "python-stdlib (held-out code: python_stdlib_text)")
     p.add_argument("--calib", default=None, help="calibration .jsonl/.txt (default: the built-in corpus)")
     p.add_argument("--configs", nargs="+", default=["fp", "rtn-w4-g64", "awq-w4-g64"])
     p.add_argument("--n-samples", type=int, default=128, help="calibration blocks")
@@ -95,11 +114,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from tinychat.ppl import load_wikitext
 
-    text = load_wikitext(args.data)  # once, before any model work: a bad path fails at once
+    # once, before any model work: a bad path fails at once
+    text = python_stdlib_text() if args.data == "python-stdlib" else load_wikitext(args.data)
     result = {"rows": {}}
     if args.out and Path(args.out).exists():
         result = json.loads(Path(args.out).read_text())
-    result.update(benchmark="awq_ppl", machine=machine_info(), model=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf")
+    result.update(benchmark="awq_ppl", machine=machine_info(), model=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+                  data=args.data if args.data != "python-stdlib" else
+                  f"python-stdlib {sys.version.split()[0]}: {', '.join(PYTHON_STDLIB_PACKAGES)}")
     for name in args.configs:
         row = run_config(name, args, text)
         row["date"] = datetime.date.today().isoformat()
