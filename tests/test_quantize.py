@@ -200,9 +200,11 @@ def test_cli_quant_flag_runs_a_named_model_in_four_bits(src, tmp_path):
     assert "first use" in r.stderr and len(list((tmp_path / "cache").iterdir())) == 1
 
 
-@pytest.mark.parametrize("sig, status, says", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "")])
+@pytest.mark.parametrize("sig, status, says", [
+    (signal.SIGINT, 130, "interrupted; nothing was written to"), (signal.SIGTERM, 143, "")])
 def test_a_signal_during_the_search_leaves_nothing(smollm2_gguf, tmp_path, sig, status, says):
-    """Ctrl-C (SIGINT) and SIGTERM stop the search and leave no temporary directory behind."""
+    """Ctrl-C (SIGINT) and SIGTERM stop the search and leave no temporary directory behind; Ctrl-C says so and that
+    the run cannot resume."""
     out = tmp_path / "out"
     # the signal delivered as a terminal or a service manager delivers it, even when this test runs where SIGINT is
     # ignored (`pytest &`)
@@ -218,6 +220,7 @@ def test_a_signal_during_the_search_leaves_nothing(smollm2_gguf, tmp_path, sig, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, "".join(lines) + err
     assert says in err and "Traceback" not in err
+    assert sig != signal.SIGINT or "cannot resume: run the command again" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -136,7 +136,13 @@ def cmd_quantize(args) -> int:
                            duo_scaling=args.duo_scaling, search_tokens=search_tokens,
                            quantized_inputs=args.quantized_inputs, device=args.device,
                            seed=args.seed)
-    out = quantize_checkpoint(args.model, args.out, opts, overwrite=args.overwrite)
+    try:
+        out = quantize_checkpoint(args.model, args.out, opts, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"\ntinychat quantize: interrupted; nothing was written to {args.out} (the checkpoint is written "
+              "atomically, at the end). A quantization cannot resume: run the command again to start over.",
+              file=sys.stderr)
+        return 130
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     return 0
