@@ -360,7 +360,8 @@ def quantize_model(
     positions = torch.arange(calib.shape[1], device=device)  # [T]
     h = _embed(model, calib, device)  # [n, T, C] residual stream, model dtype
     result: QuantResult = {}
-    bar = tqdm(model.layers, desc=f"AWQ w{qcfg.w_bit} g{qcfg.group_size}", unit="layer", disable=not progress)
+    bar = tqdm(model.layers, desc=f"{method.upper()} w{qcfg.w_bit} g{qcfg.group_size}", unit="layer",
+               disable=not progress)
     for i, layer in enumerate(bar):
         rope = _Rope(positions, model.rope_table(layer).to(device))
         work = _working_copy(layer, device)  # fp32 copy on `device`
