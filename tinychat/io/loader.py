@@ -27,7 +27,7 @@ from tinychat.io.hf import TensorRef, read_hf_dir, resolve_hub_id
 from tinychat.io.names import HF_GLOBALS, hf_layer_norms, hf_layer_prefix, hf_modules, hf_tensor_shapes
 from tinychat.io.gguf_blocks import GroupWeights, group_linear, stack_rows
 from tinychat.linear import GroupEmbedding, RowStack, WQLinear, int8_lm_head
-from tinychat.model import Transformer, layer_linears
+from tinychat.model import DecoderLayer, Transformer, layer_linears
 from tinychat.tokenizer import Tokenizer
 
 # What a user may ask of a model's weights (ModelSource.plan)
@@ -145,13 +145,38 @@ class ModelSource:
         4-bit types.
         """
         blocks = self.has_blocks if blocks is None else blocks
-        gguf = self.path.suffix == ".gguf"  # its norms hold config.norm_offset already (build_model)
         model = build_model(self.config, self.tensors, resolve_dtype(dtype), awq=self.awq, blocks=blocks,
-                            norm_offset=0.0 if gguf else None)
+                            norm_offset=self.norm_offset)
         if int8_head or (int8_head is None and self.quantized and torch.device(device).type == "cpu"):
             int8_lm_head(model)
         model = model.to(device).eval().requires_grad_(False)
         return LoadedModel(model, self.tokenizer, self.path, self.source_config)
+
+    @property
+    def norm_offset(self) -> float | None:
+        """What build_model adds to the norm weights: None (the config's offset), or 0 for a GGUF file, whose norms
+        hold it already."""
+        return 0.0 if self.path.suffix == ".gguf" else None
+
+    def load_skeleton(self, dtype="float32") -> LoadedModel:
+        """The model without its decoder layers (left on the meta device): every tensor's name and shape checked,
+        the embedding, final norm and output projection read in `dtype` (a GGUF's blocks dequantized). With
+        `load_layer`, how streaming quantization reads a model one layer at a time. Float (or GGUF) sources only."""
+        self._require_float()
+        model = build_model(self.config, self.tensors, resolve_dtype(dtype), norm_offset=self.norm_offset,
+                            layers=False)
+        return LoadedModel(model.eval().requires_grad_(False), self.tokenizer, self.path, self.source_config)
+
+    def load_layer(self, i: int, *, dtype="float32", device: str | torch.device = "cpu") -> DecoderLayer:
+        """Decoder layer i with float weights in `dtype` on `device` (a GGUF's blocks dequantized), read as `load`
+        reads it; names and shapes are checked by `load_skeleton`."""
+        self._require_float()
+        layer = build_layer(self.config, self.tensors, i, resolve_dtype(dtype), norm_offset=self.norm_offset)
+        return layer.to(device)
+
+    def _require_float(self) -> None:
+        if self.quantized:
+            raise ModelLoadError(f"{self.path}: an AWQ checkpoint has no float layers to read one at a time")
 
 
 @dataclass(frozen=True)
@@ -202,25 +227,10 @@ def _is_decoder_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
 
-def build_model(
-    cfg: ModelConfig, tensors: Mapping[str, TensorRef], dtype: torch.dtype, awq: AwqFormat | None = None,
-    blocks: bool = False, norm_offset: float | None = None,
-) -> Transformer:
-    """Check names and shapes of Hugging Face-named tensors, then load them one at a time (converted to `dtype`),
-    fuse q/k/v and gate/up, and build the model on the CPU.
-
-    With `awq` the decoder linears are AWQ-quantized: each is unpacked, fused by concatenating rows of the plain
-    quantization, and repacked into the int4 op's layout (a WQLinear); biases, norms and embeddings go to `dtype`.
-    With `blocks` (a GGUF source) every quantized linear and output projection runs its blocks as stored (a
-    WQLinear or Int8Linear of the group form; a fused linear whose parts differ in form runs them side by side), and
-    a quantized embedding stays in its blocks too (a GroupEmbedding, which a tied output projection shares). Float
-    tensors, norms and a float embedding go to `dtype`.
-
-    norm_offset: added to every norm weight (in fp32) before it goes to `dtype`: the model applies its norm weights
-    as they are. None (a Hugging Face checkpoint) adds the config's (Gemma stores w and applies 1 + w); a GGUF
-    file's norms hold the offset already (llama.cpp's converter added it), so its loader passes 0.
-    """
-    offset = cfg.norm_offset if norm_offset is None else norm_offset
+def _check_tensors(cfg: ModelConfig, tensors: Mapping[str, TensorRef], awq: AwqFormat | None
+                   ) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of `cfg` holds (name -> shape), after checking `tensors` has them, each in its shape,
+    and nothing else (ModelLoadError naming the file otherwise); no data is read."""
     expected = hf_tensor_shapes(cfg, awq.shapes if awq is not None else None)
     if "rope_freqs" in tensors:
         expected["rope_freqs"] = (cfg.head_dim // 2,)
@@ -241,71 +251,140 @@ def build_model(
             raise ModelLoadError(
                 f"{tensors[name].file}: tensor {name!r} has shape {tensors[name].shape}, expected {shape}"
             )
+    return expected
 
-    embed_ref = HF_GLOBALS["embed.weight"]
-    head_ref = embed_ref if cfg.tie_word_embeddings else HF_GLOBALS["lm_head.weight"]
-    native_head = blocks and tensors[head_ref].kind not in FLOAT_KINDS  # the output projection as its blocks
-    # the embedding as its blocks, looked up row by row (GroupEmbedding): no float copy of the table
-    native_embed = blocks and tensors[embed_ref].kind not in FLOAT_KINDS and tensors[embed_ref].groups is not None
-    reads = len(expected) - ("rope_freqs" in expected)
-    bar = tqdm(total=reads, desc="loading weights", unit="tensor", disable=None, leave=False)
 
-    def finite(name: str, t: torch.Tensor) -> torch.Tensor:
+class _TensorReader:
+    """Reads Hugging Face-named tensors one at a time, each checked as it is read (a weight of the expected dtype,
+    finite) and converted to `dtype`; `bar` (a tqdm, or None) counts the reads."""
+
+    def __init__(self, tensors: Mapping[str, TensorRef], dtype: torch.dtype, bar=None):
+        self.tensors, self.dtype, self.bar = tensors, dtype, bar
+
+    def _count(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def finite(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """t, checked as it is read (one pass): NaN or inf in a weight would turn every answer into garbage."""
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
-            raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} holds {bad} NaN or infinite value(s)")
+            raise ModelLoadError(f"{self.tensors[name].file}: tensor {name!r} holds {bad} NaN or infinite value(s)")
         return t
 
-    def get(name: str, add: float = 0.0) -> torch.Tensor:
-        bar.update()
-        t = tensors[name].load()
+    def get(self, name: str, add: float = 0.0) -> torch.Tensor:
+        """A float tensor in `dtype`, `add` added in fp32 first (a norm's offset)."""
+        self._count()
+        t = self.tensors[name].load()
         if not t.is_floating_point():
-            raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} has dtype {t.dtype}, expected a "
+            raise ModelLoadError(f"{self.tensors[name].file}: tensor {name!r} has dtype {t.dtype}, expected a "
                                  "floating-point type (a weight)")
-        return (finite(name, t) if not add else finite(name, t).float() + add).to(dtype)
+        return (self.finite(name, t) if not add else self.finite(name, t).float() + add).to(self.dtype)
 
-    def get_packed(name: str) -> torch.Tensor:  # an AWQ tensor, as stored (int32 or fp16 scales)
-        bar.update()
-        t = tensors[name].load()
+    def packed(self, name: str) -> torch.Tensor:
+        """An AWQ tensor, as stored (int32, or floating-point scales)."""
+        self._count()
+        t = self.tensors[name].load()
         scales = name.endswith(".scales")
         if not (t.is_floating_point() if scales else t.dtype == torch.int32):
             want = "a floating-point type" if scales else "int32"
-            raise ModelLoadError(f"{tensors[name].file}: tensor {name!r} has dtype {t.dtype}, expected {want}")
-        return finite(name, t) if scales else t
+            raise ModelLoadError(f"{self.tensors[name].file}: tensor {name!r} has dtype {t.dtype}, expected {want}")
+        return self.finite(name, t) if scales else t
 
-    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def get_groups(name: str) -> GroupWeights:
-        ref = tensors[name]
+    def groups(self, name: str) -> GroupWeights:
+        """A GGUF tensor as its blocks' group form."""
+        ref = self.tensors[name]
         if ref.groups is None:
             raise ModelLoadError(f"{ref.file}: tensor {ref.name or name!r} has type {ref.kind}, which tinychat cannot "
                                  "run as stored (no exact 4- or 8-bit group form); --quant none (quant='none') runs "
                                  "the model dequantized to float")
-        bar.update()
+        self._count()
         return ref.groups()
 
-    def native(names: list[str], bias: torch.Tensor | None) -> nn.Module:
+    def native(self, names: list[str], bias: torch.Tensor | None) -> nn.Module:
         """The linear of the stacked rows of tensors `names`, each as stored (floats as `dtype`)."""
-        if all(tensors[n].kind in FLOAT_KINDS for n in names):
-            weight = cat([get(n) for n in names])
+        if all(self.tensors[n].kind in FLOAT_KINDS for n in names):
+            weight = _cat([self.get(n) for n in names])
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
             linear.weight = nn.Parameter(weight, requires_grad=False)
             if bias is not None:
                 linear.bias = nn.Parameter(bias, requires_grad=False)
             return linear
-        biases = bias.split([tensors[n].shape[0] for n in names]) if bias is not None else [None] * len(names)
-        if any(tensors[n].kind in FLOAT_KINDS for n in names):  # float and block parts side by side
-            return RowStack([native([n], b) for n, b in zip(names, biases)])
-        parts = [get_groups(n) for n in names]
+        biases = bias.split([self.tensors[n].shape[0] for n in names]) if bias is not None else [None] * len(names)
+        if any(self.tensors[n].kind in FLOAT_KINDS for n in names):  # float and block parts side by side
+            return RowStack([self.native([n], b) for n, b in zip(names, biases)])
+        parts = [self.groups(n) for n in names]
         if len({gw.form() for gw in parts}) == 1:  # one form, one op (Q5_0 and Q8_0 rows, say: int8, G32)
             return group_linear(stack_rows(parts), bias)
         return RowStack([group_linear(gw, b) for gw, b in zip(parts, biases)])  # parts of different forms
 
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _layer_state(r: _TensorReader, cfg: ModelConfig, i: int, offset: float, awq: AwqFormat | None, blocks: bool
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """Decoder layer i's tensors, named within the layer ("attn_norm", "attn.wqkv.weight", ...): its norms (plus
+    `offset`, in fp32), its fused linears (float rows concatenated; with `awq` unpacked, fused and repacked into the
+    int4 op's layout) and their biases; with `blocks`, the linears built as stored instead, as (name -> module) for
+    swap_linears. The one place that says how a layer is read, for build_model and build_layer."""
+    p = hf_layer_prefix(i)
+    sd = {name: r.get(p + hf, offset) for name, hf in hf_layer_norms(cfg).items()}
+    swapped: dict[str, nn.Module] = {}
+    for spec in layer_linears(cfg):
+        fused, parts = spec.name, [module for module, _ in hf_modules(spec)]
+        if blocks:
+            bias = _cat([r.get(p + f"{x}.bias") for x in parts]) if spec.bias else None
+            swapped[fused] = r.native([p + f"{x}.weight" for x in parts], bias)
+            continue
+        if awq is None:
+            sd[fused + ".weight"] = _cat([r.get(p + f"{x}.weight") for x in parts])
+        else:
+            plain = [awq.unpack(*(r.packed(p + f"{x}.{s}") for s in ("qweight", "qzeros", "scales"))) for x in parts]
+            q, scales, zeros = (_cat(list(t)) for t in zip(*plain))  # rows concatenated: groups run along K
+            qweight, scales, offsets = to_int4_op(q, scales, zeros)
+            sd.update({fused + ".qweight": qweight, fused + ".scales": scales, fused + ".offsets": offsets})
+        if spec.bias:
+            sd[fused + ".bias"] = _cat([r.get(p + f"{x}.bias") for x in parts])
+    return sd, swapped
+
+
+def build_model(
+    cfg: ModelConfig, tensors: Mapping[str, TensorRef], dtype: torch.dtype, awq: AwqFormat | None = None,
+    blocks: bool = False, norm_offset: float | None = None, layers: bool = True,
+) -> Transformer:
+    """Check names and shapes of Hugging Face-named tensors, then load them one at a time (converted to `dtype`),
+    fuse q/k/v and gate/up, and build the model on the CPU.
+
+    With `awq` the decoder linears are AWQ-quantized: each is unpacked, fused by concatenating rows of the plain
+    quantization, and repacked into the int4 op's layout (a WQLinear); biases, norms and embeddings go to `dtype`.
+    With `blocks` (a GGUF source) every quantized linear and output projection runs its blocks as stored (a
+    WQLinear or Int8Linear of the group form; a fused linear whose parts differ in form runs them side by side), and
+    a quantized embedding stays in its blocks too (a GroupEmbedding, which a tied output projection shares). Float
+    tensors, norms and a float embedding go to `dtype`.
+
+    norm_offset: added to every norm weight (in fp32) before it goes to `dtype`: the model applies its norm weights
+    as they are. None (a Hugging Face checkpoint) adds the config's (Gemma stores w and applies 1 + w); a GGUF
+    file's norms hold the offset already (llama.cpp's converter added it), so its loader passes 0.
+
+    layers=False reads no decoder layer: they stay on the meta device (a skeleton of embedding, final norm and
+    output projection, to which streaming quantization adds one layer at a time with `build_layer`).
+    """
+    offset = cfg.norm_offset if norm_offset is None else norm_offset
+    expected = _check_tensors(cfg, tensors, awq)
+    embed_ref = HF_GLOBALS["embed.weight"]
+    head_ref = embed_ref if cfg.tie_word_embeddings else HF_GLOBALS["lm_head.weight"]
+    native_head = blocks and tensors[head_ref].kind not in FLOAT_KINDS  # the output projection as its blocks
+    # the embedding as its blocks, looked up row by row (GroupEmbedding): no float copy of the table
+    native_embed = blocks and tensors[embed_ref].kind not in FLOAT_KINDS and tensors[embed_ref].groups is not None
+    reads = sum(n != "rope_freqs" and (layers or not n.startswith("model.layers.")) for n in expected)
+    bar = tqdm(total=reads, desc="loading weights", unit="tensor", disable=None, leave=False)
+    r = _TensorReader(tensors, dtype, bar)
+
     freq_factors = None
     if "rope_freqs" in tensors:
-        freq_factors = finite("rope_freqs", tensors["rope_freqs"].load().float())
+        freq_factors = r.finite("rope_freqs", tensors["rope_freqs"].load().float())
         if not (freq_factors > 0).all():
             raise ModelLoadError(f"{tensors['rope_freqs'].file}: rope_freqs must be positive")
     with torch.device("meta"):
@@ -313,42 +392,27 @@ def build_model(
         if awq is not None:
             model.swap_linears(lambda name, linear: WQLinear(linear.in_features, linear.out_features, awq.group_size,
                                                              linear.bias is not None, dtype=dtype))
-    sd = {name: get(hf, offset if name == "norm" else 0.0) for name, hf in HF_GLOBALS.items()
+    sd = {name: r.get(hf, offset if name == "norm" else 0.0) for name, hf in HF_GLOBALS.items()
           if not (name == "lm_head.weight" and (cfg.tie_word_embeddings or native_head))
           and not (name == "embed.weight" and native_embed)}
     embed = head = None
     if native_embed:
-        embed = group_linear(get_groups(embed_ref), None)
+        embed = group_linear(r.groups(embed_ref), None)
         head = embed if cfg.tie_word_embeddings else None  # tied: the output projection is the table itself
     swapped: dict[str, nn.Module] = {}  # decoder linears built as they are stored (blocks)
-    for i in range(cfg.num_layers):
-        p, o = hf_layer_prefix(i), f"layers.{i}."
-        sd.update({o + name: get(p + hf, offset) for name, hf in hf_layer_norms(cfg).items()})
-        for spec in layer_linears(cfg):
-            fused, parts, has_bias = spec.name, [module for module, _ in hf_modules(spec)], spec.bias
-            if blocks:
-                bias = cat([get(p + f"{x}.bias") for x in parts]) if has_bias else None
-                swapped[o + fused] = native([p + f"{x}.weight" for x in parts], bias)
-                continue
-            if awq is None:
-                sd[o + fused + ".weight"] = cat([get(p + f"{x}.weight") for x in parts])
-            else:
-                plain = [awq.unpack(*(get_packed(p + f"{x}.{s}") for s in ("qweight", "qzeros", "scales")))
-                         for x in parts]
-                q, scales, zeros = (cat(list(t)) for t in zip(*plain))  # rows concatenated: groups run along K
-                qweight, scales, offsets = to_int4_op(q, scales, zeros)
-                sd.update({o + fused + ".qweight": qweight, o + fused + ".scales": scales,
-                           o + fused + ".offsets": offsets})
-            if has_bias:
-                sd[o + fused + ".bias"] = cat([get(p + f"{x}.bias") for x in parts])
+    for i in range(cfg.num_layers if layers else 0):
+        layer_sd, layer_swapped = _layer_state(r, cfg, i, offset, awq, blocks)
+        sd.update({f"layers.{i}.{name}": t for name, t in layer_sd.items()})
+        swapped.update({f"layers.{i}.{name}": m for name, m in layer_swapped.items()})
     if native_head and head is None:
-        head = group_linear(get_groups(head_ref), None)
+        head = group_linear(r.groups(head_ref), None)
     bar.close()
     result = model.load_state_dict(sd, strict=False, assign=True)
     unexpected_missing = [k for k in result.missing_keys
                           if not (k == "lm_head.weight" and (cfg.tie_word_embeddings or native_head))
                           and not (k == "embed.weight" and native_embed)
-                          and k.rpartition(".")[0] not in swapped]
+                          and k.rpartition(".")[0] not in swapped
+                          and (layers or not k.startswith("layers."))]
     assert not unexpected_missing and not result.unexpected_keys, result
     if swapped:
         model.swap_linears(lambda name, linear: swapped[name])
@@ -359,3 +423,17 @@ def build_model(
     if head is not None:
         model.lm_head = head
     return model
+
+
+def build_layer(cfg: ModelConfig, tensors: Mapping[str, TensorRef], i: int, dtype: torch.dtype,
+                norm_offset: float | None = None) -> DecoderLayer:
+    """Decoder layer i alone, with float weights in `dtype`, read from float (or dequantized) Hugging Face-named
+    tensors as build_model reads them (same fusing, norm offset and checks; names and shapes are build_model's to
+    check). With a skeleton (build_model(..., layers=False)) this is all that streaming quantization holds of a model
+    at a time. On the CPU, without gradients."""
+    offset = cfg.norm_offset if norm_offset is None else norm_offset
+    sd, _ = _layer_state(_TensorReader(tensors, dtype), cfg, i, offset, None, False)
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg, i)
+    layer.load_state_dict(sd, strict=True, assign=True)
+    return layer.requires_grad_(False)
