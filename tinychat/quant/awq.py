@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from tinychat.model import DecoderLayer, Transformer, layer_linears, linear_spec
 from tinychat.quant.gptq import gptq_quantize, hessian
 from tinychat.quant.quantize import (
     CHUNK_TOKENS,
+    LayerQuant,
     QuantConfig,
     QuantResult,
     check_group_size,
@@ -51,8 +53,8 @@ from tinychat.quant.quantize import (
     quantize,
 )
 
-__all__ = ["ScaleGroup", "awq_scales", "clip_weight", "fold_scales", "quantize_model", "scale_groups", "search_clip",
-           "search_scale"]
+__all__ = ["LayerSink", "ScaleGroup", "awq_scales", "clip_weight", "fold_scales", "quantize_layers",
+           "quantize_model", "scale_groups", "search_clip", "search_scale"]
 
 CLIP_TOKENS = 512  # tokens the clip search samples (AutoAWQ's n_sample_token)
 SEARCH_TOKENS = 8192  # tokens (whole blocks) on which a grid point's module output error is measured
@@ -313,6 +315,9 @@ def _clip_ranges(layer: DecoderLayer, inputs: dict[str, Tensor], qcfg: QuantConf
 
 # ---- the whole model ----
 
+# sink(i, layer, quantized): where quantize_layers hands each finished layer
+LayerSink = Callable[[int, DecoderLayer, LayerQuant], None]
+
 
 def quantize_model(
     model: Transformer,
@@ -328,76 +333,127 @@ def quantize_model(
     quantized_inputs: bool = False,
     search_tokens: int | None = SEARCH_TOKENS,
 ) -> QuantResult:
-    """Quantize every linear of every decoder layer; returns name -> (q uint8 [N, K], scales, zeros fp32 [N, K/G]).
+    """Quantize every linear of every decoder layer of a model held in memory; returns name -> (q uint8 [N, K],
+    scales, zeros fp32 [N, K/G]) ("layers.{i}.attn.wqkv", ...).
+
+    `quantize_layers` on fp32 working copies of the model's layers, each written back once done: AWQ's folded scales
+    (which alone keep the model's function) and clipped weights land in the model, in its dtype, so the model keeps
+    full-precision weights: apply the result with `apply_pseudo_quantized` (or pack it). See quantize_layers for the
+    methods and options.
+    """
+    result: QuantResult = {}
+
+    def keep(i: int, work: DecoderLayer, quantized: LayerQuant) -> None:
+        result.update({f"layers.{i}.{name}": found for name, found in quantized.items()})
+        _copy_back(work, model.layers[i])
+
+    quantize_layers(model, lambda i: _working_copy(model.layers[i], torch.device(device)), keep, calib, qcfg,
+                    method, clip, duo_scaling, n_grid, max_shrink, device, progress, quantized_inputs, search_tokens)
+    return result
+
+
+@torch.no_grad()
+def quantize_layers(
+    model: Transformer,
+    load_layer: Callable[[int], DecoderLayer],
+    sink: LayerSink,
+    calib: Tensor | None,
+    qcfg: QuantConfig,
+    method: str = "awq",
+    clip: bool = True,
+    duo_scaling: bool = False,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    quantized_inputs: bool = False,
+    search_tokens: int | None = SEARCH_TOKENS,
+) -> None:
+    """Quantize a model one decoder layer at a time, holding one layer and the calibration activations at once.
+
+    model: its config, embedding and rotary tables are used, never its decoder layers' weights (a skeleton whose
+    layers are on the meta device will do). load_layer(i): layer i as an fp32 DecoderLayer on `device` that the
+    search may change, called once per layer, in order. sink(i, layer, quantized): the finished layer (AWQ's scales
+    folded into its norms and weights, weights clipped when `clip`; float) and its linears' quantization, on the CPU;
+    nothing of the layer is kept once sink returns. A progress bar counts the layers.
 
     method "rtn" quantizes the weights as they are (calib may be None). method "awq" runs the search on the
-    calibration blocks calib [n, seqlen] int64: it folds the AWQ scales into the model's norms and weights in place
-    (which alone keeps its function), clips the weights in place when `clip`, and quantizes the final weights.
-    method "awq-gptq" searches and folds the same way, then rounds each linear with GPTQ (its inputs' X^T X from
-    the same calibration pass), each weight group's grid within its searched clipping range when `clip`.
-    The model keeps full-precision weights: apply the result with `apply_pseudo_quantized` (or pack it). The search
-    runs on `device` (fp32, one layer at a time); `quantized_inputs` feeds each layer the outputs of the previous
-    one with pseudo-quantized weights instead of its full-precision outputs. `search_tokens` bounds the tokens on
-    which each grid point runs the attention and MLP blocks (search_scale; None: every calibration token).
+    calibration blocks calib [n, seqlen] int64: it folds the AWQ scales into the layer's norms and weights (which
+    alone keeps its function), clips the weights when `clip`, and quantizes the final weights. method "awq-gptq"
+    searches and folds the same way, then rounds each linear with GPTQ (its inputs' X^T X from the same calibration
+    pass), each weight group's grid within its searched clipping range when `clip`. The search runs on `device`
+    (fp32); `quantized_inputs` feeds each layer the outputs of the previous one with pseudo-quantized weights instead
+    of its full-precision outputs. `search_tokens` bounds the tokens on which each grid point runs the attention and
+    MLP blocks (search_scale; None: every calibration token).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     cfg = model.config
     names = [spec.name for spec in layer_linears(cfg)]
-    for i, layer in enumerate(model.layers):  # fail before any work
-        for name in names:
-            check_group_size(layer.get_submodule(name).in_features, qcfg, f"layers.{i}.{name}")
-    if method == "rtn":
-        return {f"layers.{i}.{name}": tuple(t.cpu() for t in quantize(layer.get_submodule(name).weight, qcfg))
-                for i, layer in enumerate(model.layers) for name in names}
-
-    if calib is None or calib.dim() != 2 or calib.dtype != torch.int64 or calib.numel() == 0:
-        got = "None" if calib is None else f"{tuple(calib.shape)} {calib.dtype}"
-        raise TinychatError(f"AWQ needs calibration tokens: a non-empty int64 [n, seqlen] tensor, got {got}")
-    if calib.shape[1] > cfg.context_length:
-        raise TinychatError(f"calibration seqlen {calib.shape[1]} exceeds the model's context {cfg.context_length}")
-    device = torch.device(device)
-    positions = torch.arange(calib.shape[1], device=device)  # [T]
-    h = _embed(model, calib, device)  # [n, T, C] residual stream, model dtype
-    result: QuantResult = {}
-    bar = tqdm(model.layers, desc=f"{method.upper()} w{qcfg.w_bit} g{qcfg.group_size}", unit="layer",
+    for spec in layer_linears(cfg):  # fail before any work: every layer has the same shapes
+        check_group_size(spec.in_features, qcfg, f"layers.0.{spec.name}")
+    h = positions = None
+    if method != "rtn":
+        if calib is None or calib.dim() != 2 or calib.dtype != torch.int64 or calib.numel() == 0:
+            got = "None" if calib is None else f"{tuple(calib.shape)} {calib.dtype}"
+            raise TinychatError(f"AWQ needs calibration tokens: a non-empty int64 [n, seqlen] tensor, got {got}")
+        if calib.shape[1] > cfg.context_length:
+            raise TinychatError(f"calibration seqlen {calib.shape[1]} exceeds the model's context "
+                                f"{cfg.context_length}")
+        positions = torch.arange(calib.shape[1], device=device)  # [T]
+        h = _embed(model, calib, torch.device(device))  # [n, T, C] residual stream, model dtype
+    bar = tqdm(range(cfg.num_layers), desc=f"{method.upper()} w{qcfg.w_bit} g{qcfg.group_size}", unit="layer",
                disable=not progress)
-    for i, layer in enumerate(bar):
-        rope = _Rope(positions, model.rope_table(layer).to(device))
-        work = _working_copy(layer, device)  # fp32 copy on `device`
-        captured: dict[str, list] = {name: [] for name in names}
-        h_next = _layer_outputs(work, h, rope, captured)  # full-precision outputs: the next layer's inputs
-        inputs = {name: torch.cat(chunks) for name, chunks in captured.items()}  # name -> [n, T, K]
-        del captured
-
-        searches = [(g, search_scale(work, g, inputs[g.linear], qcfg, rope, n_grid, duo_scaling, search_tokens))
-                    for g in scale_groups(cfg)]  # every group searched against the unmodified layer, as AutoAWQ
-        for group, found in searches:
-            fold_scales(work, group, found.scales, cfg)
-            for c in _chunks(inputs[group.linear]):  # the linear now sees x / s
-                c.div_(found.scales.to(c.dtype))
-        ranges = _clip_ranges(work, inputs, qcfg, cfg, n_grid, max_shrink) if clip else {}
-        for name in names:
-            w = work.get_submodule(name).weight  # [N, K], scales folded
-            if method == "awq-gptq":  # error-compensated rounding, each group's grid within its clipping range
-                found = gptq_quantize(w, hessian(inputs[name]), qcfg, clip=ranges.get(name))
-            else:
-                if name in ranges:
-                    w.copy_(clip_weight(w, *ranges[name], qcfg.group_size))
-                found = quantize(w, qcfg)
-            result[f"layers.{i}.{name}"] = tuple(t.cpu() for t in found)
-        del inputs
-        _copy_back(work, layer)
-
+    for i in bar:
+        work = load_layer(i)
+        if method == "rtn":
+            sink(i, work, {name: tuple(t.cpu() for t in quantize(work.get_submodule(name).weight, qcfg))
+                           for name in names})
+            del work  # before the next layer is read
+            continue
+        rope = _Rope(positions, model.rope_table(model.layers[i]).to(device))
+        quantized, h_next, alphas = _search_layer(work, h, rope, qcfg, cfg, method, clip, duo_scaling, n_grid,
+                                                  max_shrink, search_tokens)
+        sink(i, work, quantized)
         if quantized_inputs:
             for name in names:
-                q, scales, zeros = result[f"layers.{i}.{name}"]
-                w = work.get_submodule(name).weight
-                w.copy_(dequantize(q, scales, zeros, qcfg.group_size))
+                work.get_submodule(name).weight.copy_(dequantize(*quantized[name], qcfg.group_size))
             h_next = _layer_outputs(work, h, rope)
         h = h_next
-        bar.set_postfix(alpha=",".join(f"{found.alpha:.2f}" for _, found in searches))
-    return result
+        del work, quantized, h_next  # before the next layer is read
+        bar.set_postfix(alpha=alphas)
+
+
+@torch.no_grad()
+def _search_layer(work: DecoderLayer, h: Tensor, rope: _Rope, qcfg: QuantConfig, cfg, method: str, clip: bool,
+                  duo_scaling: bool, n_grid: int, max_shrink: float, search_tokens: int | None
+                  ) -> tuple[LayerQuant, Tensor, str]:
+    """AWQ (or AWQ-GPTQ) on one fp32 working layer for its inputs h [n, T, C], in place (scales folded, weights
+    clipped): (its linears' quantization, its full-precision outputs [n, T, C] in h's dtype, the alphas found)."""
+    names = [spec.name for spec in layer_linears(cfg)]
+    captured: dict[str, list] = {name: [] for name in names}
+    h_next = _layer_outputs(work, h, rope, captured)  # full-precision outputs: the next layer's inputs
+    inputs = {name: torch.cat(chunks) for name, chunks in captured.items()}  # name -> [n, T, K]
+    del captured
+
+    searches = [(g, search_scale(work, g, inputs[g.linear], qcfg, rope, n_grid, duo_scaling, search_tokens))
+                for g in scale_groups(cfg)]  # every group searched against the unmodified layer, as AutoAWQ
+    for group, found in searches:
+        fold_scales(work, group, found.scales, cfg)
+        for c in _chunks(inputs[group.linear]):  # the linear now sees x / s
+            c.div_(found.scales.to(c.dtype))
+    ranges = _clip_ranges(work, inputs, qcfg, cfg, n_grid, max_shrink) if clip else {}
+    quantized: LayerQuant = {}
+    for name in names:
+        w = work.get_submodule(name).weight  # [N, K], scales folded
+        if method == "awq-gptq":  # error-compensated rounding, each group's grid within its clipping range
+            found = gptq_quantize(w, hessian(inputs[name]), qcfg, clip=ranges.get(name))
+        else:
+            if name in ranges:
+                w.copy_(clip_weight(w, *ranges[name], qcfg.group_size))
+            found = quantize(w, qcfg)
+        quantized[name] = tuple(t.cpu() for t in found)
+    return quantized, h_next, ",".join(f"{found.alpha:.2f}" for _, found in searches)
 
 
 @torch.no_grad()

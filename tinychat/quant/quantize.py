@@ -24,6 +24,8 @@ CHUNK_TOKENS = 8192  # calibration tokens per piece of work (a forward, a Gram m
 
 # decoder linear name -> (q uint8 [N, K], scales fp32 [N, K/G], zeros fp32 [N, K/G])
 QuantResult = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# the same for one decoder layer, named within it: "attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2" -> (q, scales, zeros)
+LayerQuant = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
