@@ -6,6 +6,8 @@ everything else in float16, and a config.json with a `quantization_config`.
 
 A directory is written atomically: into a temporary directory beside `out_dir`, each file fsynced, then renamed
 into place. An interrupted save (an error, Ctrl-C) leaves neither `out_dir` nor the temporary directory behind.
+`save_awq_checkpoint` writes a quantization held in memory; `awq_checkpoint_writer` writes one decoder layer at a
+time as a streaming quantizer finishes it (tinychat.quant.awq.quantize_layers), each layer its own shard.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,8 +28,9 @@ from tinychat.files import read_json
 from tinychat.io.awq_format import awq_quantization_config, pack_awq_gemm
 from tinychat.io.loader import LoadedModel
 from tinychat.io.names import HF_GLOBALS, hf_layer_norms, hf_layer_prefix, hf_modules
-from tinychat.model import Transformer, layer_linears, linear_names
-from tinychat.quant.quantize import QuantConfig, QuantResult
+from tinychat.config import ModelConfig
+from tinychat.model import DecoderLayer, Transformer, layer_linears, linear_names
+from tinychat.quant.quantize import LayerQuant, QuantConfig, QuantResult
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # one model.safetensors up to 2 GB, shards above
 
@@ -47,6 +51,48 @@ def save_awq_checkpoint(
     come from the model. The record's source config becomes config.json (Hugging Face spelling) and its tokenizer
     (or None) writes its files with `save_pretrained`. Returns the directory.
     """
+    config = _awq_config(loaded, qcfg)
+    tensors = awq_state_dict(loaded.model, qdict, qcfg)
+    return _write_checkpoint(out_dir, tensors, config, loaded, overwrite, max_shard_bytes)
+
+
+@contextmanager
+def awq_checkpoint_writer(
+    loaded: LoadedModel, qcfg: QuantConfig, out_dir: str | os.PathLike, *, overwrite: bool = False
+) -> Iterator[Callable[[int, DecoderLayer, LayerQuant], None]]:
+    """Write an AWQ checkpoint one decoder layer at a time: the same checkpoint as `save_awq_checkpoint`, sharded.
+
+    Yields write_layer(i, layer, quantized) (a tinychat.quant.awq.LayerSink): layer i's linears packed from
+    `quantized` ("attn.wqkv", ... -> (q, scales, zeros) of the fused weights), its biases and norms from `layer`,
+    go at once into their own shard (model-{i+1:05d}-of-{L+1:05d}.safetensors) of a temporary directory beside
+    out_dir. When the block ends, the embedding, final norm and output projection of loaded.model (whose decoder
+    layers are not read: a skeleton will do) go into the last shard, then model.safetensors.index.json, config.json,
+    generation_config.json and the tokenizer; everything is fsynced and the directory renamed into place. An error
+    or interrupt in the block or in the writing leaves nothing behind; out_dir is checked before the block runs.
+    """
+    config = _awq_config(loaded, qcfg)
+    out = check_output_dir(out_dir, overwrite)
+    cfg = loaded.model.config
+    n_files = cfg.num_layers + 1
+    weight_map: dict[str, str] = {}
+    written = {}  # layer -> bytes of its tensors
+    with _atomic_directory(out) as tmp:
+        def write_layer(i: int, layer: DecoderLayer, quantized: LayerQuant) -> None:
+            tensors = _layer_norm_tensors(cfg, i, layer) | _awq_layer_tensors(cfg, i, layer, quantized, qcfg)
+            written[i] = _write_shard(tensors, tmp, _shard_file(i + 1, n_files), weight_map)
+
+        yield write_layer
+        missing = [i for i in range(cfg.num_layers) if i not in written]
+        if missing:
+            raise TinychatError(f"{out}: decoder layer(s) {', '.join(map(str, missing[:5]))} were never written")
+        total = sum(written.values())
+        total += _write_shard(_global_tensors(loaded.model), tmp, _shard_file(n_files, n_files), weight_map)
+        _write_index(tmp, weight_map, total)
+        _write_files(tmp, config, loaded)
+
+
+def _awq_config(loaded: LoadedModel, qcfg: QuantConfig) -> dict:
+    """config.json of an AWQ checkpoint of `loaded`, or TinychatError for a bit width the format cannot hold."""
     if qcfg.w_bit != 4:
         raise TinychatError(
             f"cannot save w_bit={qcfg.w_bit}: the AutoAWQ GEMM format holds 4-bit weights only "
@@ -54,8 +100,7 @@ def save_awq_checkpoint(
         )
     config = _checkpoint_config(loaded.source_config)
     config["quantization_config"] = awq_quantization_config(qcfg.group_size)
-    tensors = awq_state_dict(loaded.model, qdict, qcfg)
-    return _write_checkpoint(out_dir, tensors, config, loaded, overwrite, max_shard_bytes)
+    return config
 
 
 def save_fp16_checkpoint(
@@ -128,19 +173,23 @@ def _write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config: dict, l
     """Weights, config.json, generation_config.json and tokenizer files into a temporary directory beside
     out_dir, fsynced, then renamed into place; on any error or interrupt nothing is left behind."""
     out = check_output_dir(out_dir, overwrite)
-    tokenizer = loaded.tokenizer
-    generation = _generation_config(tokenizer, loaded.source_config)
+    with _atomic_directory(out) as tmp:
+        _write_weights(tensors, tmp, max_shard_bytes)
+        _write_files(tmp, config, loaded)
+    return out
+
+
+@contextmanager
+def _atomic_directory(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out` for the block to fill; then every file in it is fsynced and it is renamed
+    to `out`. On any error or interrupt (in the block too) it is removed: nothing is left behind."""
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would become the checkpoint's mode: the usual one instead
     except OSError as e:
         raise TinychatError(f"{out}: cannot write a checkpoint there ({e})") from None
     try:
-        _write_weights(tensors, tmp, max_shard_bytes)
-        _write_json(config, tmp / "config.json")
-        _write_json(generation, tmp / "generation_config.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         _fsync_tree(tmp)
         _move_into_place(tmp, out)
     except OSError as e:
@@ -149,7 +198,14 @@ def _write_checkpoint(out_dir, tensors: dict[str, torch.Tensor], config: dict, l
     except BaseException:  # an error or KeyboardInterrupt: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _write_files(directory: Path, config: dict, loaded: LoadedModel) -> None:
+    """config.json, generation_config.json and the tokenizer's files (if any) of a checkpoint of `loaded`."""
+    _write_json(config, directory / "config.json")
+    _write_json(_generation_config(loaded.tokenizer, loaded.source_config), directory / "generation_config.json")
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(directory)
 
 
 def awq_state_dict(model: Transformer, qdict: QuantResult, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
@@ -158,36 +214,48 @@ def awq_state_dict(model: Transformer, qdict: QuantResult, qcfg: QuantConfig) ->
     missing = [n for n in linear_names(model.config) if n not in qdict]
     if missing:
         raise TinychatError(f"qdict lacks the quantization of {len(missing)} linear(s): {', '.join(missing[:5])}")
-    tensors = _unquantized_tensors(model)
+    cfg = model.config
+    tensors = _global_tensors(model)
     for i, layer in enumerate(model.layers):
-        p = hf_layer_prefix(i)
-        for spec in layer_linears(model.config):
-            name = f"layers.{i}.{spec.name}"
-            q, scales, zeros = (t.detach().cpu() for t in qdict[name])
-            parts, rows = zip(*hf_modules(spec))
-            N, K = spec.out_features, spec.in_features
-            if tuple(q.shape) != (N, K) or tuple(scales.shape) != (N, K // qcfg.group_size):
-                raise TinychatError(
-                    f"qdict[{name!r}]: q {tuple(q.shape)} and scales {tuple(scales.shape)} do not fit a "
-                    f"[{N}, {K}] weight with group size {qcfg.group_size}"
-                )
-            bias = layer.get_submodule(spec.name).bias
-            splits = zip(parts, q.split(rows), scales.split(rows), zeros.split(rows),
-                         bias.detach().cpu().split(rows) if spec.bias else [None] * len(parts))
-            for x, qx, sx, zx, bx in splits:
-                qweight, qzeros, scales16 = pack_awq_gemm(qx, sx, zx)
-                tensors.update({p + f"{x}.qweight": qweight, p + f"{x}.qzeros": qzeros, p + f"{x}.scales": scales16})
-                if bx is not None:
-                    tensors[p + f"{x}.bias"] = _fp16(p + f"{x}.bias", bx)
+        quantized = {spec.name: qdict[f"layers.{i}.{spec.name}"] for spec in layer_linears(cfg)}
+        tensors.update(_layer_norm_tensors(cfg, i, layer) | _awq_layer_tensors(cfg, i, layer, quantized, qcfg))
+    return tensors
+
+
+def _awq_layer_tensors(cfg: ModelConfig, i: int, layer: DecoderLayer, quantized: LayerQuant, qcfg: QuantConfig
+                       ) -> dict[str, torch.Tensor]:
+    """Decoder layer i's linears, Hugging Face-named: each fused linear's quantization (`quantized`) split back into
+    its modules and packed as AutoAWQ GEMM, its bias (from `layer`) in float16."""
+    p = hf_layer_prefix(i)
+    tensors = {}
+    for spec in layer_linears(cfg):
+        q, scales, zeros = (t.detach().cpu() for t in quantized[spec.name])
+        parts, rows = zip(*hf_modules(spec))
+        N, K = spec.out_features, spec.in_features
+        if tuple(q.shape) != (N, K) or tuple(scales.shape) != (N, K // qcfg.group_size):
+            raise TinychatError(
+                f"qdict['layers.{i}.{spec.name}']: q {tuple(q.shape)} and scales {tuple(scales.shape)} do not fit a "
+                f"[{N}, {K}] weight with group size {qcfg.group_size}"
+            )
+        bias = layer.get_submodule(spec.name).bias
+        splits = zip(parts, q.split(rows), scales.split(rows), zeros.split(rows),
+                     bias.detach().cpu().split(rows) if spec.bias else [None] * len(parts))
+        for x, qx, sx, zx, bx in splits:
+            qweight, qzeros, scales16 = pack_awq_gemm(qx, sx, zx)
+            tensors.update({p + f"{x}.qweight": qweight, p + f"{x}.qzeros": qzeros, p + f"{x}.scales": scales16})
+            if bx is not None:
+                tensors[p + f"{x}.bias"] = _fp16(p + f"{x}.bias", bx)
     return tensors
 
 
 def fp16_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Hugging Face-named float16 tensors of a float model: fused linears split back into q/k/v and gate/up."""
-    tensors = _unquantized_tensors(model)
+    cfg = model.config
+    tensors = _global_tensors(model)
     for i, layer in enumerate(model.layers):
         p = hf_layer_prefix(i)
-        for spec in layer_linears(model.config):
+        tensors.update(_layer_norm_tensors(cfg, i, layer))
+        for spec in layer_linears(cfg):
             linear = layer.get_submodule(spec.name)
             parts, rows = zip(*hf_modules(spec))
             for x, w in zip(parts, linear.weight.split(rows)):
@@ -198,17 +266,20 @@ def fp16_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _unquantized_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """Embeddings, norms and the untied lm_head, Hugging Face-named, in float16. The model's norm weights are
-    applied as they are; a checkpoint's as config.norm_offset + w (Gemma), so the offset comes off here."""
+def _global_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Embeddings, final norm and the untied lm_head, Hugging Face-named, in float16 (the decoder layers are not
+    read). The model's norm weights are applied as they are; a checkpoint's as config.norm_offset + w (Gemma), so
+    the offset comes off here."""
     cfg = model.config
-    tensors = {hf: _fp16(hf, model.get_parameter(name) - (cfg.norm_offset if name == "norm" else 0.0))
-               for name, hf in HF_GLOBALS.items() if name != "lm_head.weight" or not cfg.tie_word_embeddings}
-    for i, layer in enumerate(model.layers):
-        p = hf_layer_prefix(i)
-        tensors.update({p + hf: _fp16(p + hf, layer.get_parameter(name) - cfg.norm_offset)
-                        for name, hf in hf_layer_norms(cfg).items()})
-    return tensors
+    return {hf: _fp16(hf, model.get_parameter(name) - (cfg.norm_offset if name == "norm" else 0.0))
+            for name, hf in HF_GLOBALS.items() if name != "lm_head.weight" or not cfg.tie_word_embeddings}
+
+
+def _layer_norm_tensors(cfg: ModelConfig, i: int, layer: DecoderLayer) -> dict[str, torch.Tensor]:
+    """Decoder layer i's norm weights, Hugging Face-named, in float16, less config.norm_offset (as _global_tensors)."""
+    p = hf_layer_prefix(i)
+    return {p + hf: _fp16(p + hf, layer.get_parameter(name) - cfg.norm_offset)
+            for name, hf in hf_layer_norms(cfg).items()}
 
 
 def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -256,28 +327,45 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.chmod(0o666 & ~_umask())  # safetensors writes 0600; the checkpoint's other files get the usual mode
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above the limit."""
-    def nbytes(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
-
-    total = sum(nbytes(t) for t in tensors.values())
+    total = sum(_nbytes(t) for t in tensors.values())
     if total <= max_shard_bytes:
         _write_safetensors(tensors, directory / "model.safetensors")
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():  # in order, a new shard when the next tensor would overflow this one
-        if shards[-1] and size + nbytes(t) > max_shard_bytes:
+        if shards[-1] and size + _nbytes(t) > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = t
-        size += nbytes(t)
-    weight_map = {}
+        size += _nbytes(t)
+    weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(shard, directory / file)
-        weight_map.update({name: file for name in shard})
+        _write_shard(shard, directory, _shard_file(i, len(shards)), weight_map)
+    _write_index(directory, weight_map, total)
+
+
+def _shard_file(i: int, n: int) -> str:
+    """The name of shard i (from 1) of n."""
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], directory: Path, file: str, weight_map: dict[str, str]) -> int:
+    """One shard of a sharded checkpoint, its tensors entered in weight_map (tensor name -> file); returns the bytes
+    of its tensors."""
+    _write_safetensors(tensors, directory / file)
+    weight_map.update({name: file for name in tensors})
+    return sum(_nbytes(t) for t in tensors.values())
+
+
+def _write_index(directory: Path, weight_map: dict[str, str], total: int) -> None:
+    """model.safetensors.index.json of the shards in `weight_map`; total: the bytes of their tensors."""
     _write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
                 directory / "model.safetensors.index.json")
 
