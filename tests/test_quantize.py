@@ -56,8 +56,9 @@ def test_cli_quantize_awq_then_load_and_generate(src, calib_file, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 64,
                                              "zero_point": True, "modules_to_not_convert": None}
-    assert {"model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
-        p.name for p in out.iterdir()}
+    # streamed: a shard per decoder layer, then the embeddings' (tests/test_quantize_stream.py)
+    assert {"model.safetensors.index.json", "model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors",
+            "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
     model, tokenizer = load_model(out)
@@ -153,7 +154,7 @@ def test_interrupted_quantization_leaves_nothing(src, tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "quantize_model", interrupted)
+    monkeypatch.setattr(pipeline, "quantize_layers", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(src, tmp_path / "out", QuantizeOptions(), log=lambda m: None)
     assert list(tmp_path.iterdir()) == []

@@ -1,9 +1,13 @@
 """From a full-precision model to a quantized checkpoint on disk: what `tinychat quantize` runs, and the cache that
 gives `tinychat chat` its 4-bit default model.
 
-load (GGUF / HF directory / hub id, float32) -> calibration blocks -> quantize_model (AWQ or RTN) ->
-4-bit: AutoAWQ GEMM checkpoint (tinychat, transformers and vLLM load it);
-3-bit: a float16 checkpoint of the dequantized weights (fake quantization, for evaluation only).
+4-bit: the source is streamed, one decoder layer at a time: a skeleton (embedding, final norm, output projection)
+-> calibration blocks -> quantize_layers (AWQ, AWQ-GPTQ or RTN) reads each layer (`ModelSource.load_layer`) and hands
+it, quantized, to awq_checkpoint_writer, which writes it as its own shard of an AutoAWQ GEMM checkpoint (tinychat,
+transformers and vLLM load it): memory holds the skeleton, one layer and the calibration activations, whatever the
+number of layers.
+3-bit: the whole model is loaded -> quantize_model -> a float16 checkpoint of the dequantized weights (fake
+quantization, for evaluation only).
 """
 
 from __future__ import annotations
@@ -18,17 +22,17 @@ from pathlib import Path
 
 from tinychat.config import ModelConfig
 from tinychat.errors import TinychatError
-from tinychat.io.checkpoint import check_output_dir, save_awq_checkpoint, save_fp16_checkpoint
+from tinychat.io.checkpoint import awq_checkpoint_writer, check_output_dir, save_fp16_checkpoint
 from tinychat.io.loader import ModelSource, open_source, resolve_source
 from tinychat.io.names import hf_tensor_shapes
 from tinychat.pipeline.calib import load_calibration
-from tinychat.quant.awq import METHODS, SEARCH_TOKENS, quantize_model
+from tinychat.quant.awq import METHODS, SEARCH_TOKENS, quantize_layers, quantize_model
 from tinychat.quant.quantize import QuantConfig, apply_pseudo_quantized, auto_group_size
 
 __all__ = ["SEARCH_TOKENS", "QuantizeOptions", "cache_dir", "cached_quantized_model", "quantize_checkpoint",
            "search_dtype"]
 
-FLOAT32_MAX_BYTES = 8 * 1024**3  # larger models are held in bfloat16 during quantization (search_dtype)
+FLOAT32_MAX_BYTES = 8 * 1024**3  # larger models' activations (and w3 models) are held in bfloat16 (search_dtype)
 CACHE_FORMAT = 1  # bump when a change to the quantizer should invalidate cached checkpoints
 
 
@@ -57,8 +61,10 @@ class QuantizeOptions:
 
 
 def search_dtype(cfg: ModelConfig) -> str:
-    """The dtype the model is held in while it is quantized: float32 up to FLOAT32_MAX_BYTES of weights, bfloat16
-    above, so that a 7B model (14 GB in bfloat16, plus a few GB of cached calibration activations) fits 24 GiB."""
+    """The dtype of what quantization holds of the model besides the layer it searches (fp32): the embedding, the
+    calibration activations (the residual stream and each linear's inputs) and, for w3's in-memory path, the whole
+    model: float32 up to FLOAT32_MAX_BYTES of weights, bfloat16 above (so that a 7B model held whole, 14 GB in
+    bfloat16 plus a few GB of activations, fits 24 GiB)."""
     n_params = sum(math.prod(shape) for shape in hf_tensor_shapes(cfg).values())
     return "float32" if 4 * n_params <= FLOAT32_MAX_BYTES else "bfloat16"
 
@@ -81,9 +87,13 @@ def quantize_checkpoint(source: str | os.PathLike | ModelSource | None, out_dir,
         raise TinychatError(f"{src.path}: the model is already quantized ({src.source_config['quantization_config']}); "
                             "quantize a full-precision model")
     dtype = search_dtype(src.config)
-    log(f"loading {src.path} ({dtype}; the search itself runs in float32, one layer at a time) ...")
-    loaded = src.load(dtype=dtype, blocks=False)  # a GGUF's blocks dequantized: AWQ starts from float weights
-    model = loaded.model
+    stream = opts.w_bit == 4
+    if stream:
+        log(f"loading {src.path}'s embeddings ({dtype}); the decoder layers are read one at a time, in float32")
+        loaded = src.load_skeleton(dtype)  # a GGUF's blocks dequantized: AWQ starts from float weights
+    else:
+        log(f"loading {src.path} ({dtype}; the search itself runs in float32, one layer at a time) ...")
+        loaded = src.load(dtype=dtype, blocks=False)
     group_size = opts.group_size or auto_group_size(src.config)
     qcfg = QuantConfig(opts.w_bit, group_size)
     calib = None
@@ -93,14 +103,18 @@ def quantize_checkpoint(source: str | os.PathLike | ModelSource | None, out_dir,
         where = opts.calib or "the built-in corpus"
         log(f"calibration: {calib.shape[0]} blocks of {calib.shape[1]} tokens from {where}")
     log(f"quantizing: {opts.method.upper()} w{opts.w_bit} g{group_size} on {opts.device}")
+    settings = dict(method=opts.method, clip=opts.clip, duo_scaling=opts.duo_scaling, device=opts.device,
+                    progress=progress, search_tokens=opts.search_tokens, quantized_inputs=opts.quantized_inputs)
     t0 = time.perf_counter()
-    qdict = quantize_model(model, calib, qcfg, method=opts.method, clip=opts.clip, duo_scaling=opts.duo_scaling,
-                           device=opts.device, progress=progress, search_tokens=opts.search_tokens,
-                           quantized_inputs=opts.quantized_inputs)
+    if stream:  # each layer written as it is finished; the checkpoint appears once all of it is written
+        with awq_checkpoint_writer(loaded, qcfg, out, overwrite=overwrite) as write_layer:
+            quantize_layers(loaded.model, lambda i: src.load_layer(i, device=opts.device), write_layer, calib, qcfg,
+                            **settings)
+            log(f"quantized in {time.perf_counter() - t0:.1f} s; writing the rest of {out}")
+        return out
+    qdict = quantize_model(loaded.model, calib, qcfg, **settings)
     log(f"quantized in {time.perf_counter() - t0:.1f} s; writing {out}")
-    if opts.w_bit == 4:
-        return save_awq_checkpoint(loaded, qdict, qcfg, out, overwrite=overwrite)
-    apply_pseudo_quantized(model, qdict, qcfg)
+    apply_pseudo_quantized(loaded.model, qdict, qcfg)
     note = {"method": opts.method, "bits": opts.w_bit, "group_size": group_size,
             "about": "weights are dequantized fake-quantized values, stored in float16 for evaluation"}
     return save_fp16_checkpoint(loaded, out, note=note, overwrite=overwrite)
