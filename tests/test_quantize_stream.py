@@ -154,3 +154,18 @@ def test_transformers_loads_a_streamed_checkpoint(sources, calib_file, tmp_path)
     with torch.no_grad():
         theirs, expected = hf(ids).logits[0], ours(ids)[0]
     torch.testing.assert_close(theirs, expected, atol=2e-3 * expected.abs().max().item(), rtol=1e-2)
+
+
+def test_a_gguf_streams_to_the_same_checkpoint(smollm2_gguf, tmp_path):
+    """A GGUF file is read one layer at a time too (its blocks dequantized, its norms as stored): the same checkpoint
+    as quantizing the whole model loaded in float32."""
+    streamed = quantize_checkpoint(smollm2_gguf, tmp_path / "streamed", QuantizeOptions(method="rtn"), progress=False,
+                                   log=lambda m: None)
+    loaded = open_source(smollm2_gguf).load(dtype="float32", blocks=False)
+    qcfg = QuantConfig(4, auto_group_size(loaded.model.config))
+    qdict = quantize_model(loaded.model, None, qcfg, method="rtn", progress=False)
+    a, b = checkpoint_tensors(streamed), checkpoint_tensors(save_awq_checkpoint(loaded, qdict, qcfg, tmp_path / "mem"))
+    assert len(list(streamed.glob("model-*.safetensors"))) == loaded.model.config.num_layers + 1
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

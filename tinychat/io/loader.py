@@ -181,7 +181,8 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A loaded model and where it came from: what generation, quantization and checkpoint writing take."""
+    """A loaded model and where it came from: what generation, quantization and checkpoint writing take (a
+    skeleton's, ModelSource.load_skeleton, has its decoder layers on the meta device)."""
 
     model: Transformer
     tokenizer: Tokenizer
