@@ -62,15 +62,19 @@ def _safetensors_refs(file: Path) -> dict[str, TensorRef]:
     if not file.exists():
         raise ModelLoadError(f"{file}: file not found (listed in the safetensors index)")
     try:
-        handle = safe_open(str(file), framework="pt", device="cpu")
-        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{file}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
     def loader(name: str) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:
+            # the file is mapped for this read alone: a mapping kept open would keep every page read so far in this
+            # process's resident memory (the whole file by the end of a load, and a streaming quantization's peak
+            # RSS growing by a layer per layer); the tensor is a copy
             try:
-                return handle.get_tensor(name)
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    return handle.get_tensor(name)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise ModelLoadError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
