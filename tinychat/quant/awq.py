@@ -25,7 +25,9 @@ mlp.w13    mlp_norm                mlp (the MLP block)
 mlp.w2     up rows of mlp.w13      mlp.w2
 =========  ======================  =================================
 
-All search math runs in fp32 on a working copy of the layer; the model may be fp32 or bf16.
+All search math runs in fp32 on a working copy of the layer; the model may be fp32 or bf16. `quantize_layers` is the
+algorithm in streaming form (each layer read through a function, handed finished to a sink: how `tinychat quantize`
+holds one layer at a time); `quantize_model` runs it over a model held in memory.
 """
 
 from __future__ import annotations
