@@ -21,58 +21,49 @@ namespace tinychat {
 
 namespace {
 
-// o[i] = silu(g[i]) * u[i] for i < n, in fp32: one body, compiled per instruction set (isa.h).
-TINYCHAT_INLINE void silu_mul_body(const float* __restrict g, const float* __restrict u, float* __restrict o,
-                                   int64_t n) {
-  for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
-}
-
-// o[i] = gelu_tanh(g[i]) * u[i] for i < n, in fp32: gelu_tanh(g) = 0.5 g (1 + tanh(u)), u = sqrt(2 / pi) (g +
-// 0.044715 g^3), written as g / (1 + exp(-2u)) (the same value, without 1 + tanh's cancellation for negative g;
-// exp_approx clamps its argument, so a large |g| gives g or a value within 1e-35 of 0, never NaN).
-TINYCHAT_INLINE void gelu_tanh_mul_body(const float* __restrict g, const float* __restrict u, float* __restrict o,
-                                        int64_t n) {
-  constexpr float kTwoSqrt2OverPi = 1.5957691216057308f;  // 2 sqrt(2 / pi)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = g[i];
-    o[i] = x / (1.f + exp_approx(-kTwoSqrt2OverPi * (x + 0.044715f * x * x * x))) * u[i];
+// The activations, act(g) in fp32.
+struct Silu {
+  static TINYCHAT_INLINE float act(float g) { return g / (1.f + exp_approx(-g)); }
+};
+// gelu_tanh(g) = 0.5 g (1 + tanh(u)), u = sqrt(2 / pi) (g + 0.044715 g^3), written as g / (1 + exp(-2u)) (the same
+// value, without 1 + tanh's cancellation for negative g; exp_approx clamps its argument, so a large |g| gives g or a
+// value within 1e-35 of 0, never NaN).
+struct GeluTanh {
+  static TINYCHAT_INLINE float act(float g) {
+    constexpr float kTwoSqrt2OverPi = 1.5957691216057308f;  // 2 sqrt(2 / pi)
+    return g / (1.f + exp_approx(-kTwoSqrt2OverPi * (g + 0.044715f * g * g * g)));
   }
+};
+
+// o[i] = Act::act(g[i]) * u[i] for i < n: one body, compiled per instruction set (isa.h).
+template <class Act>
+TINYCHAT_INLINE void gated_body(const float* __restrict g, const float* __restrict u, float* __restrict o,
+                                int64_t n) {
+  for (int64_t i = 0; i < n; ++i) o[i] = Act::act(g[i]) * u[i];
 }
 
 using RowFn = void (*)(const float* gate, const float* up, float* out, int64_t n);
 
-void silu_mul_scalar(const float* g, const float* u, float* o, int64_t n) { silu_mul_body(g, u, o, n); }
-void gelu_tanh_mul_scalar(const float* g, const float* u, float* o, int64_t n) { gelu_tanh_mul_body(g, u, o, n); }
+template <class Act>
+void gated_scalar(const float* g, const float* u, float* o, int64_t n) { gated_body<Act>(g, u, o, n); }
 #ifdef TINYCHAT_X86
-TINYCHAT_AVX2 void silu_mul_avx2(const float* g, const float* u, float* o, int64_t n) { silu_mul_body(g, u, o, n); }
-TINYCHAT_AVX512 void silu_mul_avx512(const float* g, const float* u, float* o, int64_t n) {
-  silu_mul_body(g, u, o, n);
-}
-TINYCHAT_AVX2 void gelu_tanh_mul_avx2(const float* g, const float* u, float* o, int64_t n) {
-  gelu_tanh_mul_body(g, u, o, n);
-}
-TINYCHAT_AVX512 void gelu_tanh_mul_avx512(const float* g, const float* u, float* o, int64_t n) {
-  gelu_tanh_mul_body(g, u, o, n);
+template <class Act>
+TINYCHAT_AVX2 void gated_avx2(const float* g, const float* u, float* o, int64_t n) { gated_body<Act>(g, u, o, n); }
+template <class Act>
+TINYCHAT_AVX512 void gated_avx512(const float* g, const float* u, float* o, int64_t n) {
+  gated_body<Act>(g, u, o, n);
 }
 #endif
 
-// The row function of each activation for the current instruction set.
-RowFn silu_mul_rows() {
+// The row function of activation Act for the current instruction set.
+template <class Act>
+RowFn gated_rows() {
 #ifdef TINYCHAT_X86
   const Isa isa = current_isa();
-  if (isa >= Isa::kAvx512) return silu_mul_avx512;
-  if (isa == Isa::kAvx2) return silu_mul_avx2;
+  if (isa >= Isa::kAvx512) return gated_avx512<Act>;
+  if (isa == Isa::kAvx2) return gated_avx2<Act>;
 #endif
-  return silu_mul_scalar;
-}
-
-RowFn gelu_tanh_mul_rows() {
-#ifdef TINYCHAT_X86
-  const Isa isa = current_isa();
-  if (isa >= Isa::kAvx512) return gelu_tanh_mul_avx512;
-  if (isa == Isa::kAvx2) return gelu_tanh_mul_avx2;
-#endif
-  return gelu_tanh_mul_scalar;
+  return gated_scalar<Act>;
 }
 
 // act(x[..., :I]) * x[..., I:], row_fn computing one row of it; op names the op in errors.
@@ -99,11 +90,11 @@ at::Tensor gated_activation(const at::Tensor& x, RowFn row_fn, const char* op) {
 }  // namespace
 
 at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
-  return gated_activation(x, silu_mul_rows(), "silu_and_mul");
+  return gated_activation(x, gated_rows<Silu>(), "silu_and_mul");
 }
 
 at::Tensor gelu_tanh_and_mul_cpu(const at::Tensor& x) {
-  return gated_activation(x, gelu_tanh_mul_rows(), "gelu_tanh_and_mul");
+  return gated_activation(x, gated_rows<GeluTanh>(), "gelu_tanh_and_mul");
 }
 
 }  // namespace tinychat
