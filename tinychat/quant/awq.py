@@ -321,27 +321,15 @@ def _clip_ranges(layer: DecoderLayer, inputs: dict[str, Tensor], qcfg: QuantConf
 LayerSink = Callable[[int, DecoderLayer, LayerQuant], None]
 
 
-def quantize_model(
-    model: Transformer,
-    calib: Tensor | None,
-    qcfg: QuantConfig,
-    method: str = "awq",
-    clip: bool = True,
-    duo_scaling: bool = False,
-    n_grid: int = 20,
-    max_shrink: float = 0.5,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    quantized_inputs: bool = False,
-    search_tokens: int | None = SEARCH_TOKENS,
-) -> QuantResult:
+def quantize_model(model: Transformer, calib: Tensor | None, qcfg: QuantConfig, *,
+                   device: str | torch.device = "cpu", **options) -> QuantResult:
     """Quantize every linear of every decoder layer of a model held in memory; returns name -> (q uint8 [N, K],
     scales, zeros fp32 [N, K/G]) ("layers.{i}.attn.wqkv", ...).
 
     `quantize_layers` on fp32 working copies of the model's layers, each written back once done: AWQ's folded scales
     (which alone keep the model's function) and clipped weights land in the model, in its dtype, so the model keeps
-    full-precision weights: apply the result with `apply_pseudo_quantized` (or pack it). See quantize_layers for the
-    methods and options.
+    full-precision weights: apply the result with `apply_pseudo_quantized` (or pack it). `device` and `options`
+    (method, clip, ...) are quantize_layers'.
     """
     result: QuantResult = {}
 
@@ -350,7 +338,7 @@ def quantize_model(
         _copy_back(work, model.layers[i])
 
     quantize_layers(model, lambda i: _working_copy(model.layers[i], torch.device(device)), keep, calib, qcfg,
-                    method, clip, duo_scaling, n_grid, max_shrink, device, progress, quantized_inputs, search_tokens)
+                    device=device, **options)
     return result
 
 
