@@ -125,9 +125,9 @@ class ModelConfig:
         sliding = self.layer_types is None or self.layer_types[i] == "sliding_attention"
         return self.sliding_window if self.sliding_window and sliding else 0
 
-    def layer_rope(self, i: int) -> RopeConfig:
-        """The rotary embedding of layer i."""
-        return self.rope_local if self.rope_local is not None and self.layer_window(i) else self.rope
+    def layer_local_rope(self, i: int) -> bool:
+        """Whether layer i takes rope_local (a sliding layer of a model that has one), else rope."""
+        return self.rope_local is not None and self.layer_window(i) > 0
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> ModelConfig:

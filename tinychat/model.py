@@ -159,7 +159,7 @@ class DecoderLayer(nn.Module):
         # norms of the attention's and the MLP's outputs (Gemma 3)
         self.post_attn_norm = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.post_norms else None
         self.post_mlp_norm = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.post_norms else None
-        self.local_rope = cfg.layer_rope(i) is not cfg.rope  # its rotary table: Transformer.rope_table
+        self.local_rope = cfg.layer_local_rope(i)  # its rotary table: Transformer.rope_table
         self.eps = cfg.rms_norm_eps
 
     def forward(
