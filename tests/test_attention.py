@@ -114,7 +114,17 @@ def _bad():
     yield "head dim", (torch.randn(1, 3, 4, 16), k, v, pos, 1.0), r"the caches' shape .* must be \[1, Hkv, S, 16\]"
 
 
-@pytest.mark.parametrize("case", list(_bad()), ids=lambda c: c[0])
+def _bad_window():
+    q, k, v = inputs(1, 3, 4, 2, 16, 8, torch.float32)
+    pos = torch.arange(3)
+    yield "negative window", (q, k, v, pos, 1.0, -1), r"window must be >= 0"
+    short = k[:, :, :2].contiguous()
+    yield "ring shorter than the window", (q, short, short, pos + 5, 1.0, 3), r"sees 3 positions \(window 3\)"
+    yield "negative position in a window", (q, k, v, torch.tensor([0, -1, 2]), 1.0, 4), r"positions must be >= 0"
+    yield "position past the cache without a window", (q, k, v, pos + 14, 1.0, 0), r"positions must be in \[0, 16\)"
+
+
+@pytest.mark.parametrize("case", [*_bad(), *_bad_window()], ids=lambda c: c[0])
 def test_bad_input(case):
     _, args, message = case
     with pytest.raises(RuntimeError, match="attention: .*" + message):
@@ -124,6 +134,8 @@ def test_bad_input(case):
 def test_opcheck():
     q, k, v = inputs(1, 4, 4, 2, 16, 8, torch.float32)
     torch.library.opcheck(torch.ops.tinychat.attention.default, (q, k, v, torch.arange(5, 9), 0.3))
+    torch.library.opcheck(torch.ops.tinychat.attention.default, (q, k, v, torch.arange(5, 9), 0.3, 3))
+    torch.library.opcheck(torch.ops.tinychat.attention.default, (q, k, v, torch.arange(20, 24), 0.3, 6))  # a ring
 
 
 def test_model_cached_paths_match_full_forward():
@@ -337,26 +349,3 @@ def test_each_windowed_row_is_the_same_whatever_the_chunk(window, dtype, isa, th
             step = tc().attention(q[:, p:p + 1], kr, vr, torch.tensor([p]), D**-0.5, window)
             torch.testing.assert_close(step, full[:, p:p + 1], atol=1e-5 if dtype == torch.float32 else 1e-2,
                                        rtol=1e-5 if dtype == torch.float32 else 1e-2)
-
-
-def _bad_window():
-    q, k, v = inputs(1, 3, 4, 2, 16, 8, torch.float32)
-    pos = torch.arange(3)
-    yield "negative window", (q, k, v, pos, 1.0, -1), r"window must be >= 0"
-    short = k[:, :, :2].contiguous()
-    yield "ring shorter than the window", (q, short, short, pos + 5, 1.0, 3), r"sees 3 positions \(window 3\)"
-    yield "negative position in a window", (q, k, v, torch.tensor([0, -1, 2]), 1.0, 4), r"positions must be >= 0"
-    yield "position past the cache without a window", (q, k, v, pos + 14, 1.0, 0), r"positions must be in \[0, 16\)"
-
-
-@pytest.mark.parametrize("case", list(_bad_window()), ids=lambda c: c[0])
-def test_bad_window_input(case):
-    _, args, message = case
-    with pytest.raises(RuntimeError, match="attention: .*" + message):
-        tc().attention(*args)
-
-
-def test_opcheck_window():
-    q, k, v = inputs(1, 4, 4, 2, 16, 8, torch.float32)
-    torch.library.opcheck(torch.ops.tinychat.attention.default, (q, k, v, torch.arange(5, 9), 0.3, 3))
-    torch.library.opcheck(torch.ops.tinychat.attention.default, (q, k, v, torch.arange(20, 24), 0.3, 6))  # a ring
