@@ -18,9 +18,9 @@
 // M = 16 / 64 / 256 against 1.16 / 2.17 / 7.60 for the GEMM (AVX-512; AVX2 0.63 / 2.88 / 12.09 against 2.54 / 5.07 /
 // 10.45).)
 //
-// Instruction sets: AVX-512 with VNNI (x rounded to int8 by M, 8 rows of x and 2 rows of W a pass; see "AVX-512
-// VNNI" below), AVX-512 (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can; NEON on
-// ARM through that path), picked at run time (isa.h).
+// Instruction sets: AVX-512 with VNNI (x rounded to int8 by M, up to 8 rows of x and 2 or 4 rows of W a pass; see
+// "AVX-512 VNNI" below), AVX-512 (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can;
+// NEON on ARM through that path), picked at run time (isa.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -48,6 +48,7 @@ constexpr int kMaxMB = 4;                 // rows of x a GEMV pass handles toget
 constexpr int kMaxMBVnni = 8;             // the same on the VNNI path (its accumulators are fewer registers)
 constexpr int64_t kFineRows = kMaxMBVnni;  // the VNNI path rounds x at two int8 levels in calls of up to this many rows
 constexpr int64_t kExactRows = 64;         // and leaves x in fp32 (the AVX-512 kernels) in calls of up to this many
+constexpr int64_t kQuadRowsMaxM = 2;       // the VNNI GEMV takes rows of W 4 at a time up to this many rows of x
 
 // x rounded to int8 per block of 32 channels, in the order the VNNI kernel multiplies it with a row's bytes: a
 // 64-byte load of qweight (a chunk) holds 4 blocks, whose low nibbles are channels 32b + j and high nibbles
@@ -65,6 +66,8 @@ struct Int8Activations {
   int64_t chunks;
   int levels;                       // 1 or 2
   std::vector<uint8_t> group_mask;  // [chunks]: which of the 4 scales loaded from the chunk's first group are real
+  std::vector<int32_t> chunk_group;  // [chunks]: the chunk's first group
+  int64_t full_chunks;                // chunks 0 .. full_chunks - 1 lie whole in a row, with 4 scales from their first
   std::array<int32_t, 16> lane_group;  // the group of lane l's block, from the chunk's first group
 };
 
@@ -77,7 +80,6 @@ struct Problem {
   float* y;               // fp32 [M, N]
   int64_t M, N, K, G;
   int64_t ng;                 // K / G
-  const int32_t* block_group;  // [K/32]: the group of each block of 32 channels (kernels never divide by G)
   const Int8Activations* xq;  // the VNNI path's x, rounded to int8 (else nullptr)
 };
 
@@ -283,9 +285,12 @@ Int8Activations quantize_activations(const float* x, int64_t M, int64_t K, int64
   a.lane_scales.assign(a.chunks * M * 16, 0.f);
   a.group_sums.assign(M * ng, 0.f);
   const int64_t groups_per_chunk = std::max<int64_t>(1, 128 / G);
+  a.full_chunks = a.chunks;
   for (int64_t c = 0; c < a.chunks; ++c) {
     const int64_t g0 = c * 128 / G;
     a.group_mask.push_back(static_cast<uint8_t>((1u << std::min(groups_per_chunk, ng - g0)) - 1));
+    a.chunk_group.push_back(static_cast<int32_t>(g0));
+    if (a.full_chunks == a.chunks && ((c + 1) * kChunkBytes > K / 2 || g0 + 4 > ng)) a.full_chunks = c;
   }
   for (int l = 0; l < 16; ++l) a.lane_group[l] = static_cast<int32_t>((l / 4) * kBlock / G);
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (8 * K));
@@ -311,93 +316,161 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m512 load16(const at::Half* p, __mmask16 
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, p));
 }
 
+// The sums of the 16 lanes of a, b, c and d, as 4 lanes [sum a, sum b, sum c, sum d]: one tree for the four (a
+// row's own reduction cost about as much as the row's share of a small matrix's chunks).
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // per 128-bit lane: a0 + a2, b0 + b2, a1 + a3, b1 + b3 (and the same of c, d)
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  // per 128-bit lane: the lane's partial sums of a, b, c, d in turn
+  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// One chunk (64 bytes of qweight, 128 channels) of rows n .. n + RB - 1 of W (qc[r]: row r's chunk; sc[r]: row r's
+// parameters from the chunk's first group) against MB rows of x (xq: their codes, xs: their lane scales, row_bytes
+// apart), into acc. Tail: the chunk is cut by the row's end (bytes) or by its last group (scales): masked loads,
+// which are slow, only there. `ahead`: the bytes from a row's chunk to the same chunk of the row this thread most
+// likely runs next, prefetched into L2: streaming a matrix larger than the caches, the hardware prefetcher alone kept
+// the GEMV at half the read bandwidth, and prefetches into L1 (whose few line-fill buffers they hold until the line
+// arrives) at 21-26 GB/s, against 29-37 GB/s into L2 (Llama-2-7B's w13, 2 threads, EPYC Zen 4, runs alternating).
+// Prefetches never fault past the end.
+template <int MB, int L, int RB, bool Tail, typename PT>
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_chunk(const uint8_t* const* qc, const PT* const* sc, const int8_t* xq,
+                                                     const float* xs, int64_t ahead, __m512i lane_group,
+                                                     __mmask64 byte_mask, __mmask8 scale_mask, __m512 (&acc)[RB][MB]) {
+  constexpr int64_t row_bytes = L * 2 * kChunkBytes;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  // x's codes and scales, loaded once for the RB rows of W: a core loads one 64-byte vector a cycle, which the
+  // loads of x for every row (the compiler's choice of memory operands) had made the bound
+  __m512i xv[MB][2 * L];
+  __m512 xsv[MB];
+  #pragma GCC unroll 8
+  for (int mb = 0; mb < MB; ++mb) {
+    #pragma GCC unroll 4
+    for (int v = 0; v < 2 * L; ++v) {
+      xv[mb][v] = _mm512_loadu_si512(xq + mb * row_bytes + v * kChunkBytes);
+      if constexpr (MB <= 2) asm("" : "+v"(xv[mb][v]));  // keep it in a register (registers allow at small MB)
+    }
+    xsv[mb] = _mm512_loadu_ps(xs + mb * 16);
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(qc[r] + ahead), _MM_HINT_T1);
+    __m512i bytes = Tail ? _mm512_maskz_loadu_epi8(byte_mask, qc[r]) : _mm512_loadu_si512(qc[r]);
+    asm("" : "+v"(bytes));  // one load of the row's chunk for both nibbles
+    const __m512i lo = _mm512_and_si512(bytes, low4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+    // up to 4 scales from the chunk's first group, spread to the lanes of their blocks
+    const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(load4(sc[r], scale_mask, !Tail)));
+    #pragma GCC unroll 8  // keep the MB accumulators in registers
+    for (int mb = 0; mb < MB; ++mb) {
+      __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xv[mb][0]);
+      dots = _mm512_dpbusd_epi32(dots, hi, xv[mb][1]);
+      if constexpr (L == 2) {  // 256 * coarse + fine, exact in int32 (|.| < 2^22) and in the fp32 conversion
+        __m512i fine = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xv[mb][2]);
+        fine = _mm512_dpbusd_epi32(fine, hi, xv[mb][3]);
+        dots = _mm512_add_epi32(_mm512_slli_epi32(dots, 8), fine);
+      }
+      acc[r][mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xsv[mb]), acc[r][mb]);
+    }
+  }
+}
+
 // Rows n .. n + RB - 1 of W against rows m0 .. m0 + MB - 1 of x; sw[r], mw[r]: row n + r's scales and offsets (fp32
-// from row_params, or the fp16 tensors themselves: PT). RB > 1 (two rows of W) loads x's codes and scales once for
-// every row of W: each row's arithmetic is the single row's, the same ops in the same order.
+// from row_params, or the fp16 tensors themselves: PT). RB > 1 (2 or 4 rows of W) loads x's codes and scales once
+// for every row of W: each row's arithmetic is the single row's up to the final sum of its lanes. The loop over the
+// chunks is branch-free up to a.full_chunks, its pointers hoisted (the compiler had reloaded them every chunk).
 template <int MB, int L, int RB, typename PT>
 TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n, int64_t m0, const PT* const* sw,
                                                     const PT* const* mw) {
   const Int8Activations& a = *p.xq;
-  const int64_t half = p.K / 2, ng = p.ng;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  constexpr int64_t row_bytes = L * 2 * kChunkBytes;
+  const int64_t half = p.K / 2, ng = p.ng, chunks = a.chunks, full = a.full_chunks;
+  const int64_t x_stride = p.M * row_bytes, s_stride = p.M * 16;  // from one chunk of x's rows to the next
+  const int8_t* xq = a.q8.data() + m0 * row_bytes;
+  const float* xs = a.lane_scales.data() + m0 * 16;
+  const int32_t* chunk_group = a.chunk_group.data();
   const __m512i lane_group = _mm512_loadu_si512(a.lane_group.data());
+  const uint8_t* qc[RB];
   __m512 acc[RB][MB];
-  #pragma GCC unroll 8  // keep the accumulators in registers
+  #pragma GCC unroll 4
   for (int r = 0; r < RB; ++r) {
+    qc[r] = p.q + (n + r) * half;
     #pragma GCC unroll 8
     for (int mb = 0; mb < MB; ++mb) acc[r][mb] = _mm512_setzero_ps();
   }
-  for (int64_t c = 0; c < a.chunks; ++c) {
+  const PT* sc[RB];
+  int64_t c = 0;
+  for (; c < full; ++c) {
+    #pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) sc[r] = sw[r] + chunk_group[c];
+    vnni_chunk<MB, L, RB, false>(qc, sc, xq, xs, RB * half, lane_group, 0, 0, acc);
+    #pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) qc[r] += kChunkBytes;
+    xq += x_stride;
+    xs += s_stride;
+  }
+  for (; c < chunks; ++c) {
     const int64_t left = half - c * kChunkBytes;  // qweight bytes of a row from this chunk on
-    const int64_t g0 = p.block_group[4 * c];      // the chunk's first group
-    constexpr int64_t row_bytes = L * 2 * kChunkBytes;
-    const int8_t* xq = a.q8.data() + (c * p.M + m0) * row_bytes;  // rows m0.. of this chunk
-    const float* xs = a.lane_scales.data() + (c * p.M + m0) * 16;
-    #pragma GCC unroll 2
-    for (int r = 0; r < RB; ++r) {
-      const uint8_t* qc = p.q + (n + r) * half + c * kChunkBytes;
-      // the same chunk of the rows RB further on, which this thread most likely runs next: streaming a matrix larger
-      // than the caches, the hardware prefetcher alone kept the GEMV at half the read bandwidth (prefetches never
-      // fault past the end)
-      _mm_prefetch(reinterpret_cast<const char*>(qc + RB * half), _MM_HINT_T0);
-      const __m512i bytes = left >= kChunkBytes ? _mm512_loadu_si512(qc)  // masked only at the row's end (slow)
-                                                 : _mm512_maskz_loadu_epi8((__mmask64{1} << left) - 1, qc);
-      const __m512i lo = _mm512_and_si512(bytes, low4);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
-      // up to 4 scales from the chunk's first group; masked loads only near the row's end (they are slow)
-      const __m128 s4 = load4(sw[r] + g0, a.group_mask[c], g0 + 4 <= ng);
-      const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
-      #pragma GCC unroll 8  // keep the MB accumulators in registers
-      for (int mb = 0; mb < MB; ++mb) {
-        const int8_t* xr = xq + mb * row_bytes;
-        __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
-        dots = _mm512_dpbusd_epi32(dots, hi, _mm512_loadu_si512(xr + kChunkBytes));
-        if constexpr (L == 2) {  // 256 * coarse + fine, exact in int32 (|.| < 2^22) and in the fp32 conversion
-          __m512i fine = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr + 2 * kChunkBytes));
-          fine = _mm512_dpbusd_epi32(fine, hi, _mm512_loadu_si512(xr + 3 * kChunkBytes));
-          dots = _mm512_add_epi32(_mm512_slli_epi32(dots, 8), fine);
-        }
-        const __m512 xscale = _mm512_loadu_ps(xs + mb * 16);
-        acc[r][mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xscale), acc[r][mb]);
-      }
-    }
+    const __mmask64 byte_mask = left >= kChunkBytes ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    #pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) sc[r] = sw[r] + chunk_group[c];
+    vnni_chunk<MB, L, RB, true>(qc, sc, xq, xs, RB * half, lane_group, byte_mask, a.group_mask[c], acc);
+    #pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) qc[r] += kChunkBytes;
+    xq += x_stride;
+    xs += s_stride;
   }
   // the offset terms m * sum(x) over the row's groups, 16 at a time into the same accumulators (a scalar loop here
   // was one chain of ng dependent FMAs a row: a third of the row's time at SmolLM2's and Llama's shapes)
+  const float* xsum = a.group_sums.data() + m0 * ng;
   for (int64_t g = 0; g < ng; g += 16) {
     const __mmask16 live = ng - g >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (ng - g)) - 1);
-    #pragma GCC unroll 2
+    #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) {
       const __m512 mv = load16(mw[r] + g, live);
       #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
-        acc[r][mb] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(live, a.group_sums.data() + (m0 + mb) * ng + g),
-                                     acc[r][mb]);
+        acc[r][mb] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(live, xsum + mb * ng + g), acc[r][mb]);
       }
     }
   }
-  #pragma GCC unroll 2
-  for (int r = 0; r < RB; ++r) {
-    #pragma GCC unroll 8
-    for (int mb = 0; mb < MB; ++mb) p.y[(m0 + mb) * p.N + n + r] = _mm512_reduce_add_ps(acc[r][mb]);
+  #pragma GCC unroll 8
+  for (int mb = 0; mb < MB; ++mb) {
+    float* y = p.y + (m0 + mb) * p.N + n;
+    if constexpr (RB == 4) {
+      _mm_storeu_ps(y, reduce4(acc[0][mb], acc[1][mb], acc[2][mb], acc[3][mb]));
+    } else {
+      #pragma GCC unroll 2
+      for (int r = 0; r < RB; ++r) y[r] = _mm512_reduce_add_ps(acc[r][mb]);
+    }
   }
 }
 
-// The VNNI kernels as the driver below calls them: RB = 1 or 2 rows of W from n against MB rows of x from m0, with
-// their parameters rp (row_params), or (Half) read straight from the fp16 scales and offsets.
+// The VNNI kernels as the driver below calls them: RB = 1, 2 or 4 rows of W from n against MB rows of x from m0,
+// with their parameters rp (row_params), or (Half) read straight from the fp16 scales and offsets.
 using VnniFn = void (*)(const Problem&, int64_t n, int64_t m0, const RowParams* rp);
 
 template <int MB, int L, int RB, bool Half>
 TINYCHAT_AVX512_VNNI void gemv_vnni(const Problem& p, int64_t n, int64_t m0, const RowParams* rp) {
   if constexpr (Half) {
-    const auto* s = static_cast<const at::Half*>(p.w.scales) + n * p.ng;
-    const auto* m = static_cast<const at::Half*>(p.w.offsets) + n * p.ng;
-    const at::Half* sw[2] = {s, s + (RB - 1) * p.ng};
-    const at::Half* mw[2] = {m, m + (RB - 1) * p.ng};
+    const at::Half* sw[RB];
+    const at::Half* mw[RB];
+    for (int r = 0; r < RB; ++r) {
+      sw[r] = static_cast<const at::Half*>(p.w.scales) + (n + r) * p.ng;
+      mw[r] = static_cast<const at::Half*>(p.w.offsets) + (n + r) * p.ng;
+    }
     vnni_rows<MB, L, RB>(p, n, m0, sw, mw);
   } else {
-    const float* sw[2] = {rp[0].s, rp[RB - 1].s};
-    const float* mw[2] = {rp[0].m, rp[RB - 1].m};
+    const float* sw[RB];
+    const float* mw[RB];
+    for (int r = 0; r < RB; ++r) {
+      sw[r] = rp[r].s;
+      mw[r] = rp[r].m;
+    }
     vnni_rows<MB, L, RB>(p, n, m0, sw, mw);
   }
 }
@@ -405,43 +478,55 @@ TINYCHAT_AVX512_VNNI void gemv_vnni(const Problem& p, int64_t n, int64_t m0, con
 template <int L, int RB, bool Half>
 VnniFn vnni_fn(int64_t mb) {
   static_assert(kMaxMBVnni == 8, "vnni_fn instantiates MB = 1..8");
-  switch (mb) {
-    case 1: return gemv_vnni<1, L, RB, Half>;
-    case 2: return gemv_vnni<2, L, RB, Half>;
-    case 3: return gemv_vnni<3, L, RB, Half>;
-    case 4: return gemv_vnni<4, L, RB, Half>;
-    case 5: return gemv_vnni<5, L, RB, Half>;
-    case 6: return gemv_vnni<6, L, RB, Half>;
-    case 7: return gemv_vnni<7, L, RB, Half>;
-    default: return gemv_vnni<8, L, RB, Half>;
+  if constexpr (RB == 4) {  // decode steps only (kQuadRowsMaxM): 4 x MB accumulators
+    return mb == 1 ? gemv_vnni<1, L, RB, Half> : gemv_vnni<2, L, RB, Half>;
+  } else {
+    switch (mb) {
+      case 1: return gemv_vnni<1, L, RB, Half>;
+      case 2: return gemv_vnni<2, L, RB, Half>;
+      case 3: return gemv_vnni<3, L, RB, Half>;
+      case 4: return gemv_vnni<4, L, RB, Half>;
+      case 5: return gemv_vnni<5, L, RB, Half>;
+      case 6: return gemv_vnni<6, L, RB, Half>;
+      case 7: return gemv_vnni<7, L, RB, Half>;
+      default: return gemv_vnni<8, L, RB, Half>;
+    }
   }
 }
 
-// The VNNI path's driver: rows of W two at a time (an odd last row alone), split over threads, each pair against
-// every chunk of kMaxMBVnni rows of x; x's codes and scales are loaded once for both rows of a pair (vnni_rows).
-// fp16 scales with fp16 offsets (Q4_1) are read as stored; other forms are widened a row at a time (row_params).
-template <int L, bool Half>
-void run_vnni(const Problem& p) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (2 * p.K * p.M));
+// The VNNI path's driver: rows of W RB at a time (4 for up to kQuadRowsMaxM rows of x, else 2; the last N % RB rows
+// alone), split over threads, each unit against every chunk of kMaxMBVnni rows of x; x's codes and scales are loaded
+// once for the unit's rows (vnni_rows). fp16 scales with fp16 offsets (Q4_1) are read as stored; other forms are
+// widened a row at a time (row_params).
+template <int L, bool Half, int RB>
+void run_vnni_units(const Problem& p) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (RB * p.K * p.M));
   const int64_t full_mb = std::min<int64_t>(kMaxMBVnni, p.M), tail_mb = p.M % kMaxMBVnni;
-  const VnniFn pair_full = vnni_fn<L, 2, Half>(full_mb), pair_tail = vnni_fn<L, 2, Half>(tail_mb);
+  const VnniFn unit_full = vnni_fn<L, RB, Half>(full_mb), unit_tail = vnni_fn<L, RB, Half>(tail_mb);
   const VnniFn one_full = vnni_fn<L, 1, Half>(full_mb), one_tail = vnni_fn<L, 1, Half>(tail_mb);
-  at::parallel_for(0, (p.N + 1) / 2, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(Half ? 0 : 4 * p.ng);  // [2, 2, K/G]: the two rows' parameters when widened
+  const int64_t units = p.N / RB;  // then the rows past units * RB one at a time
+  at::parallel_for(0, units + p.N % RB, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(Half ? 0 : 2 * RB * p.ng);  // [RB, 2, K/G]: the rows' parameters when widened
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = 2 * i;
-      const bool pair = n + 1 < p.N;
-      RowParams rp[2] = {};
+      const bool whole = i < units;
+      const int64_t n = whole ? RB * i : RB * units + (i - units), rows = whole ? RB : 1;
+      RowParams rp[RB] = {};
       if constexpr (!Half) {
-        rp[0] = row_params(p.w, n, p.ng, buf.data(), Isa::kAvx512Vnni);
-        if (pair) rp[1] = row_params(p.w, n + 1, p.ng, buf.data() + 2 * p.ng, Isa::kAvx512Vnni);
+        for (int64_t r = 0; r < rows; ++r) {
+          rp[r] = row_params(p.w, n + r, p.ng, buf.data() + 2 * r * p.ng, Isa::kAvx512Vnni);
+        }
       }
       for (int64_t m0 = 0; m0 < p.M; m0 += kMaxMBVnni) {
         const bool full = p.M - m0 >= kMaxMBVnni || tail_mb == 0;
-        (pair ? (full ? pair_full : pair_tail) : (full ? one_full : one_tail))(p, n, m0, rp);
+        (whole ? (full ? unit_full : unit_tail) : (full ? one_full : one_tail))(p, n, m0, rp);
       }
     }
   });
+}
+
+template <int L, bool Half>
+void run_vnni(const Problem& p) {
+  p.M <= kQuadRowsMaxM ? run_vnni_units<L, Half, 4>(p) : run_vnni_units<L, Half, 2>(p);
 }
 
 #pragma GCC diagnostic pop
@@ -485,10 +570,8 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const at::Tensor xf = float_rows(x);  // [M, K]
   const int64_t M = xf.size(0);
   at::Tensor y = at::empty({M, N}, xf.options());  // fp32 [M, N]
-  std::vector<int32_t> block_group(K / kBlock);
-  for (int64_t b = 0; b < K / kBlock; ++b) block_group[b] = static_cast<int32_t>(b * kBlock / group_size);
   Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<uint8_t>(), group_params(scales, offsets, -8.f),
-            y.data_ptr<float>(), M, N, K, group_size, K / group_size, block_group.data(), nullptr};
+            y.data_ptr<float>(), M, N, K, group_size, K / group_size, nullptr};
   Isa gemv_isa = isa;
   if (isa == Isa::kAvx512Vnni && (!vnni_supports(group_size) || (M > kFineRows && M <= kExactRows))) {
     gemv_isa = Isa::kAvx512;
