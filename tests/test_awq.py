@@ -117,6 +117,25 @@ def test_scale_search_beats_rtn_on_outlier_channels(group):
     assert s[[3, 20, 41]].min() > s.median() * 3  # the outlier channels got the large scales
 
 
+@pytest.mark.parametrize("group", [ScaleGroup("mlp.w2", "mlp.w13", "up", "mlp.w2"),
+                                   ScaleGroup("mlp.w13", "mlp_norm", None, "mlp")], ids=["linear", "mlp-block"])
+def test_scale_search_in_bfloat16_finds_fp32s_scales(group):
+    """fwd, a bfloat16 copy of the layer, runs the search's forwards (the default in quantize_layers): the candidates
+    still come from the fp32 weights, the losses stay within bfloat16's rounding of fp32's, the same alpha wins on
+    these inputs, and both layers are left as they were."""
+    cfg = dataclasses.replace(MHA, intermediate_size=64)
+    layer = DecoderLayer(cfg, 0).eval().requires_grad_(False)
+    fwd = copy.deepcopy(layer).to(torch.bfloat16)
+    kept = {name: p.clone() for name, p in fwd.named_parameters()}
+    x = outlier_inputs()
+    exact = search_scale(layer, group, x, Q32)
+    fast = search_scale(layer, group, x, Q32, fwd=fwd)
+    assert all(torch.equal(p, kept[name]) for name, p in fwd.named_parameters())
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(exact.losses), rtol=0.05, atol=0)
+    assert fast.losses != exact.losses  # really run in bfloat16
+    assert fast.alpha == exact.alpha and torch.equal(fast.scales, exact.scales)
+
+
 def test_block_losses_run_on_evenly_spaced_whole_blocks():
     group = ScaleGroup("mlp.w13", "mlp_norm", None, "mlp")
     layer = DecoderLayer(dataclasses.replace(MHA, intermediate_size=64), 0).eval().requires_grad_(False)
@@ -239,9 +258,11 @@ def test_awq_without_clip_preserves_a_gemma_like_function():
     torch.testing.assert_close(awq_model(calib), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_awq_searches_on_the_model_own_activations(monkeypatch):
+@pytest.mark.parametrize("search_dtype", [torch.float32, torch.bfloat16])
+def test_awq_searches_on_the_model_own_activations(monkeypatch, search_dtype):
     """Each layer's searches see the activations of the model's own forward: a sliding layer's window and rotary
-    table included (the input of attn.wo is its attention's output)."""
+    table included (the input of attn.wo is its attention's output); computed in bfloat16 (the default), within
+    its rounding."""
     model = tiny_model(GEMMA, outliers=False)
     calib = tokens(2, 32)
     want, seen = {}, []
@@ -259,10 +280,15 @@ def test_awq_searches_on_the_model_own_activations(monkeypatch):
         return search(layer, group, x, *args, **kwargs)
 
     monkeypatch.setattr(awq, "search_scale", spy)
-    quantize_model(copy.deepcopy(model), calib, Q32, progress=False)
+    quantize_model(copy.deepcopy(model), calib, Q32, progress=False, search_dtype=search_dtype)
     assert len(seen) == 2
     for i in range(2):
-        torch.testing.assert_close(seen[i], want[i], atol=1e-5, rtol=1e-5)
+        if search_dtype == torch.float32:
+            torch.testing.assert_close(seen[i], want[i], atol=1e-5, rtol=1e-5)
+        else:
+            scale = want[i].abs().max().item()
+            torch.testing.assert_close(seen[i], want[i], atol=0.03 * scale, rtol=0.03)
+            assert (seen[i] - want[i]).abs().max() > 1e-4 * scale  # really computed in bfloat16
 
 
 def test_awq_is_deterministic_and_quantized_inputs_option():

@@ -29,14 +29,15 @@ from tinychat.quant.quantize import CHUNK_TOKENS, QuantConfig, quantize
 __all__ = ["gptq_quantize", "hessian"]
 
 
-def hessian(x: Tensor) -> Tensor:
-    """H = X^T X [K, K] (fp64) over every token of x [..., K]: each chunk of CHUNK_TOKENS tokens multiplied in fp32,
-    the chunks summed in fp64. The reference's 2 / n factor is left out: GPTQ's result does not depend on H's scale
-    (the damping is relative to mean(diag(H))); AWQ's loss of a single linear divides by the tokens itself."""
+def hessian(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """H = X^T X [K, K] (fp64) over every token of x [..., K]: each chunk of CHUNK_TOKENS tokens multiplied in
+    `dtype` (bfloat16: about twice as fast on CPUs with AVX-512 BF16, each chunk's sums rounded to 8 bits), the chunks
+    summed in fp64. The reference's 2 / n factor is left out: GPTQ's result does not depend on H's scale (the damping
+    is relative to mean(diag(H))); AWQ's loss of a single linear divides by the tokens itself."""
     K = x.shape[-1]
     h = torch.zeros(K, K, dtype=torch.float64, device=x.device)
     for chunk in x.reshape(-1, K).split(CHUNK_TOKENS):  # [<= CHUNK_TOKENS, K]
-        c = chunk.float()
+        c = chunk.to(dtype)
         h += (c.t() @ c).double()
     return h
 
