@@ -52,7 +52,7 @@ def run_config(name: str, args, text: str) -> dict:
     from tinychat.io.loader import open_source
     from tinychat.pipeline.calib import load_calibration
     from tinychat.ppl import perplexity
-    from tinychat.quant.awq import SEARCH_DTYPE, SEARCH_TOKENS, quantize_model
+    from tinychat.quant.awq import FORWARD_DTYPE, SEARCH_TOKENS, quantize_model
     from tinychat.quant.quantize import QuantConfig, apply_pseudo_quantized
 
     m = CONFIG.match(name)
@@ -67,18 +67,18 @@ def run_config(name: str, args, text: str) -> dict:
         row.update(w_bit=qcfg.w_bit, group_size=qcfg.group_size)
         calib, flags = None, set(m.group(5).split("-")[1:])
         search_tokens = SEARCH_TOKENS if args.search_tokens is None else args.search_tokens
-        search_dtype = getattr(torch, args.search_dtype) if args.search_dtype else SEARCH_DTYPE
+        forward_dtype = getattr(torch, args.forward_dtype) if args.forward_dtype else FORWARD_DTYPE
         if m.group(2) != "rtn":
             source = None if "builtin" in flags else args.calib
             calib = load_calibration(source, tokenizer, n_samples=args.n_samples, seqlen=args.seqlen_calib)
             row.update(calib=str(source) if source else "built-in", calib_blocks=calib.shape[0],
-                       calib_seqlen=calib.shape[1], search_tokens=search_tokens, search_dtype=str(search_dtype),
+                       calib_seqlen=calib.shape[1], search_tokens=search_tokens, forward_dtype=str(forward_dtype),
                        duo_scaling="duo" in flags,
                        quantized_inputs="qin" in flags, clip="noclip" not in flags)
         t0 = time.perf_counter()
         qdict = quantize_model(model, calib, qcfg, method=m.group(2), duo_scaling="duo" in flags,
                                quantized_inputs="qin" in flags, clip="noclip" not in flags,
-                               search_tokens=search_tokens, search_dtype=search_dtype)
+                               search_tokens=search_tokens, forward_dtype=forward_dtype)
         row["quantize_s"] = round(time.perf_counter() - t0, 1)
         apply_pseudo_quantized(model, qdict, qcfg)
     t0 = time.perf_counter()
@@ -109,8 +109,8 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=128, help="calibration blocks")
     p.add_argument("--seqlen-calib", type=int, default=512)
     p.add_argument("--search-tokens", type=int, default=None, help="default: the quantizer's (SEARCH_TOKENS)")
-    p.add_argument("--search-dtype", default=None, choices=["bfloat16", "float32"],
-                   help="the search's forwards (default: the quantizer's SEARCH_DTYPE)")
+    p.add_argument("--forward-dtype", default=None, choices=["bfloat16", "float32"],
+                   help="the search's forwards (default: the quantizer's FORWARD_DTYPE)")
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)

@@ -258,8 +258,8 @@ def test_awq_without_clip_preserves_a_gemma_like_function():
     torch.testing.assert_close(awq_model(calib), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("search_dtype", [torch.float32, torch.bfloat16])
-def test_awq_searches_on_the_model_own_activations(monkeypatch, search_dtype):
+@pytest.mark.parametrize("forward_dtype", [torch.float32, torch.bfloat16])
+def test_awq_searches_on_the_model_own_activations(monkeypatch, forward_dtype):
     """Each layer's searches see the activations of the model's own forward: a sliding layer's window and rotary
     table included (the input of attn.wo is its attention's output); computed in bfloat16 (the default), within
     its rounding."""
@@ -280,10 +280,10 @@ def test_awq_searches_on_the_model_own_activations(monkeypatch, search_dtype):
         return search(layer, group, x, *args, **kwargs)
 
     monkeypatch.setattr(awq, "search_scale", spy)
-    quantize_model(copy.deepcopy(model), calib, Q32, progress=False, search_dtype=search_dtype)
+    quantize_model(copy.deepcopy(model), calib, Q32, progress=False, forward_dtype=forward_dtype)
     assert len(seen) == 2
     for i in range(2):
-        if search_dtype == torch.float32:
+        if forward_dtype == torch.float32:
             torch.testing.assert_close(seen[i], want[i], atol=1e-5, rtol=1e-5)
         else:
             scale = want[i].abs().max().item()

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from tinychat.errors import TinychatError
-from tinychat.quant.awq import METHODS
+from tinychat.quant.awq import METHODS, SEARCH_TOKENS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -127,7 +127,7 @@ def cmd_ppl(args) -> int:
 
 def cmd_quantize(args) -> int:
     from tinychat.io.loader import set_threads
-    from tinychat.pipeline.quantize import SEARCH_TOKENS, QuantizeOptions, quantize_checkpoint
+    from tinychat.pipeline.quantize import QuantizeOptions, quantize_checkpoint
 
     set_threads(args.threads)
     search_tokens = SEARCH_TOKENS if args.search_tokens is None else args.search_tokens or None  # 0: all
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "full-precision outputs, as AWQ does)")
     p.add_argument("--search-tokens", type=int, default=None,
                    help="tokens on which each scale candidate runs the attention and MLP blocks (0: all "
-                        "calibration tokens; default: 8192)")
+                        f"calibration tokens; default: {SEARCH_TOKENS})")
     p.add_argument("--device", default="cpu", help="where the search runs, one layer at a time (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="calibration shuffle seed (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")

@@ -29,11 +29,11 @@ from tinychat.pipeline.calib import load_calibration
 from tinychat.quant.awq import METHODS, SEARCH_TOKENS, quantize_layers, quantize_model
 from tinychat.quant.quantize import QuantConfig, apply_pseudo_quantized, auto_group_size
 
-__all__ = ["SEARCH_TOKENS", "QuantizeOptions", "cache_dir", "cached_quantized_model", "quantize_checkpoint",
+__all__ = ["QuantizeOptions", "cache_dir", "cached_quantized_model", "quantize_checkpoint",
            "search_dtype"]
 
 FLOAT32_MAX_BYTES = 8 * 1024**3  # larger models' activations (and w3 models) are held in bfloat16 (search_dtype)
-CACHE_FORMAT = 1  # bump when a change to the quantizer should invalidate cached checkpoints
+CACHE_FORMAT = 2  # bump when a change to the quantizer should invalidate cached checkpoints
 
 
 @dataclass(frozen=True)

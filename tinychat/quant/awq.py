@@ -26,7 +26,7 @@ mlp.w2     up rows of mlp.w13      mlp.w2
 =========  ======================  =================================
 
 Scales, clipping and rounding are computed on an fp32 working copy of the layer; the forwards that capture the
-linears' inputs and judge the candidates run on a copy in SEARCH_DTYPE (bfloat16: twice fp32's speed on a CPU; AutoAWQ
+linears' inputs and judge the candidates run on a copy in FORWARD_DTYPE (bfloat16: twice fp32's speed on a CPU; AutoAWQ
 runs them in fp16 on a GPU). The model may be fp32 or bf16. `quantize_layers` is the
 algorithm in streaming form (each layer read through a function, handed finished to a sink: how `tinychat quantize`
 holds one layer at a time); `quantize_model` runs it over a model held in memory.
@@ -57,14 +57,14 @@ from tinychat.quant.quantize import (
     quantize,
 )
 
-__all__ = ["SEARCH_DTYPE", "LayerSink", "ScaleGroup", "awq_scales", "clip_weight", "fold_scales", "quantize_layers",
+__all__ = ["FORWARD_DTYPE", "LayerSink", "ScaleGroup", "awq_scales", "clip_weight", "fold_scales", "quantize_layers",
            "quantize_model", "scale_groups", "search_clip", "search_scale"]
 
 CLIP_TOKENS = 512  # tokens the clip search samples (AutoAWQ's n_sample_token)
 SEARCH_TOKENS = 2048  # tokens (whole blocks) on which a grid point's module output error is measured
 # the dtype of the search's forwards and products (the candidates are quantized from fp32 weights): bfloat16 runs
 # them about twice as fast as fp32 on CPUs with AVX-512 BF16 (and on GPUs)
-SEARCH_DTYPE = torch.bfloat16
+FORWARD_DTYPE = torch.bfloat16
 CLIP_ROW_BATCH = 64  # output channels per clip-search batch (AutoAWQ's oc_batch_size)
 # rtn: round to nearest; awq: the paper's scale search, fold and clip, then round to nearest; awq-gptq: the same
 # search and fold, then GPTQ's error-compensated rounding (tinychat/quant/gptq.py) within the clipping ranges
@@ -372,7 +372,7 @@ def quantize_layers(
     progress: bool = True,
     quantized_inputs: bool = False,
     search_tokens: int | None = SEARCH_TOKENS,
-    search_dtype: torch.dtype = SEARCH_DTYPE,
+    forward_dtype: torch.dtype = FORWARD_DTYPE,
 ) -> None:
     """Quantize a model one decoder layer at a time, holding one layer and the calibration activations at once.
 
@@ -390,7 +390,7 @@ def quantize_layers(
     (fp32); `quantized_inputs` feeds each layer the outputs of the previous one with pseudo-quantized weights instead
     of its full-precision outputs. `search_tokens` bounds the tokens on which each grid point runs the attention and
     MLP blocks (search_scale; None: every calibration token). The layer's forward (its outputs, its linears' inputs)
-    and the search's block forwards and X^T X run in `search_dtype` (a copy of the layer); scales, clipping and
+    and the search's block forwards and X^T X run in `forward_dtype` (a copy of the layer); scales, clipping and
     rounding are computed on the fp32 weights.
     """
     if method not in METHODS:
@@ -420,7 +420,7 @@ def quantize_layers(
             continue
         rope = _Rope(positions, model.rope_table(model.layers[i]).to(device))
         quantized, h_next, alphas = _search_layer(work, h, rope, qcfg, cfg, method, clip, duo_scaling, n_grid,
-                                                  max_shrink, search_tokens, search_dtype)
+                                                  max_shrink, search_tokens, forward_dtype)
         sink(i, work, quantized)
         if quantized_inputs:
             for name in names:
@@ -434,11 +434,11 @@ def quantize_layers(
 @torch.no_grad()
 def _search_layer(work: DecoderLayer, h: Tensor, rope: _Rope, qcfg: QuantConfig, cfg, method: str, clip: bool,
                   duo_scaling: bool, n_grid: int, max_shrink: float, search_tokens: int | None,
-                  search_dtype: torch.dtype) -> tuple[LayerQuant, Tensor, str]:
+                  forward_dtype: torch.dtype) -> tuple[LayerQuant, Tensor, str]:
     """AWQ (or AWQ-GPTQ) on one fp32 working layer for its inputs h [n, T, C], in place (scales folded, weights
     clipped): (its linears' quantization, its full-precision outputs [n, T, C] in h's dtype, the alphas found)."""
     names = [spec.name for spec in layer_linears(cfg)]
-    fwd = work if search_dtype == torch.float32 else copy.deepcopy(work).to(search_dtype)  # runs the forwards
+    fwd = work if forward_dtype == torch.float32 else copy.deepcopy(work).to(forward_dtype)  # runs the forwards
     captured: dict[str, list] = {name: [] for name in names}
     h_next = _layer_outputs(fwd, h, rope, captured)  # full-precision outputs: the next layer's inputs
     inputs = {name: torch.cat(chunks) for name, chunks in captured.items()}  # name -> [n, T, K]
