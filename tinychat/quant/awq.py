@@ -26,10 +26,10 @@ mlp.w2     up rows of mlp.w13      mlp.w2
 =========  ======================  =================================
 
 Scales, clipping and rounding are computed on an fp32 working copy of the layer; the forwards that capture the
-linears' inputs and judge the candidates run on a copy in FORWARD_DTYPE (bfloat16: twice fp32's speed on a CPU; AutoAWQ
-runs them in fp16 on a GPU). The model may be fp32 or bf16. `quantize_layers` is the
-algorithm in streaming form (each layer read through a function, handed finished to a sink: how `tinychat quantize`
-holds one layer at a time); `quantize_model` runs it over a model held in memory.
+linears' inputs and judge the candidates run on a copy in FORWARD_DTYPE (bfloat16: twice fp32's speed on a CPU;
+AutoAWQ runs them in fp16 on a GPU). The model may be fp32 or bf16. `quantize_layers` is the algorithm in streaming
+form (each layer read through a function, handed finished to a sink: how `tinychat quantize` holds one layer at a
+time); `quantize_model` runs it over a model held in memory.
 """
 
 from __future__ import annotations
@@ -213,8 +213,8 @@ def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantC
                  fwd: DecoderLayer | None = None) -> ScaleSearch:
     """Grid-search the scale of one group of the fp32 layer for its inputs x [n, T, K]; the layer is unchanged.
 
-    mean|x| comes from every token. The loss of a single-linear group is exact over every token too (X^T X, its
-    products in fwd's dtype); the loss of a block (attention, MLP) runs the block once per grid point, so it is
+    mean|x| comes from every token. The loss of a single-linear group is over every token too (X^T X, its products
+    in fwd's dtype); the loss of a block (attention, MLP) runs the block once per grid point, so it is
     measured on about `search_tokens` tokens: whole blocks, evenly spaced among the n (None: all of them). The
     candidates are quantized from the layer's fp32 weights; the blocks run in `fwd`, a copy of the layer in a faster
     dtype (None: the layer itself), each candidate's weights rounded to its dtype.
@@ -386,8 +386,8 @@ def quantize_layers(
     calibration blocks calib [n, seqlen] int64: it folds the AWQ scales into the layer's norms and weights (which
     alone keeps its function), clips the weights when `clip`, and quantizes the final weights. method "awq-gptq"
     searches and folds the same way, then rounds each linear with GPTQ (its inputs' X^T X from the same calibration
-    pass), each weight group's grid within its searched clipping range when `clip`. The search runs on `device`
-    (fp32); `quantized_inputs` feeds each layer the outputs of the previous one with pseudo-quantized weights instead
+    pass), each weight group's grid within its searched clipping range when `clip`. The search runs on `device`;
+    `quantized_inputs` feeds each layer the outputs of the previous one with pseudo-quantized weights instead
     of its full-precision outputs. `search_tokens` bounds the tokens on which each grid point runs the attention and
     MLP blocks (search_scale; None: every calibration token). The layer's forward (its outputs, its linears' inputs)
     and the search's block forwards and X^T X run in `forward_dtype` (a copy of the layer); scales, clipping and
