@@ -67,7 +67,7 @@ struct Int8Activations {
   int levels;                       // 1 or 2
   std::vector<uint8_t> group_mask;  // [chunks]: which of the 4 scales loaded from the chunk's first group are real
   std::vector<int32_t> chunk_group;  // [chunks]: the chunk's first group
-  int64_t full_chunks;                // chunks 0 .. full_chunks - 1 lie whole in a row, with 4 scales from their first
+  int64_t full_chunks;  // chunks 0 .. full_chunks - 1 lie whole in a row and have 4 groups' scales from their first
   std::array<int32_t, 16> lane_group;  // the group of lane l's block, from the chunk's first group
 };
 
@@ -329,8 +329,8 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
-// One chunk (64 bytes of qweight, 128 channels) of rows n .. n + RB - 1 of W (qc[r]: row r's chunk; sc[r]: row r's
-// parameters from the chunk's first group) against MB rows of x (xq: their codes, xs: their lane scales, row_bytes
+// One chunk (64 bytes of qweight, 128 channels) of rows n .. n + RB - 1 of W (qc[r]: row r's chunk; sw[r] + g0: row
+// r's scales from the chunk's first group g0) against MB rows of x (xq: their codes, xs: their lane scales, row_bytes
 // apart), into acc. Tail: the chunk is cut by the row's end (bytes) or by its last group (scales): masked loads,
 // which are slow, only there. `ahead`: the bytes from a row's chunk to the same chunk of the row this thread most
 // likely runs next, prefetched into L2: streaming a matrix larger than the caches, the hardware prefetcher alone kept
@@ -338,7 +338,8 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c
 // arrives) at 21-26 GB/s, against 29-37 GB/s into L2 (Llama-2-7B's w13, 2 threads, EPYC Zen 4, runs alternating).
 // Prefetches never fault past the end.
 template <int MB, int L, int RB, bool Tail, typename PT>
-TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_chunk(const uint8_t* const* qc, const PT* const* sc, const int8_t* xq,
+TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_chunk(const uint8_t* const* qc, const PT* const* sw, int64_t g0,
+                                                     const int8_t* xq,
                                                      const float* xs, int64_t ahead, __m512i lane_group,
                                                      __mmask64 byte_mask, __mmask8 scale_mask, __m512 (&acc)[RB][MB]) {
   constexpr int64_t row_bytes = L * 2 * kChunkBytes;
@@ -364,7 +365,8 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_chunk(const uint8_t* const* qc, c
     const __m512i lo = _mm512_and_si512(bytes, low4);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
     // up to 4 scales from the chunk's first group, spread to the lanes of their blocks
-    const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(load4(sc[r], scale_mask, !Tail)));
+    const __m128 s4 = load4(sw[r] + g0, scale_mask, !Tail);
+    const __m512 wscale = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(s4));
     #pragma GCC unroll 8  // keep the MB accumulators in registers
     for (int mb = 0; mb < MB; ++mb) {
       __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xv[mb][0]);
@@ -402,12 +404,9 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
     #pragma GCC unroll 8
     for (int mb = 0; mb < MB; ++mb) acc[r][mb] = _mm512_setzero_ps();
   }
-  const PT* sc[RB];
   int64_t c = 0;
   for (; c < full; ++c) {
-    #pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r) sc[r] = sw[r] + chunk_group[c];
-    vnni_chunk<MB, L, RB, false>(qc, sc, xq, xs, RB * half, lane_group, 0, 0, acc);
+    vnni_chunk<MB, L, RB, false>(qc, sw, chunk_group[c], xq, xs, RB * half, lane_group, 0, 0, acc);
     #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) qc[r] += kChunkBytes;
     xq += x_stride;
@@ -416,9 +415,8 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
   for (; c < chunks; ++c) {
     const int64_t left = half - c * kChunkBytes;  // qweight bytes of a row from this chunk on
     const __mmask64 byte_mask = left >= kChunkBytes ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-    #pragma GCC unroll 4
-    for (int r = 0; r < RB; ++r) sc[r] = sw[r] + chunk_group[c];
-    vnni_chunk<MB, L, RB, true>(qc, sc, xq, xs, RB * half, lane_group, byte_mask, a.group_mask[c], acc);
+    vnni_chunk<MB, L, RB, true>(qc, sw, chunk_group[c], xq, xs, RB * half, lane_group, byte_mask, a.group_mask[c],
+                                acc);
     #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) qc[r] += kChunkBytes;
     xq += x_stride;
