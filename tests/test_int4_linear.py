@@ -149,15 +149,36 @@ def int8_rounding_bound(x, w, levels=1):
     return (step / 2) @ w.abs().t() * (1 + 1e-4) + 1e-4
 
 
-def test_nan_and_inf_in_x_reach_the_output(isa):
-    """Every path: a row of x with a NaN or an infinity gives a row of non-finite outputs (the int8 rounding of the
-    VNNI path must not turn them into numbers), and leaves the other rows alone."""
+@pytest.mark.parametrize("M", [3, 70])
+def test_nan_and_inf_in_x_reach_the_output(M, isa):
+    """Every path (the GEMV and, past 64 rows, the VNNI GEMM): a row of x with a NaN or an infinity gives a row of
+    non-finite outputs (the int8 rounding of the VNNI path must not turn them into numbers), and leaves the other
+    rows alone."""
     (qweight, scales, zeros), _ = make_weights(24, 192, 64)
-    x = torch.randn(3, 192)
+    x = torch.randn(M, 192)
     x[0, 5], x[1, 100] = float("nan"), float("inf")
     out = tc().int4_linear(x, qweight, scales, zeros, 64)
-    assert not torch.isfinite(out[:2]).any() and torch.isfinite(out[2]).all()
+    assert not torch.isfinite(out[:2]).any() and torch.isfinite(out[2:]).all()
     assert torch.isnan(out[0]).all()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rows_past_64_are_batch_invariant(form, isa, threads):
+    """Past 64 rows of x (the VNNI GEMM: 6 rows of x by 32 rows of W a tile), each output row is computed the same
+    way whichever tile and call it lies in: the rows of a call equal the same rows in a larger call, bit for bit,
+    also for group sizes that do not divide 128 (G = 96) and N that is no multiple of 16."""
+    for N, K, G in ((23, 576, 96), (200, 512, 32), (40, 1024, 256)):
+        if form == "q4_k" and (G != 32 or K % 256):
+            continue
+        qweight, scales, offsets = make_form(N, K, G, form, seed=N + K)
+        x = torch.randn(203, K, generator=torch.Generator().manual_seed(K))
+        whole = tc().int4_linear(x, qweight, scales, offsets, G)
+        for rows in (slice(0, 65), slice(100, 203), slice(7, 78)):
+            assert torch.equal(tc().int4_linear(x[rows], qweight, scales, offsets, G), whole[rows])
+        if isa == "avx512_vnni":
+            w = ops.int4_linear_ref(torch.eye(K), qweight, scales, offsets, G).t()  # [N, K] fp32
+            error = (whole - ops.int4_linear_ref(x, qweight, scales, offsets, G)).abs()
+            assert (error <= int8_rounding_bound(x, w)).all() and error.max() > 0
 
 
 def test_unknown_isa_is_refused(monkeypatch):

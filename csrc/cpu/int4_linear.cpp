@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -527,6 +528,160 @@ void run_vnni(const Problem& p) {
   p.M <= kQuadRowsMaxM ? run_vnni_units<L, Half, 4>(p) : run_vnni_units<L, Half, 2>(p);
 }
 
+// ---- AVX-512 VNNI GEMM (prefill: more than kExactRows rows of x) ----
+//
+// The GEMV above puts 128 channels of one row of W in a vector's lanes, so each of its vpdpbusd is followed by a
+// conversion, a scale product and an FMA per 8 channels of a lane (three float instructions per two vpdpbusd: the
+// vector units' bound at prefill). Here the lanes are 16 rows of W instead: lane i holds 4 bytes of row n + i (8
+// weights: the low nibbles are channels 4q..4q+3 of a block, the high nibbles 16 + 4q..), and x's matching 4 int8
+// codes are broadcast to every lane, so 8 vpdpbusd sum a whole block of 32 channels exactly in each lane's int32, and
+// the float work (conversion, scale product, FMA) comes once per block: a fourth of the GEMV's. A thread copies
+// a panel of kPanelRows rows of W into that order (a transpose of 4-byte words: the layout in memory stays the one
+// every kernel reads) and their group parameters as fp32, then runs the panel against all of x, kGemmRowsX rows at a
+// time. Per output, the arithmetic is the same whichever tile it lies in (batch-invariant, like the GEMV).
+
+constexpr int kGemmVecs = 2;                      // vectors of 16 rows of W in a tile
+constexpr int64_t kPanelRows = 16 * kGemmVecs;    // rows of W a panel holds
+constexpr int kGemmRowsX = 6;                     // rows of x in a tile (2 x 6 int32 and 2 x 6 fp32 accumulators)
+
+// A panel: rows n0 .. n0 + kPanelRows - 1 of W (rows past N are zeros), words[d * kPanelRows + r] = 4-byte word d
+// of row n0 + r (word d = block d / 4's bytes 4 (d % 4) .. + 3); s, m [K/G, kPanelRows]: the rows' group parameters.
+struct Panel {
+  std::vector<uint32_t> words;
+  std::vector<float> s, m;
+  std::vector<float> buf;  // [2, K/G]: a row's parameters when widened
+};
+
+void pack_panel(const Problem& p, int64_t n0, Panel& panel) {
+  const int64_t nwords = p.K / 8, rows = std::min(kPanelRows, p.N - n0);
+  panel.words.assign(nwords * kPanelRows, 0u);
+  panel.s.assign(p.ng * kPanelRows, 0.f);
+  panel.m.assign(p.ng * kPanelRows, 0.f);
+  panel.buf.resize(2 * p.ng);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = p.q + (n0 + r) * (p.K / 2);
+    for (int64_t d = 0; d < nwords; ++d) std::memcpy(&panel.words[d * kPanelRows + r], row + 4 * d, 4);
+    const RowParams rp = row_params(p.w, n0 + r, p.ng, panel.buf.data(), Isa::kAvx512Vnni);
+    for (int64_t g = 0; g < p.ng; ++g) {
+      panel.s[g * kPanelRows + r] = rp.s[g];
+      panel.m[g * kPanelRows + r] = rp.m[g];
+    }
+  }
+}
+
+// Rows m0 .. m0 + MB - 1 of x against the panel of rows n0.. into y.
+template <int MB>
+TINYCHAT_AVX512_VNNI void gemm_tile(const Problem& p, const Panel& panel, int64_t n0, int64_t m0) {
+  constexpr int NV = kGemmVecs;
+  constexpr int64_t NR = kPanelRows, row_bytes = 2 * kChunkBytes;  // one level: lo, hi of a row in a chunk
+  const Int8Activations& a = *p.xq;
+  const int64_t blocks = p.K / kBlock, blocks_per_group = p.G / kBlock;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 facc[NV][MB];
+  #pragma GCC unroll 8
+  for (int mb = 0; mb < MB; ++mb) {
+    #pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) facc[v][mb] = _mm512_setzero_ps();
+  }
+  const uint32_t* wb = panel.words.data();
+  for (int64_t b = 0, g = 0, in_group = 0; b < blocks; ++b, wb += 4 * NR) {
+    // block b of rows m0..: its codes (lo 16 bytes, hi 16 bytes 64 further) and its scale, row_bytes / 16 floats apart
+    const int64_t at = ((b / 4) * p.M + m0);
+    const int8_t* xb = a.q8.data() + at * row_bytes + (b % 4) * 16;
+    const float* xs = a.lane_scales.data() + at * 16 + (b % 4) * 4;
+    __m512i iacc[NV][MB];
+    #pragma GCC unroll 8
+    for (int mb = 0; mb < MB; ++mb) {
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) iacc[v][mb] = _mm512_setzero_si512();
+    }
+    #pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      __m512i lo[NV], hi[NV];
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const __m512i w = _mm512_loadu_si512(wb + q * NR + v * 16);
+        lo[v] = _mm512_and_si512(w, low4);
+        hi[v] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+      }
+      #pragma GCC unroll 8
+      for (int mb = 0; mb < MB; ++mb) {
+        int32_t xl, xh;
+        std::memcpy(&xl, xb + mb * row_bytes + 4 * q, 4);
+        std::memcpy(&xh, xb + mb * row_bytes + kChunkBytes + 4 * q, 4);
+        const __m512i xlv = _mm512_set1_epi32(xl), xhv = _mm512_set1_epi32(xh);
+        #pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          iacc[v][mb] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iacc[v][mb], lo[v], xlv), hi[v], xhv);
+        }
+      }
+    }
+    __m512 ws[NV];
+    #pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) ws[v] = _mm512_loadu_ps(panel.s.data() + g * NR + v * 16);
+    #pragma GCC unroll 8
+    for (int mb = 0; mb < MB; ++mb) {
+      const __m512 xsv = _mm512_set1_ps(xs[mb * 16]);
+      #pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        facc[v][mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[v][mb]), _mm512_mul_ps(ws[v], xsv), facc[v][mb]);
+      }
+    }
+    if (++in_group == blocks_per_group) {
+      in_group = 0;
+      ++g;
+    }
+  }
+  // the offset terms m * sum(x) over the groups
+  for (int64_t g = 0; g < p.ng; ++g) {
+    #pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512 mv = _mm512_loadu_ps(panel.m.data() + g * NR + v * 16);
+      #pragma GCC unroll 8
+      for (int mb = 0; mb < MB; ++mb) {
+        facc[v][mb] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.group_sums[(m0 + mb) * p.ng + g]), facc[v][mb]);
+      }
+    }
+  }
+  #pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = n0 + v * 16, left = p.N - n;
+    if (left <= 0) break;
+    const __mmask16 live = left >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << left) - 1);
+    #pragma GCC unroll 8
+    for (int mb = 0; mb < MB; ++mb) _mm512_mask_storeu_ps(p.y + (m0 + mb) * p.N + n, live, facc[v][mb]);
+  }
+}
+
+using GemmTileFn = void (*)(const Problem&, const Panel&, int64_t, int64_t);
+
+GemmTileFn gemm_tile_fn(int64_t mb) {
+  static_assert(kGemmRowsX == 6, "gemm_tile_fn instantiates MB = 1..6");
+  switch (mb) {
+    case 1: return gemm_tile<1>;
+    case 2: return gemm_tile<2>;
+    case 3: return gemm_tile<3>;
+    case 4: return gemm_tile<4>;
+    case 5: return gemm_tile<5>;
+    default: return gemm_tile<6>;
+  }
+}
+
+// The GEMM's driver: panels of W split over threads, each against every tile of kGemmRowsX rows of x.
+void run_vnni_gemm(const Problem& p) {
+  const int64_t panels = (p.N + kPanelRows - 1) / kPanelRows, tail_mb = p.M % kGemmRowsX;
+  const GemmTileFn full = gemm_tile_fn(kGemmRowsX), tail = gemm_tile_fn(tail_mb);
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    Panel panel;
+    for (int64_t i = begin; i < end; ++i) {
+      pack_panel(p, i * kPanelRows, panel);
+      for (int64_t m0 = 0; m0 < p.M; m0 += kGemmRowsX) {
+        (p.M - m0 >= kGemmRowsX ? full : tail)(p, panel, i * kPanelRows, m0);
+      }
+    }
+  });
+}
+
 #pragma GCC diagnostic pop
 #endif  // TINYCHAT_X86
 
@@ -571,6 +726,14 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<uint8_t>(), group_params(scales, offsets, -8.f),
             y.data_ptr<float>(), M, N, K, group_size, K / group_size, nullptr};
   Isa gemv_isa = isa;
+#ifdef TINYCHAT_X86
+  if (isa == Isa::kAvx512Vnni && M > kExactRows) {
+    const Int8Activations xq = quantize_activations(p.x, M, K, group_size, 1);
+    p.xq = &xq;
+    run_vnni_gemm(p);
+    return y.to(x.scalar_type()).view(out_shape);
+  }
+#endif
   if (isa == Isa::kAvx512Vnni && (!vnni_supports(group_size) || (M > kFineRows && M <= kExactRows))) {
     gemv_isa = Isa::kAvx512;
   }
