@@ -8,7 +8,8 @@
 // its low nibble and channel 32b + 16 + j in its high nibble. One 16-byte load thus gives 32 weights as two
 // contiguous runs of 16 (mask, shift), which widen straight to fp32 lanes with no shuffle.
 //
-// One GEMV-style kernel over rows of W for every M (decode and prefill alike): per row and group it accumulates
+// One GEMV-style kernel over rows of W for every M (decode and prefill alike; on AVX-512 VNNI a GEMM past kExactRows
+// rows of x, below): per row and group it accumulates
 // sum_k q[k] * x[m, k] in SIMD registers for up to kMaxMB rows of x at once, then applies the group's scale; the
 // offset term m * sum_{k in g} x[m, k] uses per-group sums of x computed once per call. Each weight byte is read
 // from memory once per kMaxMB rows of x; x stays in L1. On the fp32 paths each output row is computed the same way
@@ -47,7 +48,8 @@ namespace {
 constexpr int64_t kBlock = 32;            // input channels per 16 bytes of qweight
 constexpr int kMaxMB = 4;                 // rows of x a GEMV pass handles together
 constexpr int kMaxMBVnni = 8;             // the same on the VNNI path (its accumulators are fewer registers)
-constexpr int64_t kFineRows = kMaxMBVnni;  // the VNNI path rounds x at two int8 levels in calls of up to this many rows
+constexpr int64_t kFineRows = kMaxMBVnni;  // the VNNI GEMV rounds x at two int8 levels in calls of up to this many rows
+constexpr int kGemvLevels = 2;             // (those levels)
 constexpr int64_t kExactRows = 64;         // and leaves x in fp32 (the AVX-512 kernels) in calls of up to this many
 constexpr int64_t kQuadRowsMaxM = 2;       // the VNNI GEMV takes rows of W 4 at a time up to this many rows of x
 
@@ -222,7 +224,8 @@ TINYCHAT_AVX512 void gemv_row_avx512(const Problem& p, int64_t n, int64_t m0, co
 //   every token it decodes, and drifts from the file's own answer with it.
 // - up to kExactRows (a chat turn's prompt): not at all, the AVX-512 kernels with fp32 x (1.4x one level's cost):
 //   what a short prompt leaves in the KV cache is the file's own, at a cost of milliseconds.
-// - more (a long prompt, where prefill speed is what users wait for): at one level, step = s, as llama.cpp.
+// - more (a long prompt, where prefill speed is what users wait for): at one level, step = s, as llama.cpp, in the
+//   GEMM below.
 // Group sizes must divide 128 or be multiples of it.
 
 constexpr int64_t kChunkBytes = 64;  // 4 blocks of qweight
@@ -338,21 +341,21 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c
 // the GEMV at half the read bandwidth, and prefetches into L1 (whose few line-fill buffers they hold until the line
 // arrives) at 21-26 GB/s, against 29-37 GB/s into L2 (Llama-2-7B's w13, 2 threads, EPYC Zen 4, runs alternating).
 // Prefetches never fault past the end.
-template <int MB, int L, int RB, bool Tail, typename PT>
+template <int MB, int RB, bool Tail, typename PT>
 TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_chunk(const uint8_t* const* qc, const PT* const* sw, int64_t g0,
                                                      const int8_t* xq,
                                                      const float* xs, int64_t ahead, __m512i lane_group,
                                                      __mmask64 byte_mask, __mmask8 scale_mask, __m512 (&acc)[RB][MB]) {
-  constexpr int64_t row_bytes = L * 2 * kChunkBytes;
+  constexpr int64_t row_bytes = kGemvLevels * 2 * kChunkBytes;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   // x's codes and scales, loaded once for the RB rows of W: a core loads one 64-byte vector a cycle, which the
   // loads of x for every row (the compiler's choice of memory operands) had made the bound
-  __m512i xv[MB][2 * L];
+  __m512i xv[MB][2 * kGemvLevels];
   __m512 xsv[MB];
   #pragma GCC unroll 8
   for (int mb = 0; mb < MB; ++mb) {
     #pragma GCC unroll 4
-    for (int v = 0; v < 2 * L; ++v) {
+    for (int v = 0; v < 2 * kGemvLevels; ++v) {
       xv[mb][v] = _mm512_loadu_si512(xq + mb * row_bytes + v * kChunkBytes);
       if constexpr (MB <= 2) asm("" : "+v"(xv[mb][v]));  // keep it in a register (registers allow at small MB)
     }
@@ -372,11 +375,10 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_chunk(const uint8_t* const* qc, c
     for (int mb = 0; mb < MB; ++mb) {
       __m512i dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xv[mb][0]);
       dots = _mm512_dpbusd_epi32(dots, hi, xv[mb][1]);
-      if constexpr (L == 2) {  // 256 * coarse + fine, exact in int32 (|.| < 2^22) and in the fp32 conversion
-        __m512i fine = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xv[mb][2]);
-        fine = _mm512_dpbusd_epi32(fine, hi, xv[mb][3]);
-        dots = _mm512_add_epi32(_mm512_slli_epi32(dots, 8), fine);
-      }
+      // 256 * coarse + fine, exact in int32 (|.| < 2^22) and in the fp32 conversion
+      __m512i fine = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xv[mb][2]);
+      fine = _mm512_dpbusd_epi32(fine, hi, xv[mb][3]);
+      dots = _mm512_add_epi32(_mm512_slli_epi32(dots, 8), fine);
       acc[r][mb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(wscale, xsv[mb]), acc[r][mb]);
     }
   }
@@ -386,11 +388,11 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_chunk(const uint8_t* const* qc, c
 // from row_params, or the fp16 tensors themselves: PT). RB > 1 (2 or 4 rows of W) loads x's codes and scales once
 // for every row of W: each row's arithmetic is the single row's up to the final sum of its lanes. The loop over the
 // chunks is branch-free up to a.full_chunks, its pointers hoisted (the compiler had reloaded them every chunk).
-template <int MB, int L, int RB, typename PT>
+template <int MB, int RB, typename PT>
 TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n, int64_t m0, const PT* const* sw,
                                                     const PT* const* mw) {
   const Int8Activations& a = *p.xq;
-  constexpr int64_t row_bytes = L * 2 * kChunkBytes;
+  constexpr int64_t row_bytes = kGemvLevels * 2 * kChunkBytes;
   const int64_t half = p.K / 2, ng = p.ng, chunks = a.chunks, full = a.full_chunks;
   const int64_t x_stride = p.M * row_bytes, s_stride = p.M * 16;  // from one chunk of x's rows to the next
   const int8_t* xq = a.q8.data() + m0 * row_bytes;
@@ -407,7 +409,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
   }
   int64_t c = 0;
   for (; c < full; ++c) {
-    vnni_chunk<MB, L, RB, false>(qc, sw, chunk_group[c], xq, xs, RB * half, lane_group, 0, 0, acc);
+    vnni_chunk<MB, RB, false>(qc, sw, chunk_group[c], xq, xs, RB * half, lane_group, 0, 0, acc);
     #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) qc[r] += kChunkBytes;
     xq += x_stride;
@@ -416,7 +418,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
   for (; c < chunks; ++c) {
     const int64_t left = half - c * kChunkBytes;  // qweight bytes of a row from this chunk on
     const __mmask64 byte_mask = left >= kChunkBytes ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-    vnni_chunk<MB, L, RB, true>(qc, sw, chunk_group[c], xq, xs, RB * half, lane_group, byte_mask, a.group_mask[c],
+    vnni_chunk<MB, RB, true>(qc, sw, chunk_group[c], xq, xs, RB * half, lane_group, byte_mask, a.group_mask[c],
                                 acc);
     #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) qc[r] += kChunkBytes;
@@ -453,7 +455,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const Problem& p, int64_t n,
 // with their parameters rp (row_params), or (Half) read straight from the fp16 scales and offsets.
 using VnniFn = void (*)(const Problem&, int64_t n, int64_t m0, const RowParams* rp);
 
-template <int MB, int L, int RB, bool Half>
+template <int MB, int RB, bool Half>
 TINYCHAT_AVX512_VNNI void gemv_vnni(const Problem& p, int64_t n, int64_t m0, const RowParams* rp) {
   if constexpr (Half) {
     const at::Half* sw[RB];
@@ -462,7 +464,7 @@ TINYCHAT_AVX512_VNNI void gemv_vnni(const Problem& p, int64_t n, int64_t m0, con
       sw[r] = static_cast<const at::Half*>(p.w.scales) + (n + r) * p.ng;
       mw[r] = static_cast<const at::Half*>(p.w.offsets) + (n + r) * p.ng;
     }
-    vnni_rows<MB, L, RB>(p, n, m0, sw, mw);
+    vnni_rows<MB, RB>(p, n, m0, sw, mw);
   } else {
     const float* sw[RB];
     const float* mw[RB];
@@ -470,25 +472,25 @@ TINYCHAT_AVX512_VNNI void gemv_vnni(const Problem& p, int64_t n, int64_t m0, con
       sw[r] = rp[r].s;
       mw[r] = rp[r].m;
     }
-    vnni_rows<MB, L, RB>(p, n, m0, sw, mw);
+    vnni_rows<MB, RB>(p, n, m0, sw, mw);
   }
 }
 
-template <int L, int RB, bool Half>
+template <int RB, bool Half>
 VnniFn vnni_fn(int64_t mb) {
   static_assert(kMaxMBVnni == 8, "vnni_fn instantiates MB = 1..8");
   if constexpr (RB == 4) {  // decode steps only (kQuadRowsMaxM): 4 x MB accumulators
-    return mb == 1 ? gemv_vnni<1, L, RB, Half> : gemv_vnni<2, L, RB, Half>;
+    return mb == 1 ? gemv_vnni<1, RB, Half> : gemv_vnni<2, RB, Half>;
   } else {
     switch (mb) {
-      case 1: return gemv_vnni<1, L, RB, Half>;
-      case 2: return gemv_vnni<2, L, RB, Half>;
-      case 3: return gemv_vnni<3, L, RB, Half>;
-      case 4: return gemv_vnni<4, L, RB, Half>;
-      case 5: return gemv_vnni<5, L, RB, Half>;
-      case 6: return gemv_vnni<6, L, RB, Half>;
-      case 7: return gemv_vnni<7, L, RB, Half>;
-      default: return gemv_vnni<8, L, RB, Half>;
+      case 1: return gemv_vnni<1, RB, Half>;
+      case 2: return gemv_vnni<2, RB, Half>;
+      case 3: return gemv_vnni<3, RB, Half>;
+      case 4: return gemv_vnni<4, RB, Half>;
+      case 5: return gemv_vnni<5, RB, Half>;
+      case 6: return gemv_vnni<6, RB, Half>;
+      case 7: return gemv_vnni<7, RB, Half>;
+      default: return gemv_vnni<8, RB, Half>;
     }
   }
 }
@@ -497,12 +499,12 @@ VnniFn vnni_fn(int64_t mb) {
 // alone), split over threads, each unit against every chunk of kMaxMBVnni rows of x; x's codes and scales are loaded
 // once for the unit's rows (vnni_rows). fp16 scales with fp16 offsets (Q4_1) are read as stored; other forms are
 // widened a row at a time (row_params).
-template <int L, bool Half, int RB>
+template <bool Half, int RB>
 void run_vnni_units(const Problem& p) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (RB * p.K * p.M));
   const int64_t full_mb = std::min<int64_t>(kMaxMBVnni, p.M), tail_mb = p.M % kMaxMBVnni;
-  const VnniFn unit_full = vnni_fn<L, RB, Half>(full_mb), unit_tail = vnni_fn<L, RB, Half>(tail_mb);
-  const VnniFn one_full = vnni_fn<L, 1, Half>(full_mb), one_tail = vnni_fn<L, 1, Half>(tail_mb);
+  const VnniFn unit_full = vnni_fn<RB, Half>(full_mb), unit_tail = vnni_fn<RB, Half>(tail_mb);
+  const VnniFn one_full = vnni_fn<1, Half>(full_mb), one_tail = vnni_fn<1, Half>(tail_mb);
   const int64_t units = p.N / RB;  // then the rows past units * RB one at a time
   at::parallel_for(0, units + p.N % RB, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(Half ? 0 : 2 * RB * p.ng);  // [RB, 2, K/G]: the rows' parameters when widened
@@ -523,9 +525,9 @@ void run_vnni_units(const Problem& p) {
   });
 }
 
-template <int L, bool Half>
+template <bool Half>
 void run_vnni(const Problem& p) {
-  p.M <= kQuadRowsMaxM ? run_vnni_units<L, Half, 4>(p) : run_vnni_units<L, Half, 2>(p);
+  p.M <= kQuadRowsMaxM ? run_vnni_units<Half, 4>(p) : run_vnni_units<Half, 2>(p);
 }
 
 // ---- AVX-512 VNNI GEMM (prefill: more than kExactRows rows of x) ----
@@ -725,7 +727,6 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   at::Tensor y = at::empty({M, N}, xf.options());  // fp32 [M, N]
   Problem p{xf.const_data_ptr<float>(), nullptr, qweight.const_data_ptr<uint8_t>(), group_params(scales, offsets, -8.f),
             y.data_ptr<float>(), M, N, K, group_size, K / group_size, nullptr};
-  Isa gemv_isa = isa;
 #ifdef TINYCHAT_X86
   if (isa == Isa::kAvx512Vnni && M > kExactRows) {
     const Int8Activations xq = quantize_activations(p.x, M, K, group_size, 1);
@@ -734,19 +735,12 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     return y.to(x.scalar_type()).view(out_shape);
   }
 #endif
-  if (isa == Isa::kAvx512Vnni && (!vnni_supports(group_size) || (M > kFineRows && M <= kExactRows))) {
-    gemv_isa = Isa::kAvx512;
-  }
+  const Isa gemv_isa = isa == Isa::kAvx512Vnni && (!vnni_supports(group_size) || M > kFineRows) ? Isa::kAvx512 : isa;
 #ifdef TINYCHAT_X86
   if (gemv_isa == Isa::kAvx512Vnni) {
-    const int levels = M <= kFineRows ? 2 : 1;
-    const Int8Activations xq = quantize_activations(p.x, M, K, group_size, levels);
+    const Int8Activations xq = quantize_activations(p.x, M, K, group_size, kGemvLevels);
     p.xq = &xq;
-    if (p.w.kind == GroupParams::Kind::kHalf && p.w.offsets != nullptr) {
-      levels == 2 ? run_vnni<2, true>(p) : run_vnni<1, true>(p);
-    } else {
-      levels == 2 ? run_vnni<2, false>(p) : run_vnni<1, false>(p);
-    }
+    p.w.kind == GroupParams::Kind::kHalf && p.w.offsets != nullptr ? run_vnni<true>(p) : run_vnni<false>(p);
     return y.to(x.scalar_type()).view(out_shape);
   }
 #endif
