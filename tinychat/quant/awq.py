@@ -143,25 +143,27 @@ def _module_forward(layer: DecoderLayer, name: str, x: Tensor, rope: _Rope) -> T
     return layer.get_submodule(name)(x).float()
 
 
-def _layer_outputs(layer: DecoderLayer, h: Tensor, rope: _Rope, capture: dict[str, list] | None = None) -> Tensor:
+def _layer_outputs(layer: DecoderLayer, h: Tensor, rope: _Rope, capture: dict[str, Tensor] | None = None) -> Tensor:
     """Residual stream after `layer` (computed in the layer's dtype) for the stream h [n, T, C] (stored in h's
-    dtype); optionally capture the input of each linear named in `capture` (name -> a list that receives its
-    [b, T, K] chunks)."""
-    hooks = []
+    dtype); optionally capture the input of each linear named in `capture` (name -> a tensor [n, T, K] that receives
+    it, written a chunk at a time: no second copy of the activations)."""
+    hooks, start = [], 0  # start: the first block of the running chunk
     if capture is not None:
         for name in capture:
             def hook(mod, args, out, name=name):
-                capture[name].append(args[0].detach().to(h.dtype))
+                x = args[0].detach()  # [b, T, K]
+                capture[name][start : start + x.shape[0]].copy_(x)
             hooks.append(layer.get_submodule(name).register_forward_hook(hook))
     try:
-        out = []
+        out = torch.empty_like(h)  # [n, T, C]
         for chunk in _chunks(h):
             x, residual = layer(chunk.to(_dtype(layer)), None, rope.positions, rope.cos_sin)
-            out.append((x + residual).to(h.dtype))
+            out[start : start + chunk.shape[0]] = x + residual
+            start += chunk.shape[0]
     finally:
         for handle in hooks:
             handle.remove()
-    return torch.cat(out)
+    return out
 
 
 def _channel_abs_mean(x: Tensor) -> Tensor:
@@ -439,10 +441,9 @@ def _search_layer(work: DecoderLayer, h: Tensor, rope: _Rope, qcfg: QuantConfig,
     clipped): (its linears' quantization, its full-precision outputs [n, T, C] in h's dtype, the alphas found)."""
     names = [spec.name for spec in layer_linears(cfg)]
     fwd = work if forward_dtype == torch.float32 else copy.deepcopy(work).to(forward_dtype)  # runs the forwards
-    captured: dict[str, list] = {name: [] for name in names}
-    h_next = _layer_outputs(fwd, h, rope, captured)  # full-precision outputs: the next layer's inputs
-    inputs = {name: torch.cat(chunks) for name, chunks in captured.items()}  # name -> [n, T, K]
-    del captured
+    n, T = h.shape[:2]
+    inputs = {spec.name: h.new_empty(n, T, spec.in_features) for spec in layer_linears(cfg)}  # name -> [n, T, K]
+    h_next = _layer_outputs(fwd, h, rope, inputs)  # full-precision outputs: the next layer's inputs
 
     searches = [(g, search_scale(work, g, inputs[g.linear], qcfg, rope, n_grid, duo_scaling, search_tokens, fwd))
                 for g in scale_groups(cfg)]  # every group searched against the unmodified layer, as AutoAWQ
