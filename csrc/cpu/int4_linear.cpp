@@ -19,9 +19,10 @@
 // M = 16 / 64 / 256 against 1.16 / 2.17 / 7.60 for the GEMM (AVX-512; AVX2 0.63 / 2.88 / 12.09 against 2.54 / 5.07 /
 // 10.45).)
 //
-// Instruction sets: AVX-512 with VNNI (x rounded to int8 by M, up to 8 rows of x and 2 or 4 rows of W a pass; see
-// "AVX-512 VNNI" below), AVX-512 (F/BW/VL/DQ), AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can;
-// NEON on ARM through that path), picked at run time (isa.h).
+// Instruction sets: AVX-512 with VNNI (x rounded to int8 by M: up to 8 rows of x and 2 or 4 rows of W a pass in
+// the GEMV, tiles of 6 rows of x by 32 rows of W in the GEMM; see "AVX-512 VNNI" below), AVX-512 (F/BW/VL/DQ),
+// AVX2 + FMA, and portable C++ (which the compiler vectorizes as it can; NEON on ARM through that path), picked at
+// run time (isa.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -50,6 +51,7 @@ constexpr int kMaxMB = 4;                 // rows of x a GEMV pass handles toget
 constexpr int kMaxMBVnni = 8;             // the same on the VNNI path (its accumulators are fewer registers)
 constexpr int64_t kFineRows = kMaxMBVnni;  // the VNNI GEMV rounds x at two int8 levels in calls of up to this many rows
 constexpr int kGemvLevels = 2;             // (those levels)
+constexpr int kGemmLevels = 1;             // and the GEMM past kExactRows rows at one level
 constexpr int64_t kExactRows = 64;         // and leaves x in fp32 (the AVX-512 kernels) in calls of up to this many
 constexpr int64_t kQuadRowsMaxM = 2;       // the VNNI GEMV takes rows of W 4 at a time up to this many rows of x
 
@@ -575,7 +577,7 @@ void pack_panel(const Problem& p, int64_t n0, Panel& panel) {
 template <int MB>
 TINYCHAT_AVX512_VNNI void gemm_tile(const Problem& p, const Panel& panel, int64_t n0, int64_t m0) {
   constexpr int NV = kGemmVecs;
-  constexpr int64_t NR = kPanelRows, row_bytes = 2 * kChunkBytes;  // one level: lo, hi of a row in a chunk
+  constexpr int64_t NR = kPanelRows, row_bytes = kGemmLevels * 2 * kChunkBytes;  // a row of x in a chunk: lo, hi
   const Int8Activations& a = *p.xq;
   const int64_t blocks = p.K / kBlock, blocks_per_group = p.G / kBlock;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -587,7 +589,8 @@ TINYCHAT_AVX512_VNNI void gemm_tile(const Problem& p, const Panel& panel, int64_
   }
   const uint32_t* wb = panel.words.data();
   for (int64_t b = 0, g = 0, in_group = 0; b < blocks; ++b, wb += 4 * NR) {
-    // block b of rows m0..: its codes (lo 16 bytes, hi 16 bytes 64 further) and its scale, row_bytes / 16 floats apart
+    // block b of row m0 + mb of x: its codes at xb + mb * row_bytes (16 "lo", then 16 "hi" kChunkBytes further) and
+    // its scale at xs[mb * 16]
     const int64_t at = ((b / 4) * p.M + m0);
     const int8_t* xb = a.q8.data() + at * row_bytes + (b % 4) * 16;
     const float* xs = a.lane_scales.data() + at * 16 + (b % 4) * 4;
@@ -729,7 +732,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
             y.data_ptr<float>(), M, N, K, group_size, K / group_size, nullptr};
 #ifdef TINYCHAT_X86
   if (isa == Isa::kAvx512Vnni && M > kExactRows) {
-    const Int8Activations xq = quantize_activations(p.x, M, K, group_size, 1);
+    const Int8Activations xq = quantize_activations(p.x, M, K, group_size, kGemmLevels);
     p.xq = &xq;
     run_vnni_gemm(p);
     return y.to(x.scalar_type()).view(out_shape);
