@@ -7,8 +7,10 @@
 // Small M: rows of W split over threads; each row is read once for up to kMaxMB rows of x, its int8 values widened
 // to fp32 lanes and summed per group in SIMD registers, which the group's scale multiplies (AVX-512, AVX2 + FMA, or
 // portable C++ that the compiler vectorizes; picked at run time, isa.h); the offset term m * sum_{k in g} x[m, k]
-// uses per-group sums of x computed once per call. Large M: chunks of W dequantized to fp32 and multiplied with
-// torch's GEMM.
+// uses per-group sums of x computed once per call. On AVX-512 VNNI, calls of up to vnni::kMaxMBVnni rows (decode
+// steps) with groups of 32 or more run int4_linear's GEMV instead (vnni_gemv.h, Bytes): x rounded to int8 at two
+// levels, the same error bound as there (the widening had made this GEMV compute-bound: SmolLM2's 28 MB output
+// projection at 30 GB/s on 2 threads). Large M: chunks of W dequantized to fp32 and multiplied with torch's GEMM.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +24,7 @@
 #include "kernels.h"
 #include "linear.h"
 #include "vec.h"
+#include "vnni_gemv.h"
 
 namespace tinychat {
 
@@ -205,6 +208,13 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     });
     return y.to(x.scalar_type()).view(out_shape);
   }
+#ifdef TINYCHAT_X86
+  if (current_isa() == Isa::kAvx512Vnni && M <= vnni::kMaxMBVnni && group_size % vnni::kBlock == 0 &&
+      vnni::vnni_supports(group_size)) {
+    vnni::vnni_gemv<vnni::Bytes>(p.x, reinterpret_cast<const uint8_t*>(p.q), K, p.w, p.y, M, N, K, group_size);
+    return y.to(x.scalar_type()).view(out_shape);
+  }
+#endif
   std::vector<float> xsum;  // [M, K/G], the offset term's sums of x
   if (p.w.has_offsets()) {
     xsum = group_sums(p.x, M, K, group_size);

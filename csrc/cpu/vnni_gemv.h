@@ -28,6 +28,10 @@ constexpr int64_t kBlock = 32;        // channels of x per int8 scale
 constexpr int kMaxMBVnni = 8;         // rows of x a GEMV pass handles together
 constexpr int kGemvLevels = 2;        // the GEMV's int8 levels of x
 constexpr int64_t kQuadRowsMaxM = 2;  // the GEMV takes rows of W 4 at a time up to this many rows of x
+// how far ahead the GEMV prefetches W: the rows of the unit this many units on (one unit ahead had left SmolLM2's
+// decode step waiting on memory: 163-170 against 194-204 tok/s with 4, 2 threads, runs alternating; 2 and 6 were
+// within the noise of 4)
+constexpr int64_t kPrefetchUnits = 4;
 
 // x rounded to int8 per block of 32 channels, in the order the VNNI kernel multiplies it with a row's bytes: a
 // 64-byte load of qweight (a chunk) holds 4 blocks, whose low nibbles are channels 32b + j and high nibbles
@@ -224,12 +228,12 @@ struct Bytes {
 
 // One chunk (128 channels: Codes::kRowChunk bytes of each row) of rows n .. n + RB - 1 of W (qc[r]: row r's chunk;
 // sw[r] + g0: row r's scales from the chunk's first group g0) against MB rows of x (xq: their codes, xs: their lane
-// scales, row_bytes apart), into acc. Tail: the chunk is cut by the row's end (bytes) or by its last group
-// (scales): masked loads, which are slow, only there. `ahead`: the bytes from a row's chunk to the same chunk of the
-// row this thread most likely runs next, prefetched into L2: streaming a matrix larger than the caches, the hardware prefetcher alone kept
-// the GEMV at half the read bandwidth, and prefetches into L1 (whose few line-fill buffers they hold until the line
-// arrives) at 21-26 GB/s, against 29-37 GB/s into L2 (Llama-2-7B's w13, 2 threads, EPYC Zen 4, runs alternating).
-// Prefetches never fault past the end.
+// scales, row_bytes apart), into acc. Tail: the chunk is cut by the row's end (bytes) or by its last group (scales):
+// masked loads, which are slow, only there. `ahead`: the bytes from a row's chunk to the same chunk of the row this
+// thread most likely runs kPrefetchUnits units later, prefetched into L2: streaming a matrix larger than the caches,
+// the hardware prefetcher alone kept the GEMV at half the read bandwidth, and prefetches into L1 (whose few line-fill
+// buffers they hold until the line arrives) at 21-26 GB/s, against 29-37 GB/s into L2 (Llama-2-7B's w13, 2 threads,
+// EPYC Zen 4, runs alternating). Prefetches never fault past the end.
 template <typename Codes, int MB, int RB, bool Tail, typename PT>
 TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_chunk(const uint8_t* const* qc, const PT* const* sw, int64_t g0,
                                                      const int8_t* xq, const float* xs, int64_t ahead,
@@ -288,6 +292,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const VnniGemv& p, int64_t n
   const float* xs = a.lane_scales.data() + m0 * 16;
   const int32_t* chunk_group = a.chunk_group.data();
   const __m512i lane_group = _mm512_loadu_si512(a.lane_group.data());
+  const int64_t ahead = kPrefetchUnits * RB * p.row_bytes;
   const uint8_t* qc[RB];
   __m512 acc[RB][MB];
   #pragma GCC unroll 4
@@ -298,7 +303,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const VnniGemv& p, int64_t n
   }
   int64_t c = 0;
   for (; c < full; ++c) {
-    vnni_chunk<Codes, MB, RB, false>(qc, sw, chunk_group[c], xq, xs, RB * p.row_bytes, lane_group, {}, 0, acc);
+    vnni_chunk<Codes, MB, RB, false>(qc, sw, chunk_group[c], xq, xs, ahead, lane_group, {}, 0, acc);
     #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) qc[r] += Codes::kRowChunk;
     xq += x_stride;
@@ -306,7 +311,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const VnniGemv& p, int64_t n
   }
   for (; c < chunks; ++c) {
     const auto byte_mask = Codes::tail_mask(p.row_bytes - c * Codes::kRowChunk);  // a row's bytes from here on
-    vnni_chunk<Codes, MB, RB, true>(qc, sw, chunk_group[c], xq, xs, RB * p.row_bytes, lane_group, byte_mask,
+    vnni_chunk<Codes, MB, RB, true>(qc, sw, chunk_group[c], xq, xs, ahead, lane_group, byte_mask,
                                     a.group_mask[c], acc);
     #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) qc[r] += Codes::kRowChunk;
