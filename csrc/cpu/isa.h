@@ -4,8 +4,9 @@
 // kernel comes in one version per instruction set, compiled for it with a target attribute (TINYCHAT_AVX512,
 // TINYCHAT_AVX2), and picks one per call with current_isa(): the best the CPU has, or the lower one that the
 // environment variable TINYCHAT_CPU_ISA names (avx512, avx2, scalar), so tests cover every path on one machine. The
-// avx512_vnni level differs from avx512 in int4_linear alone, which may then round activations to int8 (see there). On
-// other architectures (ARM) only the portable path exists, which the compiler vectorizes for the target (NEON).
+// avx512_vnni level differs from avx512 in int4_linear and int8_linear alone, which may then round activations to
+// int8 (vnni_gemv.h, int4_linear.cpp). On other architectures (ARM) only the portable path exists, which the compiler
+// vectorizes for the target (NEON).
 #pragma once
 
 #include <string>
