@@ -3,7 +3,7 @@
     python benchmarks/bench_cpu_int4.py --threads 2 --out benchmarks/results/cpu_int4_smollm2.json
 
 Two tables:
-* kernels: int4_linear GEMV (M = 1) at SmolLM2-135M and Llama-2-7B shapes on each instruction-set path (avx512_vnni
+* kernels: int4_linear GEMV (M = 1) at SmolLM2-135M, Llama-2-7B and Llama-3-8B shapes on each instruction-set path (avx512_vnni
   rounds x to int8), in two parameter forms (AWQ g64: fp32 scales and offsets; GGUF Q4_1 g32: fp16 scales and
   offsets), in GB/s of weight bytes (4-bit values + scales and offsets), next to the machine's read bandwidth
   measured in the same run (a large tensor summed with the same threads) and to fp32 / bf16 torch matmuls of the
@@ -50,6 +50,7 @@ from common import emit, machine_info, median_time, prompt_ids, time_generation 
 SHAPES = {
     "smollm2-135m": [("wqkv", 960, 576), ("wo", 576, 576), ("w13", 3072, 576), ("w2", 576, 1536)],
     "llama-2-7b": [("wqkv", 12288, 4096), ("wo", 4096, 4096), ("w13", 22016, 4096), ("w2", 4096, 11008)],
+    "llama-3-8b": [("wqkv", 6144, 4096), ("wo", 4096, 4096), ("w13", 28672, 4096), ("w2", 4096, 14336)],
 }
 # int4 parameter forms of the kernel table -> group size: AWQ's (fp32 scales and offsets, the quantizer's default
 # group for these shapes) and the shipped model's (GGUF Q4_1 blocks: fp16 scales and offsets per 32)
