@@ -251,6 +251,7 @@ template <int MB>
 TINYCHAT_AVX512_VNNI void gemm_tile(const Problem& p, const Panel& panel, int64_t n0, int64_t m0) {
   constexpr int NV = kGemmVecs;
   constexpr int64_t NR = kPanelRows, row_bytes = kGemmLevels * 2 * vnni::kChunkBytes;  // a row of x in a chunk
+  static_assert(kBlock == vnni::kBlock, "a block of qweight is a block of x's int8 scales");
   const vnni::Int8Activations& a = *p.xq;
   const int64_t blocks = p.K / kBlock, blocks_per_group = p.G / kBlock;
   const __m512i low4 = _mm512_set1_epi8(0x0F);

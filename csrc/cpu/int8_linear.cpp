@@ -209,8 +209,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     return y.to(x.scalar_type()).view(out_shape);
   }
 #ifdef TINYCHAT_X86
-  if (current_isa() == Isa::kAvx512Vnni && M <= vnni::kMaxMBVnni && group_size % vnni::kBlock == 0 &&
-      vnni::vnni_supports(group_size)) {
+  if (current_isa() == Isa::kAvx512Vnni && M <= vnni::kMaxMBVnni && vnni::vnni_supports(group_size)) {
     vnni::vnni_gemv<vnni::Bytes>(p.x, reinterpret_cast<const uint8_t*>(p.q), K, p.w, p.y, M, N, K, group_size);
     return y.to(x.scalar_type()).view(out_shape);
   }

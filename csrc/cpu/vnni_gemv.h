@@ -8,7 +8,7 @@
 // lanes per block; the lanes are then scaled by (weight scale of the lane's group) x (activation scale of its block)
 // and accumulated in fp32. The offset term m * sum(x) sums the rounded x too, so the result is x_rounded @ W.T: the
 // only error next to the fp32 path is the rounding of x, |error| <= sum_k |W[n, k]| * step(x's block) / 2, with
-// step = s / 256 (s at one level). Group sizes must divide 128 or be multiples of it.
+// step = s / 256 (s at one level). Group sizes: vnni_supports.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -56,7 +56,8 @@ struct Int8Activations {
 
 constexpr int64_t kChunkBytes = 64;  // a vector of x's codes in a chunk: 4 blocks' "lo" or "hi" halves
 
-inline bool vnni_supports(int64_t G) { return 128 % G == 0 || G % 128 == 0; }
+// the group sizes the GEMV takes: whole blocks of x that divide 128 or are multiples of it
+inline bool vnni_supports(int64_t G) { return G % kBlock == 0 && (128 % G == 0 || G % 128 == 0); }
 
 // A GEMV's operands, as raw pointers: W's codes q [N, row_bytes] (Codes' layout), its group parameters [N, K/G], x
 // rounded (xq), y fp32 [M, N].
@@ -65,7 +66,7 @@ struct VnniGemv {
   int64_t row_bytes;
   GroupParams w;
   float* y;
-  int64_t M, N, K, G;
+  int64_t M, N, K;
   int64_t ng;  // K / G
   const Int8Activations* xq;
 };
@@ -85,7 +86,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m512i round_int8(__m512 v) {
 // Row m of x [M, K] rounded into a (Int8Activations' layout, above), a block of 32 channels at a time in two
 // vectors (a scalar loop here cost several us a call: as much as a decode step's GEMV of a small matrix).
 TINYCHAT_AVX512_VNNI inline void quantize_row(const float* x, int64_t m, int64_t M, int64_t K, int64_t G,
-                                       Int8Activations& a) {
+                                              Int8Activations& a) {
   const int64_t blocks = K / kBlock, ng = K / G, row_bytes = a.levels * 2 * kChunkBytes;
   for (int64_t b = 0; b < blocks; ++b) {
     const float* xb = x + m * K + b * kBlock;
@@ -171,6 +172,11 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
+// The first n of 64 bytes (none for n <= 0): a masked load of a row's bytes that ends inside a 64-byte vector.
+inline __mmask64 first_bytes(int64_t n) {
+  return n >= 64 ? ~__mmask64{0} : n <= 0 ? __mmask64{0} : (__mmask64{1} << n) - 1;
+}
+
 // The codes of W, by how a chunk of 128 channels of a row is stored and turned into the unsigned vectors "lo" and
 // "hi" that multiply x's (Int8Activations' order).
 // Nibbles (int4_linear; tinychat/int4_layout.py): 64 bytes, byte j of block b holding channel 32b + j in its low
@@ -180,7 +186,7 @@ struct Nibbles {
   struct Mask {
     __mmask64 bytes;
   };
-  static Mask tail_mask(int64_t left) { return {left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1}; }
+  static Mask tail_mask(int64_t left) { return {first_bytes(left)}; }
   template <bool Tail>
   TINYCHAT_AVX512_VNNI static TINYCHAT_INLINE void load(const uint8_t* q, Mask m, __m512i& lo, __m512i& hi) {
     __m512i bytes = Tail ? _mm512_maskz_loadu_epi8(m.bytes, q) : _mm512_loadu_si512(q);
@@ -204,12 +210,7 @@ struct Bytes {
   struct Mask {
     __mmask64 first, second;
   };
-  static Mask tail_mask(int64_t left) {
-    const auto part = [](int64_t n) {
-      return n >= 64 ? ~__mmask64{0} : n <= 0 ? __mmask64{0} : (__mmask64{1} << n) - 1;
-    };
-    return {part(left), part(left - 64)};
-  }
+  static Mask tail_mask(int64_t left) { return {first_bytes(left), first_bytes(left - 64)}; }
   template <bool Tail>
   TINYCHAT_AVX512_VNNI static TINYCHAT_INLINE void load(const uint8_t* q, Mask m, __m512i& lo, __m512i& hi) {
     // bytes past the row read as 0 and flip to 128: x's codes there are 0
@@ -429,7 +430,7 @@ template <typename Codes>
 void vnni_gemv(const float* x, const uint8_t* q, int64_t row_bytes, const GroupParams& w, float* y, int64_t M,
                int64_t N, int64_t K, int64_t G) {
   const Int8Activations xq = quantize_activations(x, M, K, G, kGemvLevels);
-  const VnniGemv p{q, row_bytes, w, y, M, N, K, G, K / G, &xq};
+  const VnniGemv p{q, row_bytes, w, y, M, N, K, K / G, &xq};
   w.kind == GroupParams::Kind::kHalf && w.offsets != nullptr ? run_vnni<Codes, true>(p) : run_vnni<Codes, false>(p);
 }
 
