@@ -223,8 +223,7 @@ def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantC
     """
     fwd = layer if fwd is None else fwd
     w = layer.get_submodule(group.linear).weight.detach().clone()  # [N, K] fp32
-    runs = fwd.get_submodule(group.linear).weight  # where each candidate runs
-    kept = runs.detach().clone()
+    runs = fwd.get_submodule(group.linear).weight  # where each candidate runs (w, in fwd's dtype, between them)
     x_mean = _channel_abs_mean(x)  # [K]
     w_mean = _weight_magnitude(w, qcfg.group_size) if duo_scaling else None
     if group.inspect == group.linear:  # the loss is the linear's own output error: a quadratic form in dW
@@ -253,7 +252,7 @@ def search_scale(layer: DecoderLayer, group: ScaleGroup, x: Tensor, qcfg: QuantC
             if losses[-1] < best_loss:
                 best_s, best_alpha, best_loss = s, alpha, losses[-1]
     finally:
-        runs.copy_(kept)
+        runs.copy_(w)  # fwd's weight as it was: w rounded to its dtype, as fwd was made
     return ScaleSearch(best_s, best_alpha, losses)
 
 
