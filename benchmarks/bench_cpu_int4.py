@@ -3,9 +3,9 @@
     python benchmarks/bench_cpu_int4.py --threads 2 --out benchmarks/results/cpu_int4_smollm2.json
 
 Two tables:
-* kernels: int4_linear GEMV (M = 1) at SmolLM2-135M, Llama-2-7B and Llama-3-8B shapes on each instruction-set path (avx512_vnni
-  rounds x to int8), in two parameter forms (AWQ g64: fp32 scales and offsets; GGUF Q4_1 g32: fp16 scales and
-  offsets), in GB/s of weight bytes (4-bit values + scales and offsets), next to the machine's read bandwidth
+* kernels: int4_linear GEMV (M = 1) at SmolLM2-135M, Llama-2-7B and Llama-3-8B shapes on each instruction-set path
+  (avx512_vnni rounds x to int8), in two parameter forms (AWQ g64: fp32 scales and offsets; GGUF Q4_1 g32: fp16
+  scales and offsets), in GB/s of weight bytes (4-bit values + scales and offsets), next to the machine's read bandwidth
   measured in the same run (a large tensor summed with the same threads) and to fp32 / bf16 torch matmuls of the
   same shape;
 * models: the same 128-token prompt (token ids from tinychat's tokenizer of the GGUF) and 128 new greedy tokens (no
