@@ -15,10 +15,15 @@
 // time, from key 0, with an online softmax: the running max and sum of each query row rescale its fp32 accumulator,
 // so one pass over the cache suffices. Keys go in ascending position, in blocks on a grid of positions fixed for
 // every call: a block ends at each multiple of kKeys and, in a ring, at each multiple of S (where the rows wrap), so
-// a block's rows are contiguous.
+// a block's rows are contiguous. Within a block the item's rows go in groups of up to kGroupRows (a token's 3 query
+// heads of SmolLM2's groups): each 16 values of a key or value row are loaded once for the group's rows, their FMAs
+// sharing the load (one row at a time, the loads had bounded the kernel). A decode step's float16 cache is widened in
+// registers as it is read, and the next block's rows are prefetched into L2 while a block runs (decode attention at
+// 4096 keys streamed the cache at 14 GB/s without: the hardware prefetcher alone left it waiting on memory); a
+// prefill's tile widens each block once into fp32 rows that all its groups read.
 //
 // Each query row is computed in the same order whatever else shares its call: scores by one dot product per (row,
-// key) along the head dim (16 keys at once: dots16), the grid's blocks from its own first visible position to its
+// key) along the head dim (8 keys at once: dots8), the grid's blocks from its own first visible position to its
 // own causal limit (blocks outside its window change nothing), the same operations on its accumulator. So a prefill
 // that reuses a cached prefix gives bit for bit the rows a full prefill gives (tests/test_attention.py), and greedy
 // output does not depend on how much of a prompt was cached.
@@ -65,74 +70,133 @@ struct AttnProblem {
 // arithmetic (and FMA contraction) of a scalar loop over the lanes.
 typedef float Lanes __attribute__((vector_size(kDotLanes * sizeof(float))));
 
-// Scores of 16 keys (rows of k, stride kstride) against one query row q, D a multiple of kDotLanes: out[j] is
-// dot(q, k_j, D) bit for bit (vec.h: kDotLanes partial sums along D, then halves added to halves), the 16 keys' trees
-// reduced together by shuffles, each step pairing the vectors of two key sets (a tree a key cost as many shuffles and
-// adds as the key's FMAs). __builtin_shufflevector (gcc >= 12, clang): lanes 0..15 of the first vector, 16..31 of
-// the second.
-TINYCHAT_INLINE void dots16(const float* q, const float* k, int64_t kstride, int64_t D, float* out) {
-  static_assert(kDotLanes == 16, "dots16 reduces trees of 16 lanes");
-  Lanes v[16] = {};
-  for (int64_t d = 0; d < D; d += kDotLanes) {  // 16 independent FMA chains, each key's in dot's order
-    Lanes qv;
-    std::memcpy(&qv, q + d, sizeof(qv));
-    #pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) {
+// 16 values of a cache row from src as fp32 lanes: fp32 as stored, float16 widened in registers (exact: the same
+// values as a widened copy of the block) with instruction set I's conversion. The conversion is inline asm: gcc
+// will not inline the intrinsic (a function of its own target) into this body, which gets the target of the entry
+// point that inlines it only there.
+template <Isa I>
+TINYCHAT_INLINE void load_lanes(const float* src, Lanes& out) {
+  std::memcpy(&out, src, sizeof(out));
+}
+template <Isa I>
+TINYCHAT_INLINE void load_lanes(const at::Half* src, Lanes& out) {
+#ifdef TINYCHAT_X86
+  using Halves = uint16_t[8];  // the memory operand of one 8-value conversion
+  if constexpr (I >= Isa::kAvx512) {
+    asm("vcvtph2ps %1, %0" : "=v"(out) : "m"(*reinterpret_cast<const uint16_t(*)[16]>(src)));
+    return;
+  } else if constexpr (I == Isa::kAvx2) {
+    typedef float Eight __attribute__((vector_size(8 * sizeof(float))));
+    Eight lo, hi;
+    asm("vcvtph2ps %1, %0" : "=x"(lo) : "m"(*reinterpret_cast<const Halves*>(src)));
+    asm("vcvtph2ps %1, %0" : "=x"(hi) : "m"(*reinterpret_cast<const Halves*>(src + 8)));
+    std::memcpy(&out, &lo, sizeof(lo));
+    std::memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
+    return;
+  }
+#endif
+  for (int l = 0; l < kDotLanes; ++l) out[l] = static_cast<float>(src[l]);
+}
+
+// Prefetches into L2 the cache lines of `bytes` bytes at p (streaming the cache from memory, the hardware prefetcher
+// alone left decode attention waiting on it).
+TINYCHAT_INLINE void prefetch_row(const void* p, int64_t bytes) {
+  for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(static_cast<const char*>(p) + line, 0, 2);
+}
+
+constexpr int kGroupRows = 3;  // query rows whose scores and p @ v share each load of a key and value row
+
+// Scores of 8 keys (rows of k, stride kstride) against R query rows (q: rows D apart), D a multiple of kDotLanes:
+// out[r * kKeys + j] is dot(q_r, k_j, D) bit for bit (vec.h: kDotLanes partial sums along D, then halves added to
+// halves). Each 16 values of a key row are loaded (and widened) once for the R rows; each row's 8 trees are reduced
+// together by shuffles, each step pairing the vectors of two key sets (a tree a key cost as many shuffles and adds
+// as the key's FMAs). __builtin_shufflevector (gcc >= 12, clang): lanes 0..15 of the first vector, 16..31 of the
+// second.
+template <int R, Isa I, typename KT>
+TINYCHAT_INLINE void dots8(const float* q, int64_t D, const KT* k, int64_t kstride, int64_t ahead, float* out) {
+  static_assert(kDotLanes == 16, "dots8 reduces trees of 16 lanes");
+  if (ahead != 0) {
+    for (int j = 0; j < 8; ++j) prefetch_row(k + j * kstride + ahead, D * sizeof(KT));
+  }
+  Lanes v[R][8] = {};
+  for (int64_t d = 0; d < D; d += kDotLanes) {  // 8 R independent FMA chains, each key's in dot's order
+    Lanes qv[R];
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) std::memcpy(&qv[r], q + r * D + d, sizeof(Lanes));
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
       Lanes kv;
-      std::memcpy(&kv, k + j * kstride + d, sizeof(kv));
-      v[j] += qv * kv;
+      load_lanes<I>(k + j * kstride + d, kv);
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) v[r][j] += qv[r] * kv;
     }
   }
-  // step 1, lanes l + lanes l + 8: the halves of keys 2i and 2i + 1 -> v[i] (8 lanes a key)
-  for (int i = 0; i < 8; ++i) {
-    const Lanes a = v[2 * i], b = v[2 * i + 1];
-    v[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    Lanes* t = v[r];
+    // step 1, lanes l + lanes l + 8: the halves of keys 2i and 2i + 1 -> t[i] (8 lanes a key)
+    for (int i = 0; i < 4; ++i) {
+      const Lanes a = t[2 * i], b = t[2 * i + 1];
+      t[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+             __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
+    // step 2, lanes l + lanes l + 4 of each key's 8 -> t[i] (4 lanes a key, keys 4i .. 4i + 3)
+    for (int i = 0; i < 2; ++i) {
+      const Lanes a = t[2 * i], b = t[2 * i + 1];
+      t[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+             __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    }
+    // step 3, lanes (0, 1) + lanes (2, 3) of each key's 4 -> 2 lanes a key, keys 0 .. 7
+    const Lanes pairs = __builtin_shufflevector(t[0], t[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                        __builtin_shufflevector(t[0], t[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    // step 4, lane 0 + lane 1 of each key: the 8 scores in key order (lanes 0 .. 7)
+    const Lanes scores = __builtin_shufflevector(pairs, pairs, 0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14) +
+                         __builtin_shufflevector(pairs, pairs, 1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15);
+    std::memcpy(out + r * kKeys, &scores, 8 * sizeof(float));
   }
-  // step 2, lanes l + lanes l + 4 of each key's 8 -> v[i] (4 lanes a key, keys 4i .. 4i + 3)
-  for (int i = 0; i < 4; ++i) {
-    const Lanes a = v[2 * i], b = v[2 * i + 1];
-    v[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  }
-  // step 3, lanes (0, 1) + lanes (2, 3) of each key's 4 -> v[i] (2 lanes a key, keys 8i .. 8i + 7)
-  for (int i = 0; i < 2; ++i) {
-    const Lanes a = v[2 * i], b = v[2 * i + 1];
-    v[i] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  }
-  // step 4, lane 0 + lane 1 of each key: the 16 scores in key order
-  const Lanes scores = __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-                       __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  std::memcpy(out, &scores, sizeof(scores));
 }
 
 constexpr int kPvLanes = 4;  // vectors of kDotLanes columns that p @ v updates together
 
-// a[0 .. V * kDotLanes) += sum_j s[j] * v[j, same columns] over `seen` rows of v (row stride vstride), in V GCC
-// vectors: each column sums its keys in order (one FMA a key), V independent chains hide the FMA's latency (gcc kept
-// an array of 16 lanes in scalar registers: 16 scalar FMAs a key, one chain).
-template <int V>
-TINYCHAT_INLINE void pv_columns(float* a, const float* s, const float* v, int64_t vstride, int64_t seen) {
-  Lanes lanes[V];
-  std::memcpy(lanes, a, sizeof(lanes));
-  for (int64_t j = 0; j < seen; ++j) {
+// acc_r[0 .. V * kDotLanes) += sum_j s_r[j] * v[j, same columns] over `seen` rows of v (row stride vstride) for R
+// query rows (acc rows D apart, s rows kKeys apart), in GCC vectors: each column sums its keys in order (one FMA a
+// key), V R independent chains hide the FMA's latency, and each value row is loaded (and widened) once for the R
+// rows.
+template <int R, int V, Isa I, typename KT>
+TINYCHAT_INLINE void pv_columns(float* acc, int64_t D, const float* s, const KT* v, int64_t vstride, int64_t ahead,
+                                int64_t seen) {
+  Lanes lanes[R][V];  // loaded and stored a vector at a time (a whole row's memcpy kept them in memory)
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
     #pragma GCC unroll 4
-    for (int c = 0; c < V; ++c) {
-      Lanes vr;
-      std::memcpy(&vr, v + j * vstride + c * kDotLanes, sizeof(vr));
-      lanes[c] += s[j] * vr;
+    for (int c = 0; c < V; ++c) std::memcpy(&lanes[r][c], acc + r * D + c * kDotLanes, sizeof(Lanes));
+  }
+  for (int64_t j = 0; j < seen; ++j) {
+    if (ahead != 0) prefetch_row(v + j * vstride + ahead, V * kDotLanes * sizeof(KT));
+    Lanes vr[V];
+    #pragma GCC unroll 4
+    for (int c = 0; c < V; ++c) load_lanes<I>(v + j * vstride + c * kDotLanes, vr[c]);
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const float sj = s[r * kKeys + j];
+      #pragma GCC unroll 4
+      for (int c = 0; c < V; ++c) lanes[r][c] += sj * vr[c];
     }
   }
-  std::memcpy(a, lanes, sizeof(lanes));
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    #pragma GCC unroll 4
+    for (int c = 0; c < V; ++c) std::memcpy(acc + r * D + c * kDotLanes, &lanes[r][c], sizeof(Lanes));
+  }
 }
 
 // Per-thread fp32 scratch of one work item.
 struct Scratch {
-  std::vector<float> q, acc, kv, s, m, l;
+  std::vector<float> q, acc, k, v, s, m, l;
   std::vector<int64_t> first, limit;  // each row's visible positions [first, limit)
   Scratch(int64_t rows, int64_t D)
-      : q(rows * D), acc(rows * D), kv(kKeys * D), s(rows * kKeys), m(rows), l(rows), first(rows), limit(rows) {}
+      : q(rows * D), acc(rows * D), k(kKeys * D), v(kKeys * D), s(rows * kKeys), m(rows), l(rows), first(rows),
+        limit(rows) {}
 };
 
 template <typename scalar_t>
@@ -140,16 +204,11 @@ TINYCHAT_INLINE void to_float(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Rows [0, n) of a cache block as fp32 rows of D: the cache itself for fp32, else converted into buf (fp16 with
-// F16C on the x86 paths: a float16 cache is the CPU's default, read once per query group at every decode step).
+// Rows [0, n) of a float16 or bfloat16 cache block (row stride `stride`) widened into buf, rows of D.
 template <typename scalar_t>
-TINYCHAT_INLINE const float* block_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t D, float* buf,
-                                        int64_t& out_stride, Isa isa) {
-  out_stride = D;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    out_stride = stride;
-    return src;
-  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+TINYCHAT_INLINE const float* widen_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t D, float* buf,
+                                        Isa isa) {
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
     if (stride == D) {
       widen_halves(src, buf, n * D, isa);
     } else {
@@ -161,9 +220,108 @@ TINYCHAT_INLINE const float* block_rows(const scalar_t* src, int64_t stride, int
   return buf;
 }
 
+// One block of keys [j0, j0 + n): k + j * kstride and v + j * vstride hold the key and value at position j0 + j,
+// either the cache's rows (read in place: fp32, or float16 widened in registers) or fp32 rows widened into the
+// scratch. ahead (elements; 0: none): from a key's or value's row to the same row of the next block, prefetched
+// while this block runs when the rows are the cache's.
+template <typename KT>
+struct Block {
+  const KT* k;
+  const KT* v;
+  int64_t kstride, vstride, ahead_k, ahead_v, j0, n;
+};
+
+// acc_i += s_i @ v over keys [from, to) of the block for rows i .. i + R - 1 of the item, columns in registers
+// (kPvLanes vectors of them at once).
+template <int R, Isa I, typename KT>
+TINYCHAT_INLINE void pv_rows(Scratch& w, const Block<KT>& blk, int64_t i, int64_t D, int64_t from, int64_t to) {
+  const float* s = w.s.data() + i * kKeys + from;
+  const KT* v = blk.v + from * blk.vstride;
+  const int64_t vstride = blk.vstride, seen = to - from;
+  float* acc = w.acc.data() + i * D;
+  int64_t d0 = 0;
+  for (; d0 + kPvLanes * kDotLanes <= D; d0 += kPvLanes * kDotLanes) {
+    pv_columns<R, kPvLanes, I>(acc + d0, D, s, v + d0, vstride, blk.ahead_v, seen);
+  }
+  for (; d0 + kDotLanes <= D; d0 += kDotLanes) pv_columns<R, 1, I>(acc + d0, D, s, v + d0, vstride, blk.ahead_v, seen);
+  for (int r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < seen; ++j) {
+      for (int64_t d = d0; d < D; ++d) acc[r * D + d] += s[r * kKeys + j] * static_cast<float>(v[j * vstride + d]);
+    }
+  }
+}
+
+// Rows i0 .. i0 + R - 1 of the item over one block.
+template <int R, Isa I, typename KT>
+TINYCHAT_INLINE void attend_group(const AttnProblem& p, Scratch& w, const Block<KT>& blk, int64_t i0) {
+  const int64_t D = p.D, n = blk.n;
+  int64_t a[R], e[R], lo = n, hi = 0;  // each row's keys [a, e) in this block, and their union [lo, hi)
+  bool same = true;
+  for (int r = 0; r < R; ++r) {
+    a[r] = std::clamp<int64_t>(w.first[i0 + r] - blk.j0, 0, n);
+    e[r] = std::clamp<int64_t>(w.limit[i0 + r] - blk.j0, 0, n);
+    if (e[r] > a[r]) lo = std::min(lo, a[r]), hi = std::max(hi, e[r]);
+    same = same && a[r] == a[0] && e[r] == e[0];
+  }
+  if (hi <= lo) return;  // a block outside the rows' windows leaves them exactly as they were
+  // scores of the union (a row's scores outside its own keys are not used)
+  const float* q = w.q.data() + i0 * D;
+  float* s = w.s.data() + i0 * kKeys;
+  int64_t j = lo;
+  if (D % kDotLanes == 0) {
+    for (; j + 8 <= hi; j += 8) dots8<R, I>(q, D, blk.k + j * blk.kstride, blk.kstride, blk.ahead_k, s + j);
+  }
+  for (; j < hi; ++j) {
+    const float* kj;
+    if constexpr (std::is_same_v<KT, float>) {
+      kj = blk.k + j * blk.kstride;
+    } else {
+      to_float(blk.k + j * blk.kstride, w.k.data(), D);
+      kj = w.k.data();
+    }
+    for (int r = 0; r < R; ++r) s[r * kKeys + j] = dot(q + r * D, kj, D);
+  }
+  for (int r = 0; r < R; ++r) {  // online softmax over the keys row i0 + r sees in this block
+    if (e[r] <= a[r]) continue;
+    const int64_t i = i0 + r;
+    float* sr = s + r * kKeys;  // sr[a .. e): the scores of positions j0 + a .. j0 + e - 1
+    const float new_max = std::max(w.m[i], max_of(sr + a[r], e[r] - a[r]));
+    const float correction = exp_approx(w.m[i] - new_max);
+    const float sum = exp_shifted_sum(sr + a[r], e[r] - a[r], new_max);
+    w.l[i] = w.l[i] * correction + sum;
+    w.m[i] = new_max;
+    float* acc = w.acc.data() + i * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
+  }
+  // acc += p @ v over each row's keys: the R rows together where their keys are the same
+  if (same) {
+    pv_rows<R, I>(w, blk, i0, D, a[0], e[0]);
+  } else {
+    for (int r = 0; r < R; ++r) {
+      if (e[r] > a[r]) pv_rows<1, I>(w, blk, i0 + r, D, a[r], e[r]);
+    }
+  }
+}
+
+// The item's rows [0, rows) over one block, in groups of up to kGroupRows rows of about equal size.
+template <Isa I, typename KT>
+TINYCHAT_INLINE void attend_block(const AttnProblem& p, Scratch& w, const Block<KT>& blk, int64_t rows) {
+  static_assert(kGroupRows == 3, "attend_block instantiates groups of 1 to 3 rows");
+  const int64_t groups = (rows + kGroupRows - 1) / kGroupRows, size = (rows + groups - 1) / groups;
+  for (int64_t i0 = 0; i0 < rows; i0 += size) {
+    switch (std::min(size, rows - i0)) {
+      case 1: attend_group<1, I>(p, w, blk, i0); break;
+      case 2: attend_group<2, I>(p, w, blk, i0); break;
+      default: attend_group<3, I>(p, w, blk, i0); break;
+    }
+  }
+}
+
 // Rows [r0, r0 + rows) of work item `item` (row r: token t0 + r / rep, query head hk * rep + r % rep).
-// scalar_t: q and out; kv_t: the caches (scalar_t, or float16 / bfloat16 below float32 q).
-template <typename scalar_t, typename kv_t>
+// scalar_t: q and out; kv_t: the caches (scalar_t, or float16 / bfloat16 below float32 q). A float16 cache is
+// widened in registers as it is read when one group of rows reads each block (a decode step: the cache is read
+// once per step), else each block is widened once into fp32 rows that all the groups read.
+template <Isa I, typename scalar_t, typename kv_t>
 TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, int64_t r0, int64_t rows, Scratch& w) {
   const int64_t D = p.D, rep = p.rep;
   const int64_t tile = item % p.n_tiles, hk = (item / p.n_tiles) % p.Hkv, b = item / (p.n_tiles * p.Hkv);
@@ -188,48 +346,22 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, int64_t 
   for (int64_t j0 = std::max(first / kKeys * kKeys, first / p.S * p.S), n; j0 < end; j0 += n) {  // [j0, j0 + n)
     const int64_t row0 = j0 % p.S;  // their cache rows: [row0, row0 + n)
     n = std::min({kKeys - j0 % kKeys, p.S - row0, end - j0});
-    const int64_t skip = std::clamp<int64_t>(first - j0, 0, n);  // leading keys no row sees: not read
-    int64_t kstride, vstride;
-    const float* kb = block_rows(k + (row0 + skip) * p.ks[2], p.ks[2], n - skip, D, w.kv.data() + skip * D, kstride,
-                                 p.isa);
-    kb -= skip * kstride;  // kb + j * kstride: the key at position j0 + j
-    bool seen_any = false;
-    for (int64_t i = 0; i < rows; ++i) {  // scores and online softmax over the keys row i sees in this block
-      const int64_t a = std::clamp<int64_t>(w.first[i] - j0, 0, n), e = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
-      if (e <= a) continue;  // a block outside the row's window leaves the row exactly as it was
-      seen_any = true;
-      float* s = w.s.data() + i * kKeys;  // s[a .. e): the scores of positions j0 + a .. j0 + e - 1
-      int64_t j = a;
-      if (D % kDotLanes == 0) {
-        for (; j + 16 <= e; j += 16) dots16(w.q.data() + i * D, kb + j * kstride, kstride, D, s + j);
+    const Block<kv_t> cache{k + row0 * p.ks[2], v + row0 * p.vs[2], p.ks[2], p.vs[2], kKeys * p.ks[2],
+                            kKeys * p.vs[2], j0, n};
+    if constexpr (std::is_same_v<kv_t, float>) {
+      attend_block<I>(p, w, cache, rows);
+    } else {
+      if constexpr (std::is_same_v<kv_t, at::Half>) {
+        if (rows <= kGroupRows) {
+          attend_block<I>(p, w, cache, rows);
+          continue;
+        }
       }
-      for (; j < e; ++j) s[j] = dot(w.q.data() + i * D, kb + j * kstride, D);
-      const float new_max = std::max(w.m[i], max_of(s + a, e - a));
-      const float correction = exp_approx(w.m[i] - new_max);
-      const float sum = exp_shifted_sum(s + a, e - a, new_max);
-      w.l[i] = w.l[i] * correction + sum;
-      w.m[i] = new_max;
-      float* acc = w.acc.data() + i * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
-    }
-    if (!seen_any) continue;  // positions between the windows of the rows (scattered positions)
-    const float* vb = block_rows(v + (row0 + skip) * p.vs[2], p.vs[2], n - skip, D, w.kv.data() + skip * D, vstride,
-                                 p.isa);
-    vb -= skip * vstride;
-    for (int64_t i = 0; i < rows; ++i) {  // acc[i] += p @ v over the row's keys, columns in registers
-      const int64_t a = std::clamp<int64_t>(w.first[i] - j0, 0, n), e = std::clamp<int64_t>(w.limit[i] - j0, 0, n);
-      if (e <= a) continue;
-      const float* s = w.s.data() + i * kKeys + a;
-      const float* vr = vb + a * vstride;  // the values of positions j0 + a ..
-      float* acc = w.acc.data() + i * D;
-      int64_t d0 = 0;
-      for (; d0 + kPvLanes * kDotLanes <= D; d0 += kPvLanes * kDotLanes) {  // kPvLanes vectors of columns at once
-        pv_columns<kPvLanes>(acc + d0, s, vr + d0, vstride, e - a);
-      }
-      for (; d0 + kDotLanes <= D; d0 += kDotLanes) pv_columns<1>(acc + d0, s, vr + d0, vstride, e - a);
-      for (int64_t j = 0; j < e - a; ++j) {
-        for (int64_t d = d0; d < D; ++d) acc[d] += s[j] * vr[j * vstride + d];
-      }
+      const int64_t skip = std::clamp<int64_t>(first - j0, 0, n);  // leading keys no row sees: not read
+      const float* kb = widen_rows(k + (row0 + skip) * p.ks[2], p.ks[2], n - skip, D, w.k.data() + skip * D, p.isa);
+      const float* vb = widen_rows(v + (row0 + skip) * p.vs[2], p.vs[2], n - skip, D, w.v.data() + skip * D, p.isa);
+      const Block<float> widened{kb - skip * D, vb - skip * D, D, D, 0, 0, j0, n};  // kb + j * D: position j0 + j
+      attend_block<I>(p, w, widened, rows);
     }
   }
   auto* out = static_cast<scalar_t*>(p.out) + ((b * p.T + t0) * p.H + hk * rep) * D;
@@ -243,36 +375,36 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, int64_t 
 
 // Units [begin, end) of a thread: whole items, or (split_rows, a decode step: one token per item) query rows, the
 // rows of each item in the range run together.
-template <typename scalar_t, typename kv_t>
+template <Isa I, typename scalar_t, typename kv_t>
 TINYCHAT_INLINE void attention_units(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
   if (!p.split_rows) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tokens = std::min(p.tile_tokens, p.T - (item % p.n_tiles) * p.tile_tokens);
-      attention_item<scalar_t, kv_t>(p, item, 0, tokens * p.rep, w);
+      attention_item<I, scalar_t, kv_t>(p, item, 0, tokens * p.rep, w);
     }
     return;
   }
   for (int64_t u = begin; u < end;) {
     const int64_t item = u / p.rep, r0 = u % p.rep, rows = std::min(p.rep - r0, end - u);
-    attention_item<scalar_t, kv_t>(p, item, r0, rows, w);
+    attention_item<I, scalar_t, kv_t>(p, item, r0, rows, w);
     u += rows;
   }
 }
 
 template <typename scalar_t, typename kv_t>
 void attention_units_scalar(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  attention_units<scalar_t, kv_t>(p, begin, end, w);
+  attention_units<Isa::kScalar, scalar_t, kv_t>(p, begin, end, w);
 }
 
 #ifdef TINYCHAT_X86
 template <typename scalar_t, typename kv_t>
 TINYCHAT_AVX2 void attention_units_avx2(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  attention_units<scalar_t, kv_t>(p, begin, end, w);
+  attention_units<Isa::kAvx2, scalar_t, kv_t>(p, begin, end, w);
 }
 
 template <typename scalar_t, typename kv_t>
 TINYCHAT_AVX512 void attention_units_avx512(const AttnProblem& p, int64_t begin, int64_t end, Scratch& w) {
-  attention_units<scalar_t, kv_t>(p, begin, end, w);
+  attention_units<Isa::kAvx512, scalar_t, kv_t>(p, begin, end, w);
 }
 #endif
 
