@@ -195,9 +195,11 @@ struct Nibbles {
     lo = _mm512_and_si512(bytes, low4);
     hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
   }
-  // the offset term's factors of 16 groups from g: the offsets themselves
+  // the offset term's factors of 16 groups from g: the offsets themselves (none: m = default_offset * s)
   template <typename PT>
-  TINYCHAT_AVX512_VNNI static TINYCHAT_INLINE __m512 offsets(const PT* mw, const PT*, int64_t g, __mmask16 live) {
+  TINYCHAT_AVX512_VNNI static TINYCHAT_INLINE __m512 offsets(const PT* mw, const PT* sw, float default_offset,
+                                                             int64_t g, __mmask16 live) {
+    if (mw == nullptr) return _mm512_mul_ps(load16(sw + g, live), _mm512_set1_ps(default_offset));
     return load16(mw + g, live);
   }
 };
@@ -222,7 +224,9 @@ struct Bytes {
     hi = _mm512_shuffle_i64x2(a, b, 0xDD);  // bytes 16..31
   }
   template <typename PT>
-  TINYCHAT_AVX512_VNNI static TINYCHAT_INLINE __m512 offsets(const PT* mw, const PT* sw, int64_t g, __mmask16 live) {
+  TINYCHAT_AVX512_VNNI static TINYCHAT_INLINE __m512 offsets(const PT* mw, const PT* sw, float default_offset,
+                                                             int64_t g, __mmask16 live) {
+    if (mw == nullptr) return _mm512_mul_ps(load16(sw + g, live), _mm512_set1_ps(default_offset - 128.f));
     return _mm512_fmadd_ps(_mm512_set1_ps(-128.f), load16(sw + g, live), load16(mw + g, live));
   }
 };
@@ -326,7 +330,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const VnniGemv& p, int64_t n
     const __mmask16 live = ng - g >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (ng - g)) - 1);
     #pragma GCC unroll 4
     for (int r = 0; r < RB; ++r) {
-      const __m512 mv = Codes::offsets(mw[r], sw[r], g, live);
+      const __m512 mv = Codes::offsets(mw[r], sw[r], p.w.default_offset, g, live);
       #pragma GCC unroll 8  // keep the MB accumulators in registers
       for (int mb = 0; mb < MB; ++mb) {
         acc[r][mb] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(live, xsum + mb * ng + g), acc[r][mb]);
@@ -346,7 +350,7 @@ TINYCHAT_AVX512_VNNI TINYCHAT_INLINE void vnni_rows(const VnniGemv& p, int64_t n
 }
 
 // The VNNI kernels as the driver below calls them: RB = 1, 2 or 4 rows of W from n against MB rows of x from m0,
-// with their parameters rp (row_params), or (Half) read straight from the fp16 scales and offsets.
+// with their parameters rp (row_params), or (Half) read straight from the fp16 scales and offsets (or none).
 using VnniFn = void (*)(const VnniGemv&, int64_t n, int64_t m0, const RowParams* rp);
 
 template <typename Codes, int MB, int RB, bool Half>
@@ -356,7 +360,7 @@ TINYCHAT_AVX512_VNNI void gemv_vnni(const VnniGemv& p, int64_t n, int64_t m0, co
     const at::Half* mw[RB];
     for (int r = 0; r < RB; ++r) {
       sw[r] = static_cast<const at::Half*>(p.w.scales) + (n + r) * p.ng;
-      mw[r] = static_cast<const at::Half*>(p.w.offsets) + (n + r) * p.ng;
+      mw[r] = p.w.offsets == nullptr ? nullptr : static_cast<const at::Half*>(p.w.offsets) + (n + r) * p.ng;
     }
     vnni_rows<Codes, MB, RB>(p, n, m0, sw, mw);
   } else {
@@ -391,8 +395,8 @@ VnniFn vnni_fn(int64_t mb) {
 
 // The VNNI path's driver: rows of W RB at a time (4 for up to kQuadRowsMaxM rows of x, else 2; the last N % RB rows
 // alone), split over threads, each unit against every chunk of kMaxMBVnni rows of x; x's codes and scales are loaded
-// once for the unit's rows (vnni_rows). fp16 scales with fp16 offsets (Q4_1) are read as stored; other forms are
-// widened a row at a time (row_params).
+// once for the unit's rows (vnni_rows). fp16 scales, with fp16 offsets or none (Q4_1; Q4_0 and Q8_0, m = default_offset
+// * s in the kernel), are read as stored; other forms are widened a row at a time (row_params).
 template <typename Codes, bool Half, int RB>
 void run_vnni_units(const VnniGemv& p) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (RB * p.K * p.M));
@@ -424,14 +428,14 @@ void run_vnni(const VnniGemv& p) {
   p.M <= kQuadRowsMaxM ? run_vnni_units<Codes, Half, 4>(p) : run_vnni_units<Codes, Half, 2>(p);
 }
 
-// The VNNI GEMV for up to kFineRows rows of x (two int8 levels), into y: fp16 scales with fp16 offsets read as
-// stored, other forms widened a row at a time.
+// The VNNI GEMV for up to kFineRows rows of x (two int8 levels), into y: fp16 scales (with fp16 offsets or none) read
+// as stored, other forms widened a row at a time.
 template <typename Codes>
 void vnni_gemv(const float* x, const uint8_t* q, int64_t row_bytes, const GroupParams& w, float* y, int64_t M,
                int64_t N, int64_t K, int64_t G) {
   const Int8Activations xq = quantize_activations(x, M, K, G, kGemvLevels);
   const VnniGemv p{q, row_bytes, w, y, M, N, K, K / G, &xq};
-  w.kind == GroupParams::Kind::kHalf && w.offsets != nullptr ? run_vnni<Codes, true>(p) : run_vnni<Codes, false>(p);
+  w.kind == GroupParams::Kind::kHalf ? run_vnni<Codes, true>(p) : run_vnni<Codes, false>(p);
 }
 
 #pragma GCC diagnostic pop
