@@ -179,3 +179,23 @@ def test_engine_tunes_threads_only_when_asked(monkeypatch):
         assert Engine(model, _Ids(96), 64).threads is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_prefill_runs_at_the_kept_thread_count():
+    """A generation that ended while the tuner was trying another count leaves torch at that count; the next prompt's
+    prefill runs at the count the tuner keeps, and the decode steps go on trying."""
+    from tinychat.engine import Engine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = Engine(_chunk_model(), _Ids(96), 64)
+        engine.threads.current, engine.threads.queue = 2, [1, 1]  # a round ended mid-way, at 1 thread
+        torch.set_num_threads(1)
+        seen = []
+        list(engine.generate(list(range(1, 20)), SamplingParams(max_new_tokens=2), stop_ids=(),
+                             progress=lambda *a: seen.append(torch.get_num_threads())))
+        assert seen == [2]
+        assert torch.get_num_threads() == 1  # the decode step: the round trying 1 thread goes on
+    finally:
+        torch.set_num_threads(before)
