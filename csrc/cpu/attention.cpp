@@ -49,7 +49,9 @@ namespace tinychat {
 namespace {
 
 constexpr int64_t kKeys = 64;      // keys per online-softmax step
-constexpr int64_t kTileRows = 16;  // query rows (tokens x heads of a group) per work item, at least one token
+// query rows (tokens x heads of a group) per work item, at least one token: a prefill widens each block of a float16
+// cache once per item (48 rows against 16: SmolLM2's prefill attention at 4096 tokens 258 -> 230 ms a layer)
+constexpr int64_t kTileRows = 48;
 
 struct AttnProblem {
   const void* q;  // [B, T, H, D]
