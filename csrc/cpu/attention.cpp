@@ -121,7 +121,7 @@ TINYCHAT_INLINE void dots8(const float* q, int64_t D, const KT* k, int64_t kstri
     for (int j = 0; j < 8; ++j) prefetch_row(k + j * kstride + ahead, D * sizeof(KT));
   }
   Lanes v[R][8] = {};
-  for (int64_t d = 0; d < D; d += kDotLanes) {  // 8 R independent FMA chains, each key's in dot's order
+  for (int64_t d = 0; d < D; d += kDotLanes) {  // 8 x R independent FMA chains, each in dot's order
     Lanes qv[R];
     #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) std::memcpy(&qv[r], q + r * D + d, sizeof(Lanes));
