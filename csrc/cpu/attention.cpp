@@ -359,6 +359,9 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, int64_t 
           continue;
         }
       }
+      bool seen = false;  // a block no row sees (positions between the rows' windows) is not widened
+      for (int64_t i = 0; i < rows && !seen; ++i) seen = w.first[i] < j0 + n && w.limit[i] > j0;
+      if (!seen) continue;
       const int64_t skip = std::clamp<int64_t>(first - j0, 0, n);  // leading keys no row sees: not read
       const float* kb = widen_rows(k + (row0 + skip) * p.ks[2], p.ks[2], n - skip, D, w.k.data() + skip * D, p.isa);
       const float* vb = widen_rows(v + (row0 + skip) * p.vs[2], p.vs[2], n - skip, D, w.v.data() + skip * D, p.isa);
