@@ -51,8 +51,8 @@ def test_matches_reference_and_sdpa(B, T, H, Hkv, S, start, D, dtype, isa, threa
 @pytest.mark.parametrize("B,T,H,Hkv,S,start,D", SHAPES)
 def test_a_half_cache_below_float32_queries(B, T, H, Hkv, S, start, D, kv_dtype, isa, threads):
     """A float16 / bfloat16 cache under float32 q (the CPU's default cache for a float32 model) is read as its values
-    widened to fp32 (float16 in registers where a decode step's rows read it, else widened a block at a time): the
-    output is bit for bit the fp32 kernel's on those values, and the reference's."""
+    widened to fp32 (in registers at a decode step, once per call with the keys transposed at a prefill): the output
+    is bit for bit the fp32 kernel's on those values (which reads the keys in place), and the reference's."""
     q, k, v = inputs(B, T, H, Hkv, S, D, torch.float32)
     k, v = k.to(kv_dtype), v.to(kv_dtype)
     positions = torch.arange(start, start + T)

@@ -45,6 +45,15 @@ inline void widen_halves(const at::Half* src, float* dst, int64_t count, Isa isa
 
 constexpr int kDotLanes = 16;
 
+// The sum of kDotLanes partial sums as a tree, halves added to halves (vector adds, not a chain of 16 scalar ones).
+inline __attribute__((always_inline)) float sum_lanes(const float* lanes) {
+  static_assert(kDotLanes == 16, "a tree of 16");
+  float h8[8], h4[4];
+  for (int j = 0; j < 8; ++j) h8[j] = lanes[j] + lanes[j + 8];
+  for (int j = 0; j < 4; ++j) h4[j] = h8[j] + h8[j + 4];
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+
 // sum(a[i] * b[i]) in fp32 with kDotLanes independent partial sums (which is what lets it vectorize).
 inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
   float acc[kDotLanes] = {};
@@ -52,11 +61,7 @@ inline __attribute__((always_inline)) float dot(const float* a, const float* b, 
   for (; i + kDotLanes <= n; i += kDotLanes) {
     for (int j = 0; j < kDotLanes; ++j) acc[j] += a[i + j] * b[i + j];
   }
-  static_assert(kDotLanes == 16, "dot sums its lanes as a tree of 16");
-  float h8[8], h4[4];  // halves added to halves: vector adds, not a chain of 16 scalar ones
-  for (int j = 0; j < 8; ++j) h8[j] = acc[j] + acc[j + 8];
-  for (int j = 0; j < 4; ++j) h4[j] = h8[j] + h8[j + 4];
-  float s = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+  float s = sum_lanes(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -79,39 +84,6 @@ inline __attribute__((always_inline)) float exp_approx(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
-}
-
-// max(a[i]) over n >= 1 values, in kDotLanes independent lanes (vectorizes without -ffast-math).
-inline __attribute__((always_inline)) float max_of(const float* a, int64_t n) {
-  float lanes[kDotLanes];
-  for (int j = 0; j < kDotLanes; ++j) lanes[j] = a[0];
-  int64_t i = 0;
-  for (; i + kDotLanes <= n; i += kDotLanes) {
-    for (int j = 0; j < kDotLanes; ++j) lanes[j] = std::max(lanes[j], a[i + j]);
-  }
-  float m = lanes[0];
-  for (int j = 1; j < kDotLanes; ++j) m = std::max(m, lanes[j]);
-  for (; i < n; ++i) m = std::max(m, a[i]);
-  return m;
-}
-
-// a[i] = exp_approx(a[i] - shift) for i < n; returns the sum of the new values (in kDotLanes lanes).
-inline __attribute__((always_inline)) float exp_shifted_sum(float* __restrict a, int64_t n, float shift) {
-  float lanes[kDotLanes] = {};
-  int64_t i = 0;
-  for (; i + kDotLanes <= n; i += kDotLanes) {
-    for (int j = 0; j < kDotLanes; ++j) {
-      a[i + j] = exp_approx(a[i + j] - shift);
-      lanes[j] += a[i + j];
-    }
-  }
-  float s = 0.f;
-  for (; i < n; ++i) {
-    a[i] = exp_approx(a[i] - shift);
-    s += a[i];
-  }
-  for (int j = 0; j < kDotLanes; ++j) s += lanes[j];
-  return s;
 }
 
 #ifdef TINYCHAT_X86
