@@ -219,11 +219,14 @@ class _GraphStep:
 class ThreadTuner:
     """The CPU thread count of decode steps, picked from their measured times among torch's count, half of it and 1.
 
-    The first generation starts by trying every count for PROBE_STEPS steps, then keeps the fastest (by the median of
-    its steps; another count must win by MARGIN to replace the one in use). It tries again every PROBE_EVERY steps
-    (counted across generations), and at once when a step takes SLOW times the kept count's median: another process
-    taking a core makes a step of several threads wait at every barrier, and then fewer threads win; when the core is
-    free again, more win again. Each try costs PROBE_STEPS steps at another count.
+    A round tries every count for PROBE_STEPS steps, the fewest threads first, and keeps the fastest (by the median of
+    its steps; another count must win by MARGIN to replace the one in use). A count whose step takes SLOW times the
+    best median measured so far in the round is dropped at once: with another process on a core, a step of several
+    threads waits at every barrier (SmolLM2 on 2 cores: 60-200 ms a step at 2 threads against 9 ms at 1), and trying
+    it for PROBE_STEPS steps had cost more than the rest of a short generation. Fewer threads are never that much
+    slower, so they go first and set the bar. The first generation starts with a round; another comes every
+    PROBE_EVERY steps (counted across generations), and at once when a step takes SLOW times the kept count's median
+    (a core taken, or freed: then more threads win again).
     torch's thread count is process-wide: the count in use stays set after the generation. A prefill runs at the kept
     count, never at one being tried (a generation that ended in the middle of a round had left the next prompt's
     prefill on one thread: 1011 against 1460 tok/s at 512 tokens, SmolLM2, 2 cores).
@@ -237,48 +240,52 @@ class ThreadTuner:
     def __init__(self, threads: int):
         self.counts = sorted({threads, max(1, threads // 2), 1}, reverse=True)
         self.current = threads
-        self.times: dict[int, list[float]] = {}  # count -> its last PROBE_STEPS step times (seconds)
-        self.queue: list[int] = []  # counts still to try in this round, PROBE_STEPS steps each
+        self.times: dict[int, list[float]] = {}  # count -> its step times in the current or last round (seconds)
+        self.queue: list[int] = []  # the round's steps still to run: a count each
         self.since_probe = 0
 
     def start(self) -> None:
-        """A new generation: try every count if none was measured yet."""
-        if self.current not in self.times:
+        """A new generation: a round if none was run yet."""
+        if not self.times:
             self._probe()
 
     def _probe(self) -> None:
-        self.queue = [c for c in self.counts if c != self.current for _ in range(self.PROBE_STEPS)]
-        self.times.pop(self.current, None)  # measured afresh against the others
+        self.queue = [c for c in reversed(self.counts) for _ in range(self.PROBE_STEPS)]
+        self.times = {}
         self.since_probe = 0
 
     def next_count(self) -> int:
         """The thread count to run the next step with."""
         return self.queue[0] if self.queue else self.current
 
+    def _measured(self) -> dict[int, float]:
+        """The median step time of each count that ran all its steps in this round."""
+        return {c: statistics.median(t) for c, t in self.times.items() if len(t) == self.PROBE_STEPS}
+
     def record(self, count: int, seconds: float) -> None:
         """The time of a step run with `count` threads."""
-        mine = self.times.setdefault(count, [])
-        mine.append(seconds)
-        del mine[: -self.PROBE_STEPS]
         if self.queue:
             self.queue.pop(0)
-            if not self.queue:  # the round is over once the kept count has its steps again
-                self.queue = [self.current] * (self.PROBE_STEPS - len(self.times.get(self.current, [])))
-                if not self.queue:
-                    self._decide()
+            measured = self._measured()
+            self.times.setdefault(count, []).append(seconds)
+            if measured and seconds > self.SLOW * min(measured.values()):  # far slower than another: dropped
+                self.queue = [c for c in self.queue if c != count]
+            if not self.queue:
+                self._decide()
             return
+        kept = self.times[self.current]  # the kept count's last PROBE_STEPS steps (the round ran them all)
+        kept.append(seconds)
+        del kept[: -self.PROBE_STEPS]
         self.since_probe += 1
-        kept = self.times.get(self.current, [])
-        if len(kept) < self.PROBE_STEPS:
-            return
         if self.since_probe >= self.PROBE_EVERY or seconds > self.SLOW * statistics.median(kept):
             self._probe()
 
     def _decide(self) -> None:
-        medians = {c: statistics.median(t) for c, t in self.times.items() if len(t) >= self.PROBE_STEPS}
-        best = min(medians, key=medians.get)
-        if best != self.current and medians[best] < self.MARGIN * medians[self.current]:
+        measured = self._measured()  # the first count (fewest threads) is never dropped: nothing was measured before it
+        best = min(measured, key=measured.get)
+        if self.current not in measured or measured[best] < self.MARGIN * measured[self.current]:
             self.current = best
+        self.times = {self.current: self.times[self.current]}
         self.since_probe = 0
 
 
