@@ -1,5 +1,9 @@
 """Sampling rules of the engine, on hand-made logits."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -211,3 +215,34 @@ def test_a_prefill_runs_at_the_kept_thread_count():
         assert torch.get_num_threads() == 1  # the decode step: the round trying 1 thread goes on
     finally:
         torch.set_num_threads(before)
+
+
+def test_keep_freed_memory_reuses_the_pages_of_freed_activations():
+    """After keep_freed_memory (a CPU engine calls it), forwards that make and drop megabytes-sized tensors op by op
+    reuse the same pages: almost no page faults once warm, where glibc's default trims the heap and maps such tensors
+    anew (measured 0 to 76800 faults over the same 10 forwards, run to run). In a fresh process: malloc's settings are
+    process-wide and the default's thresholds move with what the process freed before."""
+    code = """
+import resource, sys, torch
+from tinychat.engine import keep_freed_memory
+if not keep_freed_memory():
+    sys.exit(3)
+def forward():  # activations of 3 and 6 MB
+    x = torch.ones(3 << 18)
+    for _ in range(8):
+        h = torch.ones(3 << 19)
+        x = h[: 3 << 18] + 1
+        del h
+for _ in range(5):
+    forward()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    forward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    if run.returncode == 3:
+        pytest.skip("the C library has no mallopt (not glibc)")
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) < 5000  # the forwards touch ~130000 pages of fresh tensors

@@ -16,6 +16,7 @@ threads then decode several times faster.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import statistics
@@ -289,6 +290,21 @@ class ThreadTuner:
         self.since_probe = 0
 
 
+def keep_freed_memory() -> bool:
+    """Has glibc's malloc keep freed memory for the next allocation rather than hand it back to the system, for the
+    whole process (as torch's thread count is). A CPU forward's activations are megabytes each (SmolLM2 at 256 tokens:
+    1.5-3 MB), above malloc's threshold for mmap, so every op's output was mapped anew and its pages faulted in and
+    zeroed by the kernel: 17% of a 512-token prefill's samples, 313-398 -> 263-269 ms a prefill without (2 cores).
+    Allocations up to 32 MB (the most glibc allows) come from the heap, and the heap's top is trimmed only past 256 MB
+    free; the peak RSS does not grow (the memory is the same, reused). Returns False where the C library has no
+    mallopt (not glibc)."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+
+
 def default_kv_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's dtype for a model computing in `dtype` on `device`: float16 below float32 on a CPU (as
     llama.cpp: half the memory and half the bytes decode attention reads, for a rounding of k and v to 11 bits), else
@@ -326,6 +342,8 @@ class Engine:
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # shared: never run at once
         n = torch.get_num_threads()
         self.threads = ThreadTuner(n) if tune_threads and self.device.type == "cpu" and n > 1 else None
+        if self.device.type == "cpu":
+            keep_freed_memory()
 
     def reset(self) -> None:
         self.cached = []
