@@ -296,8 +296,8 @@ def keep_freed_memory() -> bool:
     1.5-3 MB), above malloc's threshold for mmap, so every op's output was mapped anew and its pages faulted in and
     zeroed by the kernel: 17% of a 512-token prefill's samples, 313-398 -> 263-269 ms a prefill without (2 cores).
     Allocations up to 32 MB (the most glibc allows) come from the heap, and the heap's top is trimmed only past 256 MB
-    free; the peak RSS does not grow (the memory is the same, reused). Returns False where the C library has no
-    mallopt (not glibc)."""
+    free; the peak RSS did not grow measurably (SmolLM2's RSS growth 156-169 MB either way: the memory is the same,
+    reused). Returns False where the C library has no mallopt (not glibc)."""
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "mallopt"):
         return False
