@@ -56,6 +56,11 @@ constexpr int64_t kKeys = 64;      // keys per online-softmax step
 constexpr int64_t kTileRows = 48;
 constexpr int64_t kLead = 16;  // zero columns before a prefill's widened keys (widen_caches)
 
+// The first position a query at position pos sees (window 0: no window).
+TINYCHAT_INLINE int64_t first_seen(int64_t pos, int64_t window) {
+  return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+}
+
 struct AttnProblem {
   const void* q;  // [B, T, H, D]
   const void* k;  // [B, Hkv, S, D]
@@ -526,7 +531,7 @@ TINYCHAT_INLINE void attention_item(const AttnProblem& p, int64_t item, int64_t 
     const int64_t r = r0 + i, t = t0 + r / rep;
     to_float(q + t * p.qs[1] + (r % rep) * p.qs[2], w.q.data() + i * D, D);
     for (int64_t d = 0; d < D; ++d) w.q[i * D + d] *= p.scale;
-    w.first[i] = p.window > 0 ? std::max<int64_t>(0, p.pos[t] - p.window + 1) : 0;
+    w.first[i] = first_seen(p.pos[t], p.window);
     w.limit[i] = p.pos[t] + 1;
     first = std::min(first, w.first[i]);
     end = std::max(end, w.limit[i]);
@@ -604,7 +609,7 @@ template <typename kv_t>
 at::Tensor widen_caches(AttnProblem& p) {
   int64_t lo = INT64_MAX, hi = 0;  // the positions any query sees: [lo, hi)
   for (int64_t t = 0; t < p.T; ++t) {
-    lo = std::min(lo, p.window > 0 ? std::max<int64_t>(0, p.pos[t] - p.window + 1) : 0);
+    lo = std::min(lo, first_seen(p.pos[t], p.window));
     hi = std::max(hi, p.pos[t] + 1);
   }
   // their cache rows: one range, or every row where the positions wrap a ring
@@ -670,7 +675,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const a
     TORCH_CHECK(window > 0 || (pos[t] >= 0 && pos[t] < S), "attention: positions must be in [0, ", S,
                 ") (the cache size) without a window, got ", pos[t]);
     TORCH_CHECK(pos[t] >= 0, "attention: positions must be >= 0, got ", pos[t]);
-    const int64_t span = pos[t] + 1 - std::max<int64_t>(0, pos[t] - window + 1);  // positions query t sees
+    const int64_t span = pos[t] + 1 - first_seen(pos[t], window);  // positions query t sees
     TORCH_CHECK(span <= S, "attention: the query at position ", pos[t], " sees ", span, " positions (window ", window,
                 ") but the caches hold ", S, " rows: a ring cache needs S >= window + T - 1");
   }
