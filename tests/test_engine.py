@@ -206,7 +206,8 @@ def test_a_prefill_runs_at_the_kept_thread_count():
     torch.set_num_threads(2)
     try:
         engine = Engine(_chunk_model(), _Ids(96), 64)
-        engine.threads.current, engine.threads.queue = 2, [1, 1]  # a round ended mid-way, at 1 thread
+        # a round ended mid-way, after one of its steps at 1 thread
+        engine.threads.current, engine.threads.times, engine.threads.queue = 2, {1: [0.01]}, [1, 1, 2, 2, 2]
         torch.set_num_threads(1)
         seen = []
         list(engine.generate(list(range(1, 20)), SamplingParams(max_new_tokens=2), stop_ids=(),
