@@ -1,12 +1,13 @@
 """GPTQ (tinychat/quant/gptq.py): lower output error than RTN, quantize()'s format, the sweep against a direct
-(unblocked, Cholesky-free) reference, the identity-Hessian limit, block/group layouts, dead channels, clipping."""
+(unblocked, Cholesky-free) reference, the identity-Hessian limit, block/group layouts, dead channels, clipping; the
+Hessian's shrinkage and the least-squares refit of the group scales."""
 
 import pytest
 import torch
 
 from tinychat.errors import TinychatError
 from tinychat.quant.awq import clip_weight, search_clip
-from tinychat.quant.gptq import gptq_quantize, hessian
+from tinychat.quant.gptq import gptq_quantize, hessian, refit_scales, shrink_hessian
 from tinychat.quant.quantize import QuantConfig, dequantize, quantize
 
 OUTLIER_GAIN = 20.0
@@ -264,3 +265,75 @@ def test_bad_input_raises():
         gptq_quantize(w, -torch.eye(64), qcfg)
     with pytest.raises(ValueError):
         gptq_quantize(w, h, qcfg, block_size=0)
+
+
+# ---- the Hessian's shrinkage and the scale refit ----
+
+
+def row_errors(w, q, s, z, h, group_size) -> torch.Tensor:
+    dw = (w - dequantize(q, s, z, group_size)).double()  # [N, K]
+    return ((dw @ h.double()) * dw).sum(1)  # [N]
+
+
+def test_shrink_hessian_scales_the_correlations_only_in_place():
+    h = hessian(correlated_inputs(256, 48, seed=0))
+    shrunk = h.clone()
+    assert shrink_hessian(shrunk, 1.0) is shrunk  # in place
+    torch.testing.assert_close(shrunk.diagonal(), 2 * h.diagonal())
+    off = ~torch.eye(48, dtype=torch.bool)
+    assert torch.equal(shrunk[off], h[off])
+    assert torch.equal(shrink_hessian(h.clone(), 0.0), h)
+    with pytest.raises(ValueError, match="shrink"):
+        shrink_hessian(h, -0.5)
+
+
+@pytest.mark.parametrize("w_bit,group_size", [(4, 32), (4, 64), (3, 64)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_refit_scales_lowers_every_row_error_in_format(w_bit, group_size, seed):
+    """After GPTQ or RTN: no row's output error grows, the total falls, zeros are kept, codes stay in range, scales
+    stay positive."""
+    N, K = 96, 192
+    qcfg = QuantConfig(w_bit, group_size)
+    w = weights(N, K, seed)
+    h = shrink_hessian(hessian(correlated_inputs(1024, K, seed)))
+    for q, s, z in (quantize(w, qcfg), gptq_quantize(w, h, qcfg)):
+        q2, s2, z2 = refit_scales(w, h, q, s, z, qcfg)
+        before, after = row_errors(w, q, s, z, h, group_size), row_errors(w, q2, s2, z2, h, group_size)
+        assert (after <= before).all()
+        assert after.sum() < 0.97 * before.sum(), (after.sum() / before.sum()).item()
+        assert torch.equal(z2, z) and q2.dtype == torch.uint8 and q2.shape == (N, K) and int(q2.max()) <= qcfg.max_int
+        assert s2.shape == (N, K // group_size) and (s2 > 0).all()
+
+
+def test_refit_scales_solves_the_normal_equations():
+    """Codes that reproduce w exactly on some scales: from scales 30% off (and a group whose codes all equal its
+    zero, which keeps its scale), the refit finds them, for any positive definite H."""
+    N, K, G = 8, 96, 32
+    qcfg = QuantConfig(4, G)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    z = torch.randint(4, 12, (N, K // G), generator=gen).float()
+    q[0, :G] = z[0, 0].to(torch.uint8)  # row 0, group 0: every code at the zero, the weights all 0
+    s_true = torch.rand(N, K // G, generator=gen) + 0.5
+    w = dequantize(q, s_true, z, G)
+    h = shrink_hessian(hessian(correlated_inputs(512, K, seed=4)))
+    q2, s2, _ = refit_scales(w, h, q, 1.3 * s_true, z, qcfg)
+    assert torch.equal(q2, q)
+    torch.testing.assert_close(s2[:, 1:], s_true[:, 1:], rtol=1e-4, atol=0)
+    torch.testing.assert_close(s2[1:, 0], s_true[1:, 0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(s2[0, 0], 1.3 * s_true[0, 0], rtol=1e-4, atol=0)  # no information: kept
+
+
+def test_refit_scales_in_row_batches_matches_one_batch(monkeypatch):
+    """Rows solved in batches of 7 (the last one short) give what one batch gives."""
+    import tinychat.quant.gptq as gptq
+
+    N, K, G = 40, 128, 32
+    qcfg = QuantConfig(4, G)
+    w = weights(N, K, seed=5)
+    h = shrink_hessian(hessian(correlated_inputs(512, K, seed=5)))
+    start = quantize(w, qcfg)
+    whole = refit_scales(w, h, *start, qcfg)
+    monkeypatch.setattr(gptq, "REFIT_FLOATS", 7 * (K // G) * K)
+    for got, want in zip(refit_scales(w, h, *start, qcfg), whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
