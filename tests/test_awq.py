@@ -222,9 +222,9 @@ def test_quantize_model_shapes_and_error(cfg):
 @pytest.mark.parametrize("cfg", [MHA, GEMMA], ids=["mha", "gemma"])
 @pytest.mark.parametrize("w_bit", [4, 3])
 def test_awq_gptq_beats_awq(cfg, w_bit):
-    """The same search and fold, then GPTQ's rounding within the clip ranges: the quantized model's logits are closer
-    to the full-precision ones than AWQ's (on the calibration blocks and on other text); same format; q/k rows of
-    wqkv unclipped; deterministic."""
+    """The same search and fold, then GPTQ's rounding within the clip ranges and the scale refit, on the shrunk
+    Hessian: the quantized model's logits are closer to the full-precision ones than AWQ's (on the calibration blocks
+    and on other text); same format; deterministic."""
     qcfg = QuantConfig(w_bit=w_bit, group_size=32)
     model = tiny_model(cfg)
     calib, other = tokens(8, 64), tokens(4, 64, seed=7)
@@ -248,7 +248,7 @@ def test_awq_gptq_beats_awq(cfg, w_bit):
 def test_awq_without_clip_preserves_the_function_and_is_deterministic():
     model, calib, ref, (awq_model, awq), _ = awq_and_rtn(MHA, clip=False)
     torch.testing.assert_close(awq_model(calib), ref, atol=1e-5, rtol=1e-5)  # only folds: same logits
-    again = quantize_model(copy.deepcopy(model), calib, Q32, clip=False, progress=False)
+    again = quantize_model(copy.deepcopy(model), calib, Q32, method="awq", clip=False, progress=False)
     for name, tensors in awq.items():
         assert all(torch.equal(a, b) for a, b in zip(tensors, again[name])), name
 

@@ -52,7 +52,8 @@ def test_cli_quantize_awq_then_load_and_generate(src, calib_file, tmp_path):
     r = run_cli("quantize", str(src), "--out", str(out), "--calib", str(calib_file), "--n-samples", "4",
                 "--seqlen", "32")
     assert r.returncode == 0, r.stderr
-    assert f"wrote {out}" in r.stdout and "AWQ w4 g64" in r.stderr  # 64 = the largest group that divides 64/128
+    # the default method; 64 = the largest group that divides 64/128
+    assert f"wrote {out}" in r.stdout and "AWQ-GPTQ w4 g64" in r.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 64,
                                              "zero_point": True, "modules_to_not_convert": None}

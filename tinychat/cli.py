@@ -8,7 +8,7 @@ import sys
 import threading
 
 from tinychat.errors import TinychatError
-from tinychat.quant.awq import METHODS, SEARCH_TOKENS
+from tinychat.quant.awq import DEFAULT_METHOD, METHODS, SEARCH_TOKENS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -196,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-bit", type=int, choices=(4, 3), default=4)
     p.add_argument("--group-size", type=int, choices=(128, 64, 32), default=None,
                    help="input channels per scale and zero (default: the largest of 128/64/32 that fits the model)")
-    p.add_argument("--method", choices=METHODS, default="awq",
-                   help="awq: the paper's scale search and clip, rounded to nearest (default); awq-gptq: the same "
-                   "search, then GPTQ's error-compensated rounding; rtn: round to nearest")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="awq-gptq (default): AWQ's scale search and clip ranges, then GPTQ's error-compensated "
+                   "rounding and a least-squares refit of the group scales; awq: the paper's search and clip, "
+                   "rounded to nearest; rtn: round to nearest")
     p.add_argument("--calib", default=None,
                    help="calibration text: a .txt/.jsonl file or a Hugging Face dataset name (AWQ's own: "
                         "mit-han-lab/pile-val-backup; needs `datasets` and a network); default: built-in corpus")

@@ -26,21 +26,21 @@ from tinychat.io.checkpoint import awq_checkpoint_writer, check_output_dir, save
 from tinychat.io.loader import ModelSource, open_source, resolve_source
 from tinychat.io.names import hf_tensor_shapes
 from tinychat.pipeline.calib import load_calibration
-from tinychat.quant.awq import METHODS, SEARCH_TOKENS, quantize_layers, quantize_model
+from tinychat.quant.awq import DEFAULT_METHOD, METHODS, SEARCH_TOKENS, quantize_layers, quantize_model
 from tinychat.quant.quantize import QuantConfig, apply_pseudo_quantized, auto_group_size
 
 __all__ = ["QuantizeOptions", "cache_dir", "cached_quantized_model", "quantize_checkpoint",
            "search_dtype"]
 
 FLOAT32_MAX_BYTES = 8 * 1024**3  # larger models' activations (and w3 models) are held in bfloat16 (search_dtype)
-CACHE_FORMAT = 2  # bump when a change to the quantizer should invalidate cached checkpoints
+CACHE_FORMAT = 3  # bump when a change to the quantizer should invalidate cached checkpoints
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
     w_bit: int = 4
     group_size: int | None = None  # None: auto_group_size
-    method: str = "awq"  # one of tinychat.quant.awq.METHODS
+    method: str = DEFAULT_METHOD  # one of tinychat.quant.awq.METHODS
     calib: str | None = None  # .txt / .jsonl path or a Hugging Face dataset name; None: the built-in corpus
     n_samples: int = 128  # calibration blocks
     seqlen: int | None = None  # tokens per calibration block; None: 512, or the model's context if shorter

@@ -11,8 +11,10 @@ large |x| get a finer grid. The search, layer by layer as in llm-awq and AutoAWQ
    keep the best s and fold it into the weights (`fold_scales`);
 3. clip: per output channel and weight group, shrink the [min, max] range the quantizer sees and keep the ratio
    with the smallest output error (not for the q and k rows, as AutoAWQ);
-4. quantize the final weights; the next layer's inputs are this layer's full-precision outputs (or, with
-   `quantized_inputs`, its outputs with pseudo-quantized weights).
+4. quantize the final weights: round to nearest (method "awq", the paper's), or (method "awq-gptq", the default)
+   GPTQ's error-compensated rounding within the clipping ranges and a least-squares refit of the group scales, on
+   each linear's input Hessian X^T X with its correlations halved (tinychat/quant/gptq.py); the next layer's inputs
+   are this layer's full-precision outputs (or, with `quantized_inputs`, its outputs with pseudo-quantized weights).
 
 The groups of a Llama decoder layer (AutoAWQ's table):
 
@@ -45,7 +47,7 @@ from tqdm.auto import tqdm
 
 from tinychat.errors import TinychatError
 from tinychat.model import DecoderLayer, Transformer, layer_linears, linear_spec
-from tinychat.quant.gptq import gptq_quantize, hessian
+from tinychat.quant.gptq import gptq_quantize, hessian, refit_scales, shrink_hessian
 from tinychat.quant.quantize import (
     CHUNK_TOKENS,
     LayerQuant,
@@ -57,8 +59,8 @@ from tinychat.quant.quantize import (
     quantize,
 )
 
-__all__ = ["FORWARD_DTYPE", "LayerSink", "ScaleGroup", "awq_scales", "clip_weight", "fold_scales", "quantize_layers",
-           "quantize_model", "scale_groups", "search_clip", "search_scale"]
+__all__ = ["DEFAULT_METHOD", "FORWARD_DTYPE", "METHODS", "LayerSink", "ScaleGroup", "awq_scales", "clip_weight",
+           "fold_scales", "quantize_layers", "quantize_model", "scale_groups", "search_clip", "search_scale"]
 
 CLIP_TOKENS = 512  # tokens the clip search samples (AutoAWQ's n_sample_token)
 SEARCH_TOKENS = 2048  # tokens (whole blocks) on which a grid point's module output error is measured
@@ -67,8 +69,10 @@ SEARCH_TOKENS = 2048  # tokens (whole blocks) on which a grid point's module out
 FORWARD_DTYPE = torch.bfloat16
 CLIP_ROW_BATCH = 64  # output channels per clip-search batch (AutoAWQ's oc_batch_size)
 # rtn: round to nearest; awq: the paper's scale search, fold and clip, then round to nearest; awq-gptq: the same
-# search and fold, then GPTQ's error-compensated rounding (tinychat/quant/gptq.py) within the clipping ranges
+# search, fold and clip ranges, then GPTQ's error-compensated rounding within them and a least-squares refit of the
+# group scales, both on each linear's shrunk input Hessian (tinychat/quant/gptq.py)
 METHODS = ("rtn", "awq", "awq-gptq")
+DEFAULT_METHOD = "awq-gptq"
 
 # ---- scale groups and folding ----
 
@@ -364,7 +368,7 @@ def quantize_layers(
     sink: LayerSink,
     calib: Tensor | None,
     qcfg: QuantConfig,
-    method: str = "awq",
+    method: str = DEFAULT_METHOD,
     clip: bool = True,
     duo_scaling: bool = False,
     n_grid: int = 20,
@@ -386,8 +390,10 @@ def quantize_layers(
     method "rtn" quantizes the weights as they are (calib may be None). method "awq" runs the search on the
     calibration blocks calib [n, seqlen] int64: it folds the AWQ scales into the layer's norms and weights (which
     alone keeps its function), clips the weights when `clip`, and quantizes the final weights. method "awq-gptq"
-    searches and folds the same way, then rounds each linear with GPTQ (its inputs' X^T X from the same calibration
-    pass), each weight group's grid within its searched clipping range when `clip`. The search runs on `device`;
+    searches and folds the same way, then rounds each linear with GPTQ, each weight group's grid within its searched
+    clipping range when `clip`, and refits its group scales by least squares (gptq.refit_scales), both on its
+    inputs' X^T X from the same calibration pass with the correlations halved (gptq.shrink_hessian); it is the
+    default (DEFAULT_METHOD). The search runs on `device`;
     `quantized_inputs` feeds each layer the outputs of the previous one with pseudo-quantized weights instead
     of its full-precision outputs. `search_tokens` bounds the tokens on which each grid point runs the attention and
     MLP blocks (search_scale; None: every calibration token). The layer's forward (its outputs, its linears' inputs)
@@ -456,7 +462,8 @@ def _search_layer(work: DecoderLayer, h: Tensor, rope: _Rope, qcfg: QuantConfig,
     for name in names:
         w = work.get_submodule(name).weight  # [N, K], scales folded
         if method == "awq-gptq":  # error-compensated rounding, each group's grid within its clipping range
-            found = gptq_quantize(w, hessian(inputs[name]), qcfg, clip=ranges.get(name))
+            hess = shrink_hessian(hessian(inputs[name], forward_dtype))  # [K, K]
+            found = refit_scales(w, hess, *gptq_quantize(w, hess, qcfg, clip=ranges.get(name)), qcfg)
         else:
             if name in ranges:
                 w.copy_(clip_weight(w, *ranges[name], qcfg.group_size))
