@@ -337,3 +337,15 @@ def test_refit_scales_in_row_batches_matches_one_batch(monkeypatch):
     monkeypatch.setattr(gptq, "REFIT_FLOATS", 7 * (K // G) * K)
     for got, want in zip(refit_scales(w, h, *start, qcfg), whole):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_refit_scales_rejects_mismatched_shapes():
+    qcfg = QuantConfig(4, 32)
+    w = weights(8, 64, seed=0)
+    q, s, z = quantize(w, qcfg)
+    h = torch.eye(64)
+    for args in ((w, h, q[:, :32], s, z), (w, h, q, s[:, :1], z), (w, h, q, s, z[:4])):
+        with pytest.raises(TinychatError, match="refit_scales"):
+            refit_scales(*args, qcfg)
+    with pytest.raises(TinychatError, match="group size 48"):
+        refit_scales(w, h, q, s, z, QuantConfig(4, 48))
