@@ -4,13 +4,13 @@ can run in several invocations.
 
     python benchmarks/awq_ppl.py --data ../shared/data/wikitext2_raw_test.txt \\
         --calib ../shared/data/calib_mix_c4_wiki_tinystories.jsonl --threads 2 \\
-        --configs fp rtn-w4-g64 awq-w4-g64 rtn-w4-g32 awq-w4-g32 rtn-w3-g64 awq-w3-g64 \\
-        --out benchmarks/results/awq_ppl_smollm2.json
+        --configs fp rtn-w4-g64 awq-gptq-w4-g64 awq-w4-g64 rtn-w4-g32 awq-gptq-w4-g32 awq-w4-g32 \\
+        rtn-w3-g64 awq-gptq-w3-g64 awq-w3-g64 --out benchmarks/results/awq_ppl_smollm2.json
 
-A config is `fp` or `{rtn|awq|awq-gptq}-w{bits}-g{group}` (awq-gptq: AWQ's search and fold, then GPTQ's
-error-compensated rounding), and for AWQ any of the suffixes `-builtin` (calibrate on the
-built-in offline corpus instead of --calib), `-duo` (duo scaling), `-qin` (each layer's search sees the previous
-layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The quantized model is evaluated with
+A config is `fp` or `{rtn|awq|awq-gptq}-w{bits}-g{group}` (awq-gptq, the quantizer's default: AWQ's search, fold and
+clip ranges, then GPTQ's error-compensated rounding and the scale refit on the shrunk Hessian), and for AWQ any of
+the suffixes `-builtin` (calibrate on the built-in offline corpus instead of --calib), `-duo` (duo scaling), `-qin`
+(each layer's search sees the previous layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The quantized model is evaluated with
 pseudo-quantized weights (dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration
 corpus is never the evaluation text.
 
@@ -93,8 +93,10 @@ def add_derived(rows: dict) -> None:
     and group."""
     fp = rows.get("fp")
     for name, row in rows.items():
-        rtn = rows.get(re.sub(r"^awq(?:-gptq)?-(w\d-g\d+).*", r"rtn-\1", name))
-        if row["method"] in ("awq", "awq-gptq") and fp and rtn and rtn["windows"] == row["windows"] == fp["windows"]:
+        if row["method"] not in ("awq", "awq-gptq"):
+            continue
+        rtn = rows.get(f"rtn-w{row['w_bit']}-g{row['group_size']}")
+        if fp and rtn and rtn["windows"] == row["windows"] == fp["windows"]:
             added = rtn["ppl"] - fp["ppl"]
             row["rtn_increase_removed"] = round((rtn["ppl"] - row["ppl"]) / added, 3) if added > 0 else None
 
