@@ -10,9 +10,9 @@ can run in several invocations.
 A config is `fp` or `{rtn|awq|awq-gptq}-w{bits}-g{group}` (awq-gptq, the quantizer's default: AWQ's search, fold and
 clip ranges, then GPTQ's error-compensated rounding and the scale refit on the shrunk Hessian), and for AWQ any of
 the suffixes `-builtin` (calibrate on the built-in offline corpus instead of --calib), `-duo` (duo scaling), `-qin`
-(each layer's search sees the previous layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The quantized model is evaluated with
-pseudo-quantized weights (dequantize(quantize(W))), which is what the int4 kernels compute with. The calibration
-corpus is never the evaluation text.
+(each layer's search sees the previous layers' quantized outputs) and `-noclip`; e.g. `awq-w4-g64-duo`. The
+quantized model is evaluated with pseudo-quantized weights (dequantize(quantize(W))), which is what the int4 kernels
+compute with. The calibration corpus is never the evaluation text.
 
 `--data python-stdlib` evaluates on a held-out domain instead, code: the .py files of a fixed list of this Python's
 standard-library packages (PYTHON_STDLIB_PACKAGES), sorted by path, joined by blank lines, as they are (the Python

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from tinychat.errors import TinychatError
-from tinychat.quant.quantize import CHUNK_TOKENS, QuantConfig, dequantize, quantize
+from tinychat.quant.quantize import CHUNK_TOKENS, QuantConfig, dequantize, quantize, round_to_grid
 
 __all__ = ["HESSIAN_SHRINK", "gptq_quantize", "hessian", "refit_scales", "shrink_hessian"]
 
@@ -145,7 +145,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, qcfg: QuantConfig, block_size: int
                 s, z = _group_grid(group.t(), qcfg, *bounds)  # [N] each
                 scales[:, j // G], zeros[:, j // G] = s, z
             col = wt[j]  # [N]
-            qj = (torch.round(col / s) + z).clamp_(0, qcfg.max_int)  # [N], quantize()'s rounding
+            qj = round_to_grid(col, s, z, qcfg.max_int)  # [N]
             qt[j] = qj
             e = err[j - b0]
             torch.sub(col, (qj - z) * s, out=e).div_(pivots[j])  # [N]; (qj - z) * s is dequantize()'s value
@@ -198,8 +198,8 @@ def refit_scales(w: Tensor, hessian: Tensor, q: Tensor, scales: Tensor, zeros: T
         rb = rhs[r0 : r0 + rows] + ridge[:, None] * scales[r0 : r0 + rows].double()
         fitted[r0 : r0 + rows] = torch.linalg.solve(m, rb).float()
     valid = (fitted > 0).all(1)  # [N]
-    rounded = (torch.round(w.view(N, ng, G) / fitted.clamp(min=1e-10)[..., None]) + zeros[..., None])
-    rounded = rounded.clamp(0, qcfg.max_int).view(N, K).to(torch.uint8)  # [N, K] on the fitted scales
+    rounded = round_to_grid(w.view(N, ng, G), fitted.clamp(min=1e-10)[..., None], zeros[..., None], qcfg.max_int)
+    rounded = rounded.view(N, K).to(torch.uint8)  # [N, K] on the fitted scales
     best_q, best_s = q, scales
     best_err = _output_error(w, dequantize(q, scales, zeros, G), h)  # [N]
     for cand in (q, rounded):

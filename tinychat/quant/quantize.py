@@ -66,8 +66,14 @@ def quantize(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Ten
         half = 2 ** (cfg.w_bit - 1)
         scales = wg.abs().amax(-1).clamp(min=1e-5) / (half - 1)
         zeros = torch.full_like(scales, half)
-    q = (torch.round(wg / scales[..., None]) + zeros[..., None]).clamp(0, cfg.max_int)
+    q = round_to_grid(wg, scales[..., None], zeros[..., None], cfg.max_int)  # [N, K/G, G]
     return q.reshape(N, K).to(torch.uint8), scales, zeros
+
+
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, max_int: int) -> torch.Tensor:
+    """The codes of w on a given grid, the quantizer's rounding rule: round(w / scale) + zero, clamped to
+    [0, max_int], as floats; scales and zeros broadcast against w."""
+    return (torch.round(w / scales) + zeros).clamp_(0, max_int)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
